@@ -1,0 +1,68 @@
+"""Turn a ``Config`` into the objects it describes: data set, manifest, models.
+
+Client, server, baseline and attacks all build their components here, so that one
+configuration gives the same data, split and architecture wherever it is read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.config import Config
+from common.data.dataset import FaceDataset
+from common.data.sources import load_source
+from common.data.splits import Manifest, SplitConfig, make_manifest
+from common.data.synthetic import SynthConfig, generate
+from common.models.face_model import FaceModel, ModelSpec
+from common.models.heads import CosineClassifier
+
+
+def synth_config(cfg: Config) -> SynthConfig:
+    d = cfg.data
+    return SynthConfig(num_identities=d.identities, images_per_identity=d.images_per_identity,
+                       image_size=d.image_size, male_fraction=d.male_fraction,
+                       smiling_rate=(d.smiling_rate_female, d.smiling_rate_male), seed=cfg.seed)
+
+
+def build_dataset(cfg: Config, progress: bool = False) -> FaceDataset:
+    """The configured data set: SynthFaces by default, else a real loader on ``data.path``."""
+    d = cfg.data
+    if d.source == "synthfaces":
+        return generate(synth_config(cfg), progress=progress)
+    return load_source(d.source, d.path, image_size=d.image_size, strict=d.strict, limit=d.limit or None)
+
+
+def split_config(cfg: Config) -> SplitConfig:
+    s = cfg.split
+    return SplitConfig(identity_fractions=(s.member, s.nonmember, s.aux, s.probe),
+                       member_nonmember_fraction=s.member_nonmember_fraction,
+                       member_probe_fraction=s.member_probe_fraction, num_clients=s.num_clients,
+                       partition=s.partition, alpha=s.alpha, partition_attribute=s.partition_attribute,
+                       seed=cfg.seed)
+
+
+def build_manifest(cfg: Config, ds: FaceDataset) -> Manifest:
+    return make_manifest(ds, split_config(cfg))
+
+
+def model_spec(cfg: Config, attribute_head: bool | None = None) -> ModelSpec:
+    """Architecture of the shared model; the attribute head exists when the task has one."""
+    if attribute_head is None:
+        attribute_head = cfg.train.task != "identity"
+    m = cfg.model
+    return ModelSpec(width=m.width, blocks=m.blocks, embedding_dim=m.embedding_dim,
+                     image_size=cfg.data.image_size, dropout=m.dropout, attribute_head=attribute_head)
+
+
+def build_model(spec: ModelSpec, seed: int) -> FaceModel:
+    """A freshly initialised model; the same seed gives the same weights (global RNG untouched)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return FaceModel(spec)
+
+
+def build_identity_head(spec: ModelSpec, num_classes: int, seed: int) -> CosineClassifier:
+    """A private identity head over ``num_classes`` local identities, seeded like the model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return CosineClassifier(spec.embedding_dim, num_classes)

@@ -1,0 +1,126 @@
+"""The ``facefl`` command: argument parsing and dispatch only; the work lives in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("facefl")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _images_per_identity(text: str) -> int | tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    try:
+        return (int(lo), int(hi)) if sep else int(lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", type=Path, help="TOML configuration (defaults when omitted)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one configuration key, e.g. --set dp.target_epsilon=4 (repeatable)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="runs directory (default: ./runs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facefl", description="Federated, privacy-preserving face recognition "
+                                     "with a privacy-leakage audit.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate, export and inspect face data").add_subparsers(dest="data_command",
+                                                                                                  required=True)
+    synth = data.add_parser("synth", help="generate SynthFaces into a data directory")
+    synth.add_argument("--out", type=Path, required=True, help="output directory")
+    synth.add_argument("--identities", type=int, default=300)
+    synth.add_argument("--images-per-identity", type=_images_per_identity, default=10, metavar="N|MIN-MAX")
+    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--male-fraction", type=float, default=0.5)
+    synth.add_argument("--group-proportions", type=_floats, default=(0.25, 0.25, 0.25, 0.25), metavar="P1,P2,P3,P4")
+    synth.add_argument("--smiling-rate", type=_floats, default=(0.5, 0.5), metavar="P_FEMALE,P_MALE",
+                       help="P(smiling | gender): the task / sensitive-attribute correlation")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--no-export", action="store_true", help="write only the npz cache, not the ImageFolder")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing ImageFolder export")
+
+    show = data.add_parser("show", help="write a labelled contact sheet of a data directory")
+    show.add_argument("path", type=Path, help="data directory (from 'data synth'), npz file or ImageFolder root")
+    show.add_argument("--out", type=Path, required=True, help="PNG to write")
+    show.add_argument("--identities", type=int, default=12)
+    show.add_argument("--per-identity", type=int, default=6)
+
+    baseline = sub.add_parser("baseline", help="train central models on the configured data and print metrics")
+    _add_config_args(baseline)
+    return parser
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from common.data.datadir import write_synth_dir
+    from common.data.synthetic import SynthConfig
+
+    cfg = SynthConfig(num_identities=args.identities, images_per_identity=args.images_per_identity,
+                      image_size=args.image_size, male_fraction=args.male_fraction,
+                      group_proportions=args.group_proportions, smiling_rate=args.smiling_rate, seed=args.seed)
+    cfg.validate()
+    start = time.perf_counter()
+    ds = write_synth_dir(cfg, args.out, export_images=not args.no_export, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+    print(f"wrote {len(ds)} images of {ds.num_identities} identities to {args.out} "
+          f"in {time.perf_counter() - start:.1f} s (fingerprint {ds.fingerprint()[:16]})")
+    return 0
+
+
+def _cmd_data_show(args: argparse.Namespace) -> int:
+    from common.data.contact_sheet import contact_sheet
+    from common.data.datadir import open_data_dir
+
+    ds = open_data_dir(args.path)
+    out = contact_sheet(ds, args.out, max_identities=args.identities, per_identity=args.per_identity)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from common.baseline import run_baseline
+    from common.config import load_config
+    from common.table import format_table
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_baseline(cfg, args.out, progress=not args.no_progress)
+    print(format_table(("metric", "value", "measured on"), result.rows()))
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+_COMMANDS = {("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = _COMMANDS[(args.command, getattr(args, f"{args.command}_command", None))]
+    try:
+        return handler(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
+        if args.verbose >= 2:
+            raise
+        print(f"facefl: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

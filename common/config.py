@@ -1,0 +1,273 @@
+"""One configuration object for every job, loaded from TOML, CLI overrides or flat key maps.
+
+The tree of dataclasses below is the single source of defaults. ``load_config`` merges a TOML
+file and ``key=value`` overrides (dotted keys, e.g. ``dp.target_epsilon=4``); the flat form
+(``to_flat`` / ``from_flat``) is what Flower's run_config carries, since it only holds scalars.
+Every error names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+def _choice(default: str, choices: tuple[str, ...], doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def _num(default: float | int, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
+    return field(default=default, metadata={"min": lo, "max": hi, "doc": doc})
+
+
+@dataclass
+class DataConfig:
+    source: str = _choice("synthfaces", ("synthfaces", "utkface", "celeba", "fairface", "lfw", "imagefolder"))
+    path: str = field(default="", metadata={"doc": "root of a real data set on disk (not used by synthfaces)"})
+    image_size: int = _num(64, 32, 128)
+    strict: bool = True
+    limit: int = _num(0, 0, doc="read at most this many samples of a real data set (0 = all)")
+    identities: int = _num(300, 2, doc="SynthFaces: number of identities")
+    images_per_identity: int = _num(10, 1, doc="SynthFaces: images per identity")
+    male_fraction: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: fraction of male identities")
+    smiling_rate_female: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | female)")
+    smiling_rate_male: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | male)")
+
+
+@dataclass
+class SplitSettings:
+    member: float = _num(0.6, 0.0, 1.0, doc="fraction of identities whose samples train the model")
+    nonmember: float = _num(0.1, 0.0, 1.0, doc="fraction of identities held out entirely")
+    aux: float = _num(0.2, 0.0, 1.0, doc="fraction of identities given to the attacker")
+    probe: float = _num(0.1, 0.0, 1.0, doc="fraction of identities for open-set verification")
+    member_nonmember_fraction: float = _num(0.15, 0.0, 0.9, doc="of each member identity's samples")
+    member_probe_fraction: float = _num(0.15, 0.0, 0.9, doc="of each member identity's samples")
+    num_clients: int = _num(4, 1)
+    partition: str = _choice("iid", ("iid", "dirichlet", "identity_disjoint", "attribute"))
+    alpha: float = _num(0.5, 1e-6)
+    partition_attribute: str = "gender"
+
+
+@dataclass
+class ModelConfig:
+    width: int = _num(32, 4)
+    blocks: tuple[int, ...] = (1, 1, 1)
+    embedding_dim: int = _num(128, 8)
+    dropout: float = _num(0.0, 0.0, 0.9)
+
+
+@dataclass
+class TrainConfig:
+    task: str = _choice("identity", ("identity", "attribute", "both"))
+    attribute: str = field(default="smiling", metadata={"doc": "binary target: a task label or 'gender'"})
+    margin: str = _choice("arcface", ("arcface", "cosface"))
+    margin_scale: float = _num(30.0, 1.0)
+    epochs: int = _num(20, 1)
+    max_seconds: float = _num(0.0, 0.0, doc="stop training after this wall time (0 = no limit)")
+    batch_size: int = _num(64, 1)
+    optimizer: str = _choice("adam", ("adam", "sgd"))
+    lr: float = _num(0.002, 0.0, doc="peak learning rate of the one-cycle schedule")
+    momentum: float = _num(0.9, 0.0, 1.0)
+    weight_decay: float = _num(5e-4, 0.0)
+    augment: bool = True
+
+
+@dataclass
+class DPConfig:
+    mode: str = _choice("off", ("off", "sample"))
+    target_epsilon: float = _num(8.0, 0.0, doc="epsilon for the whole run (inf or 0 = use noise_multiplier)")
+    noise_multiplier: float = _num(0.0, 0.0, doc="used when target_epsilon is 0 or inf")
+    max_grad_norm: float = _num(1.0, 1e-9)
+    delta: float = _num(1e-5, 0.0, 1.0)
+    accountant: str = _choice("rdp", ("rdp", "prv"))
+    grad_sample_mode: str = _choice("ghost", ("ghost", "hooks", "functorch"))
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitSettings = field(default_factory=SplitSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+    def validate(self) -> Config:
+        """Cross-field checks (single fields are checked while parsing)."""
+        fracs = {k: getattr(self.split, k) for k in ("member", "nonmember", "aux", "probe")}
+        if not math.isclose(sum(fracs.values()), 1.0, abs_tol=1e-6):
+            raise ConfigError(f"split.member + split.nonmember + split.aux + split.probe must sum to 1, got {fracs}")
+        if self.data.source != "synthfaces" and not self.data.path:
+            raise ConfigError(f"data.path: required for data.source={self.data.source!r} (a directory on disk)")
+        if self.data.image_size % 16:
+            raise ConfigError(f"data.image_size: expected a multiple of 16, got {self.data.image_size}")
+        attrs = ("gender", "smiling") if self.data.source == "synthfaces" else None
+        if self.train.task != "identity" and attrs and self.train.attribute not in attrs:
+            raise ConfigError(f"train.attribute: expected one of {attrs} for SynthFaces, got {self.train.attribute!r}")
+        if self.dp.mode == "sample" and not self.dp_calibrated() and self.dp.noise_multiplier <= 0:
+            raise ConfigError("dp.noise_multiplier: expected > 0 when dp.target_epsilon is 0 or inf")
+        return self
+
+    def dp_calibrated(self) -> bool:
+        """True when noise is calibrated from a finite target epsilon."""
+        return 0 < self.dp.target_epsilon < math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted scalar keys (tuples as comma strings): the shape of Flower's run_config."""
+        flat: dict[str, Any] = {}
+        _flatten(self.to_dict(), "", flat)
+        return flat
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _flatten(d: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flatten(v, key + ".", out)
+        else:
+            out[key] = ",".join(str(x) for x in v) if isinstance(v, list) else v
+
+
+def _parse_scalar(key: str, raw: Any, typ: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Coerce ``raw`` (TOML value or string) to ``typ``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                value: Any = raw
+            elif isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+                value = raw.lower() in ("true", "1", "yes")
+            else:
+                raise ValueError
+        elif typ is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            value = int(raw)
+        elif typ is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+        elif typ is str:
+            if not isinstance(raw, str):
+                raise ValueError
+            value = raw
+        elif origin is tuple:
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            value = tuple(int(x) for x in items)
+            if not value:
+                raise ValueError
+        else:  # pragma: no cover - a new field type without a parser is a programming error
+            raise TypeError(f"{key}: unsupported config type {typ}")
+    except (ValueError, TypeError):
+        expected = getattr(typ, "__name__", str(typ)).replace("tuple", "comma-separated integers")
+        raise ConfigError(f"{key}: expected {expected}, got {raw!r}") from None
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}: expected a value in [{lo}, {hi if hi is not None else 'inf'}], got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _parse_scalar(f"{prefix}{name}", value, typ, names[name].metadata)
+    return cls(**kwargs)
+
+
+def _unflatten(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} is a value, not a table")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["a.b=1", ...]`` -> ``{"a.b": "1"}``; values stay strings and are typed by the schema."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. dp.target_epsilon=4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def from_flat(flat: typing.Mapping[str, Any]) -> Config:
+    """Build and validate a Config from dotted keys (Flower run_config, CLI overrides)."""
+    return _build(Config, _unflatten(flat), "").validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- TOML file <- ``key=value`` overrides, validated; errors name file and key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: configuration file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    data = _merge(data, _unflatten(parse_overrides(overrides or [])))
+    try:
+        return _build(Config, data, "").validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def dump_toml(cfg: Config) -> str:
+    """The resolved configuration with every default written out (the run directory's config.toml)."""
+    return tomli_w.dumps(cfg.to_dict())
+
+
+__all__ = ["Config", "ConfigError", "DataConfig", "SplitSettings", "ModelConfig", "TrainConfig", "DPConfig",
+           "load_config", "from_flat", "parse_overrides", "dump_toml"]

@@ -1,0 +1,53 @@
+"""Checkpoints as safetensors with JSON metadata, written atomically, never unpickled.
+
+A pickle-based ``torch.save`` file can execute code when loaded, and checkpoints travel between
+consortium members, so every checkpoint is a safetensors file whose header carries the JSON
+metadata (round, task, architecture) under the key ``facefl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from common.io import atomic_write_bytes
+
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write tensors + metadata atomically (temp file + rename)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    blob = save(tensors, metadata={"facefl": json.dumps(metadata, sort_keys=True)})
+    return atomic_write_bytes(path, blob)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by ``save_checkpoint``; refuse anything else, naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: checkpoint not found")
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(_PICKLE_MAGIC):
+        raise ValueError(f"{p}: looks like a pickle / torch.save file; refusing to unpickle "
+                         "(facefl reads safetensors checkpoints only)")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("facefl")
+        state = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{p}: not a valid safetensors checkpoint ({exc})") from None
+    if raw is None:
+        raise ValueError(f"{p}: safetensors file has no 'facefl' metadata")
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: corrupt 'facefl' metadata ({exc})") from None
+    return state, metadata
