@@ -18,8 +18,7 @@ import numpy as np
 
 from common.builders import build_dataset, build_identity_head, build_manifest, build_model, model_spec
 from common.config import Config
-from common.data.dataset import FaceDataset
-from common.data.splits import Manifest
+from common.evaluation import probe_identity_mask
 from common.metrics import binary_accuracy, pixel_verification_auc, verification_auc
 from common.models.checkpoint import save_checkpoint
 from common.privacy.dp import noise_for, poisson_sample_rate
@@ -47,12 +46,6 @@ class BaselineResult:
         out += [(f"{name} accuracy", f"{acc:.4f}", f"held-out samples, trained {self.train_seconds[name]:.0f} s")
                 for name, acc in self.attribute_accuracy.items()]
         return out
-
-
-def probe_identity_mask(manifest: Manifest, ds: FaceDataset) -> np.ndarray:
-    """Samples of identities that are probes at identity level (never trained on: open set)."""
-    probe_ids = np.asarray(manifest.identities["probe"], dtype=np.int64)
-    return manifest.role_mask(ds, "probe") & np.isin(ds.identity, probe_ids)
 
 
 def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...] = BASELINE_ATTRIBUTES,

@@ -6,6 +6,13 @@ configuration gives the same data, split and architecture wherever it is read.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
 import torch
 
 from common.config import Config
@@ -16,6 +23,8 @@ from common.data.synthetic import SynthConfig, generate
 from common.models.face_model import FaceModel, ModelSpec
 from common.models.heads import CosineClassifier
 
+log = logging.getLogger(__name__)
+
 
 def synth_config(cfg: Config) -> SynthConfig:
     d = cfg.data
@@ -24,12 +33,59 @@ def synth_config(cfg: Config) -> SynthConfig:
                        smiling_rate=(d.smiling_rate_female, d.smiling_rate_male), seed=cfg.seed)
 
 
-def build_dataset(cfg: Config, progress: bool = False) -> FaceDataset:
-    """The configured data set: SynthFaces by default, else a real loader on ``data.path``."""
+def cache_dir() -> Path:
+    """Where generated data sets are cached: $FACEFL_CACHE, else ~/.cache/facefl."""
+    return Path(os.environ.get("FACEFL_CACHE", Path.home() / ".cache" / "facefl"))
+
+
+def _generator_digest() -> str:
+    """Digest of the SynthFaces code, so a cached data set never outlives a generator change."""
+    import common.data.face_render as render
+    import common.data.synthetic as synthetic
+
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (synthetic, render))).hexdigest()
+
+
+def _data_key(cfg: Config) -> str:
+    d = dataclasses.asdict(cfg.data)
+    d["seed"] = cfg.seed
+    if cfg.data.source == "synthfaces":
+        d["generator"] = _generator_digest()
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_dataset(cfg: Config, key: str, progress: bool) -> FaceDataset:
     d = cfg.data
-    if d.source == "synthfaces":
-        return generate(synth_config(cfg), progress=progress)
-    return load_source(d.source, d.path, image_size=d.image_size, strict=d.strict, limit=d.limit or None)
+    if d.source != "synthfaces":
+        return load_source(d.source, d.path, image_size=d.image_size, strict=d.strict, limit=d.limit or None)
+    path = cache_dir() / f"synthfaces-{key}.npz"
+    if path.is_file():
+        try:
+            return FaceDataset.load_npz(path)
+        except ValueError as exc:  # a damaged cache is regenerated, never trusted
+            log.warning("ignoring damaged data cache %s (%s)", path, exc)
+    ds = generate(synth_config(cfg), progress=progress)
+    try:
+        ds.save_npz(path)
+    except OSError as exc:
+        log.warning("could not write data cache %s (%s)", path, exc)
+    return ds
+
+
+_MEMORY: dict[str, FaceDataset] = {}
+
+
+def build_dataset(cfg: Config, progress: bool = False) -> FaceDataset:
+    """The configured data set: SynthFaces by default, else a real loader on ``data.path``.
+
+    Kept in memory (simulated clients in one process share it; callers must not modify it) and,
+    for SynthFaces, cached on disk (each deployment message starts a fresh ClientApp process).
+    """
+    key = _data_key(cfg)
+    if key not in _MEMORY:
+        _MEMORY.clear()
+        _MEMORY[key] = _load_dataset(cfg, key, progress)
+    return _MEMORY[key]
 
 
 def split_config(cfg: Config) -> SplitConfig:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--identities", type=int, default=12)
     show.add_argument("--per-identity", type=int, default=6)
 
+    run = sub.add_parser("run", help="run a federation on Flower's simulation engine")
+    _add_config_args(run)
+
     baseline = sub.add_parser("baseline", help="train central models on the configured data and print metrics")
     _add_config_args(baseline)
     return parser
@@ -105,13 +110,53 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline}
+def _round_rows(records: list[dict]) -> list[tuple]:
+    rows = []
+    for r in records:
+        if r.get("event") != "round":
+            continue
+        attr = f"{r['attribute_accuracy']:.4f}" if "attribute_accuracy" in r else "-"
+        deo = f"{r['attribute_deo_sum']:.4f}" if "attribute_deo_sum" in r else "-"
+        rows.append((r["round"], len(r["clients"]), len(r["failures"]), f"{r['train_loss']:.4f}",
+                     f"{r['verification_auc']:.4f}", attr, deo, f"{r['max_epsilon']:.3f}", f"{r['seconds']:.0f}"))
+    return rows
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from common.config import load_config
+    from common.simulation import simulate
+    from common.table import format_table
+
+    cfg = load_config(args.config, args.overrides)
+    run, status = simulate(cfg, args.out, progress=not args.no_progress)
+    print(format_table(("round", "clients", "failed", "train loss", "verif. AUC", "attr. acc", "DEO (|dTPR|+|dFPR|)",
+                        "max eps", "s"), _round_rows(run.read_metrics())))
+    print(f"run directory: {run.path}")
+    if status["status"] != "finished":
+        print(f"facefl: error: run {status['status']}: {status.get('error', 'no reason recorded')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+_COMMANDS = {("run", None): _cmd_run, ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline}
+
+
+def _quiet_libraries(verbose: int) -> None:
+    """Flower logs every message at DEBUG/INFO and Opacus warns on every step: keep the CLI
+    output to progress and results unless -v is given."""
+    if verbose < 2:
+        logging.getLogger("flwr").setLevel(logging.WARNING if verbose == 0 else logging.INFO)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::DeprecationWarning")
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(args.verbose)
     handler = _COMMANDS[(args.command, getattr(args, f"{args.command}_command", None))]
     try:
         return handler(args)

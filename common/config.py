@@ -85,13 +85,31 @@ class TrainConfig:
 
 @dataclass
 class DPConfig:
-    mode: str = _choice("off", ("off", "sample"))
+    mode: str = _choice("sample", ("sample", "off"))
     target_epsilon: float = _num(8.0, 0.0, doc="epsilon for the whole run (inf or 0 = use noise_multiplier)")
     noise_multiplier: float = _num(0.0, 0.0, doc="used when target_epsilon is 0 or inf")
     max_grad_norm: float = _num(1.0, 1e-9)
     delta: float = _num(1e-5, 0.0, 1.0)
     accountant: str = _choice("rdp", ("rdp", "prv"))
     grad_sample_mode: str = _choice("ghost", ("ghost", "hooks", "functorch"))
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = _num(5, 1)
+    local_epochs: int = _num(2, 1)
+    fraction_train: float = _num(1.0, 0.0, 1.0, doc="fraction of clients sampled per round")
+    min_train_clients: int = _num(2, 1, doc="a round fails with fewer successful replies")
+    min_available_clients: int = _num(2, 1)
+    round_timeout: float = _num(3600.0, 1.0, doc="seconds to wait for a round's replies")
+    client_cpus: float = _num(2.0, 0.1, doc="simulation only: CPUs per client (2 on 2 cores = one at a time)")
+
+
+@dataclass
+class FairnessConfig:
+    method: str = _choice("none", ("none", "reweight", "fair_mixup"))
+    sensitive: str = _choice("gender", ("gender", "group"))
+    lam: float = _num(1.0, 0.0, doc="weight of the fair_mixup penalty")
 
 
 @dataclass
@@ -102,6 +120,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
 
     def validate(self) -> Config:
         """Cross-field checks (single fields are checked while parsing)."""
@@ -117,6 +137,15 @@ class Config:
             raise ConfigError(f"train.attribute: expected one of {attrs} for SynthFaces, got {self.train.attribute!r}")
         if self.dp.mode == "sample" and not self.dp_calibrated() and self.dp.noise_multiplier <= 0:
             raise ConfigError("dp.noise_multiplier: expected > 0 when dp.target_epsilon is 0 or inf")
+        if self.fairness.method != "none" and self.train.task == "identity":
+            raise ConfigError(f"fairness.method: {self.fairness.method!r} needs an attribute task "
+                              "(train.task = attribute or both), got train.task = 'identity'")
+        if self.fairness.method == "fair_mixup" and self.dp.mode != "off":
+            raise ConfigError("fairness.method: 'fair_mixup' couples samples across a batch and cannot be "
+                              "combined with DP-SGD's per-sample clipping; use 'reweight' with dp.mode = sample")
+        if self.federation.min_train_clients > self.split.num_clients:
+            raise ConfigError(f"federation.min_train_clients: expected at most split.num_clients = "
+                              f"{self.split.num_clients}, got {self.federation.min_train_clients}")
         return self
 
     def dp_calibrated(self) -> bool:
@@ -187,7 +216,7 @@ def _parse_scalar(key: str, raw: Any, typ: Any, meta: typing.Mapping[str, Any]) 
     if choices and value not in choices:
         raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
     lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):  # NaN fails both
         raise ConfigError(f"{key}: expected a value in [{lo}, {hi if hi is not None else 'inf'}], got {value!r}")
     return value
 
@@ -270,4 +299,5 @@ def dump_toml(cfg: Config) -> str:
 
 
 __all__ = ["Config", "ConfigError", "DataConfig", "SplitSettings", "ModelConfig", "TrainConfig", "DPConfig",
+           "FederationConfig", "FairnessConfig",
            "load_config", "from_flat", "parse_overrides", "dump_toml"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Config, dump_toml
-from common.io import atomic_write_text
+from common.io import atomic_write_json, atomic_write_text, read_json
 
 
 def new_run_id(prefix: str, cfg: Config) -> str:
@@ -54,6 +54,19 @@ class RunDir:
         d = self.path / "models"
         d.mkdir(exist_ok=True)
         return d
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    def write_status(self, status: str, **info: Any) -> None:
+        """Record the run's state (running / finished / failed): the CLI's source of truth."""
+        atomic_write_json(self.status_path, {"status": status, "time": round(time.time(), 3), **info})
+
+    def read_status(self) -> dict[str, Any]:
+        if not self.status_path.exists():
+            return {"status": "missing", "error": f"{self.status_path} was never written"}
+        return read_json(self.status_path)
 
     def log_metrics(self, event: str, **values: Any) -> dict[str, Any]:
         """Append one event to metrics.jsonl (durably) and return it."""

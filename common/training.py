@@ -8,6 +8,7 @@ from generators seeded by the caller, so the same seed gives the same weights on
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from common.config import DPConfig, TrainConfig
 from common.data.dataset import FaceDataset
+from common.fairness import fair_mixup_penalty
 from common.models.face_model import FaceModel
 from common.models.heads import CosineClassifier, margin_logits
 from common.privacy.dp import History, accountant_history, make_accountant
@@ -49,6 +51,20 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_shift: float = 0.08
     theta[:, :, 2] = shift
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def one_cycle_lr(step: int, total: int, peak: float, warmup: float = 0.15) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up from peak/25, then cosine to ~0.
+
+    The schedule spans a whole run (all rounds of a federation), so that local training in round
+    r continues the curve where round r-1 left it instead of restarting its warm-up.
+    """
+    total = max(total, 1)
+    ramp = max(int(warmup * total), 1)
+    if step < ramp:
+        return peak * (0.04 + 0.96 * step / ramp)
+    progress = min((step - ramp) / max(total - ramp, 1), 1.0)
+    return peak * (1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def target_labels(ds: FaceDataset, attribute: str) -> np.ndarray:
@@ -108,7 +124,9 @@ def identity_classes(identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, seed: int, epochs: int,
           head: CosineClassifier | None = None, noise_multiplier: float = 0.0, dp_history: History | None = None,
-          sample_weight: np.ndarray | None = None, progress: bool = False, desc: str = "train") -> TrainOutcome:
+          sample_weight: np.ndarray | None = None, mixup: tuple[float, np.ndarray] | None = None,
+          schedule: tuple[int, int] | None = None,
+          progress: bool = False, desc: str = "train") -> TrainOutcome:
     """Train ``model`` (and ``head``) in place for ``epochs`` epochs on ``ds``.
 
     Args:
@@ -116,6 +134,9 @@ def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, 
         noise_multiplier: DP noise (already calibrated by the caller for the whole run).
         dp_history: accountant history of earlier calls; returned extended by this call's steps.
         sample_weight: optional per-sample loss weights (fairness reweighting).
+        mixup: (lambda, sensitive attribute per sample) to add the Fair Mixup penalty (not with DP).
+        schedule: (first step, total steps) of the run's learning-rate schedule; default: this call
+            alone. Federated clients pass their position in the whole run.
     """
     use_id = cfg.task in ("identity", "both")
     use_attr = cfg.task in ("attribute", "both")
@@ -125,13 +146,18 @@ def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, 
         raise ValueError("train: the attribute task needs a model with an attribute head")
     if len(ds) == 0:
         raise ValueError("train: empty training set")
+    if mixup is not None and (dp.mode != "off" or not use_attr):
+        raise ValueError("train: the Fair Mixup penalty needs the attribute task and no DP-SGD")
     gen = torch.Generator().manual_seed(seed)
     y_id = torch.from_numpy(identity_classes(ds.identity)[1])
     y_attr = torch.from_numpy(target_labels(ds, cfg.attribute)) if use_attr else torch.zeros(len(ds), dtype=torch.int64)
     w = torch.ones(len(ds)) if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32)
+    sens = torch.from_numpy(np.asarray(mixup[1], dtype=np.int64)) if mixup else torch.zeros(len(ds), dtype=torch.int64)
+    # The penalty draws from its own stream, so a fair run sees the same batches as its biased twin.
+    mix_gen = torch.Generator().manual_seed(seed + 2)
     images = torch.from_numpy(ds.images).permute(0, 3, 1, 2).contiguous()
     batch = min(cfg.batch_size, len(ds))
-    loader = DataLoader(TensorDataset(images, y_id, y_attr, w), batch_size=batch, shuffle=True, generator=gen)
+    loader = DataLoader(TensorDataset(images, y_id, y_attr, w, sens), batch_size=batch, shuffle=True, generator=gen)
 
     joint = _Joint(model, head if use_id else None)
     params = [p for p in joint.parameters() if p.requires_grad]
@@ -155,15 +181,14 @@ def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, 
         # Ghost clipping also returns a wrapped criterion (3rd item); the loss is wrapped below instead.
         module, opt, loader = wrapped[0], wrapped[1], wrapped[-1]
     steps_total = epochs * len(loader)
-    # Warm-up then anneal (for SGD and Adam alike): ArcFace from scratch diverges without it.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps_total, 1), pct_start=0.15)
+    first_step, run_steps = schedule or (0, steps_total)
     module.train()
     start = time.perf_counter()
     steps = samples = 0
     loss_sum = 0.0
     bar = tqdm(total=steps_total, desc=desc, disable=not progress, leave=False, unit="step")
     try:
-        for xb, yb_id, yb_attr, wb in _batches(loader, epochs, cfg.max_seconds, start):
+        for xb, yb_id, yb_attr, wb, sb in _batches(loader, epochs, cfg.max_seconds, start):
             x = to_tensor(xb)
             if cfg.augment:
                 x = augment(x, gen)
@@ -176,12 +201,16 @@ def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, 
                 per_sample = per_sample + F.binary_cross_entropy_with_logits(attr, yb_attr.float(), reduction="none")
             per_sample = per_sample * wb
             opt.zero_grad(set_to_none=True)
+            # Warm-up then anneal (for SGD and Adam alike): ArcFace from scratch diverges without it.
+            for group in opt.param_groups:
+                group["lr"] = one_cycle_lr(first_step + steps, run_steps, cfg.lr)
             if private and dp.grad_sample_mode == "ghost":
                 DPTensorFastGradientClipping(module, opt, per_sample, "mean").backward()
+            elif mixup is not None:
+                (per_sample.mean() + mixup[0] * fair_mixup_penalty(model, x, yb_attr, sb, mix_gen)).backward()
             else:
                 per_sample.mean().backward()
             opt.step()
-            scheduler.step()
             steps += 1
             samples += x.shape[0]
             loss_sum += float(per_sample.detach().sum())

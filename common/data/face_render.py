@@ -5,15 +5,17 @@ The renderer is deliberately dumb: every random choice is made by the caller
 function of (identity, nuisance, size) and the same parameters always give the same bytes.
 
 Geometry is expressed in *face units*: the origin is the face centre, y points down and one unit
-is ``_FACE_SCALE`` image widths (times the per-image scale). All shapes are polygons or polylines in face units, mapped to
-pixels through one affine matrix (in-plane rotation, scale, translation), drawn with Pillow at
-``supersample`` times the output size and box-downsampled, which anti-aliases every edge.
+is ``_FACE_SCALE`` image widths (times the per-image scale). All shapes are polygons or polylines
+in face units, mapped to pixels through one affine matrix (in-plane rotation, scale,
+translation), drawn with Pillow at ``supersample_factor`` times the output size and
+box-downsampled, which anti-aliases every edge.
 Photometric nuisance (illumination gradient, brightness, colour cast, sensor noise) is applied
 afterwards to a whole batch in numpy, see ``apply_photometric``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -126,9 +128,9 @@ class _Pen:
         self.matrix = np.array([[k * math.cos(a), -k * math.sin(a)], [k * math.sin(a), k * math.cos(a)]])
         self.offset = np.array([size * (0.5 + nuisance.shift[0]), size * (_FACE_CENTRE_Y + nuisance.shift[1])])
 
-    def _px(self, xy: np.ndarray) -> list[tuple[float, float]]:
-        pts = np.asarray(xy, dtype=np.float64) @ self.matrix.T + self.offset
-        return list(map(tuple, pts.tolist()))
+    def _px(self, xy: np.ndarray) -> list[float]:
+        """Flat [x0, y0, x1, y1, ...] pixel coordinates, the cheapest form Pillow accepts."""
+        return (np.asarray(xy, dtype=np.float64) @ self.matrix.T + self.offset).ravel().tolist()
 
     def polygon(self, xy: np.ndarray, fill: RGB) -> None:
         self.draw.polygon(self._px(xy), fill=fill)
@@ -144,18 +146,36 @@ class _Pen:
         self.line(np.vstack([pts, pts[:1]]), colour, width)
 
 
+@functools.lru_cache(maxsize=64)
+def _unit_arc(n: int, start: float, stop: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cached cos/sin tables: a face needs hundreds of arcs of a handful of shapes."""
+    t = np.linspace(start, stop, n, endpoint=stop - start < 2 * math.pi - 1e-9)
+    return np.cos(t), np.sin(t)
+
+
 def ellipse_points(cx: float, cy: float, rx: float, ry: float, n: int = 24,
                    start: float = 0.0, stop: float = 2 * math.pi) -> np.ndarray:
     """Points on an ellipse (or an arc of it, angles in radians, y down)."""
-    t = np.linspace(start, stop, n, endpoint=stop - start < 2 * math.pi - 1e-9)
-    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+    cos, sin = _unit_arc(n, start, stop)
+    out = np.empty((n, 2))
+    out[:, 0] = cx + rx * cos
+    out[:, 1] = cy + ry * sin
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _unit_parabola(n: int) -> tuple[np.ndarray, np.ndarray]:
+    v = np.linspace(0.0, 1.0, n)
+    return v, (2.0 * v - 1.0) ** 2
 
 
 def _parabola(x0: float, x1: float, y_ends: float, y_mid: float, n: int = 9) -> np.ndarray:
     """A symmetric curve through (x0, y_ends), (mid, y_mid), (x1, y_ends)."""
-    x = np.linspace(x0, x1, n)
-    u = (x - (x0 + x1) / 2) / ((x1 - x0) / 2)
-    return np.stack([x, y_mid + (y_ends - y_mid) * u**2], axis=1)
+    v, u2 = _unit_parabola(n)
+    out = np.empty((n, 2))
+    out[:, 0] = x0 + (x1 - x0) * v
+    out[:, 1] = y_mid + (y_ends - y_mid) * u2
+    return out
 
 
 def head_outline(p: FaceParams, t: np.ndarray | None = None) -> np.ndarray:

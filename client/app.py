@@ -1,0 +1,61 @@
+"""Flower ClientApp: decodes messages, keeps private state in ``context.state``, replies.
+
+Private per-node state (never sent): the identity head (an ArrayRecord) and the DP accountant
+history (a ConfigRecord), so that epsilon composes across every round this node trained in.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local import ClientState, local_data, local_train
+from common.builders import build_dataset
+from common import wire
+
+log = logging.getLogger(__name__)
+
+HEAD_KEY = "identity-head"
+PRIVACY_KEY = "privacy"
+
+app = ClientApp()
+
+
+def _load_state(context: Context) -> ClientState:
+    head = wire.record_to_state(context.state[HEAD_KEY]) if HEAD_KEY in context.state.array_records else None
+    if PRIVACY_KEY in context.state.config_records:
+        return ClientState.from_privacy_json(str(context.state[PRIVACY_KEY]["json"]), head)
+    return ClientState(head=head)
+
+
+def _save_state(context: Context, state: ClientState) -> None:
+    if state.head is not None:
+        context.state[HEAD_KEY] = wire.state_to_record(state.head)
+    context.state[PRIVACY_KEY] = ConfigRecord({"json": state.privacy_json()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, server_round = wire.config_from_record(msg.content[wire.CONFIG])
+    partition = wire.partition_of(context.node_config, cfg.split.num_clients)
+    global_state = wire.record_to_state(msg.content[wire.ARRAYS])
+    new_state, client_state, report = local_train(cfg, partition, server_round, global_state, _load_state(context))
+    _save_state(context, client_state)
+    content = RecordDict({wire.ARRAYS: wire.state_to_record(new_state), wire.METRICS: wire.metric_record(report),
+                          wire.PRIVACY: ConfigRecord({"json": client_state.privacy_json()})})
+    return Message(content, reply_to=msg)
+
+
+@app.query("describe")
+def describe(msg: Message, context: Context) -> Message:
+    """Who this node is: partition id, sample count, and the fingerprint of the data set it
+    split (the server refuses to train with a node whose data differs from its manifest)."""
+    cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
+    partition = wire.partition_of(context.node_config, cfg.split.num_clients)
+    data = local_data(cfg, partition)
+    reply = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, wire.NUM_EXAMPLES: len(data)}),
+                        wire.CONFIG: ConfigRecord({"fingerprint": build_dataset(cfg).fingerprint()})})
+    return Message(reply, reply_to=msg)
+

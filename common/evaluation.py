@@ -1,0 +1,50 @@
+"""Evaluation of a global model on data no client trained on.
+
+Verification is open-set: pairs of images of the probe identities (never trained on). The
+attribute task is scored on the held-out samples (nonmember and probe roles), with the fairness
+metrics of ``common.fairness_metrics`` against the training data's own bias.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.config import Config
+from common.data.dataset import FaceDataset
+from common.data.splits import Manifest
+from common.fairness_metrics import attribute_report
+from common.metrics import verification_auc
+from common.models.face_model import FaceModel
+from common.training import embed, predict_attribute, target_labels
+
+
+def probe_identity_mask(manifest: Manifest, ds: FaceDataset) -> np.ndarray:
+    """Samples of identities that are probes at identity level (never trained on: open set)."""
+    probe_ids = np.asarray(manifest.identities["probe"], dtype=np.int64)
+    return manifest.role_mask(ds, "probe") & np.isin(ds.identity, probe_ids)
+
+
+def sensitive_attribute(ds: FaceDataset, name: str) -> np.ndarray:
+    return ds.gender if name == "gender" else ds.group
+
+
+class GlobalEvaluator:
+    """Scores models on the probe identities and held-out samples of one manifest."""
+
+    def __init__(self, cfg: Config, ds: FaceDataset, manifest: Manifest) -> None:
+        self.cfg = cfg
+        member = manifest.role_mask(ds, "member")
+        self.train = ds.subset(member)
+        self.probe = ds.subset(probe_identity_mask(manifest, ds))
+        self.held_out = ds.subset(~member & ~manifest.role_mask(ds, "aux"))
+
+    def evaluate(self, model: FaceModel) -> dict[str, float]:
+        out = {"verification_auc": verification_auc(embed(model, self.probe.images), self.probe.identity,
+                                                    seed=self.cfg.seed)}
+        if model.attribute is not None:
+            name, sens = self.cfg.train.attribute, self.cfg.fairness.sensitive
+            prob = predict_attribute(model, self.held_out.images)
+            report = attribute_report(prob, target_labels(self.held_out, name), sensitive_attribute(self.held_out, sens),
+                                      target_labels(self.train, name), sensitive_attribute(self.train, sens))
+            out.update({f"attribute_{k}": float(v) for k, v in report.items()})
+        return out

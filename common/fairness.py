@@ -1,0 +1,90 @@
+"""Fairness interventions that turn a biased attribute classifier into a fair one.
+
+FD-MIA needs pairs of models that differ only by the intervention: a biased model trained on the
+imbalanced data (``none``) and a fair model trained on the same data with ``reweight``
+(pre-processing weights for the per-sample loss) or ``fair_mixup`` (an in-processing penalty).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+FAIRNESS_METHODS: tuple[str, ...] = ("none", "reweight", "fair_mixup")
+FAIR_MIXUP_MODES: tuple[str, ...] = ("eo", "dp")
+
+
+def reweight(sensitive: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-sample loss weights that make the label independent of the sensitive attribute.
+
+    Kamiran & Calders (2012), "Data preprocessing techniques for classification without
+    discrimination": w(s, y) = P(s) P(y) / P(s, y), frequencies taken over the samples whose
+    sensitive value and label are both known. Under these weights every (s, y) cell carries mass
+    P(s) P(y), so a weighted loss no longer rewards predicting y from s.
+
+    Samples with an unknown (-1) sensitive value or label get weight 1 (nothing to correct).
+    The known samples' weights are rescaled to mean 1, which keeps the loss scale (and so the
+    learning rate) unchanged; the rescaling matters only when a cell is empty (its mass
+    P(s) P(y) cannot be placed, so the raw weights sum to less than the sample count).
+    """
+    sensitive = np.asarray(sensitive)
+    labels = np.asarray(labels)
+    if sensitive.shape != labels.shape or sensitive.ndim != 1:
+        raise ValueError(f"reweight: sensitive {sensitive.shape} and labels {labels.shape} must be equal 1-d shapes")
+    weights = np.ones(labels.size, dtype=np.float64)
+    known = (sensitive >= 0) & (labels >= 0)
+    if not known.any():
+        return weights
+    s, y = sensitive[known], labels[known]
+    s_values, s_index = np.unique(s, return_inverse=True)
+    y_values, y_index = np.unique(y, return_inverse=True)
+    joint = np.zeros((s_values.size, y_values.size))
+    np.add.at(joint, (s_index, y_index), 1.0)
+    joint /= s.size
+    expected = joint.sum(axis=1, keepdims=True) * joint.sum(axis=0, keepdims=True)  # P(s) P(y)
+    w = expected[s_index, y_index] / joint[s_index, y_index]  # every sample's own cell is non-empty
+    weights[known] = w / w.mean()
+    return weights
+
+
+def fair_mixup_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor,
+                       generator: torch.Generator, mode: str = "eo") -> torch.Tensor:
+    """Fair Mixup smoothness penalty on the path between the two sensitive groups.
+
+    Chuang & Mroueh, "Fair Mixup: Fairness via Interpolation", ICLR 2021. The demographic parity
+    gap |E[f(x0)] - E[f(x1)]| is bounded by the integral over t in [0, 1] of
+    |d/dt E[f(t x0 + (1 - t) x1)]|; penalising that derivative regularises the whole path between
+    the groups instead of just its end points. Here f(x) = sigmoid(attribute logit) with the logit
+    ``model(x)[1]``, and the integral is estimated with one t ~ U(0, 1) per call:
+
+    * ``mode="dp"`` (demographic parity): pair the samples with s = 0 and s = 1 of the batch;
+    * ``mode="eo"`` (equalized odds): do the same within each label class y and sum the classes.
+
+    Each group of a pair is drawn with replacement to the larger group's count, and t is drawn
+    after the pairing, all from ``generator``. The derivative is taken by autograd through t with
+    ``create_graph=True``, so the returned penalty back-propagates into the model; the caller
+    minimises ``mean loss + lam * penalty``. Samples with s outside {0, 1} (unknown -1), and for
+    ``eo`` those with an unknown label, take no part; a class lacking one of the groups contributes nothing, and with no usable class the
+    result is a constant 0-d zero tensor (no gradient).
+
+    The penalty couples samples across the batch (group means), so it is not a per-sample loss:
+    it cannot be combined with DP-SGD's per-sample gradient clipping.
+    """
+    if mode not in FAIR_MIXUP_MODES:
+        raise ValueError(f"fair_mixup_penalty: mode must be one of {FAIR_MIXUP_MODES}, got {mode!r}")
+    classes = [y == c for c in torch.unique(y[y >= 0])] if mode == "eo" else [torch.ones_like(s, dtype=torch.bool)]
+    penalty = torch.zeros((), dtype=x.dtype, device=x.device)
+    for in_class in classes:
+        idx0 = torch.nonzero(in_class & (s == 0)).flatten()
+        idx1 = torch.nonzero(in_class & (s == 1)).flatten()
+        if idx0.numel() == 0 or idx1.numel() == 0:
+            continue
+        m = max(idx0.numel(), idx1.numel())
+        x0 = x[idx0[torch.randint(idx0.numel(), (m,), generator=generator).to(idx0.device)]]
+        x1 = x[idx1[torch.randint(idx1.numel(), (m,), generator=generator).to(idx1.device)]]
+        t = torch.rand((), generator=generator).to(device=x.device, dtype=x.dtype).requires_grad_(True)
+        mean_score = torch.sigmoid(model(t * x0 + (1 - t) * x1)[1]).mean()
+        (d_dt,) = torch.autograd.grad(mean_score, t, create_graph=True, allow_unused=True, materialize_grads=True)
+        penalty = penalty + d_dt.abs()
+    return penalty

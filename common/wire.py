@@ -1,0 +1,70 @@
+"""What travels in Flower messages between ServerApp and ClientApp.
+
+Client and server never import each other, so both sides encode and decode here. The server
+sends the whole resolved configuration (flat keys) with every message, which makes the
+server's config the single source of truth in both engines; a client adds only what its node
+configuration says about itself (partition id, local paths).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from common.config import Config, from_flat
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+PRIVACY = "privacy"
+ROUND = "server-round"
+NUM_EXAMPLES = "num-examples"
+PARTITION = "partition-id"
+
+
+def config_record(cfg: Config, server_round: int) -> ConfigRecord:
+    rec = ConfigRecord(cfg.to_flat())
+    rec[ROUND] = server_round
+    return rec
+
+
+def config_from_record(rec: Mapping[str, object]) -> tuple[Config, int]:
+    """The Config and round number carried by a message's ConfigRecord."""
+    flat = {k: v for k, v in rec.items() if k != ROUND}
+    return from_flat(flat), int(rec.get(ROUND, 0))
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in state.items()})
+
+
+def numpy_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_to_numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: rec[k].numpy() for k in rec.keys()}
+
+
+def record_to_state(rec: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in record_to_numpy(rec).items()}
+
+
+def metric_record(values: Mapping[str, float | int]) -> MetricRecord:
+    return MetricRecord({k: (float(v) if isinstance(v, float) else int(v)) for k, v in values.items()})
+
+
+def partition_of(node_config: Mapping[str, object], num_clients: int) -> int:
+    """This node's client index from its node config; errors say what the operator must set."""
+    if PARTITION not in node_config:
+        raise ValueError(f"node config: missing 'partition-id' (set --node-config \"partition-id=K "
+                         f"num-partitions={num_clients}\" on the SuperNode)")
+    pid = int(node_config[PARTITION])  # type: ignore[arg-type]
+    total = int(node_config.get("num-partitions", num_clients))  # type: ignore[arg-type]
+    if total != num_clients or not 0 <= pid < num_clients:
+        raise ValueError(f"node config: partition-id={pid} num-partitions={total} does not fit "
+                         f"split.num_clients = {num_clients}")
+    return pid

@@ -1,0 +1,51 @@
+"""The privacy ledger (privacy.json): per-client DP parameters and epsilon, composed over rounds.
+
+The server does not take a client's word for its epsilon: each client reports its accountant
+history (noise multiplier, sample rate, steps), and the ledger recomputes epsilon from it with
+both the RDP and the PRV accountant.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.io import atomic_write_json
+from common.privacy.dp import History, spent_epsilon, total_steps
+
+
+@dataclass
+class PrivacyLedger:
+    accountant: str
+    delta: float
+    clients: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def record(self, partition: int, server_round: int, privacy_json: str) -> dict[str, Any]:
+        """Update one client's entry from the history it reported after ``server_round``."""
+        d = json.loads(privacy_json)
+        history: History = [(float(s), float(q), int(n)) for s, q, n in d["history"]]
+        entry = self.clients.setdefault(partition, {"rounds": []})
+        if server_round not in entry["rounds"]:
+            entry["rounds"].append(server_round)
+        sigma = float(d["noise_multiplier"])
+        entry.update({
+            "noise_multiplier": sigma, "sample_rate": history[-1][1] if history else 0.0,
+            "steps": total_steps(history), "delta": self.delta, "history": history,
+            "epsilon_rdp": spent_epsilon("rdp", history, self.delta),
+            "epsilon_prv": spent_epsilon("prv", history, self.delta) if history else 0.0,
+        })
+        entry["epsilon"] = entry[f"epsilon_{self.accountant}"]
+        return entry
+
+    def max_epsilon(self) -> float:
+        return max((c["epsilon"] for c in self.clients.values()), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accountant": self.accountant, "delta": self.delta, "max_epsilon": self.max_epsilon(),
+                "guarantee": "sample-level (epsilon, delta) per client, composed over every round it trained in",
+                "clients": {str(k): v for k, v in sorted(self.clients.items())}}
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, self.to_json())

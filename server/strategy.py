@@ -1,0 +1,99 @@
+"""FedAvg with reproducible client sampling and exact, validated aggregation.
+
+Flower's FedAvg samples nodes with the unseeded global ``random`` and averages in arrival order;
+a run must instead be reproducible from its seed. Nodes are therefore sampled by their
+partition id (learned in the describe phase) with a generator seeded by (seed, round), and
+replies are checked and averaged in partition order (``server.aggregation``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common import wire
+from server.aggregation import weighted_average
+
+log = logging.getLogger(__name__)
+
+
+class ClientReply:
+    """A validated train reply: who sent it, its sample count, arrays and metrics."""
+
+    def __init__(self, msg: Message, expected: dict[str, np.ndarray]) -> None:
+        content = msg.content
+        self.node_id = msg.metadata.src_node_id
+        metrics = content[wire.METRICS]
+        self.partition = int(metrics[wire.PARTITION])
+        self.num_examples = int(metrics[wire.NUM_EXAMPLES])
+        self.metrics = dict(metrics)
+        self.privacy_json = str(content[wire.PRIVACY]["json"]) if wire.PRIVACY in content.config_records else None
+        self.arrays = wire.record_to_numpy(content[wire.ARRAYS])
+        who = f"client {self.partition} (node {self.node_id})"
+        if self.num_examples <= 0:
+            raise ValueError(f"{who}: num-examples must be > 0, got {self.num_examples}")
+        if set(self.arrays) != set(expected):
+            raise ValueError(f"{who}: update has keys {sorted(set(self.arrays) ^ set(expected))[:3]} "
+                             "that differ from the global model's")
+        for key, ref in expected.items():
+            arr = self.arrays[key]
+            if arr.shape != ref.shape:
+                raise ValueError(f"{who}: {key} has shape {arr.shape}, expected {ref.shape}")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{who}: {key} contains NaN or Inf")
+
+
+class FaceFedAvg(FedAvg):
+    """FedAvg over the shared model, sampling by partition id with a seeded generator."""
+
+    def __init__(self, *, seed: int, partitions: dict[int, int], fraction_train: float, min_train_nodes: int,
+                 min_available_nodes: int) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
+                         min_evaluate_nodes=0, min_available_nodes=min_available_nodes)
+        self.seed = seed
+        self.partitions = partitions  # partition id -> node id
+        self.failures: list[str] = []
+        self.accepted: list[ClientReply] = []
+
+    def sample(self, server_round: int) -> list[int]:
+        """Partition ids trained in this round (all of them at fraction 1)."""
+        ids = sorted(self.partitions)
+        k = min(len(ids), max(self.min_train_nodes, math.ceil(self.fraction_train * len(ids))))
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xFEDA, server_round]))
+        return sorted(rng.choice(ids, size=k, replace=False).tolist())
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=self.partitions[p])
+                for p in self.sample(server_round)]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        expected: dict[str, np.ndarray] | None = None) -> tuple[ArrayRecord | None, None]:
+        """Average the valid replies; record each failure with the client's own error text."""
+        if expected is None:
+            raise ValueError("aggregate_train needs the global arrays to validate updates against")
+        self.failures, self.accepted = [], []
+        node_to_partition = {n: p for p, n in self.partitions.items()}
+        for msg in replies:
+            who = f"client {node_to_partition.get(msg.metadata.src_node_id, '?')} (node {msg.metadata.src_node_id})"
+            if msg.has_error():
+                self.failures.append(f"{who}: {msg.error.reason}")
+                continue
+            try:
+                self.accepted.append(ClientReply(msg, expected))
+            except (KeyError, TypeError, ValueError) as exc:
+                self.failures.append(f"{who}: rejected update: {exc}")
+        for failure in self.failures:
+            log.warning("round %d: %s", server_round, failure)
+        if len(self.accepted) < self.min_train_nodes:
+            return None, None
+        self.accepted.sort(key=lambda r: r.partition)
+        averaged = weighted_average([(r.num_examples, r.arrays) for r in self.accepted])
+        return wire.numpy_to_record(averaged), None

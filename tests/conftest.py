@@ -1,0 +1,68 @@
+"""Shared fixtures: one thread for torch, a private data cache, and a tiny SynthFaces data set.
+
+Everything torch-heavy in the suite runs on the 32 px data set below with a small model, so that
+the whole suite stays well under a few minutes on two shared CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_torch_thread() -> None:
+    """Other processes share the 2 cores: avoid oversubscribing them with intra-op threads."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Generated data sets are cached on disk by ``build_dataset``: keep that cache out of $HOME."""
+    path = tmp_path_factory.mktemp("facefl-cache")
+    old = os.environ.get("FACEFL_CACHE")
+    os.environ["FACEFL_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FACEFL_CACHE", None)
+    else:
+        os.environ["FACEFL_CACHE"] = old
+
+
+SMALL_IDENTITIES = 20
+SMALL_IMAGES = 8
+SMALL_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def synth_small():
+    """20 identities x 8 images of 32 px (160 samples). Shared: tests must not modify it."""
+    from common.data.synthetic import SynthConfig, generate
+
+    ds = generate(SynthConfig(num_identities=SMALL_IDENTITIES, images_per_identity=SMALL_IMAGES,
+                              image_size=SMALL_SIZE, seed=0))
+    ds.images.setflags(write=False)  # a test that modifies the shared data fails loudly
+    return ds
+
+
+@pytest.fixture(scope="session")
+def synth_open_set():
+    """40 identities x 8 images of 32 px: the first 24 identities train, the last 16 are unseen."""
+    from common.data.synthetic import SynthConfig, generate
+
+    ds = generate(SynthConfig(num_identities=40, images_per_identity=8, image_size=SMALL_SIZE, seed=0))
+    ds.images.setflags(write=False)
+    return ds
+
+
+@pytest.fixture()
+def tiny_spec():
+    """A model small enough to train in a fraction of a second per epoch on 32 px faces."""
+    from common.models.face_model import ModelSpec
+
+    return ModelSpec(width=8, blocks=(1, 1), embedding_dim=16, image_size=SMALL_SIZE, attribute_head=True)
