@@ -19,7 +19,7 @@ from common.config import Config
 from common.data.dataset import FaceDataset
 from common.evaluation import sensitive_attribute
 from common.fairness import reweight
-from common.privacy.dp import History, noise_for, poisson_sample_rate, spent_epsilon, total_steps
+from common.privacy.dp import History, noise_for, poisson_sample_rate, spent_epsilon, steps_per_epoch, total_steps
 from common.training import identity_classes, target_labels, train
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def local_train(cfg: Config, partition: int, server_round: int, global_state: di
         if state.head is not None:
             head.load_state_dict(state.head)
     q = poisson_sample_rate(len(data), cfg.train.batch_size)
-    steps_per_round = cfg.federation.local_epochs * round(1 / q)
+    steps_per_round = cfg.federation.local_epochs * steps_per_epoch(q)
     planned = cfg.federation.rounds * steps_per_round
     if cfg.dp.mode != "off" and state.noise_multiplier <= 0:
         state.noise_multiplier = noise_for(cfg.dp, q, planned)

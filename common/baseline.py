@@ -21,7 +21,7 @@ from common.config import Config
 from common.evaluation import probe_identity_mask
 from common.metrics import binary_accuracy, pixel_verification_auc, verification_auc
 from common.models.checkpoint import save_checkpoint
-from common.privacy.dp import noise_for, poisson_sample_rate
+from common.privacy.dp import noise_for, poisson_sample_rate, steps_per_epoch
 from common.rundir import RunDir
 from common.training import embed, identity_classes, predict_attribute, target_labels, train
 
@@ -64,7 +64,7 @@ def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...]
     pixel_auc = pixel_verification_auc(probe_ds.images, probe_ds.identity, seed=cfg.seed)
     seconds: dict[str, float] = {}
     q = poisson_sample_rate(len(train_ds), cfg.train.batch_size)
-    sigma = noise_for(cfg.dp, q, cfg.train.epochs * round(1 / q))
+    sigma = noise_for(cfg.dp, q, cfg.train.epochs * steps_per_epoch(q))
 
     id_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task="identity"))
     spec = model_spec(id_cfg)

@@ -114,7 +114,7 @@ class FairnessConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = _num(0, 0)
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitSettings = field(default_factory=SplitSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -204,13 +204,15 @@ def _parse_scalar(key: str, raw: Any, typ: Any, meta: typing.Mapping[str, Any]) 
             value = raw
         elif origin is tuple:
             items = raw.split(",") if isinstance(raw, str) else list(raw)
+            if any(isinstance(x, (bool, float)) for x in items):
+                raise ValueError
             value = tuple(int(x) for x in items)
-            if not value:
+            if not value or min(value) < 1:
                 raise ValueError
         else:  # pragma: no cover - a new field type without a parser is a programming error
             raise TypeError(f"{key}: unsupported config type {typ}")
     except (ValueError, TypeError):
-        expected = getattr(typ, "__name__", str(typ)).replace("tuple", "comma-separated integers")
+        expected = getattr(typ, "__name__", str(typ)).replace("tuple", "comma-separated integers >= 1")
         raise ConfigError(f"{key}: expected {expected}, got {raw!r}") from None
     choices = meta.get("choices")
     if choices and value not in choices:

@@ -32,8 +32,18 @@ class RunDir:
 
     @classmethod
     def create(cls, root: str | os.PathLike[str], prefix: str, cfg: Config) -> RunDir:
-        run = cls(Path(root) / new_run_id(prefix, cfg))
-        run.path.mkdir(parents=True, exist_ok=False)
+        base = Path(root) / new_run_id(prefix, cfg)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):  # two runs of one config in the same second get -2, -3, ...
+            path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"{base}: too many runs with this id")
+        run = cls(path)
         atomic_write_text(run.config_path, dump_toml(cfg))
         return run
 

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,6 +124,26 @@ def identity_classes(identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, seed: int, epochs: int,
+          **kwargs: Any) -> TrainOutcome:
+    """Train ``model`` in place; see ``_train`` for the arguments.
+
+    Runs with torch's global RNG forked and seeded (dropout draws from it), and with modules the
+    task does not use frozen (an idle attribute head has no per-sample gradients for Opacus).
+    """
+    idle = model.attribute if (model.attribute is not None and cfg.task == "identity") else None
+    frozen = [p for p in (idle.parameters() if idle is not None else []) if p.requires_grad]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return _train(model, ds, cfg, dp, seed=seed, epochs=epochs, **kwargs)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+
+def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, seed: int, epochs: int,
           head: CosineClassifier | None = None, noise_multiplier: float = 0.0, dp_history: History | None = None,
           sample_weight: np.ndarray | None = None, mixup: tuple[float, np.ndarray] | None = None,
           schedule: tuple[int, int] | None = None,
@@ -220,6 +241,9 @@ def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, 
         bar.close()
         if private:
             module._close()  # remove Opacus hooks: the caller gets back a plain model
+            for p in joint.parameters():  # Opacus keeps the un-noised clipped sum of the last batch
+                p.__dict__.pop("summed_grad", None)
+                p.grad = None
     outcome = TrainOutcome(steps=steps, samples=samples, loss=loss_sum / max(samples, 1),
                            seconds=time.perf_counter() - start)
     if private:

@@ -302,3 +302,16 @@ def test_missing_checkpoint_raises_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):  # a directory is not a checkpoint either
         load_checkpoint(tmp_path)
 
+
+
+# --- regressions of bugs found in review ---
+
+def test_valid_checkpoint_whose_header_length_starts_with_0x80_loads(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    for pad in range(300):  # find metadata that makes the header length 128 mod 256
+        save_checkpoint(path, {"w": torch.zeros(3)}, {"note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    state, meta = load_checkpoint(path)
+    assert meta["note"] == "x" * pad and torch.equal(state["w"], torch.zeros(3))

@@ -24,7 +24,9 @@ from common.training import (augment, embed, identity_classes, predict_attribute
 torch.set_num_threads(1)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook is firing",
-                                        "ignore:The given NumPy array is not writable")
+                                        "ignore:The given NumPy array is not writable",
+                                        # get_noise_multiplier's search visits huge sigmas on its way
+                                        "ignore:Optimal order is the largest alpha")
 
 # Opacus' default RDP orders (opacus.accountants.RDPAccountant.DEFAULT_ALPHAS).
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -33,11 +35,19 @@ BATCH = 32  # 160 samples -> q = 0.2, 5 steps per epoch
 
 
 def _dp(mode: str) -> DPConfig:
-    return DPConfig() if mode == "off" else DPConfig(mode="sample", grad_sample_mode=mode)
+    """Every setting spelled out: the tests must not depend on the project's defaults."""
+    if mode == "off":
+        return DPConfig(mode="off")
+    return DPConfig(mode="sample", grad_sample_mode=mode, accountant="rdp", max_grad_norm=1.0, delta=DELTA)
+
+
+# Pinned so that tuning the defaults does not silently change what these tests train.
+BASE_TRAIN = dict(optimizer="adam", lr=0.002, weight_decay=5e-4, margin="arcface", margin_scale=30.0,
+                  max_seconds=0.0, augment=True)
 
 
 def _train_cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"task": "both", "attribute": "gender", "batch_size": BATCH, **kw})
+    return TrainConfig(**{**BASE_TRAIN, "task": "both", "attribute": "gender", "batch_size": BATCH, **kw})
 
 
 def _weights(*modules: torch.nn.Module) -> torch.Tensor:
@@ -103,7 +113,7 @@ def test_dp_history_composes_across_calls_and_matches_dp_accounting(synth_small,
     history = None
     epsilons = [0.0]
     steps_so_far = 0
-    for call, (sigma, epochs) in enumerate([(1.0, 2), (1.5, 1), (1.5, 1)]):
+    for call, (sigma, epochs) in enumerate([(1.2, 2), (1.6, 1), (1.6, 1)]):
         given = None if history is None else list(history)
         out = train(model, synth_small, cfg, dp, seed=call, epochs=epochs, head=head, noise_multiplier=sigma,
                     dp_history=history)
@@ -119,7 +129,7 @@ def test_dp_history_composes_across_calls_and_matches_dp_accounting(synth_small,
         assert eps > epsilons[-1]  # epsilon never decreases (here it strictly grows)
         epsilons.append(eps)
     # Equal (sigma, q) steps merge into one entry; a new sigma starts a new one.
-    assert history == [(1.0, 0.2, 10), (1.5, 0.2, 10)]
+    assert history == [(1.2, 0.2, 10), (1.6, 0.2, 10)]
 
 
 def test_stopping_before_the_first_step_spends_nothing(synth_small, tiny_spec) -> None:
@@ -134,7 +144,7 @@ def test_calibrated_noise_spends_the_target_epsilon(synth_small, tiny_spec) -> N
     q = poisson_sample_rate(len(synth_small), BATCH)
     steps = epochs * round(1 / q)
     sigma = calibrate_noise(target, DELTA, q, steps, "rdp")
-    dp = DPConfig(mode="sample", target_epsilon=target, delta=DELTA, grad_sample_mode="hooks")
+    dp = dataclasses.replace(_dp("hooks"), target_epsilon=target)
     assert noise_for(dp, q, steps) == sigma
     model = build_model(tiny_spec, 0)
     head = build_identity_head(tiny_spec, synth_small.num_identities, 1)
@@ -146,7 +156,7 @@ def test_calibrated_noise_spends_the_target_epsilon(synth_small, tiny_spec) -> N
 
 
 def test_noise_for_modes() -> None:
-    assert noise_for(DPConfig(), 0.1, 100) == 0.0
+    assert noise_for(DPConfig(mode="off"), 0.1, 100) == 0.0
     assert noise_for(DPConfig(mode="sample", target_epsilon=math.inf, noise_multiplier=1.7), 0.1, 100) == 1.7
     assert noise_for(DPConfig(mode="sample", target_epsilon=0.0, noise_multiplier=0.9), 0.1, 100) == 0.9
     # More steps at the same budget need more noise.
@@ -208,7 +218,7 @@ def test_dp_training_removes_opacus_hooks(synth_small, tiny_spec, mode: str) -> 
 # --- learning -------------------------------------------------------------------------------
 
 LEARN_SPEC = ModelSpec(width=16, blocks=(1, 1), embedding_dim=32, image_size=32, attribute_head=True)
-LEARN_CFG = dict(batch_size=32, lr=0.005, augment=False, epochs=10)
+LEARN_CFG = dict(BASE_TRAIN, batch_size=32, lr=0.005, augment=False, epochs=10)
 
 
 def test_identity_training_separates_identities(synth_open_set) -> None:
@@ -218,14 +228,15 @@ def test_identity_training_separates_identities(synth_open_set) -> None:
     model = build_model(spec, 0)
     head = build_identity_head(spec, seen.num_identities, 1)
     before = verification_auc(embed(model, seen.images), seen.identity)
-    out = train(model, seen, TrainConfig(task="identity", **LEARN_CFG), DPConfig(), seed=0, epochs=10, head=head)
-    assert out.steps == 10 * math.ceil(len(seen) / 32) and np.isfinite(out.loss)
+    cfg = TrainConfig(task="identity", **{**LEARN_CFG, "epochs": 15})
+    out = train(model, seen, cfg, DPConfig(mode="off"), seed=0, epochs=15, head=head)
+    assert out.steps == 15 * math.ceil(len(seen) / 32) and np.isfinite(out.loss)
     seen_auc = verification_auc(embed(model, seen.images), seen.identity)
     unseen_auc = verification_auc(embed(model, unseen.images), unseen.identity)
-    # Observed about 0.98-1.0 on the training identities and 0.75-0.80 on unseen ones
-    # (raw pixels: 0.63; untrained network: about 0.6).
+    # Observed over 5 seeds: 0.986-1.0 on the training identities and 0.73-0.81 on unseen ones
+    # (raw pixels: 0.63; untrained network: 0.52-0.66).
     assert seen_auc > 0.9 and seen_auc > before + 0.2
-    assert unseen_auc > pixel_verification_auc(unseen.images, unseen.identity)
+    assert unseen_auc > pixel_verification_auc(unseen.images, unseen.identity) + 0.05
 
 
 @pytest.mark.parametrize("mode", ["off", "ghost"])
@@ -236,7 +247,7 @@ def test_attribute_training_learns_gender(synth_open_set, mode: str) -> None:
     out = train(model, ds, TrainConfig(task="attribute", attribute="gender", **LEARN_CFG), _dp(mode), seed=2,
                 epochs=10, noise_multiplier=0.05)
     acc = binary_accuracy(predict_attribute(model, ds.images), ds.gender)
-    # Observed 0.95-1.0 (DP with little noise: 0.95-0.97); always predicting the majority gives 0.625.
+    # Observed 1.0 without DP, 0.93-0.97 with little noise (4 seeds); the majority guess gives 0.625.
     assert acc > 0.85 > majority
     assert out.loss < math.log(2)  # better than a constant 50/50 guess, averaged over the whole run
 
@@ -245,7 +256,7 @@ def test_zero_sample_weights_mean_no_update(synth_small, tiny_spec) -> None:
     model = build_model(tiny_spec, 0)
     head = build_identity_head(tiny_spec, synth_small.num_identities, 1)
     before = _weights(model, head)
-    out = train(model, synth_small, _train_cfg(weight_decay=0.0), DPConfig(), seed=0, epochs=1, head=head,
+    out = train(model, synth_small, _train_cfg(weight_decay=0.0), DPConfig(mode="off"), seed=0, epochs=1, head=head,
                 sample_weight=np.zeros(len(synth_small)))
     assert out.steps == 5 and out.loss == 0.0
     assert torch.equal(_weights(model, head), before)
@@ -258,15 +269,15 @@ def test_train_rejects_inconsistent_arguments(synth_small, tiny_spec) -> None:
     no_attr = build_model(dataclasses.replace(tiny_spec, attribute_head=False), 0)
     head = build_identity_head(tiny_spec, synth_small.num_identities, 1)
     with pytest.raises(ValueError, match="identity task needs an identity head"):
-        train(model, synth_small, _train_cfg(task="identity"), DPConfig(), seed=0, epochs=1)
+        train(model, synth_small, _train_cfg(task="identity"), DPConfig(mode="off"), seed=0, epochs=1)
     with pytest.raises(ValueError, match="attribute task needs a model with an attribute head"):
-        train(no_attr, synth_small, _train_cfg(task="attribute"), DPConfig(), seed=0, epochs=1)
+        train(no_attr, synth_small, _train_cfg(task="attribute"), DPConfig(mode="off"), seed=0, epochs=1)
     with pytest.raises(ValueError, match="empty training set"):
-        train(model, synth_small.subset([]), _train_cfg(), DPConfig(), seed=0, epochs=1, head=head)
+        train(model, synth_small.subset(np.zeros(len(synth_small), bool)), _train_cfg(), DPConfig(mode="off"), seed=0, epochs=1, head=head)
     with pytest.raises(ValueError, match="needs a noise multiplier > 0"):
         train(model, synth_small, _train_cfg(), _dp("ghost"), seed=0, epochs=1, head=head, noise_multiplier=0.0)
     with pytest.raises(KeyError, match="train.attribute: 'age' is not a label"):
-        train(model, synth_small, _train_cfg(task="attribute", attribute="age"), DPConfig(), seed=0, epochs=1)
+        train(model, synth_small, _train_cfg(task="attribute", attribute="age"), DPConfig(mode="off"), seed=0, epochs=1)
 
 
 def test_to_tensor_scales_and_orders_channels() -> None:
@@ -313,10 +324,8 @@ def test_embed_is_batched_consistently(synth_small, tiny_spec) -> None:
     assert not model.training  # inference leaves the model in eval mode
 
 
-# --- known bugs (strict xfail: each turns into a failure once fixed; then drop the marker) ---
+# --- regressions of bugs found in review ---
 
-@pytest.mark.xfail(strict=True, reason="BUG: nn.Dropout draws from torch's global RNG, so with model.dropout > 0 "
-                                       "the same seed does not give the same weights (common/training.py)")
 def test_same_seed_same_weights_with_dropout(synth_small, tiny_spec) -> None:
     spec = dataclasses.replace(tiny_spec, dropout=0.3)
     torch.manual_seed(1)
@@ -326,16 +335,12 @@ def test_same_seed_same_weights_with_dropout(synth_small, tiny_spec) -> None:
     assert torch.equal(_weights(m1, h1), _weights(m2, h2))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: DP training of a model that has an attribute head on the identity "
-                                       "task crashes: the unused head gets no per-sample gradient")
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_dp_identity_task_with_unused_attribute_head(synth_small, tiny_spec, mode: str) -> None:
     _, _, out = _run(synth_small, tiny_spec, mode, seed=0, cfg=_train_cfg(task="identity"))
     assert out.steps == 5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Opacus' DPOptimizer leaves p.summed_grad (the un-noised sum of "
-                                       "clipped per-sample gradients of the last batch) on every parameter")
 def test_dp_training_leaves_no_unnoised_gradient_on_parameters(synth_small, tiny_spec) -> None:
     model, head, _ = _run(synth_small, tiny_spec, "ghost", seed=0)
     assert [n for n, p in [*model.named_parameters(), *head.named_parameters()] if hasattr(p, "summed_grad")] == []

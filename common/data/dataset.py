@@ -119,8 +119,7 @@ class FaceDataset:
     def subset(self, index: np.ndarray | list[int]) -> FaceDataset:
         """A new data set holding the given positions (or boolean mask), in that order."""
         idx = np.asarray(index)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64, copy=False)
         return FaceDataset(
             images=self.images[idx], identity=self.identity[idx], gender=self.gender[idx],
             group=self.group[idx], age=self.age[idx],

@@ -33,16 +33,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: checkpoint not found")
-    with open(p, "rb") as fh:
-        head = fh.read(8)
-    if head.startswith(_PICKLE_MAGIC):
-        raise ValueError(f"{p}: looks like a pickle / torch.save file; refusing to unpickle "
-                         "(facefl reads safetensors checkpoints only)")
     try:
         with safe_open(str(p), framework="pt") as fh:
             raw = (fh.metadata() or {}).get("facefl")
         state = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as exc:
+        # Only a file safetensors rejects is checked for pickle magic: a valid header length can
+        # start with the same byte as a pickle.
+        with open(p, "rb") as fh:
+            if fh.read(4).startswith(_PICKLE_MAGIC):
+                raise ValueError(f"{p}: looks like a pickle / torch.save file; refusing to unpickle "
+                                 "(facefl reads safetensors checkpoints only)") from None
         raise ValueError(f"{p}: not a valid safetensors checkpoint ({exc})") from None
     if raw is None:
         raise ValueError(f"{p}: safetensors file has no 'facefl' metadata")

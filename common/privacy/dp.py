@@ -56,6 +56,11 @@ def poisson_sample_rate(num_samples: int, batch_size: int) -> float:
     return 1.0 / max(1, -(-num_samples // batch_size))
 
 
+def steps_per_epoch(sample_rate: float) -> int:
+    """Steps Opacus' DPDataLoader takes per epoch at ``sample_rate`` (its own ``int(1 / q)``)."""
+    return int(1 / sample_rate)
+
+
 def noise_for(dp: DPConfig, sample_rate: float, steps: int) -> float:
     """The noise multiplier a job uses: 0 without DP, the given one, or one calibrated so that
     ``steps`` steps at ``sample_rate`` spend exactly ``dp.target_epsilon`` (all rounds included)."""

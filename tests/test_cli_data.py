@@ -1,0 +1,267 @@
+"""The ``facefl`` command: ``data synth`` / ``data show`` and an end-to-end tiny ``baseline`` run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.baseline import probe_identity_mask
+from common.builders import synth_config
+from common.cli import main
+from common.config import load_config
+from common.data import contact_sheet as sheet
+from common.data.datadir import CONFIG_NAME, IMAGES_DIR, NPZ_NAME, open_data_dir
+from common.data.dataset import FaceDataset
+from common.data.splits import Manifest
+from common.data.synthetic import SynthConfig, generate
+from common.metrics import verification_auc
+from common.models.checkpoint import load_checkpoint
+from common.models.face_model import FaceModel, ModelSpec
+from common.training import embed
+
+pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook is firing",
+                                        "ignore:Optimal order is the largest alpha")
+
+SYNTH = ["--identities", "6", "--images-per-identity", "3", "--image-size", "32"]
+
+
+def _synth(out: Path, *extra: str) -> int:
+    return main(["--no-progress", "data", "synth", "--out", str(out), *SYNTH, *extra])
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path, with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- data synth -----------------------------------------------------------------------------
+
+def test_synth_is_byte_identical_across_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    exe = Path(sys.executable).with_name("facefl")  # the installed console script
+    assert exe.is_file(), exe
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "123"}
+    proc = subprocess.run([str(exe), "--no-progress", "data", "synth", "--out", str(a), *SYNTH, "--seed", "5"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"wrote 18 images of 6 identities to .* \(fingerprint [0-9a-f]{16}\)", proc.stdout)
+    assert _synth(b, "--seed", "5") == 0
+    capsys.readouterr()
+    files_a, files_b = _tree(a), _tree(b)
+    assert {NPZ_NAME, CONFIG_NAME, f"{IMAGES_DIR}/attributes.csv"} <= set(files_a)
+    assert sum(name.endswith(".png") for name in files_a) == 18
+    assert set(files_a) == set(files_b)
+    for name in files_a:
+        assert files_a[name] == files_b[name], name
+    # The npz cache holds exactly what the generator makes, and the export reads back to the same pixels.
+    expected = generate(SynthConfig(num_identities=6, images_per_identity=3, image_size=32, seed=5))
+    cached = open_data_dir(a)
+    assert cached.fingerprint() == expected.fingerprint()
+    exported = open_data_dir(a / IMAGES_DIR, image_size=32)
+    assert len(exported) == 18
+    assert sorted(map(bytes, exported.images.reshape(18, -1))) == sorted(map(bytes, expected.images.reshape(18, -1)))
+    assert json.loads(files_a[CONFIG_NAME])["seed"] == 5
+
+
+def test_synth_with_another_seed_differs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _synth(tmp_path / "a", "--seed", "1", "--no-export") == 0
+    assert _synth(tmp_path / "b", "--seed", "2", "--no-export") == 0
+    capsys.readouterr()
+    a, b = FaceDataset.load_npz(tmp_path / "a" / NPZ_NAME), FaceDataset.load_npz(tmp_path / "b" / NPZ_NAME)
+    assert a.fingerprint() != b.fingerprint()
+    assert not np.array_equal(a.images, b.images)
+    assert (tmp_path / "a" / NPZ_NAME).read_bytes() != (tmp_path / "b" / NPZ_NAME).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([NPZ_NAME, CONFIG_NAME])  # --no-export
+
+
+def test_synth_refuses_to_overwrite_an_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "data"
+    assert _synth(out, "--seed", "1") == 0
+    before = _tree(out)
+    capsys.readouterr()
+    assert _synth(out, "--seed", "2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facefl: error: ") and str(out / IMAGES_DIR) in err and "--overwrite" in err
+    assert _tree(out) == before  # nothing was touched
+    assert _synth(out, "--seed", "2", "--overwrite") == 0
+    after = _tree(out)
+    assert after[NPZ_NAME] != before[NPZ_NAME]
+    assert set(after) == set(before)  # the old export was replaced, not mixed with the new one
+
+
+def test_synth_accepts_a_range_of_images_per_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--no-progress", "data", "synth", "--out", str(tmp_path), "--identities", "8",
+                 "--images-per-identity", "1-4", "--image-size", "32", "--no-export"]) == 0
+    capsys.readouterr()
+    counts = np.bincount(FaceDataset.load_npz(tmp_path / NPZ_NAME).identity)
+    assert counts.size == 8 and counts.min() >= 1 and counts.max() <= 4
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--male-fraction", "1.5"], "male_fraction"),
+    (["--group-proportions", "0.5,0.5"], "group_proportions"),
+    (["--smiling-rate", "0.5,2"], "smiling_rate[male]"),
+    (["--image-size", "8"], "image_size"),
+    (["--identities", "0"], "num_identities"),
+    (["--images-per-identity", "3-2"], "images_per_identity"),
+])
+def test_synth_bad_values_exit_nonzero_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        args: list[str], field: str) -> None:
+    out = tmp_path / "data"
+    assert main(["--no-progress", "data", "synth", "--out", str(out), "--identities", "4", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facefl: error: ") and field in err, err
+    assert not out.exists()  # validated before anything is written
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["data", "synth", "--out", "x", "--images-per-identity", "many"], "expected N or MIN-MAX, got 'many'"),
+    (["data", "synth", "--out", "x", "--smiling-rate", "half,half"], "expected comma-separated numbers"),
+    (["data", "synth", "--identities", "3"], "the following arguments are required: --out"),
+    (["data", "synth", "--out", "x", "--identities", "three"], "--identities: invalid int value: 'three'"),
+    (["data"], "required: data_command"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_exit_with_usage_naming_the_option(capsys: pytest.CaptureFixture[str], args: list[str],
+                                                         message: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# --- data show ------------------------------------------------------------------------------
+
+def test_show_writes_an_rgb_contact_sheet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    assert _synth(data, "--seed", "3", "--no-export") == 0
+    png = tmp_path / "sheets" / "faces.png"
+    assert main(["data", "show", str(data), "--out", str(png), "--identities", "4", "--per-identity", "2"]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    assert png.stat().st_size > 0
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.mode == "RGB"
+        face = 32 * -(-sheet.MIN_FACE // 32)  # upscaled by an integer factor
+        assert img.size == (sheet.PAD + 2 * (face + sheet.PAD), sheet.PAD + 4 * (face + sheet.CAPTION_HEIGHT + sheet.PAD))
+        pixels = np.asarray(img)
+    assert pixels.std() > 10  # faces were drawn, not just the white background
+    # The sheet also works on an ImageFolder export and on the npz file itself.
+    assert _synth(tmp_path / "exported", "--seed", "3") == 0
+    for source in (tmp_path / "exported" / IMAGES_DIR, data / NPZ_NAME):
+        out = tmp_path / f"{source.name}.png"
+        assert main(["data", "show", str(source), "--out", str(out)]) == 0
+        with Image.open(out) as img:
+            assert img.mode == "RGB" and img.size[0] > 0
+    capsys.readouterr()
+
+
+def test_show_errors_name_the_path_or_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nothing-here"
+    assert main(["data", "show", str(missing), "--out", str(tmp_path / "x.png")]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert _synth(tmp_path / "d", "--no-export") == 0
+    capsys.readouterr()
+    assert main(["data", "show", str(tmp_path / "d"), "--out", str(tmp_path / "x.png"), "--per-identity", "0"]) == 2
+    assert "per_identity must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+# --- baseline -------------------------------------------------------------------------------
+
+BASELINE_SET = ["data.identities=40", "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One tiny baseline run through the CLI, shared by the checks below."""
+    runs = tmp_path_factory.mktemp("runs")
+    argv = ["--no-progress", "baseline", "--out", str(runs)]
+    for item in BASELINE_SET:
+        argv += ["--set", item]
+    buf = io.StringIO()  # module-scoped, so capsys is not available: redirect stdout instead
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    (run_dir,) = list(runs.iterdir())
+    return run_dir, buf.getvalue()
+
+
+def test_baseline_writes_a_complete_run_directory(baseline_run: tuple[Path, str]) -> None:
+    run_dir, stdout = baseline_run
+    assert {"config.toml", "manifest.json", "metrics.jsonl", "models"} <= {p.name for p in run_dir.iterdir()}
+    models = sorted(p.name for p in (run_dir / "models").glob("*.safetensors"))
+    assert "identity.safetensors" in models and len(models) >= 2
+    assert "verification AUC" in stdout and f"run directory: {run_dir}" in stdout
+    # The printed table shows the logged numbers.
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    identity = [e for e in events if e["event"] == "identity"]
+    assert len(identity) == 1 and identity[0]["steps"] >= 1
+    row = re.search(r"verification AUC, backbone\s+([0-9.]+)", stdout)
+    assert row and float(row.group(1)) == pytest.approx(identity[0]["backbone_auc"], abs=1e-4)
+    assert not list(run_dir.rglob("*.tmp"))  # every file was written atomically
+
+
+def test_baseline_config_toml_is_the_resolved_config(baseline_run: tuple[Path, str]) -> None:
+    run_dir, _ = baseline_run
+    assert load_config(run_dir / "config.toml") == load_config(None, BASELINE_SET)
+
+
+def test_baseline_manifest_matches_the_generated_data(baseline_run: tuple[Path, str]) -> None:
+    run_dir, _ = baseline_run
+    cfg = load_config(run_dir / "config.toml")
+    ds = generate(synth_config(cfg))  # regenerated independently of the run
+    manifest = Manifest.load(run_dir / "manifest.json", expect_fingerprint=ds.fingerprint())
+    assert manifest.num_samples == len(ds) == 40 * cfg.data.images_per_identity
+    with pytest.raises(ValueError, match="does not match the expected fingerprint"):
+        Manifest.load(run_dir / "manifest.json", expect_fingerprint="0" * 64)
+
+
+def test_baseline_checkpoint_reproduces_the_logged_auc(baseline_run: tuple[Path, str]) -> None:
+    run_dir, _ = baseline_run
+    cfg = load_config(run_dir / "config.toml")
+    ds = generate(synth_config(cfg))
+    manifest = Manifest.load(run_dir / "manifest.json", expect_fingerprint=ds.fingerprint())
+    state, meta = load_checkpoint(run_dir / "models" / "identity.safetensors")
+    assert meta["task"] == "identity"
+    model = FaceModel(ModelSpec.from_dict(meta["spec"]))
+    model.load_state_dict(state, strict=True)
+    probe = ds.subset(probe_identity_mask(manifest, ds))
+    with torch.no_grad():
+        auc = verification_auc(embed(model, probe.images), probe.identity, seed=cfg.seed)
+    logged = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["event"] == "identity")
+    assert auc == pytest.approx(logged["backbone_auc"], abs=1e-6)
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["train.epochs=0"], "train.epochs"),
+    (["nope=1"], "nope"),
+    (["dp.target_epsilon=abc"], "dp.target_epsilon"),
+    (["train.epochs"], "expected KEY=VALUE"),
+])
+def test_baseline_bad_config_exits_nonzero_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          overrides: list[str], key: str) -> None:
+    argv = ["--no-progress", "baseline", "--out", str(tmp_path / "runs")]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facefl: error: ") and key in err, err
+    assert not (tmp_path / "runs").exists()  # nothing is started on a bad configuration
+
+
+def test_baseline_bad_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "job.toml"
+    bad.write_text("[train\nepochs = 1\n")
+    assert main(["baseline", str(bad), "--out", str(tmp_path / "runs")]) == 2
+    assert f"{bad}: not valid TOML" in capsys.readouterr().err
