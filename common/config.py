@@ -54,7 +54,8 @@ class SplitSettings:
     member_nonmember_fraction: float = _num(0.15, 0.0, 0.9, doc="of each member identity's samples")
     member_probe_fraction: float = _num(0.15, 0.0, 0.9, doc="of each member identity's samples")
     num_clients: int = _num(4, 1)
-    partition: str = _choice("iid", ("iid", "dirichlet", "identity_disjoint", "attribute"))
+    partition: str = _choice("identity_disjoint", ("identity_disjoint", "iid", "dirichlet", "attribute"),
+                             doc="consortium members hold different people by default")
     alpha: float = _num(0.5, 1e-6)
     partition_attribute: str = "gender"
 

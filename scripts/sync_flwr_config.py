@@ -1,0 +1,36 @@
+"""Rewrite pyproject.toml's [tool.flwr.app.config] from the Config defaults (common/config.py).
+
+`flwr run .` reads its run configuration from pyproject.toml, and it must hold every facefl key
+with its default; tests/test_flwr_config.py fails when the two drift apart. Run:
+    .venv/bin/python scripts/sync_flwr_config.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import tomli_w
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.config import Config  # noqa: E402
+
+HEADER = "[tool.flwr.app.config]"
+
+
+def render() -> str:
+    lines = [HEADER, 'output-dir = "runs"']
+    lines += [f'"{key}" = {tomli_w.dumps({"v": value}).strip()[4:]}' for key, value in Config().to_flat().items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    text = path.read_text(encoding="utf-8")
+    start = text.index(HEADER)
+    end = text.find("\n[", start + len(HEADER))
+    path.write_text(text[:start] + render() + ("" if end < 0 else text[end + 1:]), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
