@@ -12,8 +12,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.local import ClientState, local_data, local_train
-from common.builders import build_dataset
 from common import wire
+from common.builders import build_dataset
 
 log = logging.getLogger(__name__)
 

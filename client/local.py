@@ -14,12 +14,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common.builders import build_dataset, build_identity_head, build_manifest, build_model, model_spec
+from common.builders import (
+    build_dataset,
+    build_identity_head,
+    build_manifest,
+    build_model,
+    model_spec,
+)
 from common.config import Config
 from common.data.dataset import FaceDataset
 from common.evaluation import sensitive_attribute
 from common.fairness import reweight
-from common.privacy.dp import History, noise_for, poisson_sample_rate, spent_epsilon, steps_per_epoch, total_steps
+from common.privacy.dp import (
+    History,
+    noise_for,
+    poisson_sample_rate,
+    spent_epsilon,
+    steps_per_epoch,
+    total_steps,
+)
 from common.training import identity_classes, target_labels, train
 
 log = logging.getLogger(__name__)

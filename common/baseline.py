@@ -14,16 +14,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from common.builders import build_dataset, build_identity_head, build_manifest, build_model, model_spec
+from common.builders import (
+    build_dataset,
+    build_identity_head,
+    build_manifest,
+    build_model,
+    model_spec,
+)
 from common.config import Config
 from common.evaluation import probe_identity_mask
 from common.metrics import binary_accuracy, pixel_verification_auc, verification_auc
 from common.models.checkpoint import save_checkpoint
 from common.privacy.dp import noise_for, poisson_sample_rate, steps_per_epoch
 from common.rundir import RunDir
-from common.training import embed, identity_classes, predict_attribute, target_labels, train
+from common.training import (
+    embed,
+    identity_classes,
+    predict_attribute,
+    target_labels,
+    train,
+)
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -113,6 +113,8 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 def _round_rows(records: list[dict]) -> list[tuple]:
     rows = []
     for r in records:
+        if r.get("event") == "pretrain":
+            rows.append(("public", "-", "-", "-", f"{r['verification_auc']:.4f}", "-", "-", "0 (public)", f"{r['seconds']:.0f}"))
         if r.get("event") != "round":
             continue
         attr = f"{r['attribute_accuracy']:.4f}" if "attribute_accuracy" in r else "-"
@@ -145,7 +147,9 @@ def _quiet_libraries(verbose: int) -> None:
     """Flower logs every message at DEBUG/INFO and Opacus warns on every step: keep the CLI
     output to progress and results unless -v is given."""
     if verbose < 2:
-        logging.getLogger("flwr").setLevel(logging.WARNING if verbose == 0 else logging.INFO)
+        # Flower has its own console handler and re-sets its level in each simulation: keep its
+        # records out of ours, or every message is printed twice.
+        logging.getLogger("flwr").propagate = False
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::DeprecationWarning")
         warnings.filterwarnings("ignore", category=UserWarning)

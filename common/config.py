@@ -107,6 +107,13 @@ class FederationConfig:
 
 
 @dataclass
+class PretrainConfig:
+    identities: int = _num(200, 0, doc="public SynthFaces identities for server-side pretraining (0 = none)")
+    images_per_identity: int = _num(10, 2)
+    epochs: int = _num(6, 1)
+
+
+@dataclass
 class FairnessConfig:
     method: str = _choice("none", ("none", "reweight", "fair_mixup"))
     sensitive: str = _choice("gender", ("gender", "group"))
@@ -121,6 +128,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
 
@@ -302,5 +310,5 @@ def dump_toml(cfg: Config) -> str:
 
 
 __all__ = ["Config", "ConfigError", "DataConfig", "SplitSettings", "ModelConfig", "TrainConfig", "DPConfig",
-           "FederationConfig", "FairnessConfig",
+           "FederationConfig", "FairnessConfig", "PretrainConfig",
            "load_config", "from_flat", "parse_overrides", "dump_toml"]

@@ -21,6 +21,7 @@ from common.builders import build_dataset, build_manifest, build_model, model_sp
 from common.config import Config
 from common.evaluation import GlobalEvaluator
 from common.models.checkpoint import save_checkpoint
+from common.pretraining import pretrain
 from common.rundir import RunDir
 from server.ledger import PrivacyLedger
 from server.strategy import FaceFedAvg
@@ -86,14 +87,16 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, A
     partitions = describe_clients(grid, cfg, manifest.fingerprint)
     spec = model_spec(cfg)
     model = build_model(spec, cfg.seed)
+    run.log_metrics("start", partitions={str(p): n for p, n in partitions.items()}, initial=evaluator.evaluate(model))
+    outcome = pretrain(model, cfg, progress=progress)
+    if outcome is not None:
+        run.log_metrics("pretrain", steps=outcome.steps, seconds=outcome.seconds, **evaluator.evaluate(model))
     global_arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     strategy = FaceFedAvg(seed=cfg.seed, partitions=partitions, fraction_train=cfg.federation.fraction_train,
                           min_train_nodes=cfg.federation.min_train_clients,
                           min_available_nodes=cfg.federation.min_available_clients)
     ledger = PrivacyLedger(cfg.dp.accountant, cfg.dp.delta)
     meta = {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute}
-    run.log_metrics("start", partitions={str(p): n for p, n in partitions.items()},
-                    initial=evaluator.evaluate(model))
     bar = tqdm(range(1, cfg.federation.rounds + 1), desc="rounds", disable=not progress, unit="round")
     for server_round in bar:
         start = time.perf_counter()

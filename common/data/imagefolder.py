@@ -22,10 +22,24 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from common.data.dataset import AGE_BUCKET_NAMES, GENDER_NAMES, UNKNOWN, FaceDataset, age_to_bucket
+from common.data.dataset import (
+    AGE_BUCKET_NAMES,
+    GENDER_NAMES,
+    UNKNOWN,
+    FaceDataset,
+    age_to_bucket,
+)
 from common.data.image_io import SampleError
-from common.data.loaders import (CsvTable, Sample, SourceReader, index_rows, list_images, parse_code, read_csv,
-                                 relative_key)
+from common.data.loaders import (
+    CsvTable,
+    Sample,
+    SourceReader,
+    index_rows,
+    list_images,
+    parse_code,
+    read_csv,
+    relative_key,
+)
 from common.io import atomic_write_bytes, atomic_write_text
 
 ATTRIBUTES_CSV = "attributes.csv"

@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 
 from common.data.dataset import AGE_BUCKET_NAMES, GENDER_NAMES, FaceDataset
-from common.data.partition import PARTITIONS, assign_clients, identity_modes, seeded_rng, shuffled_groups
+from common.data.partition import (
+    PARTITIONS,
+    assign_clients,
+    identity_modes,
+    seeded_rng,
+    shuffled_groups,
+)
 from common.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -389,7 +395,7 @@ class Manifest:
             raise fail("config", str(exc)) from None
 
         sample_role = _role_lists(raw["samples"], "samples", lambda s: isinstance(s, str), fail)
-        ident_role = _role_lists(raw["identities"], "identities", _is_int, fail)
+        _role_lists(raw["identities"], "identities", _is_int, fail)  # validates; the result is unused
         if len(sample_role) != raw["num_samples"]:
             raise fail("samples", f"{len(sample_role)} samples in all roles, expected num_samples={raw['num_samples']}")
 

@@ -1,0 +1,471 @@
+"""Process management for deployment-engine tests: free ports, a throwaway FLWR_HOME, Flower
+processes started in their own sessions and stopped by PID (with their whole process tree),
+``flwr run`` and status polling.
+
+Facts this relies on (Flower 1.41, verified; see docs/deploy.md):
+- ``flower-superlink`` is one HTTP server (Fleet, Control and Runtime APIs) on ``--host/--port``;
+  each ``flower-supernode`` serves its ClientApp runtime API on ``--port`` (default 9094, so two
+  nodes on one machine need different ports).
+- Both spawn a ``flower-superexec`` by bare name (found through PATH), which spawns a fresh
+  ``flwr-serverapp`` / ``flwr-clientapp`` process per run / message. The SuperLink's SuperExec is
+  started with ``start_new_session=True``: it is *not* in the SuperLink's process group, so killing
+  a process group is not enough. Children inherit the environment, so every process of a test is
+  found by a unique tag in ``/proc/<pid>/environ``.
+- ``flwr run`` exits 0 even when the run fails: the truth is ``flwr list --run-id ID --format
+  json`` (status ``finished:completed`` / ``finished:failed`` / ``finished:stopped``). With
+  ``--format json`` it exits 0 even when it could not submit: check ``"success"``.
+- Repeated ``-c`` options are merged shallowly (``-c 'a.x=1' -c 'a.y=2'`` silently drops
+  ``a.x``): always pass every override in one ``-c`` string.
+
+Only Linux (``/proc``) is supported; no psutil.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+LOOPBACK = "127.0.0.1"
+TAG_VAR = "FACEFL_DEPLOY_TAG"
+BIN = Path(sys.executable).parent  # the venv's bin/: flwr, flower-superlink, flower-supernode, ...
+
+
+# --------------------------------------------------------------------------- ports, env, config
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` distinct ports that were free on ``host`` a moment ago (all sockets are held
+    open together so that the kernel cannot hand out the same port twice)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def flwr_env(flwr_home: Path, cache: Path | None = None, tag: str | None = None,
+             extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for every Flower process and CLI call of one deployment.
+
+    Throwaway FLWR_HOME (else ``~/.flwr`` is written, even by ``--help``), no telemetry or
+    update check, runtime dependency installation off (else the SuperLink's SuperExec runs
+    ``uv sync`` per run and pulls a CUDA torch), the venv's bin/ first on PATH (SuperLink and
+    SuperNode spawn ``flower-superexec`` by bare name), and a unique tag to find every process.
+    """
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+        TAG_VAR: tag or uuid.uuid4().hex,
+    })
+    if cache is not None:
+        env["FACEFL_CACHE"] = str(cache)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def write_flwr_config(flwr_home: Path, name: str, address: str, insecure: bool = True,
+                      root_certificates: Path | None = None, default: bool = True) -> Path:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection (the schema flwr 1.41 reads:
+    ``[superlink] default = NAME`` and ``[superlink.NAME] address, insecure, root-certificates``)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"connection name {name!r}: use letters, digits, '-' and '_' only")
+    lines = ["[superlink]"]
+    if default:
+        lines.append(f'default = "{name}"')
+    lines += ["", f"[superlink.{name}]", f'address = "{address}"']
+    if insecure:
+        lines.append("insecure = true")
+    if root_certificates is not None:
+        lines.append(f"root-certificates = {json.dumps(str(root_certificates))}")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def toml_value(value: Any) -> str:
+    """One value for ``flwr run -c``: TOML syntax; strings without spaces or quotes only (the
+    CLI splits on whitespace unless the value is quoted)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        if "'" in value:
+            raise ValueError(f"{value!r}: a -c string value cannot contain a single quote")
+        return f"'{value}'"
+    raise TypeError(f"{value!r}: run config values are bool, int, float or str")
+
+
+def run_config_arg(overrides: Mapping[str, Any]) -> str:
+    """All overrides as the single ``-c`` string flwr 1.41 needs (repeated ``-c`` flags are merged
+    shallowly and lose keys that share a dotted prefix)."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+
+
+# --------------------------------------------------------------------------- /proc
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgid) of a process, None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces and ')'
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (zombies hold no resources and are
+    reaped by their parent or init)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def descendants(root: int) -> set[int]:
+    """Every live descendant of ``root`` (by parent pid), not ``root`` itself."""
+    children: dict[int, list[int]] = {}
+    for pid in _pids():
+        st = _stat(pid)
+        if st is not None:
+            children.setdefault(st[1], []).append(pid)
+    out: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def tagged(tag: str) -> set[int]:
+    """Live processes whose environment holds ``FACEFL_DEPLOY_TAG=tag`` (every process a
+    deployment started, wherever it was reparented)."""
+    needle = f"{TAG_VAR}={tag}".encode() + b"\0"
+    me = os.getpid()
+    found = set()
+    for pid in _pids():
+        if pid == me:
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env and alive(pid):
+            found.add(pid)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> set[int]:
+    """Wait up to ``timeout`` s for the processes to end; return those still alive."""
+    pending = set(pids)
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = {p for p in pending if alive(p)}
+        if not pending or time.monotonic() >= deadline:
+            return pending
+        time.sleep(0.1)
+
+
+def _signal_groups(pids: Iterable[int], sig: int) -> None:
+    """Send ``sig`` to each process and to its process group (never to our own group)."""
+    own = os.getpgrp()
+    groups = set()
+    for pid in pids:
+        st = _stat(pid)
+        if st is not None and st[2] not in (0, 1, own):
+            groups.add(st[2])
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def terminate(pids: Iterable[int], timeout: float = 10.0) -> set[int]:
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL the processes and their groups, wait
+    again; return whatever is still alive (should be empty)."""
+    pids = {p for p in pids if p != os.getpid()}
+    _signal_groups(pids, signal.SIGTERM)
+    left = wait_gone(pids, timeout)
+    if left:
+        _signal_groups(left, signal.SIGKILL)
+        left = wait_gone(left, timeout)
+    return left
+
+
+# --------------------------------------------------------------------------- processes
+
+@dataclass
+class Proc:
+    """A long-running process started in its own session, its log in a file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+    seen: set[int] = field(default_factory=set)  # descendants ever observed
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def remember_children(self) -> set[int]:
+        self.seen |= descendants(self.pid)
+        return self.seen
+
+    def stop(self, timeout: float = 10.0) -> set[int]:
+        """Stop the process and every descendant (by PID and process group): SIGTERM, wait
+        ``timeout`` s, SIGKILL, wait again. Returns what could not be stopped."""
+        tree = self.remember_children() | {self.pid}
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_groups([self.pid], signal.SIGKILL)
+                try:
+                    self.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        # Flower's own children watch their parent and exit with it; whatever did not is ended here
+        left = terminate({p for p in tree if p != self.pid and alive(p)}, timeout)
+        if self.popen.poll() is None:
+            left.add(self.pid)
+        self._log.close()
+        return left
+
+
+def start(name: str, args: list[str], env: Mapping[str, str], cwd: Path, log_dir: Path) -> Proc:
+    """Start ``args`` in a new session (own process group), stdout+stderr to ``log_dir/name.log``."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in Proc.stop
+    try:
+        popen = subprocess.Popen(args, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    except BaseException:
+        log.close()
+        raise
+    return Proc(name, popen, log_path, log)
+
+
+def wait_for(predicate, timeout: float, what: str, procs: Iterable[Proc] = (), interval: float = 0.2) -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` s, or at once if one of ``procs``
+    exits, with the logs of ``procs`` in the message."""
+    procs = list(procs)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        dead = [p for p in procs if p.popen.poll() is not None]
+        if dead or time.monotonic() >= deadline:
+            why = (", ".join(f"{p.name} exited with {p.popen.returncode}" for p in dead)
+                   or f"not within {timeout:.0f} s")
+            raise TimeoutError(f"{what}: {why}\n" + logs_of(procs))
+        time.sleep(interval)
+
+
+def logs_of(procs: Iterable[Proc], chars: int = 3000) -> str:
+    return "\n".join(f"----- {p.name} ({p.log_path}) -----\n{p.log_tail(chars)}" for p in procs)
+
+
+@dataclass
+class Deployment:
+    """One SuperLink and its SuperNodes on loopback, with a throwaway FLWR_HOME and state db."""
+
+    root: Path
+    env: dict[str, str]
+    connection: str
+    superlink_port: int
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def tag(self) -> str:
+        return self.env[TAG_VAR]
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.superlink_port}"
+
+    def flwr(self, *args: str, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """One ``flwr`` CLI call (bounded; the CLI spawns no children)."""
+        return subprocess.run([str(BIN / "flwr"), *args], check=False, env=self.env, cwd=cwd or self.root,
+                              text=True, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def online_nodes(self) -> int:
+        """SuperNodes the SuperLink lists as online (``flwr supernode list --format json``)."""
+        try:
+            res = self.flwr("supernode", "list", self.connection, "--format", "json", timeout=60)
+            nodes = json.loads(res.stdout).get("nodes", [])
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError):
+            return 0
+        return sum(1 for n in nodes if n.get("status") == "online")
+
+    def stop(self, timeout: float = 10.0) -> set[int]:
+        """SuperNodes first (else they retry the vanished SuperLink), then the SuperLink, then
+        any process still carrying this deployment's tag (e.g. a reparented SuperExec)."""
+        left: set[int] = set()
+        for proc in reversed(self.procs):
+            left |= proc.stop(timeout)
+        left |= terminate(tagged(self.tag) | left, timeout)
+        return left
+
+
+def start_deployment(root: Path, num_nodes: int, node_config: Mapping[int, str] | None = None,
+                     connection: str = "local-deployment", cache: Path | None = None,
+                     extra_env: Mapping[str, str] | None = None, startup_timeout: float = 120.0) -> Deployment:
+    """Start 1 SuperLink (``--database root/state.db``) and ``num_nodes`` SuperNodes, each in its
+    own working directory under ``root``; return once every node is activated. The caller must
+    call ``Deployment.stop()`` in a ``finally`` (also when this raises: it stops what it started).
+
+    ``node_config[i]`` defaults to ``partition-id=i num-partitions=num_nodes``.
+    """
+    ports = free_ports(1 + num_nodes)
+    env = flwr_env(root / "flwr-home", cache, extra=extra_env)
+    write_flwr_config(root / "flwr-home", connection, f"{LOOPBACK}:{ports[0]}")
+    dep = Deployment(root, env, connection, ports[0])
+    logs = root / "logs"
+    try:
+        dep.procs.append(start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", LOOPBACK,
+                                             "--port", str(ports[0]), "--database", str(root / "state.db")],
+                               env, root / "superlink", logs))
+        wait_for(lambda: port_open(ports[0]), startup_timeout, "SuperLink did not open its port", dep.procs)
+        for i in range(num_nodes):
+            cfg = (node_config or {}).get(i, f"partition-id={i} num-partitions={num_nodes}")
+            dep.procs.append(start(f"supernode-{i}", [
+                str(BIN / "flower-supernode"), "--insecure", "--superlink", dep.address,
+                "--port", str(ports[1 + i]), "--node-config", cfg], env, root / f"supernode-{i}", logs))
+        wait_for(lambda: dep.online_nodes() >= num_nodes, startup_timeout,
+                 f"{num_nodes} SuperNodes did not come online", dep.procs, interval=0.5)
+    except BaseException:
+        dep.stop()
+        raise
+    return dep
+
+
+# --------------------------------------------------------------------------- runs
+
+class RunError(RuntimeError):
+    """``flwr run`` / the run itself failed; the message carries the Flower logs."""
+
+
+def submit_run(dep: Deployment, app: Path, overrides: Mapping[str, Any], timeout: float = 120.0) -> int:
+    """``flwr run APP CONNECTION --format json -c '<all overrides>'``; return the run id."""
+    args = ["run", str(Path(app).resolve()), dep.connection, "--format", "json"]  # the CLI runs in dep.root
+    if overrides:
+        args += ["-c", run_config_arg(overrides)]
+    res = dep.flwr(*args, timeout=timeout)
+    try:
+        payload = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        payload = {}
+    if res.returncode != 0 or not payload.get("success") or not payload.get("run-id"):
+        raise RunError(f"flwr {' '.join(args)} -> exit {res.returncode}\nstdout: {res.stdout}\n"
+                       f"stderr: {res.stderr}\n" + logs_of(dep.procs))
+    return int(payload["run-id"])
+
+
+def run_info(dep: Deployment, run_id: int) -> dict[str, Any]:
+    """``flwr list --run-id ID --format json`` -> that run's record."""
+    res = dep.flwr("list", dep.connection, "--run-id", str(run_id), "--format", "json", timeout=60)
+    try:
+        payload = json.loads(res.stdout)
+        (info,) = [r for r in payload["runs"] if int(r["run-id"]) == run_id]
+    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise RunError(f"flwr list --run-id {run_id}: unexpected output ({exc}): exit {res.returncode}\n"
+                       f"stdout: {res.stdout}\nstderr: {res.stderr}") from None
+    return info
+
+
+def run_logs(dep: Deployment, run_id: int) -> str:
+    """The run's ServerApp log as the SuperLink stored it (``flwr log ID --show``)."""
+    try:
+        res = dep.flwr("log", str(run_id), dep.connection, "--show", timeout=60)
+    except subprocess.TimeoutExpired:
+        return "(flwr log timed out)"
+    return res.stdout + res.stderr
+
+
+def wait_for_run(dep: Deployment, run_id: int, timeout: float = 600.0, interval: float = 2.0) -> dict[str, Any]:
+    """Poll ``flwr list`` until the run's status starts with ``finished:``; return its record.
+    Raises RunError (with the logs) on timeout or if a Flower process died meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = run_info(dep, run_id)
+        if str(info.get("status", "")).startswith("finished:"):
+            return info
+        dead = [p for p in dep.procs if p.popen.poll() is not None]
+        if dead or time.monotonic() >= deadline:
+            why = (", ".join(f"{p.name} exited with {p.popen.returncode}" for p in dead)
+                   or f"still {info.get('status')!r} after {timeout:.0f} s")
+            raise RunError(f"run {run_id}: {why}\n----- flwr log -----\n{run_logs(dep, run_id)[-6000:]}\n"
+                           + logs_of(dep.procs))
+        for proc in dep.procs:
+            proc.remember_children()
+        time.sleep(interval)
+
+
+def require_completed(dep: Deployment, run_id: int, info: Mapping[str, Any]) -> None:
+    if info.get("status") != "finished:completed":
+        raise RunError(f"run {run_id} ended {info.get('status')!r}: {info.get('status-details')}\n"
+                       f"----- flwr log -----\n{run_logs(dep, run_id)[-8000:]}\n" + logs_of(dep.procs))

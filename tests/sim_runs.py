@@ -1,0 +1,60 @@
+"""Real simulated federations shared by test_federation.py and test_privacy_ledger.py.
+
+Each Flower simulation costs 15-35 s (Ray start-up, actors importing torch), so a run is made at
+most once per pytest session for a given (tag, overrides) and then only read. Runs are tiny:
+32 px SynthFaces, an 8-channel backbone, batch 8 (so Poisson q < 1 and several DP steps per
+round), and ``federation.client_cpus=1`` so each Ray actor trains with one torch thread, like the
+test process (conftest): thread count changes float reduction order, and the end-to-end FedAvg
+test reproduces client training bit for bit outside Flower.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TINY = ("data.image_size=32", "model.width=8", "model.blocks=1,1", "model.embedding_dim=16",
+        "train.batch_size=8", "federation.client_cpus=1")
+
+# 3 rounds, 2 DP clients, every client in every round. A Dirichlet split gives the clients 26 and
+# 34 samples: different Poisson rates (1/4, 1/5), and FedAvg weights that differ from a plain mean.
+LEDGER_FULL = TINY + ("split.num_clients=2", "split.partition=dirichlet", "federation.min_train_clients=2", "federation.min_available_clients=2",
+                      "data.identities=24", "data.images_per_identity=6", "federation.local_epochs=1",
+                      "federation.rounds=3")
+
+# 3 clients, half of them sampled per round: with seed 0 client 0 trains in rounds 1 and 3,
+# client 1 in all three, client 2 only in round 2 (the tests read who trained from metrics.jsonl).
+LEDGER_PARTIAL = TINY + ("split.num_clients=3", "federation.fraction_train=0.5", "federation.min_train_clients=1",
+                         "federation.min_available_clients=2", "data.identities=24", "data.images_per_identity=6",
+                         "federation.local_epochs=1", "federation.rounds=3")
+
+_RUNS: dict[tuple[str, tuple[str, ...]], tuple[Any, dict[str, Any]]] = {}
+
+
+def simulated_run(factory: pytest.TempPathFactory, overrides: tuple[str, ...], tag: str = "") -> tuple[Any, dict]:
+    """(RunDir, status) of a finished simulation of ``overrides``; made once per session per tag.
+
+    Fails the calling test (with the run's error) if the run did not finish.
+    """
+    from common.config import load_config
+    from common.simulation import simulate
+
+    key = (tag, tuple(overrides))
+    if key not in _RUNS:
+        cfg = load_config(None, list(overrides))
+        run, status = simulate(cfg, factory.mktemp("runs"), prefix=f"test{tag}", progress=False)
+        _RUNS[key] = (run, status)
+    run, status = _RUNS[key]
+    assert status["status"] == "finished", f"simulation {overrides} did not finish: {status}"
+    return run, status
+
+
+def round_events(run: Any) -> list[dict[str, Any]]:
+    return [r for r in run.read_metrics() if r.get("event") == "round"]
+
+
+def read_privacy(run: Any) -> dict[str, Any]:
+    return json.loads((Path(run.path) / "privacy.json").read_text(encoding="utf-8"))

@@ -1,0 +1,115 @@
+"""The app on Flower's deployment engine: 1 SuperLink + 2 SuperNodes as real processes on
+127.0.0.1, ``flwr run`` with DP-SGD on, 2 rounds; then the run directory is checked.
+
+Everything lives under tmp_path: FLWR_HOME (connection config, installed FABs), the SuperLink's
+state database, the data cache and the run directory. Runtime dependency installation is off.
+Every process is stopped by PID (and process group) in the fixture's teardown, and the test
+checks that none is left. See docs/deploy.md for the same commands by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import deploy_helpers as dh
+import pytest
+
+from common.models.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = 2
+ROUNDS = 2
+
+# The brief's tiny federation, plus a tiny model on 32 px faces to keep the test fast.
+OVERRIDES = {
+    "split.num_clients": NODES,
+    "federation.min_train_clients": NODES,
+    "federation.min_available_clients": NODES,
+    "federation.rounds": ROUNDS,
+    "federation.local_epochs": 1,
+    "federation.round_timeout": 300.0,
+    "data.identities": 24,
+    "data.images_per_identity": 6,
+    "data.image_size": 32,
+    "model.width": 8,
+    "model.blocks": "1,1",
+    "model.embedding_dim": 16,
+    "dp.mode": "sample",
+}
+
+
+@pytest.fixture()
+def deployment(tmp_path: Path):
+    # One intra-op thread per process: two ClientApps train at once on two shared cores.
+    dep = dh.start_deployment(tmp_path, NODES, cache=tmp_path / "cache",
+                              extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    try:
+        yield dep
+    finally:
+        left = dep.stop(timeout=10.0)
+        stragglers = dh.tagged(dep.tag) | left
+        assert not stragglers, "processes left after teardown: " + "; ".join(
+            f"{pid} {dh.cmdline(pid)[:160]}" for pid in sorted(stragglers))
+        for port in [dep.superlink_port]:
+            assert not dh.port_open(port), f"port {port} still open after teardown"
+
+
+@pytest.mark.timeout(900)
+def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path) -> None:
+    started = time.monotonic()
+    pyproject = (ROOT / "pyproject.toml").read_bytes()
+    out = tmp_path / "runs"
+
+    # A run whose ServerApp fails: `flwr run` still exits 0 (submit_run checks that), only
+    # `flwr list` tells. Submitted first, it fails while the real run goes on.
+    bad_id = dh.submit_run(deployment, ROOT, {**OVERRIDES, "dp.mode": "bogus", "output-dir": str(tmp_path / "bad")})
+    run_id = dh.submit_run(deployment, ROOT, {**OVERRIDES, "output-dir": str(out)})
+    info = dh.wait_for_run(deployment, run_id, timeout=600.0)
+    dh.require_completed(deployment, run_id, info)
+    run_seconds = time.monotonic() - started
+    bad = dh.wait_for_run(deployment, bad_id, timeout=60.0)
+    assert bad["status"] == "finished:failed", bad
+    assert "dp.mode" in bad.get("status-details", ""), bad
+
+    # flwr run migrates a legacy [tool.flwr.federations] block by rewriting pyproject.toml: there
+    # is none, and the project file must stay untouched.
+    assert (ROOT / "pyproject.toml").read_bytes() == pyproject, "flwr run modified pyproject.toml"
+    # The FAB was installed into the throwaway FLWR_HOME.
+    assert any((tmp_path / "flwr-home" / "apps").glob("facefl.facefl.*")), "FAB not installed in FLWR_HOME"
+
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(runs) == 1, f"expected one run directory under {out}, found {[p.name for p in runs]}"
+    run = runs[0]
+
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "finished", status
+    assert status["rounds_completed"] == ROUNDS, status
+    assert (run / "config.toml").is_file()
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["fingerprint"] and len(manifest["clients"]) == NODES
+
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rounds = [e for e in events if e["event"] == "round"]
+    assert [e["round"] for e in rounds] == list(range(1, ROUNDS + 1)), events
+    for e in rounds:
+        assert sorted(c["partition"] for c in e["clients"]) == list(range(NODES)), e
+        assert not e["failures"], e
+
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert sorted(privacy["clients"]) == [str(p) for p in range(NODES)], privacy
+    for pid, entry in privacy["clients"].items():
+        assert entry["epsilon"] > 0 and entry["steps"] > 0, (pid, entry)
+        # the accountant's history survived between rounds in the SuperNode's context.state
+        assert entry["rounds"] == list(range(1, ROUNDS + 1)), (pid, entry)
+    assert privacy["max_epsilon"] == pytest.approx(max(e["epsilon"] for e in privacy["clients"].values()))
+
+    state, meta = load_checkpoint(run / "models" / "final.safetensors")
+    assert state and meta["round"] == ROUNDS, meta
+    for r in range(1, ROUNDS + 1):
+        assert (run / "models" / f"round-{r:03d}.safetensors").is_file()
+
+    print(f"\ndeployment run {run_id}: {info['status']} in {run_seconds:.1f} s "
+          f"(Flower elapsed {info.get('elapsed', 0):.1f} s)")

@@ -1,0 +1,241 @@
+"""Federated averaging, reproducibility and failure reporting, on real Flower simulations.
+
+* ``server.aggregation.weighted_average`` and ``FaceFedAvg.aggregate_train`` are unit-tested on
+  hand-made Flower Messages (exact values, order independence).
+* End to end, the global model of every round of a real 3-round, 2-client DP run equals, bit for
+  bit, the sample-weighted mean of the two clients' updates recomputed outside Flower with
+  ``client.local.local_train`` (carrying each client's private state from round to round).
+* The same seed gives bitwise identical final weights; another seed gives different ones.
+* A client that raises fails ``facefl run`` with a non-zero exit and the client's own error.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim_runs import LEDGER_FULL, TINY, round_events, simulated_run
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
+                                         "ignore::FutureWarning")]
+
+
+# ---------------------------------------------------------------- weighted_average (unit)
+
+def test_weighted_average_two_clients_exact() -> None:
+    from server.aggregation import weighted_average
+
+    a = {"w": np.array([[4.0, -2.0], [0.0, 1.0]], np.float32), "b": np.array([1.0], np.float32)}
+    b = {"w": np.array([[8.0, 2.0], [4.0, 1.0]], np.float32), "b": np.array([5.0], np.float32)}
+    out = weighted_average([(1, a), (3, b)])  # weights 1/4 and 3/4: exactly representable
+    np.testing.assert_array_equal(out["w"], np.array([[7.0, 1.0], [3.0, 1.0]], np.float32))
+    np.testing.assert_array_equal(out["b"], np.array([4.0], np.float32))
+    assert out["w"].dtype == np.float32 and set(out) == {"w", "b"}
+
+
+def test_weighted_average_float64_expectation() -> None:
+    from server.aggregation import weighted_average
+
+    rng = np.random.default_rng(0)
+    n1, n2 = 37, 91
+    a, b = rng.normal(size=(64, 9)), rng.normal(size=(64, 9))
+    out = weighted_average([(n1, {"x": a}), (n2, {"x": b})])["x"]
+    # The float64 result is the weighted mean computed the textbook way, to the last bit...
+    np.testing.assert_array_equal(out, (n1 / (n1 + n2)) * a + (n2 / (n1 + n2)) * b)
+    # ...and np.average's differently-rounded form agrees to float64 precision.
+    np.testing.assert_allclose(out, np.average(np.stack([a, b]), axis=0, weights=[n1, n2]), rtol=1e-13, atol=1e-15)
+    # float32 updates are averaged in float64 and rounded once.
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    out32 = weighted_average([(n1, {"x": a32}), (n2, {"x": b32})])["x"]
+    expected = ((n1 / (n1 + n2)) * a32.astype(np.float64) + (n2 / (n1 + n2)) * b32.astype(np.float64))
+    np.testing.assert_array_equal(out32, expected.astype(np.float32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 10_000), st.floats(-1e3, 1e3, allow_nan=False, width=32)),
+                min_size=1, max_size=6))
+def test_weighted_average_is_a_convex_combination(updates: list[tuple[int, float]]) -> None:
+    from server.aggregation import weighted_average
+
+    arrays = [(n, {"x": np.full(3, v, np.float32)}) for n, v in updates]
+    out = weighted_average(arrays)["x"]
+    values = [v for _, v in updates]
+    total = sum(n for n, _ in updates)
+    assert np.all(out >= np.float32(min(values))) and np.all(out <= np.float32(max(values)))
+    np.testing.assert_allclose(out, sum(n * v for n, v in updates) / total, rtol=1e-6, atol=1e-6)
+
+
+def test_weighted_average_rejects_empty_and_zero_weights() -> None:
+    from server.aggregation import weighted_average
+
+    with pytest.raises(ValueError, match="no updates"):
+        weighted_average([])
+    with pytest.raises(ValueError, match="sum to > 0"):
+        weighted_average([(0, {"x": np.zeros(2)})])
+
+
+# ---------------------------------------------------------------- FaceFedAvg.aggregate_train (unit)
+
+def _reply(node: int, partition: int, n: int, arrays: dict[str, np.ndarray]):
+    """A train reply from ``node`` as the ServerApp receives it."""
+    from flwr.app import ConfigRecord, Message, Metadata, MessageType, MetricRecord, RecordDict
+
+    from common import wire
+
+    # Outside a running ServerApp there is no task identity to reply to: set the metadata directly.
+    metadata = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                        group_id="1", created_at=0.0, ttl=3600.0, message_type=MessageType.TRAIN)
+    content = RecordDict({wire.ARRAYS: wire.numpy_to_record(arrays),
+                          wire.METRICS: MetricRecord({wire.PARTITION: partition, wire.NUM_EXAMPLES: n,
+                                                      "train-loss": 0.5}),
+                          wire.PRIVACY: ConfigRecord({"json": "{}"})})
+    return Message(content=content, metadata=metadata)
+
+
+def test_aggregate_train_is_independent_of_arrival_order() -> None:
+    from common import wire
+    from server.aggregation import weighted_average
+    from server.strategy import FaceFedAvg
+
+    rng = np.random.default_rng(1)
+    expected = {"w": np.zeros((50, 20)), "b": np.zeros(7)}
+    partitions = {p: 1000 + 17 * p for p in range(4)}
+    updates = {p: (int(rng.integers(5, 500)), {k: rng.normal(size=v.shape) for k, v in expected.items()})
+               for p in partitions}
+    # Float addition is not associative: summing the same float64 updates in another order changes
+    # bits, which is why the strategy must fix the order.
+    perms = [list(p) for p in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2])]
+    raw = [weighted_average([updates[p] for p in perm])["w"].tobytes() for perm in perms]
+    assert len(set(raw)) > 1, "test data too benign: every summation order gave the same bits"
+
+    strategy = FaceFedAvg(seed=0, partitions=partitions, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    reference = weighted_average([updates[p] for p in sorted(partitions)])
+    for perm in perms:
+        replies = [_reply(partitions[p], p, *updates[p]) for p in perm]
+        record, _ = strategy.aggregate_train(1, replies, expected=expected)
+        got = wire.record_to_numpy(record)
+        assert [r.partition for r in strategy.accepted] == [0, 1, 2, 3] and strategy.failures == []
+        for key in expected:
+            assert got[key].tobytes() == reference[key].tobytes(), (perm, key)
+
+
+def test_aggregate_train_rejects_bad_updates_and_keeps_the_rest() -> None:
+    from server.strategy import FaceFedAvg
+
+    expected = {"w": np.zeros(3)}
+    partitions = {0: 10, 1: 11, 2: 12}
+    strategy = FaceFedAvg(seed=0, partitions=partitions, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    replies = [_reply(10, 0, 4, {"w": np.ones(3)}), _reply(11, 1, 4, {"w": np.array([1.0, np.nan, 1.0])}),
+               _reply(12, 2, 12, {"w": np.full(3, 5.0)})]
+    record, _ = strategy.aggregate_train(1, replies, expected=expected)
+    np.testing.assert_array_equal(record["w"].numpy(), np.full(3, 4.0))
+    assert len(strategy.failures) == 1 and "client 1" in strategy.failures[0] and "NaN" in strategy.failures[0]
+    strategy.min_train_nodes = 3
+    assert strategy.aggregate_train(1, replies, expected=expected)[0] is None
+
+
+# ---------------------------------------------------------------- end to end (real simulations)
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from common.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)[0]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    return simulated_run(tmp_path_factory, LEDGER_FULL)[0]
+
+
+@pytest.mark.timeout(300)
+def test_global_model_is_sample_weighted_mean_of_client_updates(full_run) -> None:
+    """Replays the whole run outside Flower: each round, every client's ``local_train`` from the
+    previous global model (with its private head and DP history carried over), then the
+    num-examples-weighted mean in float64; every round's checkpoint must match bit for bit."""
+    from client.local import ClientState, local_train
+    from common.builders import build_model, model_spec
+    from common.config import load_config
+
+    cfg = load_config(full_run.path / "config.toml")
+    events = round_events(full_run)
+    assert len(events) == cfg.federation.rounds == 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the Ray actors train with one thread (federation.client_cpus=1)
+    try:
+        global_state = build_model(model_spec(cfg), cfg.seed).state_dict()
+        states = {p: ClientState() for p in range(cfg.split.num_clients)}
+        for event in events:
+            r = event["round"]
+            assert sorted(c["partition"] for c in event["clients"]) == [0, 1]
+            updates = []
+            for client in sorted(event["clients"], key=lambda c: c["partition"]):
+                p = client["partition"]
+                new, states[p], report = local_train(cfg, p, r, global_state, states[p])
+                assert report["num-examples"] == client["num-examples"]
+                assert report["train-loss"] == client["train-loss"]  # same training, bit for bit
+                updates.append((report["num-examples"], new))
+            total = sum(n for n, _ in updates)
+            assert len({n for n, _ in updates}) == 2, "equal shards would not tell a weighted mean from a plain one"
+            mean = {k: sum((n / total) * u[k].double() for n, u in updates).float() for k in global_state}
+            saved = _load(full_run.path / "models" / f"round-{r:03d}.safetensors")
+            assert set(saved) == set(mean)
+            for k in mean:
+                assert torch.equal(saved[k], mean[k]), (r, k, float((saved[k] - mean[k]).abs().max()))
+            plain = {k: sum(0.5 * u[k].double() for _, u in updates).float() for k in global_state}
+            assert any(not torch.equal(saved[k], plain[k]) for k in saved)
+            global_state = mean
+    finally:
+        torch.set_num_threads(threads)
+    final = _load(full_run.path / "models" / "final.safetensors")
+    assert all(torch.equal(final[k], global_state[k]) for k in final)
+
+
+@pytest.mark.timeout(300)
+def test_same_seed_gives_identical_weights_and_other_seed_differs(tmp_path_factory, full_run) -> None:
+    again, _ = simulated_run(tmp_path_factory, LEDGER_FULL, tag="repeat")
+    other, _ = simulated_run(tmp_path_factory, tuple(s for s in LEDGER_FULL) + ("seed=1",), tag="seed1")
+    a, b, c = (_load(r.path / "models" / "final.safetensors") for r in (full_run, again, other))
+    assert set(a) == set(b) == set(c)
+    for k in a:
+        assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    # Everything the run derives from its seed repeats too: the privacy ledger and per-round losses.
+    assert (full_run.path / "privacy.json").read_bytes() == (again.path / "privacy.json").read_bytes()
+    losses = [[(cl["partition"], cl["train-loss"]) for cl in e["clients"]] for e in round_events(full_run)]
+    assert losses == [[(cl["partition"], cl["train-loss"]) for cl in e["clients"]] for e in round_events(again)]
+    assert losses != [[(cl["partition"], cl["train-loss"]) for cl in e["clients"]] for e in round_events(other)]
+
+
+@pytest.mark.timeout(240)
+def test_client_error_fails_the_cli_with_the_clients_message(tmp_path, capsys, monkeypatch) -> None:
+    """A DP budget no noise can meet: only clients calibrate noise (at their first round), so the
+    server prepares the run (data, manifest, describe phase) and the clients' training raises."""
+    from common.cli import main
+
+    # main() sets these with setdefault; pre-set them so monkeypatch restores the environment.
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore::UserWarning,ignore::DeprecationWarning")
+    overrides = TINY + ("split.num_clients=2", "data.identities=24", "data.images_per_identity=6",
+                        "federation.rounds=1", "dp.target_epsilon=0.05")
+    argv = ["--no-progress", "run", "--out", str(tmp_path)]
+    for item in overrides:
+        argv += ["--set", item]
+    code = main(argv)
+    err = capsys.readouterr().err
+    client_error = "The privacy budget is too low."  # opacus.accountants.utils.get_noise_multiplier
+    assert code != 0
+    assert "facefl: error: run failed" in err and client_error in err
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed"
+    assert "round 1" in status["error"] and client_error in status["error"]
+    assert "client 0" in status["error"] and "client 1" in status["error"]
+    assert (run_dir / "manifest.json").is_file()  # the server's own preparation succeeded
+    assert not (run_dir / "models" / "final.safetensors").exists()
