@@ -29,13 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from common.builders import build_dataset, build_identity_head, build_model, model_spec  # noqa: E402
-from common.config import DPConfig, load_config  # noqa: E402
-from common.table import format_table  # noqa: E402
-from common.training import identity_classes, train  # noqa: E402
+from common.builders import build_dataset, build_identity_head, build_model, model_spec
+from common.config import DPConfig, load_config
+from common.table import format_table
+from common.training import identity_classes, train
 
 TARGET_SLOWDOWN = 2.5
 MODES = {  # label -> DP grad_sample_mode (None = no DP)

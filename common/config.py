@@ -38,7 +38,7 @@ class DataConfig:
     image_size: int = _num(64, 32, 128)
     strict: bool = True
     limit: int = _num(0, 0, doc="read at most this many samples of a real data set (0 = all)")
-    identities: int = _num(300, 2, doc="SynthFaces: number of identities")
+    identities: int = _num(500, 2, doc="SynthFaces: number of identities")
     images_per_identity: int = _num(10, 1, doc="SynthFaces: images per identity")
     male_fraction: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: fraction of male identities")
     smiling_rate_female: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | female)")
@@ -74,7 +74,7 @@ class TrainConfig:
     attribute: str = field(default="smiling", metadata={"doc": "binary target: a task label or 'gender'"})
     margin: str = _choice("arcface", ("arcface", "cosface"))
     margin_scale: float = _num(30.0, 1.0)
-    epochs: int = _num(20, 1)
+    epochs: int = _num(30, 1, doc="central training (baseline, shadow models); clients use federation.local_epochs")
     max_seconds: float = _num(0.0, 0.0, doc="stop training after this wall time (0 = no limit)")
     batch_size: int = _num(64, 1)
     optimizer: str = _choice("adam", ("adam", "sgd"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -21,6 +22,15 @@ from common import wire
 from server.aggregation import weighted_average
 
 log = logging.getLogger(__name__)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_summary(reason: str | None) -> str:
+    """The last ``Type: message`` line of a client's traceback, without terminal colours."""
+    lines = [ln.strip() for ln in _ANSI.sub("", reason or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no reason given"
 
 
 class ClientReply:
@@ -84,7 +94,7 @@ class FaceFedAvg(FedAvg):
         for msg in replies:
             who = f"client {node_to_partition.get(msg.metadata.src_node_id, '?')} (node {msg.metadata.src_node_id})"
             if msg.has_error():
-                self.failures.append(f"{who}: {msg.error.reason}")
+                self.failures.append(f"{who}: {error_summary(msg.error.reason)}")
                 continue
             try:
                 self.accepted.append(ClientReply(msg, expected))

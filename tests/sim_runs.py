@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 
 TINY = ("data.image_size=32", "model.width=8", "model.blocks=1,1", "model.embedding_dim=16",
-        "train.batch_size=8", "federation.client_cpus=1")
+        "train.batch_size=8", "federation.client_cpus=1", "pretrain.identities=0")
 
 # 3 rounds, 2 DP clients, every client in every round. A Dirichlet split gives the clients 26 and
 # 34 samples: different Poisson rates (1/4, 1/5), and FedAvg weights that differ from a plain mean.
-LEDGER_FULL = TINY + ("split.num_clients=2", "split.partition=dirichlet", "federation.min_train_clients=2", "federation.min_available_clients=2",
+# A token server-side pretraining (8 public images, 1 epoch) keeps that path in the replayed run.
+LEDGER_FULL = TINY + ("pretrain.identities=4", "pretrain.images_per_identity=2", "pretrain.epochs=1",
+                      "split.num_clients=2", "split.partition=dirichlet", "federation.min_train_clients=2", "federation.min_available_clients=2",
                       "data.identities=24", "data.images_per_identity=6", "federation.local_epochs=1",
                       "federation.rounds=3")
 

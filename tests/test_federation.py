@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sim_runs import LEDGER_FULL, TINY, round_events, simulated_run
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
@@ -85,7 +83,14 @@ def test_weighted_average_rejects_empty_and_zero_weights() -> None:
 
 def _reply(node: int, partition: int, n: int, arrays: dict[str, np.ndarray]):
     """A train reply from ``node`` as the ServerApp receives it."""
-    from flwr.app import ConfigRecord, Message, Metadata, MessageType, MetricRecord, RecordDict
+    from flwr.app import (
+        ConfigRecord,
+        Message,
+        MessageType,
+        Metadata,
+        MetricRecord,
+        RecordDict,
+    )
 
     from common import wire
 
@@ -156,12 +161,14 @@ def full_run(tmp_path_factory):
 
 @pytest.mark.timeout(300)
 def test_global_model_is_sample_weighted_mean_of_client_updates(full_run) -> None:
-    """Replays the whole run outside Flower: each round, every client's ``local_train`` from the
-    previous global model (with its private head and DP history carried over), then the
-    num-examples-weighted mean in float64; every round's checkpoint must match bit for bit."""
+    """Replays the whole run outside Flower: the server's initial model (``build_model`` then
+    ``pretrain``), then each round every client's ``local_train`` from the previous global model
+    (with its private head and DP history carried over) and the num-examples-weighted mean in
+    float64; every round's checkpoint must match bit for bit."""
     from client.local import ClientState, local_train
     from common.builders import build_model, model_spec
     from common.config import load_config
+    from common.pretraining import pretrain
 
     cfg = load_config(full_run.path / "config.toml")
     events = round_events(full_run)
@@ -169,7 +176,9 @@ def test_global_model_is_sample_weighted_mean_of_client_updates(full_run) -> Non
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the Ray actors train with one thread (federation.client_cpus=1)
     try:
-        global_state = build_model(model_spec(cfg), cfg.seed).state_dict()
+        model = build_model(model_spec(cfg), cfg.seed)
+        assert cfg.pretrain.identities > 0 and pretrain(model, cfg) is not None  # the server's public pretraining
+        global_state = model.state_dict()
         states = {p: ClientState() for p in range(cfg.split.num_clients)}
         for event in events:
             r = event["round"]
@@ -186,8 +195,8 @@ def test_global_model_is_sample_weighted_mean_of_client_updates(full_run) -> Non
             mean = {k: sum((n / total) * u[k].double() for n, u in updates).float() for k in global_state}
             saved = _load(full_run.path / "models" / f"round-{r:03d}.safetensors")
             assert set(saved) == set(mean)
-            for k in mean:
-                assert torch.equal(saved[k], mean[k]), (r, k, float((saved[k] - mean[k]).abs().max()))
+            for k, expected in mean.items():
+                assert torch.equal(saved[k], expected), (r, k, float((saved[k] - expected).abs().max()))
             plain = {k: sum(0.5 * u[k].double() for _, u in updates).float() for k in global_state}
             assert any(not torch.equal(saved[k], plain[k]) for k in saved)
             global_state = mean
@@ -200,7 +209,7 @@ def test_global_model_is_sample_weighted_mean_of_client_updates(full_run) -> Non
 @pytest.mark.timeout(300)
 def test_same_seed_gives_identical_weights_and_other_seed_differs(tmp_path_factory, full_run) -> None:
     again, _ = simulated_run(tmp_path_factory, LEDGER_FULL, tag="repeat")
-    other, _ = simulated_run(tmp_path_factory, tuple(s for s in LEDGER_FULL) + ("seed=1",), tag="seed1")
+    other, _ = simulated_run(tmp_path_factory, LEDGER_FULL + ("seed=1",), tag="seed1")
     a, b, c = (_load(r.path / "models" / "final.safetensors") for r in (full_run, again, other))
     assert set(a) == set(b) == set(c)
     for k in a:

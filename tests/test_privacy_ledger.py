@@ -9,6 +9,7 @@ metrics.jsonl), and its epsilon must equal an independent RDP computation of the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -16,8 +17,13 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
-
-from sim_runs import LEDGER_FULL, LEDGER_PARTIAL, read_privacy, round_events, simulated_run
+from sim_runs import (
+    LEDGER_FULL,
+    LEDGER_PARTIAL,
+    read_privacy,
+    round_events,
+    simulated_run,
+)
 
 # Opacus' default RDP orders (opacus.accountants.rdp.RDPAccountant.DEFAULT_ALPHAS).
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -119,13 +125,13 @@ def test_epsilon_never_decreases_across_rounds(which: str, request) -> None:
     events = round_events(run)
     assert [e["round"] for e in events] == [1, 2, 3]
     max_eps = [e["max_epsilon"] for e in events]
-    assert all(b >= a for a, b in zip(max_eps, max_eps[1:])), max_eps
+    assert all(b >= a for a, b in itertools.pairwise(max_eps)), max_eps
     assert max_eps[0] > 0
     for pid, rounds in participation(run).items():
         eps = [c["epsilon"] for _, c in rounds]
         total = [c["total-steps"] for _, c in rounds]
         # Every round adds steps, so epsilon strictly grows: it composes, it never restarts.
-        assert all(b > a for a, b in zip(eps, eps[1:])), (pid, eps)
+        assert all(b > a for a, b in itertools.pairwise(eps)), (pid, eps)
         assert total == [sum(int(c["steps"]) for _, c in rounds[:i + 1]) for i in range(len(rounds))]
         # Each round's reported epsilon is the dp_accounting epsilon of the steps taken so far.
         for (_, c), steps in zip(rounds, total):
