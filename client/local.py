@@ -23,8 +23,7 @@ from common.builders import (
 )
 from common.config import Config
 from common.data.dataset import FaceDataset
-from common.evaluation import sensitive_attribute
-from common.fairness import reweight
+from common.fairness import reweight, sensitive_attribute
 from common.privacy.dp import (
     History,
     noise_for,

@@ -12,6 +12,7 @@ import numpy as np
 from common.config import Config
 from common.data.dataset import FaceDataset
 from common.data.splits import Manifest
+from common.fairness import sensitive_attribute
 from common.fairness_metrics import attribute_report
 from common.metrics import verification_auc
 from common.models.face_model import FaceModel
@@ -22,10 +23,6 @@ def probe_identity_mask(manifest: Manifest, ds: FaceDataset) -> np.ndarray:
     """Samples of identities that are probes at identity level (never trained on: open set)."""
     probe_ids = np.asarray(manifest.identities["probe"], dtype=np.int64)
     return manifest.role_mask(ds, "probe") & np.isin(ds.identity, probe_ids)
-
-
-def sensitive_attribute(ds: FaceDataset, name: str) -> np.ndarray:
-    return ds.gender if name == "gender" else ds.group
 
 
 class GlobalEvaluator:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.data.dataset import FaceDataset
+
 FAIRNESS_METHODS: tuple[str, ...] = ("none", "reweight", "fair_mixup")
 FAIR_MIXUP_MODES: tuple[str, ...] = ("eo", "dp")
 
@@ -88,3 +90,8 @@ def fair_mixup_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: to
         (d_dt,) = torch.autograd.grad(mean_score, t, create_graph=True, allow_unused=True, materialize_grads=True)
         penalty = penalty + d_dt.abs()
     return penalty
+
+
+def sensitive_attribute(ds: FaceDataset, name: str) -> np.ndarray:
+    """The per-sample sensitive attribute a fairness intervention or metric refers to."""
+    return ds.gender if name == "gender" else ds.group
