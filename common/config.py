@@ -117,7 +117,8 @@ class PretrainConfig:
 class FairnessConfig:
     method: str = _choice("none", ("none", "reweight", "fair_mixup"))
     sensitive: str = _choice("gender", ("gender", "group"))
-    lam: float = _num(1.0, 0.0, doc="weight of the fair_mixup penalty")
+    lam: float = _num(0.05, 0.0, doc="weight of the fair_mixup penalty (on SynthFaces 0.5 already nears a "
+                                     "constant classifier; 0.05 lowers DEO at equal accuracy)")
 
 
 @dataclass
