@@ -22,16 +22,13 @@ from common.builders import (
     model_spec,
 )
 from common.config import Config
-from common.evaluation import probe_identity_mask
-from common.metrics import binary_accuracy, pixel_verification_auc, verification_auc
+from common.evaluation import GlobalEvaluator
+from common.metrics import pixel_verification_auc
 from common.models.checkpoint import save_checkpoint
 from common.privacy.dp import noise_for, poisson_sample_rate, steps_per_epoch
 from common.rundir import RunDir
 from common.training import (
-    embed,
     identity_classes,
-    predict_attribute,
-    target_labels,
     train,
 )
 
@@ -65,13 +62,12 @@ def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...]
     ds = build_dataset(cfg, progress=progress)
     manifest = build_manifest(cfg, ds)
     manifest.save(run.manifest_path)
-    member = manifest.role_mask(ds, "member")
-    held_out = ~member & ~manifest.role_mask(ds, "aux")
-    train_ds, probe_ds, test_ds = ds.subset(member), ds.subset(probe_identity_mask(manifest, ds)), ds.subset(held_out)
-    run.log_metrics("data", samples=len(ds), identities=ds.num_identities, members=int(member.sum()),
-                    probe_samples=len(probe_ds), held_out=len(test_ds))
+    evaluator = GlobalEvaluator(cfg, ds, manifest)
+    train_ds = evaluator.train
+    run.log_metrics("data", samples=len(ds), identities=ds.num_identities, members=len(train_ds),
+                    probe_samples=len(evaluator.probe), held_out=len(evaluator.held_out))
 
-    pixel_auc = pixel_verification_auc(probe_ds.images, probe_ds.identity, seed=cfg.seed)
+    pixel_auc = pixel_verification_auc(evaluator.probe.images, evaluator.probe.identity, seed=cfg.seed)
     seconds: dict[str, float] = {}
     q = poisson_sample_rate(len(train_ds), cfg.train.batch_size)
     sigma = noise_for(cfg.dp, q, cfg.train.epochs * steps_per_epoch(q))
@@ -84,7 +80,7 @@ def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...]
     outcome = train(model, train_ds, id_cfg.train, cfg.dp, seed=cfg.seed, epochs=cfg.train.epochs, head=head,
                     noise_multiplier=sigma, progress=progress, desc="identity backbone")
     seconds["identity"] = time.perf_counter() - start
-    backbone_auc = verification_auc(embed(model, probe_ds.images), probe_ds.identity, seed=cfg.seed)
+    backbone_auc = evaluator.verification(model)
     save_checkpoint(run.models / "identity.safetensors", model.state_dict(),
                     {"task": "identity", "spec": spec.to_dict(), "steps": outcome.steps})
     run.log_metrics("identity", pixel_auc=pixel_auc, backbone_auc=backbone_auc, steps=outcome.steps,
@@ -99,7 +95,7 @@ def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...]
         outcome = train(attr_model, train_ds, attr_cfg, cfg.dp, seed=cfg.seed, epochs=cfg.train.epochs,
                         noise_multiplier=sigma, progress=progress, desc=f"{name} classifier")
         seconds[name] = time.perf_counter() - start
-        accuracy[name] = binary_accuracy(predict_attribute(attr_model, test_ds.images), target_labels(test_ds, name))
+        accuracy[name] = float(evaluator.attribute(attr_model, name)["accuracy"])
         save_checkpoint(run.models / f"attribute-{name}.safetensors", attr_model.state_dict(),
                         {"task": "attribute", "attribute": name, "spec": attr_spec.to_dict(), "steps": outcome.steps})
         run.log_metrics("attribute", attribute=name, accuracy=accuracy[name], steps=outcome.steps, seconds=seconds[name])

@@ -7,6 +7,7 @@ configuration gives the same data, split and architecture wherever it is read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FACEFL_CACHE", Path.home() / ".cache" / "facefl"))
 
 
+@functools.cache
 def _generator_digest() -> str:
     """Digest of the SynthFaces code, so a cached data set never outlives a generator change."""
     import common.data.face_render as render

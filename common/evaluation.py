@@ -35,13 +35,20 @@ class GlobalEvaluator:
         self.probe = ds.subset(probe_identity_mask(manifest, ds))
         self.held_out = ds.subset(~member & ~manifest.role_mask(ds, "aux"))
 
+    def verification(self, model: FaceModel) -> float:
+        """Open-set verification ROC AUC on the probe identities."""
+        return verification_auc(embed(model, self.probe.images), self.probe.identity, seed=self.cfg.seed)
+
+    def attribute(self, model: FaceModel, name: str) -> dict[str, float]:
+        """Accuracy and fairness of the binary attribute ``name`` on the held-out samples."""
+        sens = self.cfg.fairness.sensitive
+        prob = predict_attribute(model, self.held_out.images)
+        return attribute_report(prob, target_labels(self.held_out, name), sensitive_attribute(self.held_out, sens),
+                                target_labels(self.train, name), sensitive_attribute(self.train, sens))
+
     def evaluate(self, model: FaceModel) -> dict[str, float]:
-        out = {"verification_auc": verification_auc(embed(model, self.probe.images), self.probe.identity,
-                                                    seed=self.cfg.seed)}
+        out = {"verification_auc": self.verification(model)}
         if model.attribute is not None:
-            name, sens = self.cfg.train.attribute, self.cfg.fairness.sensitive
-            prob = predict_attribute(model, self.held_out.images)
-            report = attribute_report(prob, target_labels(self.held_out, name), sensitive_attribute(self.held_out, sens),
-                                      target_labels(self.train, name), sensitive_attribute(self.train, sens))
+            report = self.attribute(model, self.cfg.train.attribute)
             out.update({f"attribute_{k}": float(v) for k, v in report.items()})
         return out

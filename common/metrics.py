@@ -26,6 +26,8 @@ def verification_pairs(identity: np.ndarray, seed: int, max_genuine: int = 20_00
     if gen_i.size > max_genuine:
         keep = np.sort(rng.choice(gen_i.size, max_genuine, replace=False))
         gen_i, gen_j = gen_i[keep], gen_j[keep]
+    if np.unique(identity).size < 2:
+        raise ValueError("verification needs at least two identities")
     n = identity.size
     imp_i = np.empty(0, int)
     imp_j = np.empty(0, int)
@@ -34,8 +36,6 @@ def verification_pairs(identity: np.ndarray, seed: int, max_genuine: int = 20_00
         j = rng.integers(0, n, 2 * gen_i.size)
         ok = identity[i] != identity[j]
         imp_i, imp_j = np.concatenate([imp_i, i[ok]]), np.concatenate([imp_j, j[ok]])
-        if n and np.unique(identity).size < 2:
-            raise ValueError("verification needs at least two identities")
     imp_i, imp_j = imp_i[: gen_i.size], imp_j[: gen_i.size]
     genuine = np.concatenate([np.ones(gen_i.size, bool), np.zeros(imp_i.size, bool)])
     return np.concatenate([gen_i, imp_i]), np.concatenate([gen_j, imp_j]), genuine

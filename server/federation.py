@@ -103,7 +103,7 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, A
         messages = strategy.configure_train(server_round, wire.numpy_to_record(global_arrays),
                                             wire.config_record(cfg, server_round), grid)
         replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
-        averaged, _ = strategy.aggregate_train(server_round, replies, expected=global_arrays)
+        averaged, _ = strategy.aggregate_train(server_round, replies)
         if averaged is None:
             raise RunFailed(f"round {server_round}: {len(strategy.accepted)} usable replies, at least "
                             f"{cfg.federation.min_train_clients} needed; " + "; ".join(strategy.failures))

@@ -70,6 +70,7 @@ class FaceFedAvg(FedAvg):
         self.partitions = partitions  # partition id -> node id
         self.failures: list[str] = []
         self.accepted: list[ClientReply] = []
+        self._sent: dict[str, np.ndarray] = {}  # the global arrays of the round, to validate replies
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids trained in this round (all of them at fraction 1)."""
@@ -80,15 +81,14 @@ class FaceFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._sent = wire.record_to_numpy(arrays)
         record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=self.partitions[p])
                 for p in self.sample(server_round)]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        expected: dict[str, np.ndarray] | None = None) -> tuple[ArrayRecord | None, None]:
-        """Average the valid replies; record each failure with the client's own error text."""
-        if expected is None:
-            raise ValueError("aggregate_train needs the global arrays to validate updates against")
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, None]:
+        """Average the valid replies (checked against the arrays sent by ``configure_train``);
+        record each failure with the client's own error text."""
         self.failures, self.accepted = [], []
         node_to_partition = {n: p for p, n in self.partitions.items()}
         for msg in replies:
@@ -97,7 +97,7 @@ class FaceFedAvg(FedAvg):
                 self.failures.append(f"{who}: {error_summary(msg.error.reason)}")
                 continue
             try:
-                self.accepted.append(ClientReply(msg, expected))
+                self.accepted.append(ClientReply(msg, self._sent))
             except (KeyError, TypeError, ValueError) as exc:
                 self.failures.append(f"{who}: rejected update: {exc}")
         for failure in self.failures:

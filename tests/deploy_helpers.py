@@ -22,6 +22,7 @@ Only Linux (``/proc``) is supported; no psutil.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -222,15 +223,11 @@ def _signal_groups(pids: Iterable[int], sig: int) -> None:
         st = _stat(pid)
         if st is not None and st[2] not in (0, 1, own):
             groups.add(st[2])
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
             os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
     for pgid in groups:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def terminate(pids: Iterable[int], timeout: float = 10.0) -> set[int]:
@@ -276,18 +273,14 @@ class Proc:
         ``timeout`` s, SIGKILL, wait again. Returns what could not be stopped."""
         tree = self.remember_children() | {self.pid}
         if self.popen.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 _signal_groups([self.pid], signal.SIGKILL)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # reported below as left over
                     self.popen.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    pass
         # Flower's own children watch their parent and exit with it; whatever did not is ended here
         left = terminate({p for p in tree if p != self.pid and alive(p)}, timeout)
         if self.popen.poll() is None:

@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from common.baseline import probe_identity_mask
 from common.builders import synth_config
 from common.cli import main
 from common.config import load_config
@@ -25,6 +24,7 @@ from common.data.datadir import CONFIG_NAME, IMAGES_DIR, NPZ_NAME, open_data_dir
 from common.data.dataset import FaceDataset
 from common.data.splits import Manifest
 from common.data.synthetic import SynthConfig, generate
+from common.evaluation import probe_identity_mask
 from common.metrics import verification_auc
 from common.models.checkpoint import load_checkpoint
 from common.models.face_model import FaceModel, ModelSpec

@@ -104,7 +104,25 @@ def _reply(node: int, partition: int, n: int, arrays: dict[str, np.ndarray]):
     return Message(content=content, metadata=metadata)
 
 
-def test_aggregate_train_is_independent_of_arrival_order() -> None:
+@pytest.fixture
+def server_task(monkeypatch):
+    """The task identity a running ServerApp process has (messages are built against it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def _send(strategy, arrays: dict[str, np.ndarray]) -> None:
+    """Send the round's global arrays (configure_train), against which replies are validated."""
+    from flwr.app import ConfigRecord
+
+    from common import wire
+
+    list(strategy.configure_train(1, wire.numpy_to_record(arrays), ConfigRecord(), grid=None))
+
+
+def test_aggregate_train_is_independent_of_arrival_order(server_task) -> None:
     from common import wire
     from server.aggregation import weighted_average
     from server.strategy import FaceFedAvg
@@ -122,28 +140,30 @@ def test_aggregate_train_is_independent_of_arrival_order() -> None:
 
     strategy = FaceFedAvg(seed=0, partitions=partitions, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
     reference = weighted_average([updates[p] for p in sorted(partitions)])
+    _send(strategy, expected)
     for perm in perms:
         replies = [_reply(partitions[p], p, *updates[p]) for p in perm]
-        record, _ = strategy.aggregate_train(1, replies, expected=expected)
+        record, _ = strategy.aggregate_train(1, replies)
         got = wire.record_to_numpy(record)
         assert [r.partition for r in strategy.accepted] == [0, 1, 2, 3] and strategy.failures == []
         for key in expected:
             assert got[key].tobytes() == reference[key].tobytes(), (perm, key)
 
 
-def test_aggregate_train_rejects_bad_updates_and_keeps_the_rest() -> None:
+def test_aggregate_train_rejects_bad_updates_and_keeps_the_rest(server_task) -> None:
     from server.strategy import FaceFedAvg
 
     expected = {"w": np.zeros(3)}
     partitions = {0: 10, 1: 11, 2: 12}
     strategy = FaceFedAvg(seed=0, partitions=partitions, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    _send(strategy, expected)
     replies = [_reply(10, 0, 4, {"w": np.ones(3)}), _reply(11, 1, 4, {"w": np.array([1.0, np.nan, 1.0])}),
                _reply(12, 2, 12, {"w": np.full(3, 5.0)})]
-    record, _ = strategy.aggregate_train(1, replies, expected=expected)
+    record, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_array_equal(record["w"].numpy(), np.full(3, 4.0))
     assert len(strategy.failures) == 1 and "client 1" in strategy.failures[0] and "NaN" in strategy.failures[0]
     strategy.min_train_nodes = 3
-    assert strategy.aggregate_train(1, replies, expected=expected)[0] is None
+    assert strategy.aggregate_train(1, replies)[0] is None
 
 
 # ---------------------------------------------------------------- end to end (real simulations)

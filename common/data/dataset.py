@@ -66,6 +66,7 @@ class FaceDataset:
     group_names: tuple[str, ...] = ()
     identity_names: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.images = np.ascontiguousarray(self.images, dtype=np.uint8)
@@ -137,7 +138,16 @@ class FaceDataset:
             raise KeyError(f"sample id {exc.args[0]!r} is not in data set {self.source!r}") from None
 
     def fingerprint(self) -> str:
-        """SHA-256 over ids, annotations and pixels: a manifest is only valid for this data."""
+        """SHA-256 over ids, annotations and pixels: a manifest is only valid for this data.
+
+        Computed once per object (every role lookup checks it): data sets are never modified in
+        place; ``subset`` and the loaders build new ones.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
         h = hashlib.sha256()
         h.update(self.source.encode())
         for arr in (self.sample_ids, self.identity, self.gender, self.group, self.age):
