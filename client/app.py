@@ -11,9 +11,10 @@ import logging
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.he_client import decode_global, encode_update, secret_context
 from client.local import ClientState, local_data, local_train
 from common import wire
-from common.builders import build_dataset
+from common.builders import build_dataset, build_model, model_spec
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,22 @@ def _save_state(context: Context, state: ClientState) -> None:
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
-    global_state = wire.record_to_state(msg.content[wire.ARRAYS])
+    encrypted = wire.HE_META in msg.content.config_records
+    if encrypted:
+        ctx, own_fingerprint = secret_context(context.node_config)
+        template = build_model(model_spec(cfg), cfg.seed).state_dict()
+        global_state, layout = decode_global(msg.content, ctx, own_fingerprint, template)
+    else:
+        global_state = wire.record_to_state(msg.content[wire.ARRAYS])
     new_state, client_state, report = local_train(cfg, partition, server_round, global_state, _load_state(context))
     _save_state(context, client_state)
-    content = RecordDict({wire.ARRAYS: wire.state_to_record(new_state), wire.METRICS: wire.metric_record(report),
+    content = RecordDict({wire.METRICS: wire.metric_record(report),
                           wire.PRIVACY: ConfigRecord({"json": client_state.privacy_json()})})
+    if encrypted:
+        for key, record in encode_update(ctx, own_fingerprint, layout, new_state, int(report[wire.NUM_EXAMPLES])).items():
+            content[key] = record
+    else:
+        content[wire.ARRAYS] = wire.state_to_record(new_state)
     return Message(content, reply_to=msg)
 
 

@@ -21,6 +21,13 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _images_per_identity(text: str) -> int | tuple[int, int]:
     lo, sep, hi = text.partition("-")
     try:
@@ -66,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a federation on Flower's simulation engine")
     _add_config_args(run)
+    run.add_argument("--he-keys", type=Path, metavar="DIR",
+                     help="encrypt updates with the keys of `facefl keys init --out DIR` (sets he.enabled); the "
+                          "simulated clients use its secret context, the server its public one, and the final "
+                          "model is decrypted into the run directory afterwards")
+
+    keys = sub.add_parser("keys", help="CKKS keys for encrypted aggregation").add_subparsers(dest="keys_command",
+                                                                                          required=True)
+    init = keys.add_parser("init", help="write a secret context (clients), a public one (server) and key.json")
+    init.add_argument("--out", type=Path, required=True, help="directory for the key files")
+    init.add_argument("--poly-modulus", type=int, default=4096, help="CKKS polynomial modulus degree N (default 4096)")
+    init.add_argument("--coeff-bits", type=_ints, default=(60, 49), metavar="B1,B2,...",
+                      help="coefficient modulus bit sizes (default 60,49: one level, addition only)")
+    init.add_argument("--scale-bits", type=int, default=40, help="encoding scale 2^bits (default 40)")
+    decrypt = keys.add_parser("decrypt-model", help="(key holder) decrypt an HE run's final model and evaluate it")
+    decrypt.add_argument("run_dir", type=Path, help="run directory of an HE run")
+    decrypt.add_argument("--key", type=Path, required=True, help="secret-context.bin")
 
     baseline = sub.add_parser("baseline", help="train central models on the configured data and print metrics")
     _add_config_args(baseline)
@@ -111,26 +134,40 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _round_rows(records: list[dict]) -> list[tuple]:
+    def fmt(r: dict, key: str) -> str:
+        return f"{r[key]:.4f}" if key in r else ("enc." if r.get("encrypted") else "-")
+
     rows = []
     for r in records:
         if r.get("event") == "pretrain":
             rows.append(("public", "-", "-", "-", f"{r['verification_auc']:.4f}", "-", "-", "0 (public)", f"{r['seconds']:.0f}"))
+        if r.get("event") == "decrypted":
+            rows.append(("final (decrypted)", "-", "-", "-", fmt(r, "verification_auc"), fmt(r, "attribute_accuracy"),
+                         fmt(r, "attribute_deo_sum"), "-", "-"))
         if r.get("event") != "round":
             continue
-        attr = f"{r['attribute_accuracy']:.4f}" if "attribute_accuracy" in r else "-"
-        deo = f"{r['attribute_deo_sum']:.4f}" if "attribute_deo_sum" in r else "-"
         rows.append((r["round"], len(r["clients"]), len(r["failures"]), f"{r['train_loss']:.4f}",
-                     f"{r['verification_auc']:.4f}", attr, deo, f"{r['max_epsilon']:.3f}", f"{r['seconds']:.0f}"))
+                     fmt(r, "verification_auc"), fmt(r, "attribute_accuracy"), fmt(r, "attribute_deo_sum"),
+                     f"{r['max_epsilon']:.3f}", f"{r['seconds']:.0f}"))
     return rows
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from common.config import load_config
+    from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE
     from common.simulation import simulate
     from common.table import format_table
 
-    cfg = load_config(args.config, args.overrides)
-    run, status = simulate(cfg, args.out, progress=not args.no_progress)
+    overrides = list(args.overrides)
+    if args.he_keys is not None:
+        overrides += ["he.enabled=true", f"he.public_context={(args.he_keys / PUBLIC_FILE).resolve()}"]
+    cfg = load_config(args.config, overrides)
+    secret = args.he_keys / SECRET_FILE if args.he_keys is not None else None
+    run, status = simulate(cfg, args.out, progress=not args.no_progress, he_secret=secret)
+    if status["status"] == "finished" and secret is not None:
+        from common.encrypted_model import decrypt_run
+
+        decrypt_run(run.path, secret)
     print(format_table(("round", "clients", "failed", "train loss", "verif. AUC", "attr. acc", "DEO (|dTPR|+|dFPR|)",
                         "max eps", "s"), _round_rows(run.read_metrics())))
     print(f"run directory: {run.path}")
@@ -140,7 +177,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {("run", None): _cmd_run, ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline}
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    from common.privacy.he_keys import KeyParams, write_keys
+
+    info = write_keys(args.out, KeyParams(args.poly_modulus, args.coeff_bits, args.scale_bits))
+    print(f"wrote {args.out}/{info['secret']} (clients only, mode 0600), {args.out}/{info['public']} (server) "
+          f"and key.json; fingerprint {info['fingerprint']}")
+    return 0
+
+
+def _cmd_keys_decrypt(args: argparse.Namespace) -> int:
+    from common.encrypted_model import decrypt_run
+    from common.table import format_table
+
+    path, metrics = decrypt_run(args.run_dir, args.key)
+    print(format_table(("metric", "value"), [(k, f"{v:.4f}") for k, v in metrics.items()]))
+    print(f"wrote {path}")
+    return 0
+
+
+_COMMANDS = {("run", None): _cmd_run, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
+             ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline}
 
 
 def _quiet_libraries(verbose: int) -> None:

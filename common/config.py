@@ -122,6 +122,17 @@ class FairnessConfig:
 
 
 @dataclass
+class HEConfig:
+    enabled: bool = field(default=False, metadata={"doc": "clients send CKKS-encrypted updates; the server only adds"})
+    public_context: str = field(default="", metadata={"doc": "server: path to public-context.bin (facefl keys init)"})
+    encrypt_fraction: float = _num(1.0, 0.0, 1.0, doc="fraction of the shared values encrypted, most sensitive "
+                                                       "first (Fisher information on public data); the rest is "
+                                                       "sent in plaintext")
+    on_key_mismatch: str = _choice("exclude", ("exclude", "fail"),
+                                   doc="a client encrypting with another key: leave it out of the round, or fail")
+
+
+@dataclass
 class Config:
     seed: int = _num(0, 0)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,6 +143,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
+    he: HEConfig = field(default_factory=HEConfig)
 
     def validate(self) -> Config:
         """Cross-field checks (single fields are checked while parsing)."""
@@ -156,6 +168,14 @@ class Config:
         if self.federation.min_train_clients > self.split.num_clients:
             raise ConfigError(f"federation.min_train_clients: expected at most split.num_clients = "
                               f"{self.split.num_clients}, got {self.federation.min_train_clients}")
+        if self.he.enabled and not self.he.public_context:
+            raise ConfigError("he.public_context: required when he.enabled = true (the path of the server's "
+                              "public-context.bin from `facefl keys init`)")
+        if not self.he.encrypt_fraction > 0:
+            raise ConfigError(f"he.encrypt_fraction: expected a value in (0, 1], got {self.he.encrypt_fraction}")
+        if self.he.enabled and self.he.encrypt_fraction < 1 and self.pretrain.identities == 0:
+            raise ConfigError("he.encrypt_fraction: < 1 needs public data to rank parameters (pretrain.identities "
+                              "> 0); set he.encrypt_fraction = 1 to encrypt everything")
         return self
 
     def dp_calibrated(self) -> bool:

@@ -12,12 +12,14 @@ from the private data's, so it shares no identity with any client; it is synthet
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from common.builders import build_identity_head
 from common.config import Config
 from common.data.dataset import FaceDataset
 from common.data.synthetic import SynthConfig, generate
 from common.models.face_model import FaceModel
+from common.models.heads import CosineClassifier
 from common.training import TrainOutcome, identity_classes, train
 
 PUBLIC_SEED_OFFSET = 1_000_003
@@ -29,12 +31,22 @@ def public_population(cfg: Config) -> FaceDataset:
                                 image_size=cfg.data.image_size, seed=cfg.seed + PUBLIC_SEED_OFFSET))
 
 
-def pretrain(model: FaceModel, cfg: Config, progress: bool = False) -> TrainOutcome | None:
+@dataclass
+class Pretrained:
+    """The outcome of public pretraining, with the public data and identity head it used."""
+
+    outcome: TrainOutcome
+    public: FaceDataset
+    head: CosineClassifier
+
+
+def pretrain(model: FaceModel, cfg: Config, progress: bool = False) -> Pretrained | None:
     """Train ``model`` without DP on the public population (identity task); None when disabled."""
     if cfg.pretrain.identities == 0:
         return None
     public = public_population(cfg)
     head = build_identity_head(model.spec, identity_classes(public.identity)[0].size, cfg.seed + PUBLIC_SEED_OFFSET)
     train_cfg = dataclasses.replace(cfg.train, task="identity", max_seconds=0.0)
-    return train(model, public, train_cfg, dataclasses.replace(cfg.dp, mode="off"), seed=cfg.seed + PUBLIC_SEED_OFFSET,
-                 epochs=cfg.pretrain.epochs, head=head, progress=progress, desc="public pretraining")
+    outcome = train(model, public, train_cfg, dataclasses.replace(cfg.dp, mode="off"), seed=cfg.seed + PUBLIC_SEED_OFFSET,
+                    epochs=cfg.pretrain.epochs, head=head, progress=progress, desc="public pretraining")
+    return Pretrained(outcome, public, head)

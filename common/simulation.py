@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SERVER_APP_FACTORY = "server.app:make_app"
 CLIENT_APP = "client.app:app"
+SECRET_ENV = "FACEFL_HE_SECRET_CONTEXT"  # read by client.he_client (common never imports client)
 
 
 def load_ref(ref: str) -> Any:
@@ -28,8 +29,13 @@ def load_ref(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def simulate(cfg: Config, runs_root: str | Path, prefix: str = "run", progress: bool = True) -> tuple[RunDir, dict[str, Any]]:
-    """Create the run directory, run every round, and return it with its final status."""
+def simulate(cfg: Config, runs_root: str | Path, prefix: str = "run", progress: bool = True,
+             he_secret: Path | None = None) -> tuple[RunDir, dict[str, Any]]:
+    """Create the run directory, run every round, and return it with its final status.
+
+    ``he_secret``: the clients' secret context for HE runs. The engine gives simulated nodes no
+    configuration of their own, so it reaches them through ``FACEFL_HE_SECRET_CONTEXT``.
+    """
     from flwr.simulation import run_simulation
 
     run = RunDir.create(runs_root, prefix, cfg)
@@ -38,6 +44,9 @@ def simulate(cfg: Config, runs_root: str | Path, prefix: str = "run", progress: 
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     error = None
+    previous = os.environ.get(SECRET_ENV)
+    if he_secret is not None:
+        os.environ[SECRET_ENV] = str(Path(he_secret).resolve())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -46,6 +55,11 @@ def simulate(cfg: Config, runs_root: str | Path, prefix: str = "run", progress: 
         except Exception as exc:  # the reason is in status.json; the traceback goes to the log
             log.debug("simulation raised", exc_info=True)
             error = exc
+        finally:
+            if previous is None:
+                os.environ.pop(SECRET_ENV, None)
+            else:
+                os.environ[SECRET_ENV] = previous
     status = run.read_status()
     if status["status"] != "finished" and "error" not in status and error is not None:
         status["error"] = f"{type(error).__name__}: {error}"

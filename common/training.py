@@ -117,6 +117,20 @@ def _batches(loader: DataLoader, epochs: int, max_seconds: float, start: float):
             yield batch
 
 
+def task_loss(cosine: torch.Tensor | None, attr_logit: torch.Tensor | None, y_id: torch.Tensor,
+              y_attr: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Per-sample loss: the margin loss on ``cosine`` and / or BCE on ``attr_logit`` (None = task off)."""
+    ref = cosine if cosine is not None else attr_logit
+    if ref is None:
+        raise ValueError("task_loss: neither an identity nor an attribute output")
+    loss = torch.zeros(ref.shape[0])
+    if cosine is not None:
+        loss = loss + F.cross_entropy(margin_logits(cosine, y_id, cfg.margin, cfg.margin_scale), y_id, reduction="none")
+    if attr_logit is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(attr_logit, y_attr.float(), reduction="none")
+    return loss
+
+
 def identity_classes(identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted identity codes and each sample's local class index (stable across rounds)."""
     classes, local = np.unique(identity, return_inverse=True)
@@ -214,13 +228,7 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
             if cfg.augment:
                 x = augment(x, gen)
             cos, attr = module(x)
-            per_sample = torch.zeros(x.shape[0])
-            if use_id:
-                per_sample = per_sample + F.cross_entropy(margin_logits(cos, yb_id, cfg.margin, cfg.margin_scale),
-                                                          yb_id, reduction="none")
-            if use_attr:
-                per_sample = per_sample + F.binary_cross_entropy_with_logits(attr, yb_attr.float(), reduction="none")
-            per_sample = per_sample * wb
+            per_sample = task_loss(cos if use_id else None, attr if use_attr else None, yb_id, yb_attr, cfg) * wb
             opt.zero_grad(set_to_none=True)
             # Warm-up then anneal (for SGD and Adam alike): ArcFace from scratch diverges without it.
             for group in opt.param_groups:

@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from common.config import Config, from_flat
+from common.privacy.he import Ciphertexts
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -23,6 +24,15 @@ PRIVACY = "privacy"
 ROUND = "server-round"
 NUM_EXAMPLES = "num-examples"
 PARTITION = "partition-id"
+
+# Encrypted aggregation (common/privacy/he.py): the mask of encrypted entries, the encrypted
+# weighted sum (server -> clients) or update (client -> server) with its plaintext part, and
+# plaintext metadata (key fingerprint, total sample count of the sum).
+HE_MASK = "he-mask"
+HE_PAYLOAD = "he-payload"
+HE_META = "he"
+FINGERPRINT = "fingerprint"
+TOTAL_WEIGHT = "total-weight"
 
 
 def config_record(cfg: Config, server_round: int) -> ConfigRecord:
@@ -51,6 +61,20 @@ def record_to_numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
 
 def record_to_state(rec: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in record_to_numpy(rec).items()}
+
+
+def payload_to_record(plain: np.ndarray, ct: Ciphertexts) -> ArrayRecord:
+    """An encrypted update or sum: the plaintext values and the ciphertexts."""
+    return numpy_to_record({"plain": plain.astype(np.float32), "ciphertext": ct.blob, "lengths": ct.lengths})
+
+
+def record_to_payload(rec: ArrayRecord, who: str) -> tuple[np.ndarray, Ciphertexts]:
+    """Inverse of ``payload_to_record``; a missing part raises KeyError naming it and ``who``."""
+    arrays = record_to_numpy(rec)
+    missing = sorted({"plain", "ciphertext", "lengths"} - set(arrays))
+    if missing:
+        raise KeyError(f"{who}: encrypted payload lacks {missing}")
+    return arrays["plain"], Ciphertexts(arrays["ciphertext"], arrays["lengths"])
 
 
 def metric_record(values: Mapping[str, float | int]) -> MetricRecord:

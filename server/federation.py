@@ -12,17 +12,20 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from common import wire
 from common.builders import build_dataset, build_manifest, build_model, model_spec
 from common.config import Config
+from common.encrypted_model import ENCRYPTED_SUFFIX, save_encrypted
 from common.evaluation import GlobalEvaluator
 from common.models.checkpoint import save_checkpoint
+from common.models.face_model import FaceModel
 from common.pretraining import pretrain
 from common.rundir import RunDir
+from server.he_strategy import HEFedAvg, he_strategy
 from server.ledger import PrivacyLedger
 from server.strategy import FaceFedAvg
 
@@ -88,45 +91,55 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, A
     spec = model_spec(cfg)
     model = build_model(spec, cfg.seed)
     run.log_metrics("start", partitions={str(p): n for p, n in partitions.items()}, initial=evaluator.evaluate(model))
-    outcome = pretrain(model, cfg, progress=progress)
-    if outcome is not None:
-        run.log_metrics("pretrain", steps=outcome.steps, seconds=outcome.seconds, **evaluator.evaluate(model))
-    global_arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
-    strategy = FaceFedAvg(seed=cfg.seed, partitions=partitions, fraction_train=cfg.federation.fraction_train,
-                          min_train_nodes=cfg.federation.min_train_clients,
-                          min_available_nodes=cfg.federation.min_available_clients)
+    pretrained = pretrain(model, cfg, progress=progress)
+    if pretrained is not None:
+        run.log_metrics("pretrain", steps=pretrained.outcome.steps, seconds=pretrained.outcome.seconds,
+                        **evaluator.evaluate(model))
+    common = dict(seed=cfg.seed, partitions=partitions, fraction_train=cfg.federation.fraction_train,
+                  min_train_nodes=cfg.federation.min_train_clients,
+                  min_available_nodes=cfg.federation.min_available_clients)
+    strategy = he_strategy(cfg, model, pretrained, run, **common) if cfg.he.enabled else FaceFedAvg(**common)
+    global_record = wire.state_to_record(model.state_dict())
     ledger = PrivacyLedger(cfg.dp.accountant, cfg.dp.delta)
     meta = {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute}
+    metrics: dict[str, float] = {}
     bar = tqdm(range(1, cfg.federation.rounds + 1), desc="rounds", disable=not progress, unit="round")
     for server_round in bar:
         start = time.perf_counter()
-        messages = strategy.configure_train(server_round, wire.numpy_to_record(global_arrays),
-                                            wire.config_record(cfg, server_round), grid)
+        messages = strategy.configure_train(server_round, global_record, wire.config_record(cfg, server_round), grid)
         replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
-        averaged, _ = strategy.aggregate_train(server_round, replies)
-        if averaged is None:
+        global_record, _ = strategy.aggregate_train(server_round, replies)
+        if global_record is None:
             raise RunFailed(f"round {server_round}: {len(strategy.accepted)} usable replies, at least "
                             f"{cfg.federation.min_train_clients} needed; " + "; ".join(strategy.failures))
-        global_arrays = wire.record_to_numpy(averaged)
         for reply in strategy.accepted:
             if reply.privacy_json is not None and cfg.dp.mode != "off":
                 ledger.record(reply.partition, server_round, reply.privacy_json)
         ledger.save(run.path / "privacy.json")
-        model.load_state_dict(wire.record_to_state(averaged))
-        save_checkpoint(run.models / f"round-{server_round:03d}.safetensors", model.state_dict(),
-                        {**meta, "round": server_round})
-        metrics = evaluator.evaluate(model)
+        metrics = _checkpoint(run, strategy, global_record, model, evaluator, f"round-{server_round:03d}",
+                              {**meta, "round": server_round})
         clients = [{"partition": r.partition, **{k: v for k, v in r.metrics.items() if k != wire.PARTITION}}
                    for r in strategy.accepted]
         run.log_metrics("round", round=server_round, seconds=time.perf_counter() - start, clients=clients,
-                        failures=strategy.failures, max_epsilon=ledger.max_epsilon(),
+                        failures=strategy.failures, max_epsilon=ledger.max_epsilon(), encrypted=cfg.he.enabled,
                         train_loss=float(np.average([r.metrics["train-loss"] for r in strategy.accepted],
                                                     weights=[r.num_examples for r in strategy.accepted])),
                         **metrics)
-        bar.set_postfix(auc=f"{metrics['verification_auc']:.3f}", eps=f"{ledger.max_epsilon():.2f}")
+        bar.set_postfix(eps=f"{ledger.max_epsilon():.2f}",
+                        **({"auc": f"{metrics['verification_auc']:.3f}"} if metrics else {}))
         run.write_status("running", rounds_completed=server_round)
-    save_checkpoint(run.models / "final.safetensors", model.state_dict(), {**meta, "round": cfg.federation.rounds})
-    return {"rounds_completed": cfg.federation.rounds, "max_epsilon": ledger.max_epsilon(), **metrics}
+    _checkpoint(run, strategy, global_record, model, None, "final", {**meta, "round": cfg.federation.rounds})
+    return {"rounds_completed": cfg.federation.rounds, "max_epsilon": ledger.max_epsilon(),
+            "encrypted": cfg.he.enabled, **metrics}
 
 
-
+def _checkpoint(run: RunDir, strategy: FaceFedAvg, record: ArrayRecord, model: FaceModel,
+                evaluator: GlobalEvaluator | None, name: str, meta: dict[str, Any]) -> dict[str, float]:
+    """Save the aggregate (encrypted when HE is on) and evaluate it when the server can read it."""
+    if isinstance(strategy, HEFedAvg):
+        save_encrypted(run.models / f"{name}{ENCRYPTED_SUFFIX}", wire.record_to_numpy(record), strategy.layout.mask,
+                       {**meta, "fingerprint": strategy.fingerprint, "total_weight": strategy.total_weight})
+        return {}  # the server cannot evaluate what it cannot decrypt
+    model.load_state_dict(wire.record_to_state(record))
+    save_checkpoint(run.models / f"{name}.safetensors", model.state_dict(), meta)
+    return evaluator.evaluate(model) if evaluator is not None else {}

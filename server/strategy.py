@@ -34,9 +34,9 @@ def error_summary(reason: str | None) -> str:
 
 
 class ClientReply:
-    """A validated train reply: who sent it, its sample count, arrays and metrics."""
+    """A train reply's plaintext envelope: who sent it, its sample count, metrics and privacy."""
 
-    def __init__(self, msg: Message, expected: dict[str, np.ndarray]) -> None:
+    def __init__(self, msg: Message) -> None:
         content = msg.content
         self.node_id = msg.metadata.src_node_id
         metrics = content[wire.METRICS]
@@ -44,19 +44,31 @@ class ClientReply:
         self.num_examples = int(metrics[wire.NUM_EXAMPLES])
         self.metrics = dict(metrics)
         self.privacy_json = str(content[wire.PRIVACY]["json"]) if wire.PRIVACY in content.config_records else None
-        self.arrays = wire.record_to_numpy(content[wire.ARRAYS])
-        who = f"client {self.partition} (node {self.node_id})"
+        self.who = f"client {self.partition} (node {self.node_id})"
         if self.num_examples <= 0:
-            raise ValueError(f"{who}: num-examples must be > 0, got {self.num_examples}")
-        if set(self.arrays) != set(expected):
-            raise ValueError(f"{who}: update has keys {sorted(set(self.arrays) ^ set(expected))[:3]} "
-                             "that differ from the global model's")
-        for key, ref in expected.items():
-            arr = self.arrays[key]
-            if arr.shape != ref.shape:
-                raise ValueError(f"{who}: {key} has shape {arr.shape}, expected {ref.shape}")
-            if not np.isfinite(arr).all():
-                raise ValueError(f"{who}: {key} contains NaN or Inf")
+            raise ValueError(f"{self.who}: num-examples must be > 0, got {self.num_examples}")
+
+
+def check_arrays(who: str, arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """Same keys and shapes as ``expected``, and finite; errors name ``who`` and the tensor."""
+    if set(arrays) != set(expected):
+        raise ValueError(f"{who}: update has keys {sorted(set(arrays) ^ set(expected))[:3]} "
+                         "that differ from the global model's")
+    for key, ref in expected.items():
+        arr = arrays[key]
+        if arr.shape != ref.shape:
+            raise ValueError(f"{who}: {key} has shape {arr.shape}, expected {ref.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{who}: {key} contains NaN or Inf")
+
+
+class PlainReply(ClientReply):
+    """A plaintext train reply whose arrays match the global model's keys and shapes."""
+
+    def __init__(self, msg: Message, expected: dict[str, np.ndarray]) -> None:
+        super().__init__(msg)
+        self.arrays = wire.record_to_numpy(msg.content[wire.ARRAYS])
+        check_arrays(self.who, self.arrays, expected)
 
 
 class FaceFedAvg(FedAvg):
@@ -87,23 +99,32 @@ class FaceFedAvg(FedAvg):
                 for p in self.sample(server_round)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, None]:
-        """Average the valid replies (checked against the arrays sent by ``configure_train``);
-        record each failure with the client's own error text."""
+        """Combine the valid replies in partition order; record each failure with the client's own
+        error text. None when fewer than ``min_train_nodes`` replies are usable."""
         self.failures, self.accepted = [], []
         node_to_partition = {n: p for p, n in self.partitions.items()}
-        for msg in replies:
+        self.start_aggregation()
+        for msg in sorted(replies, key=lambda m: node_to_partition.get(m.metadata.src_node_id, -1)):
             who = f"client {node_to_partition.get(msg.metadata.src_node_id, '?')} (node {msg.metadata.src_node_id})"
             if msg.has_error():
                 self.failures.append(f"{who}: {error_summary(msg.error.reason)}")
                 continue
             try:
-                self.accepted.append(ClientReply(msg, self._sent))
+                self.accepted.append(self.accept(msg))
             except (KeyError, TypeError, ValueError) as exc:
                 self.failures.append(f"{who}: rejected update: {exc}")
         for failure in self.failures:
             log.warning("round %d: %s", server_round, failure)
         if len(self.accepted) < self.min_train_nodes:
             return None, None
-        self.accepted.sort(key=lambda r: r.partition)
-        averaged = weighted_average([(r.num_examples, r.arrays) for r in self.accepted])
-        return wire.numpy_to_record(averaged), None
+        return self.combine(), None
+
+    def start_aggregation(self) -> None:
+        """Reset per-round accumulators (plaintext FedAvg keeps the replies until ``combine``)."""
+
+    def accept(self, msg: Message) -> ClientReply:
+        """Validate one reply against the arrays sent by ``configure_train``."""
+        return PlainReply(msg, self._sent)
+
+    def combine(self) -> ArrayRecord:
+        return wire.numpy_to_record(weighted_average([(r.num_examples, r.arrays) for r in self.accepted]))

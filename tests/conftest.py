@@ -66,3 +66,12 @@ def tiny_spec():
     from common.models.face_model import ModelSpec
 
     return ModelSpec(width=8, blocks=(1, 1), embedding_dim=16, image_size=SMALL_SIZE, attribute_head=True)
+
+
+@pytest.fixture
+def server_task(monkeypatch):
+    """The task identity a running ServerApp process has (messages are built against it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

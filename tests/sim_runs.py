@@ -36,7 +36,8 @@ LEDGER_PARTIAL = TINY + ("split.num_clients=3", "federation.fraction_train=0.5",
 _RUNS: dict[tuple[str, tuple[str, ...]], tuple[Any, dict[str, Any]]] = {}
 
 
-def simulated_run(factory: pytest.TempPathFactory, overrides: tuple[str, ...], tag: str = "") -> tuple[Any, dict]:
+def simulated_run(factory: pytest.TempPathFactory, overrides: tuple[str, ...], tag: str = "",
+                  he_secret: Path | None = None) -> tuple[Any, dict]:
     """(RunDir, status) of a finished simulation of ``overrides``; made once per session per tag.
 
     Fails the calling test (with the run's error) if the run did not finish.
@@ -47,7 +48,8 @@ def simulated_run(factory: pytest.TempPathFactory, overrides: tuple[str, ...], t
     key = (tag, tuple(overrides))
     if key not in _RUNS:
         cfg = load_config(None, list(overrides))
-        run, status = simulate(cfg, factory.mktemp("runs"), prefix=f"test{tag}", progress=False)
+        run, status = simulate(cfg, factory.mktemp("runs"), prefix=f"test{tag}", progress=False,
+                               he_secret=he_secret)
         _RUNS[key] = (run, status)
     run, status = _RUNS[key]
     assert status["status"] == "finished", f"simulation {overrides} did not finish: {status}"

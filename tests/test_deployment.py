@@ -1,5 +1,9 @@
 """The app on Flower's deployment engine: 1 SuperLink + 2 SuperNodes as real processes on
-127.0.0.1, ``flwr run`` with DP-SGD on, 2 rounds; then the run directory is checked.
+127.0.0.1, ``flwr run`` with DP-SGD and HE on, 2 rounds; then the run directory is checked.
+
+The SuperNodes get the CKKS secret context through their node config; the ServerApp gets only
+the public context (run config ``he.public_context``), stores only encrypted checkpoints, and a
+key holder decrypts the final model with ``facefl keys decrypt-model``.
 
 Everything lives under tmp_path: FLWR_HOME (connection config, installed FABs), the SuperLink's
 state database, the data cache and the run directory. Runtime dependency installation is off.
@@ -41,9 +45,21 @@ OVERRIDES = {
 
 
 @pytest.fixture()
-def deployment(tmp_path: Path):
+def keys(tmp_path: Path) -> Path:
+    from common.privacy.he_keys import KeyParams, write_keys
+
+    write_keys(tmp_path / "keys", KeyParams())
+    return tmp_path / "keys"
+
+
+@pytest.fixture()
+def deployment(tmp_path: Path, keys: Path):
+    from common.privacy.he_keys import SECRET_FILE
+
+    node_config = {i: f"partition-id={i} num-partitions={NODES} he-secret-context='{keys / SECRET_FILE}'"
+                   for i in range(NODES)}
     # One intra-op thread per process: two ClientApps train at once on two shared cores.
-    dep = dh.start_deployment(tmp_path, NODES, cache=tmp_path / "cache",
+    dep = dh.start_deployment(tmp_path, NODES, node_config=node_config, cache=tmp_path / "cache",
                               extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     try:
         yield dep
@@ -57,7 +73,10 @@ def deployment(tmp_path: Path):
 
 
 @pytest.mark.timeout(900)
-def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path) -> None:
+def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path, keys: Path, capsys) -> None:
+    from common.cli import main
+    from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE
+
     started = time.monotonic()
     pyproject = (ROOT / "pyproject.toml").read_bytes()
     out = tmp_path / "runs"
@@ -65,7 +84,8 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
     # A run whose ServerApp fails: `flwr run` still exits 0 (submit_run checks that), only
     # `flwr list` tells. Submitted first, it fails while the real run goes on.
     bad_id = dh.submit_run(deployment, ROOT, {**OVERRIDES, "dp.mode": "bogus", "output-dir": str(tmp_path / "bad")})
-    run_id = dh.submit_run(deployment, ROOT, {**OVERRIDES, "output-dir": str(out)})
+    run_id = dh.submit_run(deployment, ROOT, {**OVERRIDES, "output-dir": str(out), "he.enabled": True,
+                                              "he.public_context": str(keys / PUBLIC_FILE)})
     info = dh.wait_for_run(deployment, run_id, timeout=600.0)
     dh.require_completed(deployment, run_id, info)
     run_seconds = time.monotonic() - started
@@ -106,10 +126,14 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
         assert entry["rounds"] == list(range(1, ROUNDS + 1)), (pid, entry)
     assert privacy["max_epsilon"] == pytest.approx(max(e["epsilon"] for e in privacy["clients"].values()))
 
+    # The server stored only encrypted checkpoints; a key holder decrypts the final model.
+    assert sorted(p.name for p in (run / "models").iterdir()) == (
+        ["final.he.safetensors"] + [f"round-{r:03d}.he.safetensors" for r in range(1, ROUNDS + 1)])
+    assert all(e["encrypted"] and "verification_auc" not in e for e in rounds)
+    assert main(["keys", "decrypt-model", str(run), "--key", str(keys / SECRET_FILE)]) == 0
+    assert "verification_auc" in capsys.readouterr().out
     state, meta = load_checkpoint(run / "models" / "final.safetensors")
-    assert state and meta["round"] == ROUNDS, meta
-    for r in range(1, ROUNDS + 1):
-        assert (run / "models" / f"round-{r:03d}.safetensors").is_file()
+    assert state and meta["round"] == ROUNDS and meta["decrypted_from"] == "final.he.safetensors", meta
 
     print(f"\ndeployment run {run_id}: {info['status']} in {run_seconds:.1f} s "
           f"(Flower elapsed {info.get('elapsed', 0):.1f} s)")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from flower_messages import plain_reply
 from sim_runs import LEDGER_FULL, TINY, round_events, simulated_run
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
@@ -81,38 +82,6 @@ def test_weighted_average_rejects_empty_and_zero_weights() -> None:
 
 # ---------------------------------------------------------------- FaceFedAvg.aggregate_train (unit)
 
-def _reply(node: int, partition: int, n: int, arrays: dict[str, np.ndarray]):
-    """A train reply from ``node`` as the ServerApp receives it."""
-    from flwr.app import (
-        ConfigRecord,
-        Message,
-        MessageType,
-        Metadata,
-        MetricRecord,
-        RecordDict,
-    )
-
-    from common import wire
-
-    # Outside a running ServerApp there is no task identity to reply to: set the metadata directly.
-    metadata = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="",
-                        group_id="1", created_at=0.0, ttl=3600.0, message_type=MessageType.TRAIN)
-    content = RecordDict({wire.ARRAYS: wire.numpy_to_record(arrays),
-                          wire.METRICS: MetricRecord({wire.PARTITION: partition, wire.NUM_EXAMPLES: n,
-                                                      "train-loss": 0.5}),
-                          wire.PRIVACY: ConfigRecord({"json": "{}"})})
-    return Message(content=content, metadata=metadata)
-
-
-@pytest.fixture
-def server_task(monkeypatch):
-    """The task identity a running ServerApp process has (messages are built against it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 def _send(strategy, arrays: dict[str, np.ndarray]) -> None:
     """Send the round's global arrays (configure_train), against which replies are validated."""
     from flwr.app import ConfigRecord
@@ -142,7 +111,7 @@ def test_aggregate_train_is_independent_of_arrival_order(server_task) -> None:
     reference = weighted_average([updates[p] for p in sorted(partitions)])
     _send(strategy, expected)
     for perm in perms:
-        replies = [_reply(partitions[p], p, *updates[p]) for p in perm]
+        replies = [plain_reply(partitions[p], p, *updates[p]) for p in perm]
         record, _ = strategy.aggregate_train(1, replies)
         got = wire.record_to_numpy(record)
         assert [r.partition for r in strategy.accepted] == [0, 1, 2, 3] and strategy.failures == []
@@ -157,8 +126,8 @@ def test_aggregate_train_rejects_bad_updates_and_keeps_the_rest(server_task) -> 
     partitions = {0: 10, 1: 11, 2: 12}
     strategy = FaceFedAvg(seed=0, partitions=partitions, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
     _send(strategy, expected)
-    replies = [_reply(10, 0, 4, {"w": np.ones(3)}), _reply(11, 1, 4, {"w": np.array([1.0, np.nan, 1.0])}),
-               _reply(12, 2, 12, {"w": np.full(3, 5.0)})]
+    replies = [plain_reply(10, 0, 4, {"w": np.ones(3)}), plain_reply(11, 1, 4, {"w": np.array([1.0, np.nan, 1.0])}),
+               plain_reply(12, 2, 12, {"w": np.full(3, 5.0)})]
     record, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_array_equal(record["w"].numpy(), np.full(3, 4.0))
     assert len(strategy.failures) == 1 and "client 1" in strategy.failures[0] and "NaN" in strategy.failures[0]

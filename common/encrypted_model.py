@@ -1,0 +1,73 @@
+"""Encrypted checkpoints: what an HE server stores, and how a key holder turns them into models.
+
+With HE on, the server never holds the plaintext global model, so its checkpoints are the
+encrypted weighted sum, the plaintext share, the mask and the total sample count, in a
+safetensors file (``round-XXX.he.safetensors``). A key holder (any client of the consortium)
+runs ``facefl keys decrypt-model RUN_DIR --key secret-context.bin`` to write the plaintext
+``final.safetensors`` into the run directory and evaluate it, so that evaluation and audits
+work on HE runs exactly as on plaintext ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.builders import build_dataset, build_model
+from common.config import load_config
+from common.data.splits import Manifest
+from common.evaluation import GlobalEvaluator
+from common.models.checkpoint import load_checkpoint, save_checkpoint
+from common.models.face_model import ModelSpec
+from common.privacy.he import Ciphertexts, decrypt_mean
+from common.privacy.he_keys import HEKeyError, fingerprint, load_secret_context
+from common.privacy.he_selection import EncryptionLayout
+from common.rundir import RunDir
+
+ENCRYPTED_SUFFIX = ".he.safetensors"
+
+
+def save_encrypted(path: str | os.PathLike[str], payload: dict[str, np.ndarray], mask: np.ndarray,
+                   metadata: dict[str, Any]) -> Path:
+    """Store an encrypted aggregate (``plain``, ``ciphertext``, ``lengths``) with its mask."""
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(payload[k])) for k in ("plain", "ciphertext", "lengths")}
+    tensors["mask"] = torch.from_numpy(mask.astype(np.uint8))
+    return save_checkpoint(path, tensors, {**metadata, "encrypted": True})
+
+
+def decrypt_checkpoint(path: str | os.PathLike[str], secret_context: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The plaintext state dict of an encrypted checkpoint, and its metadata."""
+    state, meta = load_checkpoint(path)
+    if not meta.get("encrypted"):
+        raise ValueError(f"{path}: not an encrypted checkpoint")
+    ctx = load_secret_context(secret_context)
+    if meta["fingerprint"] != fingerprint(ctx):
+        raise HEKeyError(f"{secret_context}: key fingerprint {fingerprint(ctx)[:16]}... is not the run's "
+                         f"{str(meta['fingerprint'])[:16]}...: this is not the consortium's secret key")
+    template = build_model(ModelSpec.from_dict(meta["spec"]), 0).state_dict()
+    layout = EncryptionLayout.for_state({k: v.numpy() for k, v in template.items()}, state["mask"].numpy())
+    ct = Ciphertexts(state["ciphertext"].numpy(), state["lengths"].numpy())
+    mean = decrypt_mean(ctx, ct, layout.n_encrypted, int(meta["total_weight"]), str(path))
+    arrays = layout.merge(mean, state["plain"].numpy().astype(np.float64))
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}, meta
+
+
+def decrypt_run(run_dir: str | os.PathLike[str], secret_context: str | os.PathLike[str]) -> tuple[Path, dict[str, float]]:
+    """Decrypt the run's final model into ``models/final.safetensors``, evaluate it, log the metrics."""
+    run = RunDir(run_dir)
+    source = run.models / f"final{ENCRYPTED_SUFFIX}"
+    state, meta = decrypt_checkpoint(source, secret_context)
+    plain_meta = {k: v for k, v in meta.items() if k not in ("encrypted", "total_weight", "fingerprint")}
+    out = save_checkpoint(run.models / "final.safetensors", state, {**plain_meta, "decrypted_from": source.name})
+    cfg = load_config(run.config_path)
+    ds = build_dataset(cfg)
+    manifest = Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
+    model = build_model(ModelSpec.from_dict(meta["spec"]), cfg.seed)
+    model.load_state_dict(state)
+    metrics = GlobalEvaluator(cfg, ds, manifest).evaluate(model)
+    run.log_metrics("decrypted", round=meta["round"], **metrics)
+    return out, metrics

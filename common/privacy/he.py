@@ -1,0 +1,138 @@
+"""CKKS-encrypted weighted sums: what clients encrypt, what the server adds, what clients decrypt.
+
+A client multiplies its flattened update by its sample count n (the only multiplication, done
+in plaintext: with one data level, a ciphertext-plaintext product would exceed the scale),
+appends n itself as a *canary* slot, and packs the vector into N/2-slot ciphertexts (one per
+chunk, not per layer, so that a 64-value bias does not cost a whole ciphertext). The server
+parses each client's ciphertexts with the public context, checks their number and sizes, and
+adds them into one running sum, client by client, so its memory holds one client's ciphertexts
+and the accumulator whatever the number of clients. Clients decrypt the sum, check that the
+canary slot decrypts to the total sample count the server announced in plaintext (a key
+mismatch decrypts to noise instead of raising), and divide.
+
+On the wire a list of ciphertexts is two arrays: the concatenated serialisations (uint8) and
+their lengths (int64), which travel in a Flower ArrayRecord like any other tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal as ts
+
+CANARY_TOLERANCE = 1e-4
+"""Relative tolerance of the canary check (CKKS error at scale 2^40 is about 1e-9)."""
+
+
+class CiphertextError(ValueError):
+    """Ciphertext bytes that do not parse, do not fit the expected layout, or decrypt wrongly."""
+
+
+@dataclass
+class Ciphertexts:
+    """Serialised CKKS vectors as two arrays: concatenated bytes and each vector's length."""
+
+    blob: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def pack(cls, parts: Sequence[bytes]) -> Ciphertexts:
+        lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+        return cls(np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.blob.nbytes + self.lengths.nbytes)
+
+    def split(self, who: str) -> list[bytes]:
+        """The serialised vectors; raises CiphertextError when the framing is inconsistent."""
+        blob, lengths = np.asarray(self.blob), np.asarray(self.lengths)
+        if blob.dtype != np.uint8 or blob.ndim != 1:
+            raise CiphertextError(f"{who}: ciphertext blob must be 1-D uint8, got {blob.dtype} {blob.shape}")
+        if lengths.dtype != np.int64 or lengths.ndim != 1:
+            raise CiphertextError(f"{who}: ciphertext lengths must be 1-D int64, got {lengths.dtype} {lengths.shape}")
+        if (lengths <= 0).any() or int(lengths.sum()) != blob.size:
+            raise CiphertextError(f"{who}: ciphertext lengths (sum {int(lengths.sum())}) do not frame the "
+                                  f"{blob.size} bytes received (truncated or corrupt payload)")
+        raw = blob.tobytes()
+        ends = np.cumsum(lengths)
+        return [raw[e - n:e] for n, e in zip(lengths.tolist(), ends.tolist(), strict=True)]
+
+
+def slot_count(ctx: ts.Context) -> int:
+    return ctx.seal_context().data.first_context_data().parms().poly_modulus_degree() // 2
+
+
+def chunk_sizes(n_values: int, slots: int) -> list[int]:
+    """Slots used by each ciphertext for ``n_values`` values plus the canary."""
+    total = n_values + 1
+    return [min(slots, total - i * slots) for i in range(math.ceil(total / slots))]
+
+
+def encrypt_weighted(ctx: ts.Context, values: np.ndarray, weight: int) -> Ciphertexts:
+    """Encrypt ``weight * values`` and the canary ``weight`` with a client's secret context."""
+    if weight <= 0:
+        raise ValueError(f"encrypt_weighted: weight must be > 0, got {weight}")
+    x = np.concatenate([np.asarray(values, dtype=np.float64).ravel() * weight, [float(weight)]])
+    slots = slot_count(ctx)
+    return Ciphertexts.pack([ts.ckks_vector(ctx, x[i:i + slots]).serialize() for i in range(0, x.size, slots)])
+
+
+def parse(ctx: ts.Context, ct: Ciphertexts, n_values: int, who: str) -> list[ts.CKKSVector]:
+    """Deserialise a client's ciphertexts and check that they fit ``n_values`` values + canary."""
+    parts = ct.split(who)
+    sizes = chunk_sizes(n_values, slot_count(ctx))
+    if len(parts) != len(sizes):
+        raise CiphertextError(f"{who}: {len(parts)} ciphertexts, expected {len(sizes)} for {n_values} values")
+    vectors = []
+    scale = ctx.global_scale
+    for i, (raw, size) in enumerate(zip(parts, sizes, strict=True)):
+        try:
+            v = ts.ckks_vector_from(ctx, raw)
+            ok = v.size() == size and math.isclose(v.ciphertext()[0].scale, scale, rel_tol=1e-9)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise CiphertextError(f"{who}: ciphertext {i} does not parse ({exc})") from None
+        if not ok:
+            raise CiphertextError(f"{who}: ciphertext {i} has {v.size()} slots at scale "
+                                  f"{v.ciphertext()[0].scale:.3g}, expected {size} at {scale:.3g}")
+        vectors.append(v)
+    return vectors
+
+
+class EncryptedSum:
+    """Running sum of clients' encrypted weighted updates, built with a public context."""
+
+    def __init__(self, ctx: ts.Context, n_values: int) -> None:
+        self.ctx = ctx
+        self.n_values = n_values
+        self.parts: list[ts.CKKSVector] | None = None
+        self.total_weight = 0
+
+    def add(self, vectors: list[ts.CKKSVector], weight: int) -> None:
+        """Add one client's parsed ciphertexts (``a + b``: ``copy()`` would duplicate the context)."""
+        self.parts = vectors if self.parts is None else [a + b for a, b in zip(self.parts, vectors, strict=True)]
+        self.total_weight += weight
+
+    def serialize(self) -> Ciphertexts:
+        if self.parts is None:
+            raise ValueError("EncryptedSum: nothing was added")
+        return Ciphertexts.pack([v.serialize() for v in self.parts])
+
+
+def decrypt_mean(ctx: ts.Context, ct: Ciphertexts, n_values: int, total_weight: int, who: str) -> np.ndarray:
+    """Decrypt an encrypted weighted sum and divide by ``total_weight`` (the announced total).
+
+    Raises CiphertextError when the canary slot does not decrypt to ``total_weight``: one of the
+    summed ciphertexts was made with another key, or this holder's key is not the clients'.
+    """
+    if not ctx.has_secret_key():
+        raise CiphertextError(f"{who}: decrypting needs the secret context; this one is public")
+    x = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in parse(ctx, ct, n_values, who)])
+    canary = x[-1]
+    if not abs(canary - total_weight) <= CANARY_TOLERANCE * max(1.0, float(total_weight)):
+        raise CiphertextError(f"{who}: the canary slot decrypts to {canary:.6g}, expected the total sample count "
+                              f"{total_weight}: the aggregate was encrypted with another key than this one")
+    return x[:-1] / total_weight

@@ -1,0 +1,133 @@
+"""FedAvg over CKKS-encrypted updates: the server adds ciphertexts it cannot read.
+
+Each client sends its plaintext share (the entries the selective-encryption mask leaves in the
+clear) and the encryption of ``n * update`` for the rest, with its key fingerprint and sample
+count in plaintext. The server checks the fingerprint against its public context's, parses and
+checks every ciphertext of one client, adds them to the running sum and lets them go before the
+next client's, so the memory of the aggregation does not grow with the number of clients. The
+result, handed back to the clients in the next round, is the encrypted sum, the total sample
+count (so clients can divide after decrypting) and the weighted mean of the plaintext share.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import tenseal as ts
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import wire
+from common.config import Config
+from common.io import atomic_write_json
+from common.models.face_model import FaceModel
+from common.pretraining import Pretrained
+from common.privacy.he import Ciphertexts, EncryptedSum, parse
+from common.privacy.he_keys import load_public_context
+from common.privacy.he_selection import EncryptionLayout, fisher_diagonal, top_fraction_mask
+from common.rundir import RunDir
+from server.aggregation import weighted_average
+from server.strategy import ClientReply, FaceFedAvg
+
+log = logging.getLogger(__name__)
+
+
+class KeyMismatchError(RuntimeError):
+    """A client encrypted with another key and the run is configured to fail on it."""
+
+
+class EncryptedReply(ClientReply):
+    """A client's encrypted update, parsed with the server's public context and checked."""
+
+    def __init__(self, msg: Message, ctx: ts.Context, server_fingerprint: str, layout: EncryptionLayout) -> None:
+        super().__init__(msg)
+        meta = msg.content[wire.HE_META]
+        theirs = str(meta[wire.FINGERPRINT])
+        if theirs != server_fingerprint:
+            raise KeyMismatchError(f"{self.who}: HE key fingerprint {theirs[:16]}... differs from the server's "
+                                   f"{server_fingerprint[:16]}...: this node holds another secret key")
+        self.plain, ct = wire.record_to_payload(msg.content[wire.HE_PAYLOAD], self.who)
+        if self.plain.shape != (layout.n_plain,) or not np.isfinite(self.plain).all():
+            raise ValueError(f"{self.who}: plaintext share must be {layout.n_plain} finite values, "
+                             f"got shape {self.plain.shape}")
+        self.vectors = parse(ctx, ct, layout.n_encrypted, self.who)
+
+
+class HEFedAvg(FaceFedAvg):
+    """``FaceFedAvg`` whose aggregate is an encrypted weighted sum plus a plaintext mean."""
+
+    def __init__(self, *, ctx: ts.Context, key_fingerprint: str, layout: EncryptionLayout, on_key_mismatch: str,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        if ctx.has_secret_key():
+            raise ValueError("HEFedAvg: the server's context must not hold the secret key")
+        self.ctx = ctx
+        self.fingerprint = key_fingerprint
+        self.layout = layout
+        self.on_key_mismatch = on_key_mismatch
+        self.total_weight = 0  # of the current encrypted global model (0: it is still plaintext)
+        self._sum: EncryptedSum | None = None
+        self._plain: list[tuple[int, np.ndarray]] = []
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send the mask, the key fingerprint and the global model: plaintext before the first
+        aggregation (the public pretrained model), the encrypted sum afterwards."""
+        content = RecordDict({wire.CONFIG: config, wire.HE_MASK: wire.numpy_to_record({"mask": self.layout.mask.astype(np.uint8)}),
+                              wire.HE_META: ConfigRecord({wire.FINGERPRINT: self.fingerprint,
+                                                          wire.TOTAL_WEIGHT: self.total_weight})})
+        if self.total_weight:
+            content[wire.HE_PAYLOAD] = arrays
+        else:
+            content[wire.ARRAYS] = arrays
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.partitions[p])
+                for p in self.sample(server_round)]
+
+    def start_aggregation(self) -> None:
+        self._sum = EncryptedSum(self.ctx, self.layout.n_encrypted)
+        self._plain = []
+
+    def accept(self, msg: Message) -> ClientReply:
+        try:
+            reply = EncryptedReply(msg, self.ctx, self.fingerprint, self.layout)
+        except KeyMismatchError as exc:
+            if self.on_key_mismatch == "fail":
+                raise
+            raise ValueError(str(exc)) from None
+        assert self._sum is not None
+        self._sum.add(reply.vectors, reply.num_examples)
+        self._plain.append((reply.num_examples, reply.plain))
+        del reply.vectors  # the sum holds what is needed; this client's ciphertexts can go
+        return reply
+
+    def combine(self) -> ArrayRecord:
+        assert self._sum is not None
+        plain = weighted_average([(n, {"plain": values}) for n, values in self._plain])["plain"]
+        ct: Ciphertexts = self._sum.serialize()
+        self._sum, self._plain, self.total_weight = None, [], self._sum.total_weight
+        return wire.payload_to_record(plain, ct)
+
+
+def he_strategy(cfg: Config, model: FaceModel, pretrained: Pretrained | None, run: RunDir, **common) -> HEFedAvg:
+    """The HE strategy for this run; records in ``he.json`` what the server can and cannot see."""
+    ctx, key_fingerprint = load_public_context(cfg.he.public_context)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    layout = EncryptionLayout.for_state(state)
+    criterion = "all"
+    if cfg.he.encrypt_fraction < 1:
+        assert pretrained is not None  # Config.validate requires public data for selection
+        sensitivity = fisher_diagonal(model, pretrained.head, pretrained.public, cfg)
+        layout = EncryptionLayout.for_state(state, top_fraction_mask(layout, sensitivity, cfg.he.encrypt_fraction))
+        criterion = "fisher-diagonal on public data"
+    strategy = HEFedAvg(ctx=ctx, key_fingerprint=key_fingerprint, layout=layout, on_key_mismatch=cfg.he.on_key_mismatch, **common)
+    atomic_write_json(run.path / "he.json", {
+        "fingerprint": strategy.fingerprint, "encrypt_fraction": cfg.he.encrypt_fraction, "criterion": criterion,
+        "values": int(layout.mask.size), "encrypted": layout.n_encrypted, "plaintext": layout.n_plain,
+        "server_sees": "the plaintext share of each client's update, sample counts, metrics and privacy "
+                       "histories; the encrypted share only as a sum" if layout.n_plain else
+                       "sample counts, metrics and privacy histories; every parameter only as an encrypted sum",
+        "tensors": layout.visibility()})
+    log.info("HE: %d of %d values encrypted (key %s...)", layout.n_encrypted, layout.mask.size, strategy.fingerprint[:16])
+    return strategy
