@@ -14,7 +14,8 @@ canary, parse with the public context, add client by client, decrypt and divide)
 
 Part 2 (skip with ``--no-round``): the wall time of federated rounds of the default configuration
 (``--rounds``, default 2) on Flower's simulation engine, with and without HE, read from each run's
-metrics.jsonl (the server's round timer: send, local training, encryption, aggregation).
+metrics.jsonl (``federated_seconds``: send, decryption, local training, encryption, aggregation;
+the server's per-round evaluation, which an HE server cannot do, is excluded from both).
 
 Usage:  .venv/bin/python bench/he_overhead.py [--params 1000000] [--clients 10] [--no-round]
 Targets: <= 8.5x the float32 bytes with full encryption; server peak memory flat in the number
@@ -157,7 +158,7 @@ def round_rows(args: argparse.Namespace, work: Path, key_dir: Path) -> list[tupl
         run, status = simulate(load_config(None, overrides), work / "runs", progress=False, he_secret=secret)
         if status["status"] != "finished":
             raise SystemExit(f"{label} run failed: {status}")
-        rounds = [r["seconds"] for r in run.read_metrics() if r["event"] == "round"]
+        rounds = [r["federated_seconds"] for r in run.read_metrics() if r["event"] == "round"]
         seconds[label] = float(np.mean(rounds))
         rows.append((label, " / ".join(f"{s:.1f}" for s in rounds), f"{seconds[label]:.1f}",
                      f"{seconds[label] / seconds['plaintext']:.2f}x"))
@@ -176,8 +177,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-round", action="store_true", help="skip the simulated rounds (part 2)")
     args = parser.parse_args()
+    import logging
+    import warnings
+
     import tenseal
     import torch
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").propagate = False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    warnings.filterwarnings("ignore")
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(f"python {platform.python_version()}, torch {torch.__version__}, tenseal {tenseal.__version__}, "

@@ -6,15 +6,20 @@ history (a ConfigRecord), so that epsilon composes across every round this node 
 
 from __future__ import annotations
 
+import json
 import logging
+
+import torch
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.he_client import decode_global, encode_update, secret_context
-from client.local import ClientState, local_data, local_train
+from client.he_client import Encryption, decode_global, encode_update, secret_context
+from client.local import ClientState, derived_seed, local_data, local_train
 from common import wire
 from common.builders import build_dataset, build_model, model_spec
+from common.config import Config
+from common.mote_enrollment import enroll_client
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +42,47 @@ def _save_state(context: Context, state: ClientState) -> None:
     context.state[PRIVACY_KEY] = ConfigRecord({"json": state.privacy_json()})
 
 
+def _global_model(msg: Message, context: Context, cfg: Config) -> tuple[dict[str, torch.Tensor], Encryption | None]:
+    """The global model a server message carries: plaintext, or decrypted with this node's key."""
+    if wire.HE_META not in msg.content.config_records:
+        return wire.record_to_state(msg.content[wire.ARRAYS]), None
+    ctx, own_fingerprint = secret_context(context.node_config)
+    template = build_model(model_spec(cfg), cfg.seed).state_dict()
+    state, layout = decode_global(msg.content, ctx, own_fingerprint, template)
+    return state, Encryption(ctx, own_fingerprint, layout)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
-    encrypted = wire.HE_META in msg.content.config_records
-    if encrypted:
-        ctx, own_fingerprint = secret_context(context.node_config)
-        template = build_model(model_spec(cfg), cfg.seed).state_dict()
-        global_state, layout = decode_global(msg.content, ctx, own_fingerprint, template)
-    else:
-        global_state = wire.record_to_state(msg.content[wire.ARRAYS])
+    global_state, encryption = _global_model(msg, context, cfg)
     new_state, client_state, report = local_train(cfg, partition, server_round, global_state, _load_state(context))
     _save_state(context, client_state)
     content = RecordDict({wire.METRICS: wire.metric_record(report),
                           wire.PRIVACY: ConfigRecord({"json": client_state.privacy_json()})})
-    if encrypted:
-        for key, record in encode_update(ctx, own_fingerprint, layout, new_state, int(report[wire.NUM_EXAMPLES])).items():
+    if encryption is not None:
+        for key, record in encode_update(encryption, new_state, int(report[wire.NUM_EXAMPLES])).items():
             content[key] = record
     else:
         content[wire.ARRAYS] = wire.state_to_record(new_state)
+    return Message(content, reply_to=msg)
+
+
+@app.query("enroll")
+def enroll(msg: Message, context: Context) -> Message:
+    """MOTE enrollment of this client's identities with the final global backbone (decrypted by
+    the client itself under HE); one gallery per balancing factor goes back to the server."""
+    cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
+    partition = wire.partition_of(context.node_config, cfg.split.num_clients)
+    global_state, _ = _global_model(msg, context, cfg)
+    model = build_model(model_spec(cfg), cfg.seed)
+    model.load_state_dict(global_state)
+    galleries, info = enroll_client(cfg, build_dataset(cfg), model, partition, derived_seed(cfg.seed, 0xE4, partition))
+    content = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, "identities": len(galleries[0])}),
+                          wire.MOTE_INFO: ConfigRecord({"json": json.dumps(info)})})
+    for i, gallery in enumerate(galleries):
+        content[wire.gallery_key(i)] = wire.gallery_to_record(gallery)
     return Message(content, reply_to=msg)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,15 @@ from common.privacy.he_selection import EncryptionLayout
 
 SECRET_KEY_NODE_CONFIG = "he-secret-context"
 SECRET_KEY_ENV = "FACEFL_HE_SECRET_CONTEXT"
+
+
+@dataclass
+class Encryption:
+    """What a client needs to encrypt its reply: its context, key fingerprint and the layout."""
+
+    ctx: ts.Context
+    fingerprint: str
+    layout: EncryptionLayout
 
 
 @functools.lru_cache(maxsize=4)
@@ -60,9 +70,8 @@ def decode_global(content: RecordDict, ctx: ts.Context, own_fingerprint: str,
     return {k: torch.from_numpy(v) for k, v in layout.merge(mean, plain.astype(np.float64)).items()}, layout
 
 
-def encode_update(ctx: ts.Context, own_fingerprint: str, layout: EncryptionLayout,
-                  state: Mapping[str, torch.Tensor], num_examples: int) -> RecordDict:
+def encode_update(enc: Encryption, state: Mapping[str, torch.Tensor], num_examples: int) -> RecordDict:
     """The reply's encrypted part: plaintext share, ciphertexts of ``n * rest``, fingerprint."""
-    secret, plain = layout.split({k: v.detach().cpu().numpy() for k, v in state.items()})
-    return RecordDict({wire.HE_PAYLOAD: wire.payload_to_record(plain, encrypt_weighted(ctx, secret, num_examples)),
-                       wire.HE_META: ConfigRecord({wire.FINGERPRINT: own_fingerprint})})
+    secret, plain = enc.layout.split({k: v.detach().cpu().numpy() for k, v in state.items()})
+    return RecordDict({wire.HE_PAYLOAD: wire.payload_to_record(plain, encrypt_weighted(enc.ctx, secret, num_examples)),
+                       wire.HE_META: ConfigRecord({wire.FINGERPRINT: enc.fingerprint})})

@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "simulated clients use its secret context, the server its public one, and the final "
                           "model is decrypted into the run directory afterwards")
 
+    evaluate = sub.add_parser("evaluate", help="verification with MOTE vs templates (FNMR@FMR=1e-3, FDR, iGARBE, "
+                                               "IR per gender) and the gender-inference attack on both galleries")
+    evaluate.add_argument("run_dir", type=Path, help="run directory with models/final.safetensors and mote/")
+
     keys = sub.add_parser("keys", help="CKKS keys for encrypted aggregation").add_subparsers(dest="keys_command",
                                                                                           required=True)
     init = keys.add_parser("init", help="write a secret context (clients), a public one (server) and key.json")
@@ -177,6 +181,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from attacks.gender_inference import template_leakage
+    from common.mote_evaluation import EVALUATION_FILE, evaluate_mote, save_evaluation
+    from common.table import format_table
+
+    report, stolen = evaluate_mote(args.run_dir)
+    report["gender_inference"] = template_leakage(stolen)
+    header, rows = save_evaluation(args.run_dir, report)
+    print(format_table(header, rows))
+    print(f"{report['enrolled']} enrolled identities, {report['probes']} probe images; "
+          f"written to {args.run_dir / EVALUATION_FILE}")
+    return 0
+
+
 def _cmd_keys_init(args: argparse.Namespace) -> int:
     from common.privacy.he_keys import KeyParams, write_keys
 
@@ -196,7 +214,7 @@ def _cmd_keys_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {("run", None): _cmd_run, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
+_COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
              ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline}
 
 

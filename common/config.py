@@ -133,6 +133,25 @@ class HEConfig:
 
 
 @dataclass
+class MoteConfig:
+    enabled: bool = field(default=True, metadata={"doc": "enroll every client's identities as MOTE models after "
+                                                         "the backbone rounds (identity and both tasks)"})
+    balancing_factors: tuple[float, ...] = field(default=(0.0, 0.4, 0.5, 0.6, 1.0), metadata={
+        "doc": "one gallery per factor b: the male share of the synthetic genuine samples"})
+    kde_population: str = _choice("members", ("members", "aux"),
+                                  doc="embeddings the gender KDEs are fitted on: the client's own members or the "
+                                      "aux population")
+    references: int = _num(1, 1, doc="reference images per enrolled identity (the rest of its images are never "
+                                     "enrolled; its probe-role images are the genuine probes)")
+    synthetic: int = _num(100, 5, doc="synthetic genuine samples per identity")
+    impostors: int = _num(400, 1, doc="real impostor embeddings per identity")
+    epochs: int = _num(100, 1, doc="at most; early stopping on validation loss")
+    dp_noise_multiplier: float = _num(0.0, 0.0, doc="DP-SGD noise of each MOTE model (needs dp_max_grad_norm)")
+    dp_max_grad_norm: float = _num(0.0, 0.0, doc="per-sample clipping norm of MOTE training (0 = off)")
+    fp16: bool = field(default=False, metadata={"doc": "store galleries in float16 (half the bytes)"})
+
+
+@dataclass
 class Config:
     seed: int = _num(0, 0)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +163,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
     he: HEConfig = field(default_factory=HEConfig)
+    mote: MoteConfig = field(default_factory=MoteConfig)
 
     def validate(self) -> Config:
         """Cross-field checks (single fields are checked while parsing)."""
@@ -168,6 +188,10 @@ class Config:
         if self.federation.min_train_clients > self.split.num_clients:
             raise ConfigError(f"federation.min_train_clients: expected at most split.num_clients = "
                               f"{self.split.num_clients}, got {self.federation.min_train_clients}")
+        if any(not 0 <= b <= 1 for b in self.mote.balancing_factors):
+            raise ConfigError(f"mote.balancing_factors: expected values in [0, 1], got {self.mote.balancing_factors}")
+        if self.mote.dp_noise_multiplier > 0 and self.mote.dp_max_grad_norm <= 0:
+            raise ConfigError("mote.dp_noise_multiplier: > 0 needs mote.dp_max_grad_norm > 0 (the clipping norm)")
         if self.he.enabled and not self.he.public_context:
             raise ConfigError("he.public_context: required when he.enabled = true (the path of the server's "
                               "public-context.bin from `facefl keys init`)")
@@ -233,16 +257,20 @@ def _parse_scalar(key: str, raw: Any, typ: Any, meta: typing.Mapping[str, Any]) 
                 raise ValueError
             value = raw
         elif origin is tuple:
+            elem = typing.get_args(typ)[0]
             items = raw.split(",") if isinstance(raw, str) else list(raw)
-            if any(isinstance(x, (bool, float)) for x in items):
+            if any(isinstance(x, bool) or (elem is int and isinstance(x, float)) for x in items):
                 raise ValueError
-            value = tuple(int(x) for x in items)
-            if not value or min(value) < 1:
+            value = tuple(elem(x) for x in items)
+            if not value or (elem is int and min(value) < 1):
                 raise ValueError
         else:  # pragma: no cover - a new field type without a parser is a programming error
             raise TypeError(f"{key}: unsupported config type {typ}")
     except (ValueError, TypeError):
-        expected = getattr(typ, "__name__", str(typ)).replace("tuple", "comma-separated integers >= 1")
+        expected = getattr(typ, "__name__", str(typ))
+        if origin is tuple:
+            expected = ("comma-separated integers >= 1" if typing.get_args(typ)[0] is int
+                        else "comma-separated numbers")
         raise ConfigError(f"{key}: expected {expected}, got {raw!r}") from None
     choices = meta.get("choices")
     if choices and value not in choices:

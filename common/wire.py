@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from common.config import Config, from_flat
+from common.models.mote import PARAM_NAMES, MoteGallery
 from common.privacy.he import Ciphertexts
 
 ARRAYS = "arrays"
@@ -33,6 +34,9 @@ HE_PAYLOAD = "he-payload"
 HE_META = "he"
 FINGERPRINT = "fingerprint"
 TOTAL_WEIGHT = "total-weight"
+
+# MOTE enrollment (query.enroll): one gallery record per balancing factor, and a JSON summary.
+MOTE_INFO = "mote-info"
 
 
 def config_record(cfg: Config, server_round: int) -> ConfigRecord:
@@ -75,6 +79,32 @@ def record_to_payload(rec: ArrayRecord, who: str) -> tuple[np.ndarray, Ciphertex
     if missing:
         raise KeyError(f"{who}: encrypted payload lacks {missing}")
     return arrays["plain"], Ciphertexts(arrays["ciphertext"], arrays["lengths"])
+
+
+def gallery_key(index: int) -> str:
+    return f"mote-{index}"
+
+
+def gallery_to_record(gallery: MoteGallery) -> ArrayRecord:
+    return numpy_to_record({**{n: t.numpy() for n, t in gallery.params.items()},
+                            "identity_ids": gallery.identity_ids, "balancing_factor": gallery.balancing_factor})
+
+
+def record_to_gallery(rec: ArrayRecord, seed: int, who: str) -> MoteGallery:
+    """A client's MOTE gallery; raises ValueError naming ``who`` for missing, misshaped or non-finite parts."""
+    arrays = record_to_numpy(rec)
+    missing = sorted({*PARAM_NAMES, "identity_ids", "balancing_factor"} - set(arrays))
+    if missing:
+        raise ValueError(f"{who}: MOTE gallery lacks {missing}")
+    params = {n: arrays[n] for n in PARAM_NAMES}
+    bad = [n for n, a in params.items() if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all()]
+    if bad:
+        raise ValueError(f"{who}: MOTE gallery parameters {bad} are not finite floats")
+    try:
+        return MoteGallery(arrays["identity_ids"], {n: torch.from_numpy(a.copy()) for n, a in params.items()},
+                           arrays["balancing_factor"], seed)
+    except (ValueError, RuntimeError, IndexError) as exc:
+        raise ValueError(f"{who}: malformed MOTE gallery ({exc})") from None
 
 
 def metric_record(values: Mapping[str, float | int]) -> MetricRecord:

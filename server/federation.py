@@ -25,6 +25,7 @@ from common.models.checkpoint import save_checkpoint
 from common.models.face_model import FaceModel
 from common.pretraining import pretrain
 from common.rundir import RunDir
+from server.enrollment import enroll_phase
 from server.he_strategy import HEFedAvg, he_strategy
 from server.ledger import PrivacyLedger
 from server.strategy import FaceFedAvg
@@ -116,11 +117,13 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, A
             if reply.privacy_json is not None and cfg.dp.mode != "off":
                 ledger.record(reply.partition, server_round, reply.privacy_json)
         ledger.save(run.path / "privacy.json")
+        federated_seconds = time.perf_counter() - start  # send, local training, (de/en)cryption, aggregation
         metrics = _checkpoint(run, strategy, global_record, model, evaluator, f"round-{server_round:03d}",
                               {**meta, "round": server_round})
         clients = [{"partition": r.partition, **{k: v for k, v in r.metrics.items() if k != wire.PARTITION}}
                    for r in strategy.accepted]
-        run.log_metrics("round", round=server_round, seconds=time.perf_counter() - start, clients=clients,
+        run.log_metrics("round", round=server_round, seconds=time.perf_counter() - start,
+                        federated_seconds=federated_seconds, clients=clients,
                         failures=strategy.failures, max_epsilon=ledger.max_epsilon(), encrypted=cfg.he.enabled,
                         train_loss=float(np.average([r.metrics["train-loss"] for r in strategy.accepted],
                                                     weights=[r.num_examples for r in strategy.accepted])),
@@ -129,8 +132,13 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, A
                         **({"auc": f"{metrics['verification_auc']:.3f}"} if metrics else {}))
         run.write_status("running", rounds_completed=server_round)
     _checkpoint(run, strategy, global_record, model, None, "final", {**meta, "round": cfg.federation.rounds})
-    return {"rounds_completed": cfg.federation.rounds, "max_epsilon": ledger.max_epsilon(),
-            "encrypted": cfg.he.enabled, **metrics}
+    summary = {"rounds_completed": cfg.federation.rounds, "max_epsilon": ledger.max_epsilon(),
+               "encrypted": cfg.he.enabled, **metrics}
+    if cfg.mote.enabled and cfg.train.task in ("identity", "both"):
+        enrolled = enroll_phase(grid, cfg, run, strategy, global_record)
+        run.log_metrics("enroll", **enrolled)
+        summary["mote_identities"] = enrolled["identities"]
+    return summary
 
 
 def _checkpoint(run: RunDir, strategy: FaceFedAvg, record: ArrayRecord, model: FaceModel,

@@ -12,12 +12,10 @@ count (so clients can divide after decrypting) and the weighted mean of the plai
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import numpy as np
 import tenseal as ts
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from common import wire
 from common.config import Config
@@ -71,19 +69,13 @@ class HEFedAvg(FaceFedAvg):
         self._sum: EncryptedSum | None = None
         self._plain: list[tuple[int, np.ndarray]] = []
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """Send the mask, the key fingerprint and the global model: plaintext before the first
-        aggregation (the public pretrained model), the encrypted sum afterwards."""
-        content = RecordDict({wire.CONFIG: config, wire.HE_MASK: wire.numpy_to_record({"mask": self.layout.mask.astype(np.uint8)}),
-                              wire.HE_META: ConfigRecord({wire.FINGERPRINT: self.fingerprint,
-                                                          wire.TOTAL_WEIGHT: self.total_weight})})
-        if self.total_weight:
-            content[wire.HE_PAYLOAD] = arrays
-        else:
-            content[wire.ARRAYS] = arrays
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.partitions[p])
-                for p in self.sample(server_round)]
+    def model_content(self, arrays: ArrayRecord) -> dict[str, ArrayRecord | ConfigRecord]:
+        """The mask, the key fingerprint and the global model: plaintext before the first
+        aggregation (the public pretrained model), the encrypted sum and its total weight after."""
+        content = {wire.HE_MASK: wire.numpy_to_record({"mask": self.layout.mask.astype(np.uint8)}),
+                   wire.HE_META: ConfigRecord({wire.FINGERPRINT: self.fingerprint, wire.TOTAL_WEIGHT: self.total_weight})}
+        content[wire.HE_PAYLOAD if self.total_weight else wire.ARRAYS] = arrays
+        return content
 
     def start_aggregation(self) -> None:
         self._sum = EncryptedSum(self.ctx, self.layout.n_encrypted)

@@ -91,10 +91,15 @@ class FaceFedAvg(FedAvg):
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xFEDA, server_round]))
         return sorted(rng.choice(ids, size=k, replace=False).tolist())
 
+    def model_content(self, arrays: ArrayRecord) -> dict[str, ArrayRecord | ConfigRecord]:
+        """The records that carry the global model ``arrays`` to a client."""
+        return {wire.ARRAYS: arrays}
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._sent = wire.record_to_numpy(arrays)
-        record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
+        if wire.ARRAYS in (content := self.model_content(arrays)):
+            self._sent = wire.record_to_numpy(arrays)
+        record = RecordDict({wire.CONFIG: config, **content})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=self.partitions[p])
                 for p in self.sample(server_round)]
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 TINY = ("data.image_size=32", "model.width=8", "model.blocks=1,1", "model.embedding_dim=16",
-        "train.batch_size=8", "federation.client_cpus=1", "pretrain.identities=0")
+        "train.batch_size=8", "federation.client_cpus=1", "pretrain.identities=0", "mote.enabled=false")
 
 # 3 rounds, 2 DP clients, every client in every round. A Dirichlet split gives the clients 26 and
 # 34 samples: different Poisson rates (1/4, 1/5), and FedAvg weights that differ from a plain mean.

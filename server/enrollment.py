@@ -1,0 +1,74 @@
+"""The MOTE enrollment phase: after the backbone rounds, every client enrolls its identities.
+
+The server sends the final global model (plaintext, or the encrypted sum that each client
+decrypts itself) in a ``query.enroll`` message to every client, validates the galleries that
+come back (one per balancing factor), merges them over the clients and writes the server's
+gallery into the run directory: ``mote/gallery-b<b>.safetensors`` and ``mote/enrollment.json``
+(which client enrolled which identities, from which reference images, the KDE bandwidths).
+A client that fails is recorded and the phase goes on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import wire
+from common.config import Config
+from common.io import atomic_write_json
+from common.models.mote import MoteGallery
+from common.mote_enrollment import gallery_file
+from common.rundir import RunDir
+from server.strategy import FaceFedAvg, error_summary
+
+log = logging.getLogger(__name__)
+
+
+def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, global_record: ArrayRecord) -> dict[str, Any]:
+    """Run the enrollment, write the gallery; returns a summary for metrics.jsonl."""
+    start = time.perf_counter()
+    content = RecordDict({wire.CONFIG: wire.config_record(cfg, cfg.federation.rounds),
+                          **strategy.model_content(global_record)})
+    partitions = strategy.partitions
+    replies = grid.send_and_receive([Message(content, node, "query.enroll") for _, node in sorted(partitions.items())],
+                                    timeout=cfg.federation.round_timeout)
+    node_to_partition = {n: p for p, n in partitions.items()}
+    factors = cfg.mote.balancing_factors
+    galleries: list[list[MoteGallery]] = [[] for _ in factors]
+    clients, failures = [], []
+    for msg in sorted(replies, key=lambda m: node_to_partition.get(m.metadata.src_node_id, -1)):
+        who = f"client {node_to_partition.get(msg.metadata.src_node_id, '?')} (node {msg.metadata.src_node_id})"
+        if msg.has_error():
+            failures.append(f"{who}: {error_summary(msg.error.reason)}")
+            continue
+        try:
+            got = [wire.record_to_gallery(msg.content[wire.gallery_key(i)], cfg.seed, who) for i in range(len(factors))]
+            info = json.loads(str(msg.content[wire.MOTE_INFO]["json"]))
+            dims = {g.dim for g in got}
+            if dims != {cfg.model.embedding_dim} or len({tuple(g.identity_ids) for g in got}) != 1:
+                raise ValueError(f"{who}: galleries of embedding size {sorted(dims)} or with differing identities")
+        except (KeyError, TypeError, ValueError) as exc:
+            failures.append(f"{who}: rejected enrollment: {exc}")
+            continue
+        for bucket, gallery in zip(galleries, got, strict=True):
+            bucket.append(gallery)
+        clients.append(info)
+    for failure in failures:
+        log.warning("enrollment: %s", failure)
+    if not clients:
+        raise RuntimeError("enrollment: no client enrolled anyone; " + "; ".join(failures))
+    files = {}
+    for b, parts in zip(factors, galleries, strict=True):
+        merged = MoteGallery.concat(parts, cfg.seed, {"balancing_factor": b})
+        path = run.path / gallery_file(b)
+        merged.save(path, fp16=cfg.mote.fp16)
+        files[f"{b:.2f}"] = path.name
+    summary = {"identities": sum(len(c["identities"]) for c in clients), "clients": len(clients),
+               "failures": failures, "seconds": time.perf_counter() - start, "galleries": files}
+    atomic_write_json(run.path / "mote" / "enrollment.json", {**summary, "per_client": clients})
+    return summary

@@ -1,0 +1,110 @@
+"""MOTE enrollment as a federated phase, and ``facefl evaluate`` on its galleries.
+
+One real simulation (tiny model, 2 clients, HE on so that the clients decrypt the final backbone
+themselves before enrolling): every member identity is enrolled exactly once, by the client that
+holds it, one gallery per balancing factor; the evaluation refuses to run before a key holder
+decrypted the model, then reports MOTE and templates side by side with a threshold whose FMR
+never exceeds 1e-3, and the gender-inference attack on both galleries.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sim_runs import TINY, simulated_run
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
+                                         "ignore::FutureWarning")]
+
+FACTORS = (0.0, 0.5, 1.0)
+MOTE_RUN = tuple(o for o in TINY if o != "mote.enabled=false") + (
+    "split.num_clients=2", "federation.min_train_clients=2", "federation.min_available_clients=2",
+    "data.identities=40", "data.images_per_identity=8", "federation.local_epochs=1", "federation.rounds=2",
+    "dp.mode=off", "mote.epochs=10", "mote.references=2", f"mote.balancing_factors={','.join(map(str, FACTORS))}")
+
+
+def test_enrolling_client_and_references_follow_the_manifest(synth_small) -> None:
+    from common.config import load_config
+    from common.data.splits import SplitConfig, make_manifest
+    from common.mote_enrollment import client_references, enrolling_client, references
+
+    cfg = load_config(None, ["mote.references=2"])
+    manifest = make_manifest(synth_small, SplitConfig(num_clients=3, partition="iid", seed=1))
+    owner = enrolling_client(manifest, synth_small)
+    refs = references(manifest, synth_small, cfg)
+    assert set(owner) == set(refs) == set(synth_small.identity[manifest.role_mask(synth_small, "member")].tolist())
+    probes = np.flatnonzero(manifest.role_mask(synth_small, "probe"))
+    for ident, pos in refs.items():
+        client_pos = manifest.client_indices(synth_small, owner[ident])
+        mine = client_pos[synth_small.identity[client_pos] == ident]
+        np.testing.assert_array_equal(pos, mine[:2])  # the owner's first two images of the identity
+        counts = [int((synth_small.identity[manifest.client_indices(synth_small, c)] == ident).sum()) for c in range(3)]
+        assert counts[owner[ident]] == max(counts) and owner[ident] == counts.index(max(counts))
+        assert not np.isin(pos, probes).any()
+    for client in range(3):
+        assert set(client_references(manifest, synth_small, cfg, client)) == {i for i, c in owner.items() if c == client}
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    from common.privacy.he_keys import KeyParams, write_keys
+
+    root = tmp_path_factory.mktemp("mote-keys")
+    write_keys(root, KeyParams())
+    return root
+
+
+@pytest.fixture(scope="module")
+def mote_run(tmp_path_factory, keys):
+    from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE
+
+    return simulated_run(tmp_path_factory, MOTE_RUN + ("he.enabled=true", f"he.public_context={keys / PUBLIC_FILE}"),
+                         tag="mote", he_secret=keys / SECRET_FILE)[0]
+
+
+@pytest.mark.timeout(300)
+def test_every_member_identity_is_enrolled_once_per_balancing_factor(mote_run) -> None:
+    from common.builders import build_dataset
+    from common.config import load_config
+    from common.data.splits import Manifest
+    from common.models.mote import MoteGallery
+
+    cfg = load_config(mote_run.path / "config.toml")
+    ds = build_dataset(cfg)
+    manifest = Manifest.load(mote_run.path / "manifest.json")
+    members = np.unique(ds.identity[manifest.role_mask(ds, "member")])
+    info = json.loads((mote_run.path / "mote" / "enrollment.json").read_text())
+    assert info["failures"] == [] and info["clients"] == 2 and info["identities"] == members.size
+    per_client = [set(c["identities"]) for c in info["per_client"]]
+    assert per_client[0].isdisjoint(per_client[1]) and per_client[0] | per_client[1] == set(members.tolist())
+    for b in FACTORS:
+        gallery = MoteGallery.load(mote_run.path / "mote" / f"gallery-b{b:.2f}.safetensors")
+        np.testing.assert_array_equal(gallery.identity_ids, members)
+        np.testing.assert_array_equal(gallery.balancing_factor, np.full(members.size, b))
+        assert gallery.dim == cfg.model.embedding_dim
+    assert [e for e in mote_run.read_metrics() if e["event"] == "enroll"][0]["identities"] == members.size
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_reports_mote_and_templates(mote_run, keys, capsys) -> None:
+    from common.cli import main
+    from common.privacy.he_keys import SECRET_FILE
+
+    assert main(["evaluate", str(mote_run.path)]) == 2  # encrypted run: the model must be decrypted first
+    assert "decrypt-model" in capsys.readouterr().err
+    assert main(["keys", "decrypt-model", str(mote_run.path), "--key", str(keys / SECRET_FILE)]) == 0
+    assert main(["evaluate", str(mote_run.path)]) == 0
+    out = capsys.readouterr().out
+    assert "templates" in out and "MOTE b=0.50" in out
+    report = json.loads((mote_run.path / "mote" / "evaluation.json").read_text())
+    names = {"templates"} | {f"MOTE b={b:.2f}" for b in FACTORS}
+    assert set(report["methods"]) == set(report["gender_inference"]) == names
+    for name, r in report["methods"].items():
+        assert r["fmr"] <= 1e-3 and 0 <= r["fnmr"] <= 1 and 0 <= r["auc"] <= 1, name
+        assert set(r["gender"]) == {"female", "male"} and 0 <= r["fdr"] <= 1 and r["igarbe"] <= 1, name
+        assert r["n_genuine"] > 0 and r["n_impostor"] > r["n_genuine"], name
+        leak = report["gender_inference"][name]
+        assert 0 <= leak["balanced_accuracy"] <= 1 and leak["n_male"] + leak["n_female"] == report["enrolled"]
+    assert (mote_run.path / "mote" / "roc.png").stat().st_size > 1000
