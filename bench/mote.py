@@ -3,7 +3,7 @@
 Data: synthetic Gaussian embeddings, not face images: identity centres on the unit sphere, shifted
 along one direction by gender, plus per-image noise, every embedding L2-normalised like the
 project's backbone output. A population of ``--population`` identities x 5 embeddings fits the
-gender KDEs (the full default bandwidth grid, 40 values, 5 folds) and is the impostor pool; the
+gender KDEs (the full default bandwidth grid, 54 values, 5 folds) and is the impostor pool; the
 ``--identities`` enrolled identities are disjoint from it and enrol from one reference each.
 
 * Enrolment with the default ``MoteSettings`` (100 synthetic genuine, 400 + 100 impostors, batch

@@ -1,5 +1,6 @@
 """The app on Flower's deployment engine: 1 SuperLink + 2 SuperNodes as real processes on
-127.0.0.1, ``flwr run`` with DP-SGD and HE on, 2 rounds; then the run directory is checked.
+127.0.0.1, ``flwr run`` with DP-SGD and HE on, 2 rounds and MOTE enrollment; then the run
+directory is checked.
 
 The SuperNodes get the CKKS secret context through their node config; the ServerApp gets only
 the public context (run config ``he.public_context``), stores only encrypted checkpoints, and a
@@ -41,6 +42,8 @@ OVERRIDES = {
     "model.blocks": "1,1",
     "model.embedding_dim": 16,
     "dp.mode": "sample",
+    "mote.epochs": 10,
+    "mote.balancing_factors": "0.5",
 }
 
 
@@ -134,6 +137,10 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
     assert "verification_auc" in capsys.readouterr().out
     state, meta = load_checkpoint(run / "models" / "final.safetensors")
     assert state and meta["round"] == ROUNDS and meta["decrypted_from"] == "final.he.safetensors", meta
+    # MOTE enrollment ran on the SuperNodes (each decrypted the final backbone itself).
+    enrollment = json.loads((run / "mote" / "enrollment.json").read_text())
+    assert enrollment["clients"] == NODES and not enrollment["failures"] and enrollment["identities"] > 0
+    assert (run / "mote" / "gallery-b0.50.safetensors").is_file()
 
     print(f"\ndeployment run {run_id}: {info['status']} in {run_seconds:.1f} s "
           f"(Flower elapsed {info.get('elapsed', 0):.1f} s)")
