@@ -112,8 +112,13 @@ class EncryptedSum:
         self.total_weight = 0
 
     def add(self, vectors: list[ts.CKKSVector], weight: int) -> None:
-        """Add one client's parsed ciphertexts (``a + b``: ``copy()`` would duplicate the context)."""
-        self.parts = vectors if self.parts is None else [a + b for a, b in zip(self.parts, vectors, strict=True)]
+        """Add one client's parsed ciphertexts in place (no second accumulator is ever allocated;
+        ``copy()`` would also duplicate the context). The first client's vectors become the sum."""
+        if self.parts is None:
+            self.parts = vectors
+        else:
+            for acc, v in zip(self.parts, vectors, strict=True):
+                acc.add_(v)
         self.total_weight += weight
 
     def serialize(self) -> Ciphertexts:
