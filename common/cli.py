@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                "IR per gender) and the gender-inference attack on both galleries")
     evaluate.add_argument("run_dir", type=Path, help="run directory with models/final.safetensors and mote/")
 
+    audit = sub.add_parser("audit", help="membership-inference audit of a run's final global model")
+    audit.add_argument("run_dir", type=Path, help="run directory with models/final.safetensors")
+    audit.add_argument("--attacks", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()), default=None,
+                       metavar="NAME,...", help="attribute models: loss, lira-online, lira-offline, rmia; identity "
+                                                "models: centroid (default: all that apply)")
+    audit.add_argument("--references", type=int, default=16, help="LiRA / RMIA reference models (even, default 16)")
+    audit.add_argument("--max-per-class", type=int, default=500, help="audited members and nonmembers, each")
+    audit.add_argument("--seed", type=int, default=0)
+
     keys = sub.add_parser("keys", help="CKKS keys for encrypted aggregation").add_subparsers(dest="keys_command",
                                                                                           required=True)
     init = keys.add_parser("init", help="write a secret context (clients), a public one (server) and key.json")
@@ -195,6 +204,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from attacks.audit import AuditSettings, run_audit, summary_rows
+    from common.table import format_table
+
+    report = run_audit(args.run_dir, AuditSettings(attacks=args.attacks, references=args.references,
+                                                   max_per_class=args.max_per_class, seed=args.seed))
+    print(format_table(("attack", "AUC [95% CI]", "balanced acc.", "TPR@0.1%FPR", "TPR@1%FPR"), summary_rows(report)))
+    print(f"{report['audited']['members']} members vs {report['audited']['nonmembers']} nonmembers; "
+          f"written to {args.run_dir / 'audit'}")
+    return 0
+
+
 def _cmd_keys_init(args: argparse.Namespace) -> int:
     from common.privacy.he_keys import KeyParams, write_keys
 
@@ -214,7 +235,7 @@ def _cmd_keys_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
+_COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("audit", None): _cmd_audit, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
              ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline}
 
 
