@@ -1,4 +1,4 @@
-"""Black-box membership audit of a run's final global model: ``facefl audit RUN_DIR``.
+"""Black-box membership audit of a run's final global model: ``facefl audit RUN_DIR [--fair DIR]``.
 
 Ground truth comes from the run's manifest. The audited samples are member-role samples (some
 client trained on them) against nonmember-role samples (same distribution, never trained on),
@@ -7,14 +7,21 @@ population.
 
 * Attribute models (binary posterior):
   - ``loss``: minus the sample's loss (Yeom et al. 2018).
-  - ``lira-online`` and ``lira-offline`` (Carlini et al. 2022): ``references`` models of the
-    target's architecture, each trained on a random half of (audited + aux), so that every
-    audited sample is IN for exactly half of them (``attacks.reference_models``, vectorised,
-    cached in ``audit/references``). The offline test is the one-sided p-value against the OUT
-    Gaussian; with fewer than 64 references the variance is global (fixed), as the paper advises.
+  - reference models: ``references`` models of the target's architecture, trained centrally with
+    the target's local recipe, each on a random half of (audited + aux) so that every audited
+    sample is IN for exactly half of them (``attacks.reference_models``: vectorised, cached in
+    ``audit/references``).
+  - ``shadow`` (Shokri et al. 2017, ML-Doctor's features): the reference models are the shadow
+    models; an attack model learns membership from their outputs on aux samples only.
+  - ``lira-online`` and ``lira-offline`` (Carlini et al. 2022). The offline test is the one-sided
+    p-value against the OUT Gaussian; with fewer than 64 references the variance is global
+    (fixed), as the paper advises.
   - ``rmia`` (Zarifzadeh et al. 2024, online): the aux samples are the population z.
+  - with ``--fair`` (a fair twin run: same data and split, a fairness intervention): the same
+    attacks on the fair model, and FD-MIA (Tian et al. 2024) on the biased / fair pair, with
+    reference pairs (each plain reference's reweighted twin, trained on the same half).
 * Embedding models (identity task, no posterior): ``centroid``, the cosine similarity of a
-  sample's embedding to the mean embedding of the other audited images of its identity.
+  sample's embedding to the mean embedding of the other photos of its identity.
 
 Every attack gets ``attacks.metrics.attack_metrics``: AUC, accuracy and balanced accuracy at
 the best threshold, TPR at FPR 0.1% and 1%, seeded bootstrap 95% intervals, and per gender and
@@ -34,11 +41,24 @@ import numpy as np
 
 from attacks.metrics import attack_metrics, log_log_roc_plot
 from attacks.reference_models import train_references
-from attacks.scores import centroid_similarity, lira_offline, lira_online, rmia_scores, sample_loss, scaled_confidence
+from attacks.scores import (
+    ShadowAttackModel,
+    centroid_similarity,
+    fd_lira_offline,
+    fd_lira_online,
+    fd_mia_features,
+    lira_offline,
+    lira_online,
+    posterior_features,
+    rmia_scores,
+    sample_loss,
+    scaled_confidence,
+)
 from common.builders import build_dataset, build_model
 from common.config import Config, load_config
 from common.data.dataset import GENDER_NAMES, FaceDataset
 from common.data.splits import Manifest
+from common.fairness import reweight, sensitive_attribute
 from common.io import atomic_save_npz, atomic_write_json, read_json
 from common.models.checkpoint import load_checkpoint, save_checkpoint
 from common.models.face_model import FaceModel, ModelSpec
@@ -47,8 +67,11 @@ from common.training import embed, predict_attribute, target_labels
 
 log = logging.getLogger(__name__)
 
-ATTRIBUTE_ATTACKS = ("loss", "lira-online", "lira-offline", "rmia")
+ATTRIBUTE_ATTACKS = ("loss", "shadow", "lira-online", "lira-offline", "rmia")
 EMBEDDING_ATTACKS = ("centroid",)
+TARGET = "global model (final)"
+FAIR_TARGET = "fair global model (final)"
+PAIR_TARGET = "biased + fair pair"
 
 
 @dataclass
@@ -95,16 +118,39 @@ def _in_mask(references: int, n: int, seed: int) -> np.ndarray:
     return np.argsort(rng.random((references, n)), axis=0) < references // 2
 
 
-def _reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, population: np.ndarray,
-                     labels: np.ndarray, in_mask: np.ndarray, seed: int) -> np.ndarray:
-    """Reference models' P(label = 1) on the population (n, R); trained once and cached."""
-    cache = run.path / "audit" / "references"
+@dataclass
+class References:
+    """Reference models' outputs on the population: the audited samples first, then ``aux``."""
+
+    n_audited: int
+    labels: np.ndarray  # (n_pop,) binary labels
+    in_mask: np.ndarray  # (R, n_pop)
+    probs: np.ndarray  # (n_pop, R) P(label = 1)
+
+    @property
+    def audited(self) -> slice:
+        return slice(0, self.n_audited)
+
+    @property
+    def aux(self) -> slice:
+        return slice(self.n_audited, None)
+
+
+def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, population: np.ndarray,
+                    labels: np.ndarray, in_mask: np.ndarray, seed: int, fair: bool = False) -> np.ndarray:
+    """Reference models' P(label = 1) on the population (n, R); trained once and cached.
+
+    ``fair``: each model is trained with the fairness reweighting (Kamiran & Calders) computed on
+    its own IN set: the twin of the plain reference on the same half (FD-MIA's reference pairs).
+    """
+    cache = run.path / "audit" / ("references-fair" if fair else "references")
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
     seeds = [int(np.random.SeedSequence([seed, 0x5EF, r]).generate_state(1)[0] & 0x7FFFFFFF)
              for r in range(in_mask.shape[0])]
     key = hashlib.sha256(json.dumps({"ids": ds.sample_ids[population].tolist(), "mask": np.packbits(in_mask).tolist(),
-                                     "seeds": seeds, "epochs": epochs, "spec": spec.to_dict(),
-                                     "train": cfg.to_dict()["train"]}, sort_keys=True).encode()).hexdigest()
+                                     "seeds": seeds, "epochs": epochs, "spec": spec.to_dict(), "fair": fair,
+                                     "sensitive": cfg.fairness.sensitive, "train": cfg.to_dict()["train"]},
+                                    sort_keys=True).encode()).hexdigest()
     index = cache / "index.json"
     if index.exists() and read_json(index).get("key") == key:
         models = []
@@ -112,12 +158,19 @@ def _reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset,
             model = build_model(spec, 0)
             model.load_state_dict(load_checkpoint(cache / f"ref-{r:03d}.safetensors")[0])
             models.append(model.eval())
-        log.info("audit: %d reference models from the cache", len(models))
+        log.info("audit: %d reference models from %s", len(models), cache)
     else:
-        models = train_references(spec, ds.images[population], labels, in_mask, cfg.train, epochs, seeds)
+        weights = None
+        if fair:
+            sens = sensitive_attribute(ds.subset(population), cfg.fairness.sensitive)
+            weights = np.ones(in_mask.shape)
+            for r, row in enumerate(in_mask):
+                weights[r, row] = reweight(sens[row], labels[row])
+        models = train_references(spec, ds.images[population], labels, in_mask, cfg.train, epochs, seeds,
+                                  sample_weights=weights)
         for r, model in enumerate(models):
             save_checkpoint(cache / f"ref-{r:03d}.safetensors", model.state_dict(), {"reference": r, "key": key})
-        atomic_write_json(index, {"key": key, "references": len(seeds), "epochs": epochs, "seeds": seeds})
+        atomic_write_json(index, {"key": key, "references": len(seeds), "epochs": epochs, "seeds": seeds, "fair": fair})
     return np.stack([predict_attribute(m, ds.images[population]) for m in models], axis=1)
 
 
@@ -127,42 +180,57 @@ def _true_prob(p1: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where(y == 1, p1, 1.0 - p1)
 
 
-def _attribute_scores(run: RunDir, cfg: Config, model: FaceModel, spec: ModelSpec, ds: FaceDataset,
-                      manifest: Manifest, pos: np.ndarray, settings: AuditSettings,
-                      wanted: tuple[str, ...]) -> dict[str, np.ndarray]:
-    labels_all = target_labels(ds, cfg.train.attribute)
-    aux = np.flatnonzero(manifest.role_mask(ds, "aux") & (labels_all >= 0))
-    keep = labels_all[pos] >= 0
-    if not keep.all():
-        raise ValueError(f"audit: {int((~keep).sum())} audited samples have no {cfg.train.attribute!r} label")
-    p_target = predict_attribute(model, ds.images[pos])
-    y = labels_all[pos]
+def _phi(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """LiRA's scaled confidence of every column of (n, R) probabilities."""
+    return np.stack([scaled_confidence(probs[:, r], labels) for r in range(probs.shape[1])], axis=1)
+
+
+def single_model_scores(p_target: np.ndarray, refs: References, wanted: tuple[str, ...],
+                        settings: AuditSettings) -> dict[str, np.ndarray]:
+    """Black-box attacks on one binary model, from its P(label = 1) on the population."""
+    a, x = refs.audited, refs.aux
+    y, y_aux = refs.labels[a], refs.labels[x]
     out: dict[str, np.ndarray] = {}
     if "loss" in wanted:
-        out["loss"] = -sample_loss(p_target, y)
-    if not {"lira-online", "lira-offline", "rmia"} & set(wanted):
-        return out
-    population = np.concatenate([pos, aux])
-    in_mask = _in_mask(settings.references, population.size, settings.seed)
-    p_ref = _reference_probs(run, cfg, spec, ds, population, labels_all[population], in_mask, settings.seed)
-    n = pos.size
-    phi_t = scaled_confidence(p_target, y)
-    phi_r = np.stack([scaled_confidence(p_ref[:n, r], y) for r in range(p_ref.shape[1])], axis=1)
+        out["loss"] = -sample_loss(p_target[a], y)
+    phi_t, phi_r, inside = scaled_confidence(p_target[a], y), _phi(refs.probs[a], y), refs.in_mask[:, a].T
     # Per-example variances need many references; with fewer than 64 LiRA's fixed (global)
     # variance is the stronger test (Carlini et al. 2022, Sec. VI).
     global_variance = settings.references < 64
     if "lira-online" in wanted:
-        out["lira-online"] = lira_online(phi_t, phi_r, in_mask[:, :n].T, global_variance=global_variance)
+        out["lira-online"] = lira_online(phi_t, phi_r, inside, global_variance=global_variance)
     if "lira-offline" in wanted:
-        out["lira-offline"] = lira_offline(phi_t, phi_r, in_mask[:, :n].T, global_variance=global_variance)
+        out["lira-offline"] = lira_offline(phi_t, phi_r, inside, global_variance=global_variance)
     if "rmia" in wanted:
-        if aux.size == 0:
-            raise ValueError("audit: RMIA needs an aux population (split.aux > 0)")
-        y_aux = labels_all[aux]
-        out["rmia"] = rmia_scores(_true_prob(p_target, y), _true_prob(p_ref[:n], y),
-                                  _true_prob(predict_attribute(model, ds.images[aux]), y_aux),
-                                  _true_prob(p_ref[n:], y_aux))
+        out["rmia"] = rmia_scores(_true_prob(p_target[a], y), _true_prob(refs.probs[a], y),
+                                  _true_prob(p_target[x], y_aux), _true_prob(refs.probs[x], y_aux))
+    if "shadow" in wanted:
+        # The reference models double as shadow models (central training with the target's local
+        # recipe): the attack model learns from their outputs on the aux samples, whose
+        # membership in each is known, and never sees an audited sample's label.
+        feats = np.concatenate([posterior_features(refs.probs[x, r], y_aux) for r in range(refs.probs.shape[1])])
+        model = ShadowAttackModel(seed=settings.seed).fit(feats, refs.in_mask[:, x].ravel())
+        out["shadow"] = model.score(posterior_features(p_target[a], y))
     return out
+
+
+def fd_mia_scores(p_bias: np.ndarray, p_fair: np.ndarray, refs: References, refs_fair: References,
+                  settings: AuditSettings) -> dict[str, np.ndarray]:
+    """FD-MIA (Tian et al. 2024) on a biased / fair model pair: score-based (an attack model on
+    both models' outputs, learnt from reference pairs on aux) and LiRA-based (bivariate Gaussian
+    over both scaled scores, full covariance, from the same reference pairs)."""
+    a, x = refs.audited, refs.aux
+    y, y_aux = refs.labels[a], refs.labels[x]
+    feats = np.concatenate([fd_mia_features(refs.probs[x, r], refs_fair.probs[x, r], y_aux)
+                            for r in range(refs.probs.shape[1])])
+    attack = ShadowAttackModel(seed=settings.seed).fit(feats, refs.in_mask[:, x].ravel())
+    pair_t = np.column_stack([scaled_confidence(p_bias[a], y), scaled_confidence(p_fair[a], y)])
+    pair_r = np.stack([_phi(refs.probs[a], y), _phi(refs_fair.probs[a], y)], axis=2)
+    inside = refs.in_mask[:, a].T
+    global_cov = settings.references < 64
+    return {"fd-mia-score": attack.score(fd_mia_features(p_bias[a], p_fair[a], y)),
+            "fd-mia-lira-online": fd_lira_online(pair_t, pair_r, inside, global_covariance=global_cov),
+            "fd-mia-lira-offline": fd_lira_offline(pair_t, pair_r, inside, global_covariance=global_cov)}
 
 
 def _embedding_scores(model: FaceModel, ds: FaceDataset, manifest: Manifest,
@@ -187,8 +255,28 @@ def _names(codes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     return np.array([names[c] if 0 <= c < len(names) else "unknown" for c in codes.tolist()])
 
 
-def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings) -> dict[str, Any]:
-    """Audit the run's final model; writes audit/report.json, scores.npz, roc.png; returns the report."""
+def _names(codes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    return np.array([names[c] if 0 <= c < len(names) else "unknown" for c in codes.tolist()])
+
+
+def _fair_twin(run: RunDir, fair_dir: str | os.PathLike[str], cfg: Config, manifest: Manifest) -> tuple[RunDir, Config]:
+    """The fair run of an FD-MIA pair: same data, split and model, a fairness intervention on."""
+    fair = RunDir(fair_dir)
+    fair_cfg = load_config(fair.config_path)
+    if fair_cfg.fairness.method == "none":
+        raise ValueError(f"--fair {fair.path}: fairness.method is 'none'; the fair run needs an intervention")
+    if cfg.fairness.method != "none":
+        raise ValueError(f"{run.path}: the audited (biased) run has fairness.method {cfg.fairness.method!r}")
+    other = Manifest.load(fair.manifest_path)
+    if other.fingerprint != manifest.fingerprint or other.samples != manifest.samples:
+        raise ValueError(f"--fair {fair.path}: its data or split differs from {run.path}'s: FD-MIA needs one split")
+    return fair, fair_cfg
+
+
+def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
+              fair_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Audit the run's final model (and, with ``fair_dir``, the fair model and the FD-MIA pair);
+    writes audit/report.json, scores.npz and roc.png; returns the report."""
     run = RunDir(run_dir)
     cfg = load_config(run.config_path)
     model, spec = _load_target(run)
@@ -200,32 +288,67 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings) -> dict[
     if unknown:
         raise ValueError(f"--attacks: {unknown} do not apply to this run's model (task {cfg.train.task!r}); "
                          f"available: {', '.join(applicable)}")
+    if fair_dir is not None and not spec.attribute_head:
+        raise ValueError("--fair: FD-MIA needs attribute models (train.task = attribute or both)")
+    scores: dict[tuple[str, str], np.ndarray] = {}  # (target, attack) -> per-sample score
     if spec.attribute_head:
         pos, is_member = audited_samples(manifest, ds, settings)
-        scores = _attribute_scores(run, cfg, model, spec, ds, manifest, pos, settings, tuple(wanted))
+        labels_all = target_labels(ds, cfg.train.attribute)
+        population = np.concatenate([pos, np.flatnonzero(manifest.role_mask(ds, "aux") & (labels_all >= 0))])
+        if (labels_all[pos] < 0).any() or population.size == pos.size:
+            raise ValueError(f"audit: every audited sample needs a {cfg.train.attribute!r} label and the aux "
+                             "population must not be empty (split.aux > 0)")
+        in_mask = _in_mask(settings.references, population.size, settings.seed)
+        labels = labels_all[population]
+        refs = References(pos.size, labels, in_mask, reference_probs(run, cfg, spec, ds, population, labels, in_mask,
+                                                                     settings.seed))
+        p_target = predict_attribute(model, ds.images[population])
+        for name, s in single_model_scores(p_target, refs, tuple(wanted), settings).items():
+            scores[(TARGET, name)] = s
+        if fair_dir is not None:
+            fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest)
+            fair_model, _ = _load_target(fair)
+            p_fair = predict_attribute(fair_model, ds.images[population])
+            refs_fair = References(pos.size, labels, in_mask, reference_probs(run, fair_cfg, spec, ds, population,
+                                                                              labels, in_mask, settings.seed, fair=True))
+            for name, s in single_model_scores(p_fair, refs_fair, tuple(wanted), settings).items():
+                scores[(FAIR_TARGET, name)] = s
+            for name, s in fd_mia_scores(p_target, p_fair, refs, refs_fair, settings).items():
+                scores[(PAIR_TARGET, name)] = s
     else:
-        pos, is_member, scores = _embedding_scores(model, ds, manifest, settings)
+        pos, is_member, found = _embedding_scores(model, ds, manifest, settings)
+        scores = {(TARGET, name): s for name, s in found.items()}
     groups = {"gender": _names(ds.gender[pos], GENDER_NAMES), "group": _names(ds.group[pos], ds.group_names)}
-    attacks = [{"name": name, "target": "global model (final)",
+    attacks = [{"name": name, "target": target,
                 **attack_metrics(s, is_member, groups, seed=settings.seed, n_boot=settings.n_boot)}
-               for name, s in scores.items()]
-    report = {"run": str(run.path), "task": cfg.train.task, "dp": {"mode": cfg.dp.mode,
-              "target_epsilon": cfg.dp.target_epsilon}, "audited": {"members": int(is_member.sum()),
-              "nonmembers": int((~is_member).sum())}, "references": settings.references, "seed": settings.seed,
-              "attacks": attacks}
+               for (target, name), s in scores.items()]
+    report = {"run": str(run.path), "fair_run": None if fair_dir is None else str(fair_dir), "task": cfg.train.task,
+              "dp": {"mode": cfg.dp.mode, "target_epsilon": cfg.dp.target_epsilon},
+              "audited": {"members": int(is_member.sum()), "nonmembers": int((~is_member).sum())},
+              "references": settings.references, "seed": settings.seed, "attacks": attacks}
     out = run.path / "audit"
     atomic_save_npz(out / "scores.npz", sample_ids=ds.sample_ids[pos], is_member=is_member,
-                    **{name.replace("-", "_"): s for name, s in scores.items()})
-    log_log_roc_plot({name: (s, is_member) for name, s in scores.items()}, out / "roc.png",
+                    **{_key(t, n): s for (t, n), s in scores.items()})
+    log_log_roc_plot({_label(t, n): (s, is_member) for (t, n), s in scores.items()}, out / "roc.png",
                      title=f"membership inference, {cfg.train.task} model")
     atomic_write_json(out / "report.json", report)
     return report
+
+
+def _key(target: str, name: str) -> str:
+    prefix = {TARGET: "", FAIR_TARGET: "fair_", PAIR_TARGET: ""}[target]
+    return prefix + name.replace("-", "_")
+
+
+def _label(target: str, name: str) -> str:
+    return f"{name} (fair model)" if target == FAIR_TARGET else name
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple]:
     rows = []
     for a in report["attacks"]:
         ci = a["ci95"] or {}
-        rows.append((a["name"], f"{a['auc']:.3f} [{ci['auc'][0]:.3f}, {ci['auc'][1]:.3f}]" if ci else f"{a['auc']:.3f}",
+        rows.append((a["name"], a["target"],
+                     f"{a['auc']:.3f} [{ci['auc'][0]:.3f}, {ci['auc'][1]:.3f}]" if ci else f"{a['auc']:.3f}",
                      f"{a['balanced_accuracy']:.3f}", f"{a['tpr_at_fpr']['0.001']:.3f}", f"{a['tpr_at_fpr']['0.01']:.3f}"))
     return rows

@@ -73,19 +73,25 @@ def _check(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in_mask: np.
         raise ValueError("reference models: a model has an empty training set")
 
 
-def _batch(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, gen: torch.Generator,
-           cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, idx: np.ndarray, gen: torch.Generator,
+           cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = to_tensor(images[idx])
-    return (augment(x, gen) if cfg.augment else x), torch.from_numpy(labels[idx]).float()
+    return ((augment(x, gen) if cfg.augment else x), torch.from_numpy(labels[idx]).float(),
+            torch.from_numpy(weights[idx]).float())
 
 
 def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in_mask: np.ndarray,
-                     cfg: TrainConfig, epochs: int, seeds: Sequence[int], vectorised: bool = True) -> list[FaceModel]:
+                     cfg: TrainConfig, epochs: int, seeds: Sequence[int], vectorised: bool = True,
+                     sample_weights: np.ndarray | None = None) -> list[FaceModel]:
     """Train one attribute model per row of ``in_mask`` (R, n) on its IN samples; model r uses
-    ``seeds[r]`` for its initialisation, batches and augmentation."""
+    ``seeds[r]`` for its initialisation, batches and augmentation. ``sample_weights`` (R, n)
+    weights each model's per-sample loss (a fairness reweighting computed on its own IN set)."""
     labels = np.asarray(labels, dtype=np.int64)
     in_mask = np.asarray(in_mask, dtype=bool)
     _check(spec, images, labels, in_mask, seeds)
+    weights = np.ones(in_mask.shape) if sample_weights is None else np.asarray(sample_weights, dtype=np.float64)
+    if weights.shape != in_mask.shape:
+        raise ValueError(f"reference models: sample_weights {weights.shape}, expected {in_mask.shape}")
     models = [build_model(spec, int(s)) for s in seeds]
     streams = [_BatchStream(np.flatnonzero(row), min(cfg.batch_size, int(row.sum())), int(s) + 1)
                for row, s in zip(in_mask, seeds, strict=True)]
@@ -94,10 +100,10 @@ def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in
     aug_gens = [torch.Generator().manual_seed(int(s) + 2) for s in seeds]
     total = _steps(in_mask, streams[0].batch, epochs)
     if vectorised:
-        _train_stacked(models, images, labels, streams, aug_gens, cfg, total)
+        _train_stacked(models, images, labels, weights, streams, aug_gens, cfg, total)
     else:
-        for model, stream, gen in zip(models, streams, aug_gens, strict=True):
-            _train_one(model, images, labels, stream, gen, cfg, total)
+        for model, w, stream, gen in zip(models, weights, streams, aug_gens, strict=True):
+            _train_one(model, images, labels, w, stream, gen, cfg, total)
     for m in models:
         m.eval()
     return models
@@ -109,21 +115,21 @@ def _optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _train_one(model: FaceModel, images: np.ndarray, labels: np.ndarray, stream: _BatchStream, gen: torch.Generator,
-               cfg: TrainConfig, total: int) -> None:
+def _train_one(model: FaceModel, images: np.ndarray, labels: np.ndarray, weights: np.ndarray, stream: _BatchStream,
+               gen: torch.Generator, cfg: TrainConfig, total: int) -> None:
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     model.train()
     for step in range(total):
-        x, y = _batch(images, labels, stream.next(), gen, cfg)
+        x, y, w = _batch(images, labels, weights, stream.next(), gen, cfg)
         for group in opt.param_groups:
             group["lr"] = one_cycle_lr(step, total, cfg.lr)
         opt.zero_grad(set_to_none=True)
-        F.binary_cross_entropy_with_logits(model(x)[1], y).backward()
+        (F.binary_cross_entropy_with_logits(model(x)[1], y, reduction="none") * w).mean().backward()
         opt.step()
 
 
-def _train_stacked(models: list[FaceModel], images: np.ndarray, labels: np.ndarray, streams: list[_BatchStream],
-                   gens: list[torch.Generator], cfg: TrainConfig, total: int) -> None:
+def _train_stacked(models: list[FaceModel], images: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                   streams: list[_BatchStream], gens: list[torch.Generator], cfg: TrainConfig, total: int) -> None:
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
     base.train()
@@ -134,14 +140,15 @@ def _train_stacked(models: list[FaceModel], images: np.ndarray, labels: np.ndarr
     forward = torch.vmap(logit, randomness="different")
     opt = _optimizer(list(params.values()), cfg)
     for step in range(total):
-        xs, ys = zip(*(_batch(images, labels, st.next(), g, cfg) for st, g in zip(streams, gens, strict=True)),
-                     strict=True)
+        xs, ys, ws = zip(*(_batch(images, labels, w, st.next(), g, cfg)
+                           for w, st, g in zip(weights, streams, gens, strict=True)), strict=True)
         for group in opt.param_groups:
             group["lr"] = one_cycle_lr(step, total, cfg.lr)
         opt.zero_grad(set_to_none=True)
         out = forward(params, buffers, torch.stack(xs))
         # Sum over models of each model's mean loss: model r's gradient is its own loss's gradient.
-        F.binary_cross_entropy_with_logits(out, torch.stack(ys), reduction="none").mean(dim=1).sum().backward()
+        loss = F.binary_cross_entropy_with_logits(out, torch.stack(ys), reduction="none") * torch.stack(ws)
+        loss.mean(dim=1).sum().backward()
         opt.step()
     with torch.no_grad():
         for r, model in enumerate(models):

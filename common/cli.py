@@ -84,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="membership-inference audit of a run's final global model")
     audit.add_argument("run_dir", type=Path, help="run directory with models/final.safetensors")
+    audit.add_argument("--fair", type=Path, metavar="FAIR_RUN_DIR",
+                       help="the fair twin of an attribute run (same data and split, a fairness intervention): "
+                            "adds the attacks on the fair model and FD-MIA on the pair")
     audit.add_argument("--attacks", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()), default=None,
-                       metavar="NAME,...", help="attribute models: loss, lira-online, lira-offline, rmia; identity "
+                       metavar="NAME,...", help="attribute models: loss, shadow, lira-online, lira-offline, rmia; identity "
                                                 "models: centroid (default: all that apply)")
     audit.add_argument("--references", type=int, default=16, help="LiRA / RMIA reference models (even, default 16)")
     audit.add_argument("--max-per-class", type=int, default=500, help="audited members and nonmembers, each")
@@ -209,8 +212,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from common.table import format_table
 
     report = run_audit(args.run_dir, AuditSettings(attacks=args.attacks, references=args.references,
-                                                   max_per_class=args.max_per_class, seed=args.seed))
-    print(format_table(("attack", "AUC [95% CI]", "balanced acc.", "TPR@0.1%FPR", "TPR@1%FPR"), summary_rows(report)))
+                                                   max_per_class=args.max_per_class, seed=args.seed),
+                       fair_dir=args.fair)
+    print(format_table(("attack", "target", "AUC [95% CI]", "balanced acc.", "TPR@0.1%FPR", "TPR@1%FPR"), summary_rows(report)))
     print(f"{report['audited']['members']} members vs {report['audited']['nonmembers']} nonmembers; "
           f"written to {args.run_dir / 'audit'}")
     return 0

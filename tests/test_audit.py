@@ -104,7 +104,7 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
     assert main(argv) == 0
     assert "lira-online" in capsys.readouterr().out
     report = json.loads((run.path / "audit" / "report.json").read_text())
-    assert [a["name"] for a in report["attacks"]] == ["loss", "lira-online", "lira-offline", "rmia"]
+    assert [a["name"] for a in report["attacks"]] == ["loss", "lira-online", "lira-offline", "rmia", "shadow"]
     for a in report["attacks"]:
         for key in ("auc", "accuracy", "balanced_accuracy"):
             lo, hi = a["ci95"][key]
@@ -113,7 +113,7 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
         assert set(a["per_group"]) == {"gender", "group"} and set(a["per_group"]["gender"]) <= {"female", "male"}
         assert a["target"] and a["n_members"] == a["n_nonmembers"] == report["audited"]["members"]
     scores = np.load(run.path / "audit" / "scores.npz")
-    assert set(scores.files) >= {"sample_ids", "is_member", "loss", "lira_online", "lira_offline", "rmia"}
+    assert set(scores.files) == {"sample_ids", "is_member", "loss", "lira_online", "lira_offline", "rmia", "shadow"}
     assert (run.path / "audit" / "roc.png").stat().st_size > 1000
     cached = sorted(p.name for p in (run.path / "audit" / "references").iterdir())
     assert cached == ["index.json"] + [f"ref-{r:03d}.safetensors" for r in range(4)]
@@ -122,3 +122,22 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
     assert [p.stat().st_mtime_ns for p in (run.path / "audit" / "references").iterdir()] == mtimes
     assert json.loads((run.path / "audit" / "report.json").read_text()) == report
     assert main(["audit", str(run.path), "--attacks", "centroid"]) == 2  # not for attribute models
+
+
+@pytest.mark.timeout(300)
+def test_audit_with_a_fair_twin_runs_fd_mia(tmp_path_factory) -> None:
+    from attacks.audit import AuditSettings, run_audit
+
+    biased = simulated_run(tmp_path_factory, AUDIT_RUN, tag="audit")[0]
+    fair = simulated_run(tmp_path_factory, AUDIT_RUN + ("fairness.method=reweight",), tag="audit-fair")[0]
+    settings = AuditSettings(attacks=("loss", "lira-online"), references=4, seed=3, n_boot=50)
+    report = run_audit(biased.path, settings, fair_dir=fair.path)
+    got = {(a["target"], a["name"]) for a in report["attacks"]}
+    assert got == {("global model (final)", "loss"), ("global model (final)", "lira-online"),
+                   ("fair global model (final)", "loss"), ("fair global model (final)", "lira-online"),
+                   ("biased + fair pair", "fd-mia-score"), ("biased + fair pair", "fd-mia-lira-online"),
+                   ("biased + fair pair", "fd-mia-lira-offline")}
+    assert report["fair_run"] == str(fair.path)
+    assert len(list((biased.path / "audit" / "references-fair").glob("ref-*.safetensors"))) == 4
+    with pytest.raises(ValueError, match="fairness.method is 'none'"):
+        run_audit(fair.path, settings, fair_dir=biased.path)  # arguments swapped: refused, not mislabelled
