@@ -22,6 +22,8 @@ population.
     reference pairs (each plain reference's reweighted twin, trained on the same half).
 * Embedding models (identity task, no posterior): ``centroid``, the cosine similarity of a
   sample's embedding to the mean embedding of the other photos of its identity.
+* Both: ``mint-vanilla`` and ``mint-cnn`` (``attacks.mint``), the white-box auditor, trained on
+  the audited samples of half the identities and reported on the other half.
 
 Every attack gets ``attacks.metrics.attack_metrics``: AUC, accuracy and balanced accuracy at
 the best threshold, TPR at FPR 0.1% and 1%, seeded bootstrap 95% intervals, and per gender and
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from attacks.metrics import attack_metrics, log_log_roc_plot
+from attacks.mint import CNNMINT, VanillaMINT, activations, identity_split, vanilla_features
 from attacks.reference_models import train_references
 from attacks.scores import (
     ShadowAttackModel,
@@ -67,11 +70,13 @@ from common.training import embed, predict_attribute, target_labels
 
 log = logging.getLogger(__name__)
 
-ATTRIBUTE_ATTACKS = ("loss", "shadow", "lira-online", "lira-offline", "rmia")
-EMBEDDING_ATTACKS = ("centroid",)
+MINT_ATTACKS = ("mint-vanilla", "mint-cnn")
+ATTRIBUTE_ATTACKS = ("loss", "shadow", "lira-online", "lira-offline", "rmia", *MINT_ATTACKS)
+EMBEDDING_ATTACKS = ("centroid", *MINT_ATTACKS)
 TARGET = "global model (final)"
 FAIR_TARGET = "fair global model (final)"
 PAIR_TARGET = "biased + fair pair"
+WHITE_BOX_TARGET = "global model (final), white-box"
 
 
 @dataclass
@@ -251,8 +256,52 @@ def _embedding_scores(model: FaceModel, ds: FaceDataset, manifest: Manifest,
     return pos, is_member, {"centroid": scores[order]}
 
 
+def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: np.ndarray,
+                wanted: tuple[str, ...], seed: int) -> dict[str, np.ndarray]:
+    """MINT (white-box) scores; NaN for the MINT model's own training half. The MINT model trains on
+    the audited samples of half the identities and is scored on the other half (identity-disjoint).
+    The CNN variant reads the penultimate block's maps: the last one is what the embedding layer
+    already summarises, the earlier ones carry more spatial detail."""
+    acts = activations(model, ds.images[pos])
+    train = identity_split(ds.identity[pos], seed)
+    for part, name in ((train, "training"), (~train, "test")):
+        if is_member[part].all() or not is_member[part].any():
+            raise ValueError(f"MINT: its {name} half of the identities has only one class of samples")
+    out: dict[str, np.ndarray] = {}
+    for name, make, feats in (("mint-vanilla", VanillaMINT, lambda: vanilla_features(acts)),
+                              ("mint-cnn", CNNMINT, lambda: acts.blocks[-2])):
+        if name in wanted:
+            x = feats()
+            s = np.full(pos.size, np.nan)
+            s[~train] = make(seed=seed).fit(x[train], is_member[train]).score(x[~train])
+            out[name] = s
+    return out
+
+
 def _names(codes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     return np.array([names[c] if 0 <= c < len(names) else "unknown" for c in codes.tolist()])
+
+
+def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: np.ndarray,
+                wanted: tuple[str, ...], seed: int) -> dict[str, np.ndarray]:
+    """MINT (white-box) scores; NaN for the MINT model's own training half. The MINT model trains on
+    the audited samples of half the identities and is scored on the other half (identity-disjoint).
+    The CNN variant reads the penultimate block's maps: the last one is what the embedding layer
+    already summarises, the earlier ones carry more spatial detail."""
+    acts = activations(model, ds.images[pos])
+    train = identity_split(ds.identity[pos], seed)
+    for part, name in ((train, "training"), (~train, "test")):
+        if is_member[part].all() or not is_member[part].any():
+            raise ValueError(f"MINT: its {name} half of the identities has only one class of samples")
+    out: dict[str, np.ndarray] = {}
+    for name, make, feats in (("mint-vanilla", VanillaMINT, lambda: vanilla_features(acts)),
+                              ("mint-cnn", CNNMINT, lambda: acts.blocks[-2])):
+        if name in wanted:
+            x = feats()
+            s = np.full(pos.size, np.nan)
+            s[~train] = make(seed=seed).fit(x[train], is_member[train]).score(x[~train])
+            out[name] = s
+    return out
 
 
 def _names(codes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
@@ -317,11 +366,15 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
                 scores[(PAIR_TARGET, name)] = s
     else:
         pos, is_member, found = _embedding_scores(model, ds, manifest, settings)
-        scores = {(TARGET, name): s for name, s in found.items()}
+        scores = {(TARGET, name): s for name, s in found.items() if name in wanted}
+    for name, s in mint_scores(model, ds, pos, is_member, tuple(wanted), settings.seed).items():
+        scores[(WHITE_BOX_TARGET, name)] = s
     groups = {"gender": _names(ds.gender[pos], GENDER_NAMES), "group": _names(ds.group[pos], ds.group_names)}
-    attacks = [{"name": name, "target": target,
-                **attack_metrics(s, is_member, groups, seed=settings.seed, n_boot=settings.n_boot)}
-               for (target, name), s in scores.items()]
+    attacks = []
+    for (target, name), s in scores.items():
+        ok = np.isfinite(s)  # MINT scores only its test half
+        attacks.append({"name": name, "target": target, **attack_metrics(
+            s[ok], is_member[ok], {k: v[ok] for k, v in groups.items()}, seed=settings.seed, n_boot=settings.n_boot)})
     report = {"run": str(run.path), "fair_run": None if fair_dir is None else str(fair_dir), "task": cfg.train.task,
               "dp": {"mode": cfg.dp.mode, "target_epsilon": cfg.dp.target_epsilon},
               "audited": {"members": int(is_member.sum()), "nonmembers": int((~is_member).sum())},
@@ -329,14 +382,15 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
     out = run.path / "audit"
     atomic_save_npz(out / "scores.npz", sample_ids=ds.sample_ids[pos], is_member=is_member,
                     **{_key(t, n): s for (t, n), s in scores.items()})
-    log_log_roc_plot({_label(t, n): (s, is_member) for (t, n), s in scores.items()}, out / "roc.png",
+    log_log_roc_plot({_label(t, n): (s[np.isfinite(s)], is_member[np.isfinite(s)]) for (t, n), s in scores.items()},
+                     out / "roc.png",
                      title=f"membership inference, {cfg.train.task} model")
     atomic_write_json(out / "report.json", report)
     return report
 
 
 def _key(target: str, name: str) -> str:
-    prefix = {TARGET: "", FAIR_TARGET: "fair_", PAIR_TARGET: ""}[target]
+    prefix = {TARGET: "", FAIR_TARGET: "fair_", PAIR_TARGET: "", WHITE_BOX_TARGET: ""}[target]
     return prefix + name.replace("-", "_")
 
 

@@ -104,16 +104,22 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
     assert main(argv) == 0
     assert "lira-online" in capsys.readouterr().out
     report = json.loads((run.path / "audit" / "report.json").read_text())
-    assert [a["name"] for a in report["attacks"]] == ["loss", "lira-online", "lira-offline", "rmia", "shadow"]
+    assert [a["name"] for a in report["attacks"]] == ["loss", "lira-online", "lira-offline", "rmia", "shadow",
+                                                      "mint-vanilla", "mint-cnn"]
     for a in report["attacks"]:
         for key in ("auc", "accuracy", "balanced_accuracy"):
             lo, hi = a["ci95"][key]
             assert 0 <= lo <= a[key] <= hi <= 1, (a["name"], key)
         assert set(a["tpr_at_fpr"]) == {"0.001", "0.01"} and set(a["ci95"]["tpr_at_fpr"]) == {"0.001", "0.01"}
         assert set(a["per_group"]) == {"gender", "group"} and set(a["per_group"]["gender"]) <= {"female", "male"}
-        assert a["target"] and a["n_members"] == a["n_nonmembers"] == report["audited"]["members"]
+        if a["name"].startswith("mint"):  # scored on the identities MINT did not train on
+            assert a["target"].endswith("white-box") and 0 < a["n_members"] < report["audited"]["members"]
+        else:
+            assert a["target"] and a["n_members"] == a["n_nonmembers"] == report["audited"]["members"]
     scores = np.load(run.path / "audit" / "scores.npz")
-    assert set(scores.files) == {"sample_ids", "is_member", "loss", "lira_online", "lira_offline", "rmia", "shadow"}
+    assert set(scores.files) == {"sample_ids", "is_member", "loss", "lira_online", "lira_offline", "rmia", "shadow",
+                                 "mint_vanilla", "mint_cnn"}
+    assert np.isnan(scores["mint_cnn"]).any() and np.isfinite(scores["loss"]).all()
     assert (run.path / "audit" / "roc.png").stat().st_size > 1000
     cached = sorted(p.name for p in (run.path / "audit" / "references").iterdir())
     assert cached == ["index.json"] + [f"ref-{r:03d}.safetensors" for r in range(4)]
@@ -141,3 +147,28 @@ def test_audit_with_a_fair_twin_runs_fd_mia(tmp_path_factory) -> None:
     assert len(list((biased.path / "audit" / "references-fair").glob("ref-*.safetensors"))) == 4
     with pytest.raises(ValueError, match="fairness.method is 'none'"):
         run_audit(fair.path, settings, fair_dir=biased.path)  # arguments swapped: refused, not mislabelled
+
+
+def test_mint_learns_activation_patterns_and_is_tested_on_unseen_identities() -> None:
+    from attacks.metrics import roc_auc
+    from attacks.mint import CNNMINT, VanillaMINT, identity_split
+
+    rng = np.random.default_rng(5)
+    n = 600
+    identity = rng.integers(0, 60, n)
+    used = rng.random(n) < 0.5
+    train = identity_split(identity, seed=1)
+    assert set(identity[train]).isdisjoint(identity[~train]) and 0.3 < train.mean() < 0.7
+    feats = rng.normal(size=(n, 24)).astype(np.float32)
+    feats[used, :4] += 1.0  # training data drives some units higher (the paper's rationale)
+    signal = VanillaMINT(seed=0).fit(feats[train], used[train]).score(feats[~train])
+    assert roc_auc(signal, used[~train]) > 0.9
+    blank = rng.normal(size=(n, 24)).astype(np.float32)  # activations that do not depend on training
+    noise = VanillaMINT(seed=0).fit(blank[train], used[train]).score(blank[~train])
+    assert abs(roc_auc(noise, used[~train]) - 0.5) < 0.1
+    maps = rng.normal(size=(n, 3, 8, 8)).astype(np.float32)
+    maps[used, 0, 2:4, 2:4] += 1.5  # a spatial pattern the channel maximum would blur
+    cnn = CNNMINT(seed=0, epochs=10).fit(maps[train], used[train]).score(maps[~train])
+    assert roc_auc(cnn, used[~train]) > 0.8
+    a = VanillaMINT(seed=3).fit(feats[train], used[train]).score(feats[~train])
+    np.testing.assert_array_equal(a, VanillaMINT(seed=3).fit(feats[train], used[train]).score(feats[~train]))
