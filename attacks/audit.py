@@ -37,6 +37,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,7 @@ TARGET = "global model (final)"
 FAIR_TARGET = "fair global model (final)"
 PAIR_TARGET = "biased + fair pair"
 WHITE_BOX_TARGET = "global model (final), white-box"
+UPDATE_ATTACKS = ("loss", "lira-online")  # against each client's own post-round model
 
 
 @dataclass
@@ -238,48 +240,26 @@ def fd_mia_scores(p_bias: np.ndarray, p_fair: np.ndarray, refs: References, refs
             "fd-mia-lira-offline": fd_lira_offline(pair_t, pair_r, inside, global_covariance=global_cov)}
 
 
-def _embedding_scores(model: FaceModel, ds: FaceDataset, manifest: Manifest,
-                      settings: AuditSettings) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Centroid statistic: the attacker holds every member- and nonmember-role photo of the audited
-    people (the model's embeddings of them, and who is who), and scores a photo by its cosine to
-    the mean of the *other* photos of its identity. Photos whose identity has no other are not
-    audited."""
+def _embedding_audit_set(ds: FaceDataset, manifest: Manifest,
+                         settings: AuditSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(audited positions, is_member, the attacker's known photos) for the centroid statistic.
+
+    The attacker holds every member- and nonmember-role photo of the audited people (the model's
+    embeddings of them, and who is who); photos whose identity has no other are not audited.
+    """
     photos = manifest.role_mask(ds, "member") | manifest.role_mask(ds, "nonmember")
     ids, counts = np.unique(ds.identity[photos], return_counts=True)
     eligible = photos & np.isin(ds.identity, ids[counts >= 2])
     pos, is_member = audited_samples(manifest, ds, settings, eligible)
-    known = np.flatnonzero(eligible)
+    return pos, is_member, np.flatnonzero(eligible)
+
+
+def centroid_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Cosine of each audited photo's embedding to the mean of the other known photos of its identity."""
     candidates = np.isin(known, pos)
     scores = centroid_similarity(embed(model, ds.images[known]), ds.identity[known], np.ones(known.size, bool),
                                  candidates)
-    order = np.searchsorted(known[candidates], pos)  # scores come in ``known`` order; pos is not sorted
-    return pos, is_member, {"centroid": scores[order]}
-
-
-def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: np.ndarray,
-                wanted: tuple[str, ...], seed: int) -> dict[str, np.ndarray]:
-    """MINT (white-box) scores; NaN for the MINT model's own training half. The MINT model trains on
-    the audited samples of half the identities and is scored on the other half (identity-disjoint).
-    The CNN variant reads the penultimate block's maps: the last one is what the embedding layer
-    already summarises, the earlier ones carry more spatial detail."""
-    acts = activations(model, ds.images[pos])
-    train = identity_split(ds.identity[pos], seed)
-    for part, name in ((train, "training"), (~train, "test")):
-        if is_member[part].all() or not is_member[part].any():
-            raise ValueError(f"MINT: its {name} half of the identities has only one class of samples")
-    out: dict[str, np.ndarray] = {}
-    for name, make, feats in (("mint-vanilla", VanillaMINT, lambda: vanilla_features(acts)),
-                              ("mint-cnn", CNNMINT, lambda: acts.blocks[-2])):
-        if name in wanted:
-            x = feats()
-            s = np.full(pos.size, np.nan)
-            s[~train] = make(seed=seed).fit(x[train], is_member[train]).score(x[~train])
-            out[name] = s
-    return out
-
-
-def _names(codes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
-    return np.array([names[c] if 0 <= c < len(names) else "unknown" for c in codes.tolist()])
+    return scores[np.searchsorted(known[candidates], pos)]  # scores come in ``known`` order
 
 
 def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: np.ndarray,
@@ -365,10 +345,25 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
             for name, s in fd_mia_scores(p_target, p_fair, refs, refs_fair, settings).items():
                 scores[(PAIR_TARGET, name)] = s
     else:
-        pos, is_member, found = _embedding_scores(model, ds, manifest, settings)
-        scores = {(TARGET, name): s for name, s in found.items() if name in wanted}
+        pos, is_member, known = _embedding_audit_set(ds, manifest, settings)
+        if "centroid" in wanted:
+            scores[(TARGET, "centroid")] = centroid_scores(model, ds, pos, known)
     for name, s in mint_scores(model, ds, pos, is_member, tuple(wanted), settings.seed).items():
         scores[(WHITE_BOX_TARGET, name)] = s
+    update_level = _update_level_availability(run, cfg)
+    for path in update_level.pop("paths", []):
+        client, meta = _load_client_model(path, spec)
+        # This client's members against every audited nonmember: what the curious server learns
+        # about the client whose update it reads. Other clients' members are left out (NaN).
+        mine = ~is_member | np.isin(pos, manifest.client_indices(ds, int(meta["partition"])))
+        target = f"client {meta['partition']} update (round {meta['round']})"
+        if spec.attribute_head:
+            found = single_model_scores(predict_attribute(client, ds.images[population]), refs,
+                                        UPDATE_ATTACKS, settings)
+        else:
+            found = {"centroid": centroid_scores(client, ds, pos, known)}
+        for name, s in found.items():
+            scores[(target, name)] = np.where(mine, s, np.nan)
     groups = {"gender": _names(ds.gender[pos], GENDER_NAMES), "group": _names(ds.group[pos], ds.group_names)}
     attacks = []
     for (target, name), s in scores.items():
@@ -378,7 +373,8 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
     report = {"run": str(run.path), "fair_run": None if fair_dir is None else str(fair_dir), "task": cfg.train.task,
               "dp": {"mode": cfg.dp.mode, "target_epsilon": cfg.dp.target_epsilon},
               "audited": {"members": int(is_member.sum()), "nonmembers": int((~is_member).sum())},
-              "references": settings.references, "seed": settings.seed, "attacks": attacks}
+              "references": settings.references, "seed": settings.seed, "update_level": update_level,
+              "attacks": attacks}
     out = run.path / "audit"
     atomic_save_npz(out / "scores.npz", sample_ids=ds.sample_ids[pos], is_member=is_member,
                     **{_key(t, n): s for (t, n), s in scores.items()})
@@ -389,13 +385,34 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
     return report
 
 
+def _update_level_availability(run: RunDir, cfg: Config) -> dict[str, Any]:
+    """Whether a curious server held per-client models in this run, and where they are."""
+    if cfg.he.enabled:
+        return {"available": False, "reason": "HE: the server held only the encrypted sum of the clients' updates"}
+    paths = sorted((run.path / "models" / "clients").glob("client-*.safetensors"))
+    if not paths:
+        return {"available": False, "reason": "no client models saved (federation.save_client_models = false)"}
+    return {"available": True, "clients": len(paths), "paths": paths}
+
+
+def _load_client_model(path: Path, spec: ModelSpec) -> tuple[FaceModel, dict[str, Any]]:
+    state, meta = load_checkpoint(path)
+    model = build_model(spec, 0)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
 def _key(target: str, name: str) -> str:
-    prefix = {TARGET: "", FAIR_TARGET: "fair_", PAIR_TARGET: "", WHITE_BOX_TARGET: ""}[target]
+    prefix = {TARGET: "", FAIR_TARGET: "fair_", PAIR_TARGET: "", WHITE_BOX_TARGET: ""}.get(target)
+    if prefix is None:  # "client P update (round R)"
+        prefix = f"client{target.split()[1]}_"
     return prefix + name.replace("-", "_")
 
 
 def _label(target: str, name: str) -> str:
-    return f"{name} (fair model)" if target == FAIR_TARGET else name
+    if target in (TARGET, PAIR_TARGET, WHITE_BOX_TARGET):
+        return name
+    return f"{name} ({'fair model' if target == FAIR_TARGET else target.split(' (')[0]})"
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple]:

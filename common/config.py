@@ -104,6 +104,9 @@ class FederationConfig:
     min_available_clients: int = _num(2, 1)
     round_timeout: float = _num(3600.0, 1.0, doc="seconds to wait for a round's replies")
     client_cpus: float = _num(2.0, 0.1, doc="simulation only: CPUs per client (2 on 2 cores = one at a time)")
+    save_client_models: bool = field(default=True, metadata={
+        "doc": "plaintext runs: keep each client's latest post-round model in models/clients/ (what a curious "
+               "server holds; `facefl audit` attacks them). HE runs have none"})
 
 
 @dataclass

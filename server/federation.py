@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
@@ -117,6 +118,8 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, A
             if reply.privacy_json is not None and cfg.dp.mode != "off":
                 ledger.record(reply.partition, server_round, reply.privacy_json)
         ledger.save(run.path / "privacy.json")
+        if cfg.federation.save_client_models and not cfg.he.enabled:
+            _save_client_models(run, strategy.accepted, {**meta, "round": server_round})
         federated_seconds = time.perf_counter() - start  # send, local training, (de/en)cryption, aggregation
         metrics = _checkpoint(run, strategy, global_record, model, evaluator, f"round-{server_round:03d}",
                               {**meta, "round": server_round})
@@ -139,6 +142,14 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, A
         run.log_metrics("enroll", **enrolled)
         summary["mote_identities"] = enrolled["identities"]
     return summary
+
+
+def _save_client_models(run: RunDir, replies: list, meta: dict[str, Any]) -> None:
+    """What a curious plaintext server holds: each client's own post-round model (the latest)."""
+    for reply in replies:
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in reply.arrays.items()}
+        save_checkpoint(run.models / "clients" / f"client-{reply.partition}.safetensors", state,
+                        {**meta, "partition": reply.partition, "num_examples": reply.num_examples})
 
 
 def _checkpoint(run: RunDir, strategy: FaceFedAvg, record: ArrayRecord, model: FaceModel,

@@ -104,9 +104,16 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
     assert main(argv) == 0
     assert "lira-online" in capsys.readouterr().out
     report = json.loads((run.path / "audit" / "report.json").read_text())
-    assert [a["name"] for a in report["attacks"]] == ["loss", "lira-online", "lira-offline", "rmia", "shadow",
-                                                      "mint-vanilla", "mint-cnn"]
-    for a in report["attacks"]:
+    main_attacks = [a for a in report["attacks"] if not a["target"].startswith("client")]
+    assert [a["name"] for a in main_attacks] == ["loss", "lira-online", "lira-offline", "rmia", "shadow",
+                                                 "mint-vanilla", "mint-cnn"]
+    # The curious server's view: each client's own post-round model, attacked on its own members.
+    updates = [a for a in report["attacks"] if a["target"].startswith("client")]
+    assert report["update_level"] == {"available": True, "clients": 2}
+    assert sorted((a["target"], a["name"]) for a in updates) == [
+        (f"client {p} update (round 2)", name) for p in (0, 1) for name in ("lira-online", "loss")]
+    assert all(0 < a["n_members"] < report["audited"]["members"] for a in updates)
+    for a in main_attacks:
         for key in ("auc", "accuracy", "balanced_accuracy"):
             lo, hi = a["ci95"][key]
             assert 0 <= lo <= a[key] <= hi <= 1, (a["name"], key)
@@ -118,7 +125,8 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
             assert a["target"] and a["n_members"] == a["n_nonmembers"] == report["audited"]["members"]
     scores = np.load(run.path / "audit" / "scores.npz")
     assert set(scores.files) == {"sample_ids", "is_member", "loss", "lira_online", "lira_offline", "rmia", "shadow",
-                                 "mint_vanilla", "mint_cnn"}
+                                 "mint_vanilla", "mint_cnn", "client0_loss", "client0_lira_online", "client1_loss",
+                                 "client1_lira_online"}
     assert np.isnan(scores["mint_cnn"]).any() and np.isfinite(scores["loss"]).all()
     assert (run.path / "audit" / "roc.png").stat().st_size > 1000
     cached = sorted(p.name for p in (run.path / "audit" / "references").iterdir())
@@ -138,7 +146,7 @@ def test_audit_with_a_fair_twin_runs_fd_mia(tmp_path_factory) -> None:
     fair = simulated_run(tmp_path_factory, AUDIT_RUN + ("fairness.method=reweight",), tag="audit-fair")[0]
     settings = AuditSettings(attacks=("loss", "lira-online"), references=4, seed=3, n_boot=50)
     report = run_audit(biased.path, settings, fair_dir=fair.path)
-    got = {(a["target"], a["name"]) for a in report["attacks"]}
+    got = {(a["target"], a["name"]) for a in report["attacks"] if not a["target"].startswith("client")}
     assert got == {("global model (final)", "loss"), ("global model (final)", "lira-online"),
                    ("fair global model (final)", "loss"), ("fair global model (final)", "lira-online"),
                    ("biased + fair pair", "fd-mia-score"), ("biased + fair pair", "fd-mia-lira-online"),
