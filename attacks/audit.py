@@ -58,13 +58,13 @@ from attacks.scores import (
     sample_loss,
     scaled_confidence,
 )
-from common.builders import build_dataset, build_model
+from common.builders import build_dataset, load_model
 from common.config import Config, load_config
 from common.data.dataset import GENDER_NAMES, FaceDataset
 from common.data.splits import Manifest
 from common.fairness import reweight, sensitive_attribute
 from common.io import atomic_save_npz, atomic_write_json, read_json
-from common.models.checkpoint import load_checkpoint, save_checkpoint
+from common.models.checkpoint import save_checkpoint
 from common.models.face_model import FaceModel, ModelSpec
 from common.rundir import RunDir
 from common.training import embed, predict_attribute, target_labels
@@ -95,12 +95,8 @@ def _load_target(run: RunDir) -> tuple[FaceModel, ModelSpec]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no plaintext final model (an HE run must be decrypted first with "
                                 "`facefl keys decrypt-model`)")
-    state, meta = load_checkpoint(path)
-    spec = ModelSpec.from_dict(meta["spec"])
-    model = build_model(spec, 0)
-    model.load_state_dict(state)
-    model.eval()
-    return model, spec
+    model, _ = load_model(path)
+    return model, model.spec
 
 
 def audited_samples(manifest: Manifest, ds: FaceDataset, settings: AuditSettings,
@@ -160,11 +156,7 @@ def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, 
                                     sort_keys=True).encode()).hexdigest()
     index = cache / "index.json"
     if index.exists() and read_json(index).get("key") == key:
-        models = []
-        for r in range(len(seeds)):
-            model = build_model(spec, 0)
-            model.load_state_dict(load_checkpoint(cache / f"ref-{r:03d}.safetensors")[0])
-            models.append(model.eval())
+        models = [load_model(cache / f"ref-{r:03d}.safetensors", spec)[0] for r in range(len(seeds))]
         log.info("audit: %d reference models from %s", len(models), cache)
     else:
         weights = None
@@ -352,7 +344,7 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
         scores[(WHITE_BOX_TARGET, name)] = s
     update_level = _update_level_availability(run, cfg)
     for path in update_level.pop("paths", []):
-        client, meta = _load_client_model(path, spec)
+        client, meta = load_model(path, spec)
         # This client's members against every audited nonmember: what the curious server learns
         # about the client whose update it reads. Other clients' members are left out (NaN).
         mine = ~is_member | np.isin(pos, manifest.client_indices(ds, int(meta["partition"])))
@@ -393,13 +385,6 @@ def _update_level_availability(run: RunDir, cfg: Config) -> dict[str, Any]:
     if not paths:
         return {"available": False, "reason": "no client models saved (federation.save_client_models = false)"}
     return {"available": True, "clients": len(paths), "paths": paths}
-
-
-def _load_client_model(path: Path, spec: ModelSpec) -> tuple[FaceModel, dict[str, Any]]:
-    state, meta = load_checkpoint(path)
-    model = build_model(spec, 0)
-    model.load_state_dict(state)
-    return model.eval(), meta
 
 
 def _key(target: str, name: str) -> str:

@@ -21,6 +21,7 @@ from common.data.dataset import FaceDataset
 from common.data.sources import load_source
 from common.data.splits import Manifest, SplitConfig, make_manifest
 from common.data.synthetic import SynthConfig, generate
+from common.models.checkpoint import load_checkpoint
 from common.models.face_model import FaceModel, ModelSpec
 from common.models.heads import CosineClassifier
 
@@ -117,6 +118,14 @@ def build_model(spec: ModelSpec, seed: int) -> FaceModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return FaceModel(spec)
+
+
+def load_model(path: str | os.PathLike[str], spec: ModelSpec | None = None) -> tuple[FaceModel, dict]:
+    """A model from a checkpoint (architecture from its metadata unless ``spec`` is given), in eval mode."""
+    state, meta = load_checkpoint(path)
+    model = build_model(spec or ModelSpec.from_dict(meta["spec"]), 0)
+    model.load_state_dict(state)
+    return model.eval(), meta
 
 
 def build_identity_head(spec: ModelSpec, num_classes: int, seed: int) -> CosineClassifier:

@@ -20,13 +20,11 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from common.builders import build_dataset, build_model
+from common.builders import build_dataset, load_model
 from common.config import load_config
 from common.data.dataset import GENDER_NAMES
 from common.data.splits import Manifest
 from common.io import atomic_write_json
-from common.models.checkpoint import load_checkpoint
-from common.models.face_model import ModelSpec
 from common.models.mote import MoteGallery
 from common.mote_enrollment import gallery_file, references
 from common.plots import log_log_roc
@@ -50,16 +48,13 @@ class TemplateSet:
     aux_gender: np.ndarray
 
 
-def _final_model(run: RunDir, seed: int):
+def _final_model(run: RunDir):
     path = run.models / "final.safetensors"
     if not path.exists():
         hint = (" (the run is encrypted: a key holder must first run `facefl keys decrypt-model`)"
                 if (run.models / "final.he.safetensors").exists() else "")
         raise FileNotFoundError(f"{path}: no plaintext final model{hint}")
-    state, meta = load_checkpoint(path)
-    model = build_model(ModelSpec.from_dict(meta["spec"]), seed)
-    model.load_state_dict(state)
-    return model
+    return load_model(path)[0]
 
 
 def _pairs(scores: np.ndarray, probe_identity: np.ndarray, enrolled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +80,7 @@ def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Temp
     """Verification of templates and of each MOTE gallery on the run's probes; ROC plot in mote/."""
     run = RunDir(run_dir)
     cfg = load_config(run.config_path)
-    model = _final_model(run, cfg.seed)
+    model = _final_model(run)
     ds = build_dataset(cfg)
     manifest = Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
     galleries = {f"{b:.2f}": MoteGallery.load(run.path / gallery_file(b)) for b in cfg.mote.balancing_factors}
