@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from attacks.metrics import attack_metrics, log_log_roc_plot
 from attacks.mint import CNNMINT, VanillaMINT, activations, identity_split, vanilla_features
@@ -150,8 +151,11 @@ def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, 
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
     seeds = [int(np.random.SeedSequence([seed, 0x5EF, r]).generate_state(1)[0] & 0x7FFFFFFF)
              for r in range(in_mask.shape[0])]
+    initial = run.models / "initial.safetensors"
     key = hashlib.sha256(json.dumps({"ids": ds.sample_ids[population].tolist(), "mask": np.packbits(in_mask).tolist(),
                                      "seeds": seeds, "epochs": epochs, "spec": spec.to_dict(), "fair": fair,
+                                     "initial": hashlib.sha256(initial.read_bytes()).hexdigest() if initial.exists()
+                                     else None,
                                      "sensitive": cfg.fairness.sensitive, "train": cfg.to_dict()["train"]},
                                     sort_keys=True).encode()).hexdigest()
     index = cache / "index.json"
@@ -166,11 +170,17 @@ def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, 
             for r, row in enumerate(in_mask):
                 weights[r, row] = reweight(sens[row], labels[row])
         models = train_references(spec, ds.images[population], labels, in_mask, cfg.train, epochs, seeds,
-                                  sample_weights=weights)
+                                  sample_weights=weights, init_state=_initial_state(run))
         for r, model in enumerate(models):
             save_checkpoint(cache / f"ref-{r:03d}.safetensors", model.state_dict(), {"reference": r, "key": key})
         atomic_write_json(index, {"key": key, "references": len(seeds), "epochs": epochs, "seeds": seeds, "fair": fair})
     return np.stack([predict_attribute(m, ds.images[population]) for m in models], axis=1)
+
+
+def _initial_state(run: RunDir) -> dict[str, torch.Tensor] | None:
+    """The run's public initial global model (seeded init + public pretraining), when recorded."""
+    path = run.models / "initial.safetensors"
+    return load_model(path)[0].state_dict() if path.exists() else None
 
 
 def _true_prob(p1: np.ndarray, labels: np.ndarray) -> np.ndarray:

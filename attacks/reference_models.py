@@ -82,10 +82,13 @@ def _batch(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, idx: np.
 
 def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in_mask: np.ndarray,
                      cfg: TrainConfig, epochs: int, seeds: Sequence[int], vectorised: bool = True,
-                     sample_weights: np.ndarray | None = None) -> list[FaceModel]:
+                     sample_weights: np.ndarray | None = None,
+                     init_state: dict[str, torch.Tensor] | None = None) -> list[FaceModel]:
     """Train one attribute model per row of ``in_mask`` (R, n) on its IN samples; model r uses
     ``seeds[r]`` for its initialisation, batches and augmentation. ``sample_weights`` (R, n)
-    weights each model's per-sample loss (a fairness reweighting computed on its own IN set)."""
+    weights each model's per-sample loss (a fairness reweighting computed on its own IN set).
+    ``init_state``: start every model from these weights instead (the target's public initial
+    model, e.g. after public pretraining), so that references differ from it only by their data."""
     labels = np.asarray(labels, dtype=np.int64)
     in_mask = np.asarray(in_mask, dtype=bool)
     _check(spec, images, labels, in_mask, seeds)
@@ -93,6 +96,9 @@ def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in
     if weights.shape != in_mask.shape:
         raise ValueError(f"reference models: sample_weights {weights.shape}, expected {in_mask.shape}")
     models = [build_model(spec, int(s)) for s in seeds]
+    if init_state is not None:
+        for m in models:
+            m.load_state_dict(init_state)
     streams = [_BatchStream(np.flatnonzero(row), min(cfg.batch_size, int(row.sum())), int(s) + 1)
                for row, s in zip(in_mask, seeds, strict=True)]
     if len({st.batch for st in streams}) > 1 and vectorised:

@@ -97,6 +97,10 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, A
     if pretrained is not None:
         run.log_metrics("pretrain", steps=pretrained.outcome.steps, seconds=pretrained.outcome.seconds,
                         **evaluator.evaluate(model))
+    # The initial global model is public (seeded initialisation + public pretraining): the audit's
+    # reference models start from it, as the target did.
+    save_checkpoint(run.models / "initial.safetensors", model.state_dict(),
+                    {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute, "round": 0})
     common = dict(seed=cfg.seed, partitions=partitions, fraction_train=cfg.federation.fraction_train,
                   min_train_nodes=cfg.federation.min_train_clients,
                   min_available_nodes=cfg.federation.min_available_clients)

@@ -129,6 +129,7 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
                                  "client1_lira_online"}
     assert np.isnan(scores["mint_cnn"]).any() and np.isfinite(scores["loss"]).all()
     assert (run.path / "audit" / "roc.png").stat().st_size > 1000
+    assert (run.path / "models" / "initial.safetensors").is_file()  # the references' starting point
     cached = sorted(p.name for p in (run.path / "audit" / "references").iterdir())
     assert cached == ["index.json"] + [f"ref-{r:03d}.safetensors" for r in range(4)]
     mtimes = [p.stat().st_mtime_ns for p in (run.path / "audit" / "references").iterdir()]

@@ -131,7 +131,8 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
 
     # The server stored only encrypted checkpoints; a key holder decrypts the final model.
     assert sorted(p.name for p in (run / "models").iterdir()) == (
-        ["final.he.safetensors"] + [f"round-{r:03d}.he.safetensors" for r in range(1, ROUNDS + 1)])
+        ["final.he.safetensors", "initial.safetensors"]  # the initial model is public
+        + [f"round-{r:03d}.he.safetensors" for r in range(1, ROUNDS + 1)])
     assert all(e["encrypted"] and "verification_auc" not in e for e in rounds)
     assert main(["keys", "decrypt-model", str(run), "--key", str(keys / SECRET_FILE)]) == 0
     assert "verification_auc" in capsys.readouterr().out

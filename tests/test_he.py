@@ -224,7 +224,9 @@ def test_he_run_equals_plaintext_run_and_server_stores_only_ciphertexts(tmp_path
     he_run = simulated_run(tmp_path_factory, LEDGER_FULL + ("he.enabled=true", f"he.public_context={keys[0] / PUBLIC_FILE}"),
                            tag="he", he_secret=keys[0] / SECRET_FILE)[0]
     models = sorted(p.name for p in (he_run.path / "models").iterdir())
-    assert models == ["final.he.safetensors"] + [f"round-{r:03d}.he.safetensors" for r in (1, 2, 3)]
+    # Only the initial model (seeded init + public pretraining, nothing private) is in plaintext.
+    assert models == ["final.he.safetensors", "initial.safetensors"] + [f"round-{r:03d}.he.safetensors"
+                                                                        for r in (1, 2, 3)]
     he_info = json.loads((he_run.path / "he.json").read_text())
     assert he_info["plaintext"] == 0 and he_info["encrypted"] == he_info["values"] > 0
     events = [r for r in he_run.read_metrics() if r["event"] == "round"]
