@@ -9,8 +9,8 @@ population.
   - ``loss``: minus the sample's loss (Yeom et al. 2018).
   - reference models: ``references`` models of the target's architecture, trained centrally with
     the target's local recipe, each on a random half of (audited + aux) so that every audited
-    sample is IN for exactly half of them (``attacks.reference_models``: vectorised, cached in
-    ``audit/references``).
+    sample is IN for exactly half of them (``attacks.reference_models``, cached in
+    ``audit/references``; one at a time by default, stacked with ``--vectorised``).
   - ``shadow`` (Shokri et al. 2017, ML-Doctor's features): the reference models are the shadow
     models; an attack model learns membership from their outputs on aux samples only.
   - ``lira-online`` and ``lira-offline`` (Carlini et al. 2022). The offline test is the one-sided
@@ -89,6 +89,7 @@ class AuditSettings:
     max_per_class: int = 500
     seed: int = 0
     n_boot: int = 1000
+    vectorised: bool = False  # stacked-weight training of the references; slower on CPU (bench/attacks.py)
 
 
 def _load_target(run: RunDir) -> tuple[FaceModel, ModelSpec]:
@@ -141,7 +142,8 @@ class References:
 
 
 def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, population: np.ndarray,
-                    labels: np.ndarray, in_mask: np.ndarray, seed: int, fair: bool = False) -> np.ndarray:
+                    labels: np.ndarray, in_mask: np.ndarray, seed: int, fair: bool = False,
+                    vectorised: bool = False) -> np.ndarray:
     """Reference models' P(label = 1) on the population (n, R); trained once and cached.
 
     ``fair``: each model is trained with the fairness reweighting (Kamiran & Calders) computed on
@@ -153,7 +155,7 @@ def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, 
              for r in range(in_mask.shape[0])]
     initial = run.models / "initial.safetensors"
     key = hashlib.sha256(json.dumps({"ids": ds.sample_ids[population].tolist(), "mask": np.packbits(in_mask).tolist(),
-                                     "seeds": seeds, "epochs": epochs, "spec": spec.to_dict(), "fair": fair,
+                                     "seeds": seeds, "epochs": epochs, "spec": spec.to_dict(), "fair": fair, "vectorised": vectorised,
                                      "initial": hashlib.sha256(initial.read_bytes()).hexdigest() if initial.exists()
                                      else None,
                                      "sensitive": cfg.fairness.sensitive, "train": cfg.to_dict()["train"]},
@@ -170,7 +172,7 @@ def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, 
             for r, row in enumerate(in_mask):
                 weights[r, row] = reweight(sens[row], labels[row])
         models = train_references(spec, ds.images[population], labels, in_mask, cfg.train, epochs, seeds,
-                                  sample_weights=weights, init_state=_initial_state(run))
+                                  vectorised=vectorised, sample_weights=weights, init_state=_initial_state(run))
         for r, model in enumerate(models):
             save_checkpoint(cache / f"ref-{r:03d}.safetensors", model.state_dict(), {"reference": r, "key": key})
         atomic_write_json(index, {"key": key, "references": len(seeds), "epochs": epochs, "seeds": seeds, "fair": fair})
@@ -332,7 +334,7 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
         in_mask = _in_mask(settings.references, population.size, settings.seed)
         labels = labels_all[population]
         refs = References(pos.size, labels, in_mask, reference_probs(run, cfg, spec, ds, population, labels, in_mask,
-                                                                     settings.seed))
+                                                                     settings.seed, vectorised=settings.vectorised))
         p_target = predict_attribute(model, ds.images[population])
         for name, s in single_model_scores(p_target, refs, tuple(wanted), settings).items():
             scores[(TARGET, name)] = s
@@ -340,8 +342,9 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
             fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest)
             fair_model, _ = _load_target(fair)
             p_fair = predict_attribute(fair_model, ds.images[population])
-            refs_fair = References(pos.size, labels, in_mask, reference_probs(run, fair_cfg, spec, ds, population,
-                                                                              labels, in_mask, settings.seed, fair=True))
+            refs_fair = References(pos.size, labels, in_mask, reference_probs(
+                run, fair_cfg, spec, ds, population, labels, in_mask, settings.seed, fair=True,
+                vectorised=settings.vectorised))
             for name, s in single_model_scores(p_fair, refs_fair, tuple(wanted), settings).items():
                 scores[(FAIR_TARGET, name)] = s
             for name, s in fd_mia_scores(p_target, p_fair, refs, refs_fair, settings).items():

@@ -99,10 +99,8 @@ def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in
     if init_state is not None:
         for m in models:
             m.load_state_dict(init_state)
-    streams = [_BatchStream(np.flatnonzero(row), min(cfg.batch_size, int(row.sum())), int(s) + 1)
-               for row, s in zip(in_mask, seeds, strict=True)]
-    if len({st.batch for st in streams}) > 1 and vectorised:
-        raise ValueError("reference models: vectorised training needs every IN set to fill a batch")
+    batch = min(cfg.batch_size, int(in_mask.sum(axis=1).min()))  # one batch size: the stacked models step together
+    streams = [_BatchStream(np.flatnonzero(row), batch, int(s) + 1) for row, s in zip(in_mask, seeds, strict=True)]
     aug_gens = [torch.Generator().manual_seed(int(s) + 2) for s in seeds]
     total = _steps(in_mask, streams[0].batch, epochs)
     if vectorised:

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--references", type=int, default=16, help="LiRA / RMIA reference models (even, default 16)")
     audit.add_argument("--max-per-class", type=int, default=500, help="audited members and nonmembers, each")
     audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--vectorised", action="store_true",
+                       help="train the reference models with stacked weights (one vmap); on 2 CPU cores this was "
+                            "2x slower than one at a time (bench/attacks.py)")
 
     keys = sub.add_parser("keys", help="CKKS keys for encrypted aggregation").add_subparsers(dest="keys_command",
                                                                                           required=True)
@@ -212,7 +215,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from common.table import format_table
 
     report = run_audit(args.run_dir, AuditSettings(attacks=args.attacks, references=args.references,
-                                                   max_per_class=args.max_per_class, seed=args.seed),
+                                                   max_per_class=args.max_per_class, seed=args.seed,
+                                                   vectorised=args.vectorised),
                        fair_dir=args.fair)
     print(format_table(("attack", "target", "AUC [95% CI]", "balanced acc.", "TPR@0.1%FPR", "TPR@1%FPR"), summary_rows(report)))
     print(f"{report['audited']['members']} members vs {report['audited']['nonmembers']} nonmembers; "
