@@ -58,7 +58,8 @@ from attacks.scores import (
     sample_loss,
     scaled_confidence,
 )
-from common.builders import build_dataset, load_model
+from common.builders import load_model, load_run
+from common.encrypted_model import load_final_model
 from common.config import Config, load_config
 from common.data.dataset import GENDER_NAMES, FaceDataset
 from common.data.splits import Manifest
@@ -74,10 +75,27 @@ log = logging.getLogger(__name__)
 MINT_ATTACKS = ("mint-vanilla", "mint-cnn")
 ATTRIBUTE_ATTACKS = ("loss", "shadow", "lira-online", "lira-offline", "rmia", *MINT_ATTACKS)
 EMBEDDING_ATTACKS = ("centroid", *MINT_ATTACKS)
-TARGET = "global model (final)"
-FAIR_TARGET = "fair global model (final)"
-PAIR_TARGET = "biased + fair pair"
-WHITE_BOX_TARGET = "global model (final), white-box"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an attack aims at: its name in the report, its prefix in scores.npz, its ROC legend tag."""
+
+    name: str
+    key_prefix: str = ""
+    short: str = ""  # "" for the global model
+
+    def key(self, attack: str) -> str:
+        return self.key_prefix + attack.replace("-", "_")
+
+    def label(self, attack: str) -> str:
+        return f"{attack} ({self.short})" if self.short else attack
+
+
+GLOBAL = Target("global model (final)")
+FAIR = Target("fair global model (final)", "fair_", "fair model")
+PAIR = Target("biased + fair pair")
+WHITE_BOX = Target("global model (final), white-box")
 UPDATE_ATTACKS = ("loss", "lira-online")  # against each client's own post-round model
 
 
@@ -89,15 +107,6 @@ class AuditSettings:
     seed: int = 0
     n_boot: int = 1000
     vectorised: bool = False  # stacked-weight training of the references; slower on CPU (bench/attacks.py)
-
-
-def _load_target(run: RunDir) -> tuple[FaceModel, ModelSpec]:
-    path = run.models / "final.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no plaintext final model (an HE run must be decrypted first with "
-                                "`facefl keys decrypt-model`)")
-    model, _ = load_model(path)
-    return model, model.spec
 
 
 def audited_samples(manifest: Manifest, ds: FaceDataset, settings: AuditSettings,
@@ -310,10 +319,9 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
     """Audit the run's final model (and, with ``fair_dir``, the fair model and the FD-MIA pair);
     writes audit/report.json, scores.npz and roc.png; returns the report."""
     run = RunDir(run_dir)
-    cfg = load_config(run.config_path)
-    model, spec = _load_target(run)
-    ds = build_dataset(cfg)
-    manifest = Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
+    cfg, ds, manifest = load_run(run)
+    model = load_final_model(run)
+    spec = model.spec
     applicable = ATTRIBUTE_ATTACKS if spec.attribute_head else EMBEDDING_ATTACKS
     wanted = applicable if settings.attacks is None else settings.attacks
     unknown = sorted(set(wanted) - set(applicable))
@@ -322,7 +330,7 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
                          f"available: {', '.join(applicable)}")
     if fair_dir is not None and not spec.attribute_head:
         raise ValueError("--fair: FD-MIA needs attribute models (train.task = attribute or both)")
-    scores: dict[tuple[str, str], np.ndarray] = {}  # (target, attack) -> per-sample score
+    scores: dict[tuple[Target, str], np.ndarray] = {}  # (target, attack) -> per-sample score
     if spec.attribute_head:
         pos, is_member = audited_samples(manifest, ds, settings)
         labels_all = target_labels(ds, cfg.train.attribute)
@@ -336,31 +344,32 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
                                                                      settings.seed, vectorised=settings.vectorised))
         p_target = predict_attribute(model, ds.images[population])
         for name, s in single_model_scores(p_target, refs, tuple(wanted), settings).items():
-            scores[(TARGET, name)] = s
+            scores[(GLOBAL, name)] = s
         if fair_dir is not None:
             fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest)
-            fair_model, _ = _load_target(fair)
+            fair_model = load_final_model(fair)
             p_fair = predict_attribute(fair_model, ds.images[population])
             refs_fair = References(pos.size, labels, in_mask, reference_probs(
                 run, fair_cfg, spec, ds, population, labels, in_mask, settings.seed, fair=True,
                 vectorised=settings.vectorised))
             for name, s in single_model_scores(p_fair, refs_fair, tuple(wanted), settings).items():
-                scores[(FAIR_TARGET, name)] = s
+                scores[(FAIR, name)] = s
             for name, s in fd_mia_scores(p_target, p_fair, refs, refs_fair, settings).items():
-                scores[(PAIR_TARGET, name)] = s
+                scores[(PAIR, name)] = s
     else:
         pos, is_member, known = _embedding_audit_set(ds, manifest, settings)
         if "centroid" in wanted:
-            scores[(TARGET, "centroid")] = centroid_scores(model, ds, pos, known)
+            scores[(GLOBAL, "centroid")] = centroid_scores(model, ds, pos, known)
     for name, s in mint_scores(model, ds, pos, is_member, tuple(wanted), settings.seed).items():
-        scores[(WHITE_BOX_TARGET, name)] = s
+        scores[(WHITE_BOX, name)] = s
     update_level = _update_level_availability(run, cfg)
     for path in update_level.pop("paths", []):
         client, meta = load_model(path, spec)
         # This client's members against every audited nonmember: what the curious server learns
         # about the client whose update it reads. Other clients' members are left out (NaN).
-        mine = ~is_member | np.isin(pos, manifest.client_indices(ds, int(meta["partition"])))
-        target = f"client {meta['partition']} update (round {meta['round']})"
+        p = int(meta["partition"])
+        mine = ~is_member | np.isin(pos, manifest.client_indices(ds, p))
+        target = Target(f"client {p} update (round {meta['round']})", f"client{p}_", f"client {p}")
         if spec.attribute_head:
             found = single_model_scores(predict_attribute(client, ds.images[population]), refs,
                                         UPDATE_ATTACKS, settings)
@@ -371,8 +380,8 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
     groups = {"gender": _names(ds.gender[pos], GENDER_NAMES), "group": _names(ds.group[pos], ds.group_names)}
     attacks = []
     for (target, name), s in scores.items():
-        ok = np.isfinite(s)  # MINT scores only its test half
-        attacks.append({"name": name, "target": target, **attack_metrics(
+        ok = np.isfinite(s)  # MINT scores only its test half, a client update only its own members
+        attacks.append({"name": name, "target": target.name, **attack_metrics(
             s[ok], is_member[ok], {k: v[ok] for k, v in groups.items()}, seed=settings.seed, n_boot=settings.n_boot)})
     report = {"run": str(run.path), "fair_run": None if fair_dir is None else str(fair_dir), "task": cfg.train.task,
               "dp": {"mode": cfg.dp.mode, "target_epsilon": cfg.dp.target_epsilon},
@@ -381,8 +390,8 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
               "attacks": attacks}
     out = run.path / "audit"
     atomic_save_npz(out / "scores.npz", sample_ids=ds.sample_ids[pos], is_member=is_member,
-                    **{_key(t, n): s for (t, n), s in scores.items()})
-    log_log_roc_plot({_label(t, n): (s[np.isfinite(s)], is_member[np.isfinite(s)]) for (t, n), s in scores.items()},
+                    **{t.key(n): s for (t, n), s in scores.items()})
+    log_log_roc_plot({t.label(n): (s[np.isfinite(s)], is_member[np.isfinite(s)]) for (t, n), s in scores.items()},
                      out / "roc.png",
                      title=f"membership inference, {cfg.train.task} model")
     atomic_write_json(out / "report.json", report)
@@ -397,19 +406,6 @@ def _update_level_availability(run: RunDir, cfg: Config) -> dict[str, Any]:
     if not paths:
         return {"available": False, "reason": "no client models saved (federation.save_client_models = false)"}
     return {"available": True, "clients": len(paths), "paths": paths}
-
-
-def _key(target: str, name: str) -> str:
-    prefix = {TARGET: "", FAIR_TARGET: "fair_", PAIR_TARGET: "", WHITE_BOX_TARGET: ""}.get(target)
-    if prefix is None:  # "client P update (round R)"
-        prefix = f"client{target.split()[1]}_"
-    return prefix + name.replace("-", "_")
-
-
-def _label(target: str, name: str) -> str:
-    if target in (TARGET, PAIR_TARGET, WHITE_BOX_TARGET):
-        return name
-    return f"{name} ({'fair model' if target == FAIR_TARGET else target.split(' (')[0]})"
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple]:

@@ -17,6 +17,7 @@ smaller class when the two differ in size).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,9 @@ def vanilla_features(acts: Activations) -> np.ndarray:
     return np.concatenate([b.max(axis=(2, 3)) for b in acts.blocks] + [acts.embedding], axis=1).astype(np.float32)
 
 
-class _MINTBase:
+class _MINTBase(ABC):
+    """Standardisation, seeded class-balanced training and scoring; subclasses give the network."""
+
     epochs: int
     l1: float = 0.0
 
@@ -67,8 +70,9 @@ class _MINTBase:
         self._mean: torch.Tensor | None = None
         self._std: torch.Tensor | None = None
 
+    @abstractmethod
     def _build(self, x: torch.Tensor) -> nn.Module:
-        raise NotImplementedError
+        """The network for (standardised) inputs shaped like ``x``; returns (logit, hidden) per batch."""
 
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self._mean) / self._std

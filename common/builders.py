@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import Config
+from common.config import Config, load_config
 from common.data.dataset import FaceDataset
 from common.data.sources import load_source
 from common.data.splits import Manifest, SplitConfig, make_manifest
@@ -24,6 +24,7 @@ from common.data.synthetic import SynthConfig, generate
 from common.models.checkpoint import load_checkpoint
 from common.models.face_model import FaceModel, ModelSpec
 from common.models.heads import CosineClassifier
+from common.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,14 @@ def load_model(path: str | os.PathLike[str], spec: ModelSpec | None = None) -> t
     model = build_model(spec or ModelSpec.from_dict(meta["spec"]), 0)
     model.load_state_dict(state)
     return model.eval(), meta
+
+
+def load_run(run: RunDir) -> tuple[Config, FaceDataset, Manifest]:
+    """A run's configuration, its data set (rebuilt from that configuration) and its manifest,
+    checked to belong together: what every phase after training starts from."""
+    cfg = load_config(run.config_path)
+    ds = build_dataset(cfg)
+    return cfg, ds, Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
 
 
 def build_identity_head(spec: ModelSpec, num_classes: int, seed: int) -> CosineClassifier:

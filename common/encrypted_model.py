@@ -17,12 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.builders import build_dataset, build_model
-from common.config import load_config
-from common.data.splits import Manifest
+from common.builders import build_model, load_model, load_run
 from common.evaluation import GlobalEvaluator
 from common.models.checkpoint import load_checkpoint, save_checkpoint
-from common.models.face_model import ModelSpec
+from common.models.face_model import FaceModel, ModelSpec
 from common.privacy.he import Ciphertexts, decrypt_mean
 from common.privacy.he_keys import HEKeyError, fingerprint, load_secret_context
 from common.privacy.he_selection import EncryptionLayout
@@ -63,11 +61,19 @@ def decrypt_run(run_dir: str | os.PathLike[str], secret_context: str | os.PathLi
     state, meta = decrypt_checkpoint(source, secret_context)
     plain_meta = {k: v for k, v in meta.items() if k not in ("encrypted", "total_weight", "fingerprint")}
     out = save_checkpoint(run.models / "final.safetensors", state, {**plain_meta, "decrypted_from": source.name})
-    cfg = load_config(run.config_path)
-    ds = build_dataset(cfg)
-    manifest = Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
+    cfg, ds, manifest = load_run(run)
     model = build_model(ModelSpec.from_dict(meta["spec"]), cfg.seed)
     model.load_state_dict(state)
     metrics = GlobalEvaluator(cfg, ds, manifest).evaluate(model)
     run.log_metrics("decrypted", round=meta["round"], **metrics)
     return out, metrics
+
+
+def load_final_model(run: RunDir) -> FaceModel:
+    """The run's plaintext final model; for an HE run that nobody decrypted yet, says how to."""
+    path = run.models / "final.safetensors"
+    if not path.exists():
+        hint = (" (the run is encrypted: a key holder must first run `facefl keys decrypt-model`)"
+                if (run.models / f"final{ENCRYPTED_SUFFIX}").exists() else "")
+        raise FileNotFoundError(f"{path}: no plaintext final model{hint}")
+    return load_model(path)[0]

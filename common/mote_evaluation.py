@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from common.builders import build_dataset, load_model
-from common.config import load_config
+from common.builders import load_run
 from common.data.dataset import GENDER_NAMES
-from common.data.splits import Manifest
+from common.encrypted_model import load_final_model
 from common.io import atomic_write_json
 from common.models.mote import MoteGallery
 from common.mote_enrollment import gallery_file, references
@@ -48,15 +47,6 @@ class TemplateSet:
     aux_gender: np.ndarray
 
 
-def _final_model(run: RunDir):
-    path = run.models / "final.safetensors"
-    if not path.exists():
-        hint = (" (the run is encrypted: a key holder must first run `facefl keys decrypt-model`)"
-                if (run.models / "final.he.safetensors").exists() else "")
-        raise FileNotFoundError(f"{path}: no plaintext final model{hint}")
-    return load_model(path)[0]
-
-
 def _pairs(scores: np.ndarray, probe_identity: np.ndarray, enrolled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(genuine mask over the (probe, identity) score matrix, probe index of each entry)."""
     genuine = probe_identity[:, None] == enrolled[None, :]
@@ -79,10 +69,8 @@ def _method_report(scores: np.ndarray, genuine: np.ndarray, probe_of: np.ndarray
 def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], TemplateSet]:
     """Verification of templates and of each MOTE gallery on the run's probes; ROC plot in mote/."""
     run = RunDir(run_dir)
-    cfg = load_config(run.config_path)
-    model = _final_model(run)
-    ds = build_dataset(cfg)
-    manifest = Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
+    cfg, ds, manifest = load_run(run)
+    model = load_final_model(run)
     galleries = {f"{b:.2f}": MoteGallery.load(run.path / gallery_file(b)) for b in cfg.mote.balancing_factors}
     enrolled = next(iter(galleries.values())).identity_ids
     if any(not np.array_equal(g.identity_ids, enrolled) for g in galleries.values()):

@@ -24,7 +24,7 @@ from common.io import atomic_write_json
 from common.models.mote import MoteGallery
 from common.mote_enrollment import gallery_file
 from common.rundir import RunDir
-from server.strategy import FaceFedAvg, error_summary
+from server.strategy import FaceFedAvg, error_summary, in_partition_order
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,10 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
     partitions = strategy.partitions
     replies = grid.send_and_receive([Message(content, node, "query.enroll") for _, node in sorted(partitions.items())],
                                     timeout=cfg.federation.round_timeout)
-    node_to_partition = {n: p for p, n in partitions.items()}
     factors = cfg.mote.balancing_factors
     galleries: list[list[MoteGallery]] = [[] for _ in factors]
     clients, failures = [], []
-    for msg in sorted(replies, key=lambda m: node_to_partition.get(m.metadata.src_node_id, -1)):
-        who = f"client {node_to_partition.get(msg.metadata.src_node_id, '?')} (node {msg.metadata.src_node_id})"
+    for who, msg in in_partition_order(replies, partitions):
         if msg.has_error():
             failures.append(f"{who}: {error_summary(msg.error.reason)}")
             continue

@@ -33,6 +33,18 @@ def error_summary(reason: str | None) -> str:
     return lines[-1] if lines else "no reason given"
 
 
+def in_partition_order(replies: Iterable[Message], partitions: dict[int, int]) -> list[tuple[str, Message]]:
+    """Replies sorted by partition id (a fixed order whatever the arrival order), each with the
+    "client P (node N)" name that every log line and error about it uses."""
+    node_to_partition = {n: p for p, n in partitions.items()}
+
+    def partition(msg: Message) -> int:
+        return node_to_partition.get(msg.metadata.src_node_id, -1)
+
+    return [(f"client {node_to_partition.get(m.metadata.src_node_id, '?')} (node {m.metadata.src_node_id})", m)
+            for m in sorted(replies, key=partition)]
+
+
 class ClientReply:
     """A train reply's plaintext envelope: who sent it, its sample count, metrics and privacy."""
 
@@ -107,10 +119,8 @@ class FaceFedAvg(FedAvg):
         """Combine the valid replies in partition order; record each failure with the client's own
         error text. None when fewer than ``min_train_nodes`` replies are usable."""
         self.failures, self.accepted = [], []
-        node_to_partition = {n: p for p, n in self.partitions.items()}
         self.start_aggregation()
-        for msg in sorted(replies, key=lambda m: node_to_partition.get(m.metadata.src_node_id, -1)):
-            who = f"client {node_to_partition.get(msg.metadata.src_node_id, '?')} (node {msg.metadata.src_node_id})"
+        for who, msg in in_partition_order(replies, self.partitions):
             if msg.has_error():
                 self.failures.append(f"{who}: {error_summary(msg.error.reason)}")
                 continue

@@ -42,7 +42,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import expit
 
 from common.models.checkpoint import load_checkpoint, save_checkpoint
 from common.models.mote_kde import EnrollmentSet, GenderKDE, ImpostorPool, build_enrollment_set
@@ -501,7 +500,7 @@ class MoteGallery:
 
     def scores(self, probes: np.ndarray | torch.Tensor, chunk: int = 128) -> np.ndarray:
         """Sigmoid score of every probe against every identity model: (n_probe, k)."""
-        return expit(self.logits(probes, chunk).astype(np.float64))
+        return torch.sigmoid(torch.from_numpy(self.logits(probes, chunk).astype(np.float64))).numpy()
 
     def save(self, path: str | os.PathLike[str], fp16: bool = False) -> None:
         """Write the gallery as safetensors (float32, or float16 to halve the storage) + metadata."""

@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.model_selection import GridSearchCV, KFold
-from sklearn.neighbors import KernelDensity
+
+if TYPE_CHECKING:  # sklearn costs 0.7 s to import: only enrollment, never a training message, loads it
+    from sklearn.neighbors import KernelDensity
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ def _identity_centroids(embeddings: np.ndarray, identity: np.ndarray) -> tuple[n
 
 def _fit_one(offsets: np.ndarray, bandwidths: np.ndarray, cv_folds: int, seed: int) -> KernelDensity:
     """A Gaussian KDE whose bandwidth maximises the held-out log-likelihood over ``bandwidths``."""
+    from sklearn.model_selection import GridSearchCV, KFold
+    from sklearn.neighbors import KernelDensity
+
     if bandwidths.size == 1:
         return KernelDensity(kernel="gaussian", bandwidth=float(bandwidths[0])).fit(offsets)
     search = GridSearchCV(KernelDensity(kernel="gaussian"), {"bandwidth": bandwidths},
