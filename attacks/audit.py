@@ -43,7 +43,14 @@ import numpy as np
 import torch
 
 from attacks.metrics import attack_metrics, log_log_roc_plot
-from attacks.mint import CNNMINT, VanillaMINT, activations, identity_split, vanilla_features
+from attacks.mint import (
+    CNNMINT,
+    VanillaMINT,
+    activations,
+    identity_split,
+    vanilla_features,
+)
+from attacks.mote_audit import mote_attack_scores
 from attacks.reference_models import train_references
 from attacks.scores import (
     ShadowAttackModel,
@@ -59,10 +66,10 @@ from attacks.scores import (
     scaled_confidence,
 )
 from common.builders import load_model, load_run
-from common.encrypted_model import load_final_model
 from common.config import Config, load_config
 from common.data.dataset import GENDER_NAMES, FaceDataset
 from common.data.splits import Manifest
+from common.encrypted_model import load_final_model
 from common.fairness import reweight, sensitive_attribute
 from common.io import atomic_save_npz, atomic_write_json, read_json
 from common.models.checkpoint import save_checkpoint
@@ -75,6 +82,7 @@ log = logging.getLogger(__name__)
 MINT_ATTACKS = ("mint-vanilla", "mint-cnn")
 ATTRIBUTE_ATTACKS = ("loss", "shadow", "lira-online", "lira-offline", "rmia", *MINT_ATTACKS)
 EMBEDDING_ATTACKS = ("centroid", *MINT_ATTACKS)
+MOTE_ATTACKS = ("mote-score", "mote-lira", "fd-mia-score", "fd-mia-lira")  # need a fair + skewed gallery pair
 
 
 @dataclass(frozen=True)
@@ -314,6 +322,15 @@ def _fair_twin(run: RunDir, fair_dir: str | os.PathLike[str], cfg: Config, manif
     return fair, fair_cfg
 
 
+def applicable_attacks(cfg: Config, spec: ModelSpec) -> tuple[str, ...]:
+    """Every attack that applies to a run's model: by its outputs (attribute posterior,
+    identity embedding) and, for MOTE, whether the run enrolls."""
+    embedding = cfg.train.task in ("identity", "both")
+    found = (*(ATTRIBUTE_ATTACKS if spec.attribute_head else ()), *(EMBEDDING_ATTACKS if embedding else ()),
+             *(MOTE_ATTACKS if embedding else ()))
+    return tuple(dict.fromkeys(found))
+
+
 def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
               fair_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Audit the run's final model (and, with ``fair_dir``, the fair model and the FD-MIA pair);
@@ -321,81 +338,146 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
     run = RunDir(run_dir)
     cfg, ds, manifest = load_run(run)
     model = load_final_model(run)
-    spec = model.spec
-    applicable = ATTRIBUTE_ATTACKS if spec.attribute_head else EMBEDDING_ATTACKS
-    wanted = applicable if settings.attacks is None else settings.attacks
+    applicable = applicable_attacks(cfg, model.spec)
+    wanted = applicable if settings.attacks is None else tuple(settings.attacks)
     unknown = sorted(set(wanted) - set(applicable))
     if unknown:
         raise ValueError(f"--attacks: {unknown} do not apply to this run's model (task {cfg.train.task!r}); "
                          f"available: {', '.join(applicable)}")
-    if fair_dir is not None and not spec.attribute_head:
+    if fair_dir is not None and not model.spec.attribute_head:
         raise ValueError("--fair: FD-MIA needs attribute models (train.task = attribute or both)")
-    scores: dict[tuple[Target, str], np.ndarray] = {}  # (target, attack) -> per-sample score
-    if spec.attribute_head:
-        pos, is_member = audited_samples(manifest, ds, settings)
-        labels_all = target_labels(ds, cfg.train.attribute)
-        population = np.concatenate([pos, np.flatnonzero(manifest.role_mask(ds, "aux") & (labels_all >= 0))])
-        if (labels_all[pos] < 0).any() or population.size == pos.size:
-            raise ValueError(f"audit: every audited sample needs a {cfg.train.attribute!r} label and the aux "
-                             "population must not be empty (split.aux > 0)")
-        in_mask = _in_mask(settings.references, population.size, settings.seed)
-        labels = labels_all[population]
-        refs = References(pos.size, labels, in_mask, reference_probs(run, cfg, spec, ds, population, labels, in_mask,
-                                                                     settings.seed, vectorised=settings.vectorised))
-        p_target = predict_attribute(model, ds.images[population])
-        for name, s in single_model_scores(p_target, refs, tuple(wanted), settings).items():
-            scores[(GLOBAL, name)] = s
-        if fair_dir is not None:
-            fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest)
-            fair_model = load_final_model(fair)
-            p_fair = predict_attribute(fair_model, ds.images[population])
-            refs_fair = References(pos.size, labels, in_mask, reference_probs(
-                run, fair_cfg, spec, ds, population, labels, in_mask, settings.seed, fair=True,
-                vectorised=settings.vectorised))
-            for name, s in single_model_scores(p_fair, refs_fair, tuple(wanted), settings).items():
-                scores[(FAIR, name)] = s
-            for name, s in fd_mia_scores(p_target, p_fair, refs, refs_fair, settings).items():
-                scores[(PAIR, name)] = s
-    else:
-        pos, is_member, known = _embedding_audit_set(ds, manifest, settings)
-        if "centroid" in wanted:
-            scores[(GLOBAL, "centroid")] = centroid_scores(model, ds, pos, known)
-    for name, s in mint_scores(model, ds, pos, is_member, tuple(wanted), settings.seed).items():
-        scores[(WHITE_BOX, name)] = s
     update_level = _update_level_availability(run, cfg)
-    for path in update_level.pop("paths", []):
-        client, meta = load_model(path, spec)
-        # This client's members against every audited nonmember: what the curious server learns
-        # about the client whose update it reads. Other clients' members are left out (NaN).
-        p = int(meta["partition"])
-        mine = ~is_member | np.isin(pos, manifest.client_indices(ds, p))
-        target = Target(f"client {p} update (round {meta['round']})", f"client{p}_", f"client {p}")
-        if spec.attribute_head:
-            found = single_model_scores(predict_attribute(client, ds.images[population]), refs,
-                                        UPDATE_ATTACKS, settings)
-        else:
-            found = {"centroid": centroid_scores(client, ds, pos, known)}
-        for name, s in found.items():
-            scores[(target, name)] = np.where(mine, s, np.nan)
-    groups = {"gender": _names(ds.gender[pos], GENDER_NAMES), "group": _names(ds.group[pos], ds.group_names)}
-    attacks = []
-    for (target, name), s in scores.items():
-        ok = np.isfinite(s)  # MINT scores only its test half, a client update only its own members
-        attacks.append({"name": name, "target": target.name, **attack_metrics(
-            s[ok], is_member[ok], {k: v[ok] for k, v in groups.items()}, seed=settings.seed, n_boot=settings.n_boot)})
+    clients = [load_model(path, model.spec) for path in update_level.pop("paths", [])]
+    sets: dict[str, AuditedSet] = {}  # scores.npz key prefix -> audited samples with their scores
+    if model.spec.attribute_head:
+        sets[""] = _attribute_set(run, cfg, ds, manifest, model, clients, settings, wanted, fair_dir)
+    if cfg.train.task in ("identity", "both"):
+        sets["embedding_" if sets else ""] = _embedding_set(ds, manifest, model, clients, settings, wanted)
+    main = next(iter(sets.values()))
+    main.scores.update({(WHITE_BOX, name): s for name, s in mint_scores(
+        model, ds, main.positions, main.is_member, wanted, settings.seed).items()})
+    mote = _mote_set(run, cfg, ds, manifest, model, settings, wanted)
+    if mote is not None:
+        sets[MOTE_PREFIX] = mote
     report = {"run": str(run.path), "fair_run": None if fair_dir is None else str(fair_dir), "task": cfg.train.task,
               "dp": {"mode": cfg.dp.mode, "target_epsilon": cfg.dp.target_epsilon},
-              "audited": {"members": int(is_member.sum()), "nonmembers": int((~is_member).sum())},
+              "audited": {"members": int(main.is_member.sum()), "nonmembers": int((~main.is_member).sum())},
               "references": settings.references, "seed": settings.seed, "update_level": update_level,
-              "attacks": attacks}
+              "attacks": [entry for audited in sets.values() for entry in audited.metrics(ds, settings)]}
+    if mote is not None:
+        report["mote_audited"] = {"members": int(mote.is_member.sum()), "nonmembers": int((~mote.is_member).sum()),
+                                  "what": "enrollment references vs other member-role photos of the same people"}
     out = run.path / "audit"
-    atomic_save_npz(out / "scores.npz", sample_ids=ds.sample_ids[pos], is_member=is_member,
-                    **{t.key(n): s for (t, n), s in scores.items()})
-    log_log_roc_plot({t.label(n): (s[np.isfinite(s)], is_member[np.isfinite(s)]) for (t, n), s in scores.items()},
-                     out / "roc.png",
-                     title=f"membership inference, {cfg.train.task} model")
+    arrays: dict[str, np.ndarray] = {}
+    for prefix, audited in sets.items():
+        arrays.update({f"{prefix}sample_ids": ds.sample_ids[audited.positions], f"{prefix}is_member": audited.is_member,
+                       **{t.key(n): s for (t, n), s in audited.scores.items()}})
+    atomic_save_npz(out / "scores.npz", **arrays)
+    log_log_roc_plot({t.label(n): (s[np.isfinite(s)], audited.is_member[np.isfinite(s)])
+                      for audited in sets.values() for (t, n), s in audited.scores.items()},
+                     out / "roc.png", title=f"membership inference, {cfg.train.task} model")
     atomic_write_json(out / "report.json", report)
     return report
+
+
+def _client_target(meta: dict[str, Any]) -> Target:
+    p = int(meta["partition"])
+    return Target(f"client {p} update (round {meta['round']})", f"client{p}_", f"client {p}")
+
+
+def _own_members(is_member: np.ndarray, pos: np.ndarray, manifest: Manifest, ds: FaceDataset,
+                 meta: dict[str, Any]) -> np.ndarray:
+    """This client's members and every audited nonmember: what a curious server learns about the
+    client whose update it reads (other clients' members are left out)."""
+    return ~is_member | np.isin(pos, manifest.client_indices(ds, int(meta["partition"])))
+
+
+def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest, model: FaceModel,
+                   clients: list[tuple[FaceModel, dict[str, Any]]], settings: AuditSettings, wanted: tuple[str, ...],
+                   fair_dir: str | os.PathLike[str] | None) -> AuditedSet:
+    """Black-box attacks on the attribute posterior: the global model, each client update, and
+    with ``fair_dir`` the fair model and the FD-MIA pair."""
+    spec = model.spec
+    pos, is_member = audited_samples(manifest, ds, settings)
+    labels_all = target_labels(ds, cfg.train.attribute)
+    population = np.concatenate([pos, np.flatnonzero(manifest.role_mask(ds, "aux") & (labels_all >= 0))])
+    if (labels_all[pos] < 0).any() or population.size == pos.size:
+        raise ValueError(f"audit: every audited sample needs a {cfg.train.attribute!r} label and the aux "
+                         "population must not be empty (split.aux > 0)")
+    in_mask = _in_mask(settings.references, population.size, settings.seed)
+    labels = labels_all[population]
+    refs = References(pos.size, labels, in_mask, reference_probs(run, cfg, spec, ds, population, labels, in_mask,
+                                                                 settings.seed, vectorised=settings.vectorised))
+    p_target = predict_attribute(model, ds.images[population])
+    scores = {(GLOBAL, name): s for name, s in single_model_scores(p_target, refs, wanted, settings).items()}
+    if fair_dir is not None:
+        fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest)
+        p_fair = predict_attribute(load_final_model(fair), ds.images[population])
+        refs_fair = References(pos.size, labels, in_mask, reference_probs(
+            run, fair_cfg, spec, ds, population, labels, in_mask, settings.seed, fair=True,
+            vectorised=settings.vectorised))
+        scores.update({(FAIR, name): s for name, s in single_model_scores(p_fair, refs_fair, wanted, settings).items()})
+        scores.update({(PAIR, name): s for name, s in fd_mia_scores(p_target, p_fair, refs, refs_fair, settings).items()})
+    for client, meta in clients:
+        mine = _own_members(is_member, pos, manifest, ds, meta)
+        found = single_model_scores(predict_attribute(client, ds.images[population]), refs, UPDATE_ATTACKS, settings)
+        scores.update({(_client_target(meta), name): np.where(mine, s, np.nan) for name, s in found.items()})
+    return AuditedSet(pos, is_member, scores)
+
+
+def _embedding_set(ds: FaceDataset, manifest: Manifest, model: FaceModel, clients: list[tuple[FaceModel, dict[str, Any]]],
+                   settings: AuditSettings, wanted: tuple[str, ...]) -> AuditedSet:
+    """The centroid statistic on the embedding, for the global model and each client update."""
+    pos, is_member, known = _embedding_audit_set(ds, manifest, settings)
+    scores = {}
+    if "centroid" in wanted:
+        scores[(GLOBAL, "centroid")] = centroid_scores(model, ds, pos, known)
+        for client, meta in clients:
+            mine = _own_members(is_member, pos, manifest, ds, meta)
+            scores[(_client_target(meta), "centroid")] = np.where(mine, centroid_scores(client, ds, pos, known), np.nan)
+    return AuditedSet(pos, is_member, scores)
+
+
+@dataclass
+class AuditedSet:
+    """Scores of several (target, attack)s on one set of audited samples with its ground truth."""
+
+    positions: np.ndarray
+    is_member: np.ndarray
+    scores: dict[tuple[Target, str], np.ndarray]
+
+    def metrics(self, ds: FaceDataset, settings: AuditSettings) -> list[dict[str, Any]]:
+        """One report entry per attack; NaN scores (MINT's training half, other clients'
+        members) are left out."""
+        groups = {"gender": _names(ds.gender[self.positions], GENDER_NAMES),
+                  "group": _names(ds.group[self.positions], ds.group_names)}
+        entries = []
+        for (target, name), s in self.scores.items():
+            ok = np.isfinite(s)
+            entries.append({"name": name, "target": target.name, **attack_metrics(
+                s[ok], self.is_member[ok], {k: v[ok] for k, v in groups.items()}, seed=settings.seed,
+                n_boot=settings.n_boot)})
+        return entries
+
+
+MOTE_PREFIX = "mote_"  # scores.npz keys of the MOTE audited set
+
+
+def _mote_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest, model: FaceModel,
+              settings: AuditSettings, wanted: tuple[str, ...]) -> AuditedSet | None:
+    """The MOTE gallery attacks (``attacks.mote_audit``) when the run has a fair + skewed pair."""
+    if not set(wanted) & set(MOTE_ATTACKS) or cfg.train.task not in ("identity", "both"):
+        return None
+    found = mote_attack_scores(run.path, cfg, ds, manifest, model, settings.seed, settings.max_per_class)
+    if found is None:
+        log.info("audit: no MOTE gallery pair (b = 0.5 and a skewed b) in %s", run.path / "mote")
+        return None
+    audited, by_target = found
+    scores = {}
+    for i, (name, attacks) in enumerate(by_target.items()):
+        target = Target(name, f"{MOTE_PREFIX}{i}_", name)
+        scores.update({(target, attack): s for attack, s in attacks.items() if attack in wanted})
+    return AuditedSet(audited.positions, audited.is_member, scores)
 
 
 def _update_level_availability(run: RunDir, cfg: Config) -> dict[str, Any]:

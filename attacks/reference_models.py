@@ -55,7 +55,7 @@ class _BatchStream:
         return out
 
 
-def _steps(in_mask: np.ndarray, batch: int, epochs: int) -> int:
+def training_steps(in_mask: np.ndarray, batch: int, epochs: int) -> int:
     """Steps for every model: ``epochs`` passes over the average IN-set size."""
     return max(1, epochs * math.ceil(float(in_mask.sum(axis=1).mean()) / batch))
 
@@ -102,7 +102,7 @@ def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in
     batch = min(cfg.batch_size, int(in_mask.sum(axis=1).min()))  # one batch size: the stacked models step together
     streams = [_BatchStream(np.flatnonzero(row), batch, int(s) + 1) for row, s in zip(in_mask, seeds, strict=True)]
     aug_gens = [torch.Generator().manual_seed(int(s) + 2) for s in seeds]
-    total = _steps(in_mask, streams[0].batch, epochs)
+    total = training_steps(in_mask, streams[0].batch, epochs)
     if vectorised:
         _train_stacked(models, images, labels, weights, streams, aug_gens, cfg, total)
     else:

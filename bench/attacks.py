@@ -7,6 +7,11 @@ augmentation, batch 64) on random halves of ``--samples`` images, for ``--steps`
 Both paths train the same ``--models`` models with the same seeds; the largest weight difference
 between them is printed.
 
+It also prints why vectorising cannot win much on a CPU: the floating-point work of one training
+step (counted by ``torch.utils.flop_counter``), the rate the one-at-a-time path achieves, and this
+machine's dense float32 matrix-multiply rate. Stacking models removes per-call overhead, not
+arithmetic, so no vectorisation can beat one-at-a-time training by more than peak / achieved.
+
 Usage:  .venv/bin/python bench/attacks.py [--models 8] [--samples 512] [--steps 10] [--threads 2]
 Target: vectorised >= 4x the sequential rate on 2 cores.
 """
@@ -25,12 +30,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from attacks.reference_models import train_references
+from attacks.reference_models import train_references, training_steps
 from common.builders import build_dataset, model_spec
 from common.config import load_config
 from common.table import format_table
+from common.training import to_tensor
 
 TARGET = 4.0
+
+
+def step_flops(spec, images: np.ndarray, batch: int) -> float:
+    """Floating-point operations of one forward + backward pass of the attribute model on a batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from common.builders import build_model
+
+    model = build_model(spec, 0)
+    with FlopCounterMode(display=False) as counter:
+        _, logit = model(to_tensor(images[:batch]))
+        logit.sum().backward()
+    return float(counter.get_total_flops())
+
+
+def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
+    """This machine's dense float32 GEMM rate in FLOP/s: a practical compute ceiling."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -68,6 +97,11 @@ def main() -> None:
     rows.append(("speed-up", "", f"{speedup:.2f}x"))
     print(format_table(("training", "seconds", "models per minute"), rows))
     print(f"max |weight| difference vectorised vs one at a time: {diff:.1e}")
+    steps = args.models * training_steps(in_mask, cfg.train.batch_size, epochs)
+    achieved = steps * step_flops(spec, images, cfg.train.batch_size) / (args.models / rates["one at a time"] * 60)
+    peak = matmul_rate()
+    print(f"one at a time: {achieved / 1e9:.1f} GFLOP/s of training arithmetic; float32 GEMM on this machine: "
+          f"{peak / 1e9:.1f} GFLOP/s; so no vectorisation can exceed about {peak / achieved:.1f}x")
     print(f"target: vectorised >= {TARGET}x: {'met' if speedup >= TARGET else 'MISSED'}")
 
 

@@ -41,12 +41,18 @@ class Pretrained:
 
 
 def pretrain(model: FaceModel, cfg: Config, progress: bool = False) -> Pretrained | None:
-    """Train ``model`` without DP on the public population (identity task); None when disabled."""
+    """Train ``model`` without DP on the public population; None when disabled.
+
+    The backbone learns the identity task. When the model has an attribute head, that head is
+    pretrained too (task "both", on the public population's own labels): otherwise DP-SGD at a
+    small epsilon starts it from random weights and it ends as a constant predictor.
+    """
     if cfg.pretrain.identities == 0:
         return None
     public = public_population(cfg)
     head = build_identity_head(model.spec, identity_classes(public.identity)[0].size, cfg.seed + PUBLIC_SEED_OFFSET)
-    train_cfg = dataclasses.replace(cfg.train, task="identity", max_seconds=0.0)
+    task = "both" if model.attribute is not None else "identity"
+    train_cfg = dataclasses.replace(cfg.train, task=task, max_seconds=0.0)
     outcome = train(model, public, train_cfg, dataclasses.replace(cfg.dp, mode="off"), seed=cfg.seed + PUBLIC_SEED_OFFSET,
                     epochs=cfg.pretrain.epochs, head=head, progress=progress, desc="public pretraining")
     return Pretrained(outcome, public, head)

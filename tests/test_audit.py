@@ -181,3 +181,17 @@ def test_mint_learns_activation_patterns_and_is_tested_on_unseen_identities() ->
     assert roc_auc(cnn, used[~train]) > 0.8
     a = VanillaMINT(seed=3).fit(feats[train], used[train]).score(feats[~train])
     np.testing.assert_array_equal(a, VanillaMINT(seed=3).fit(feats[train], used[train]).score(feats[~train]))
+
+
+def test_applicable_attacks_follow_the_models_outputs() -> None:
+    from attacks.audit import ATTRIBUTE_ATTACKS, MOTE_ATTACKS, applicable_attacks
+    from common.builders import model_spec
+    from common.config import load_config
+
+    def attacks(task: str) -> set[str]:
+        cfg = load_config(None, [f"train.task={task}"])
+        return set(applicable_attacks(cfg, model_spec(cfg)))
+
+    assert attacks("attribute") == set(ATTRIBUTE_ATTACKS)  # no embedding task: no centroid, no MOTE
+    assert attacks("identity") == {"centroid", "mint-vanilla", "mint-cnn", *MOTE_ATTACKS}
+    assert attacks("both") == attacks("attribute") | attacks("identity")

@@ -109,8 +109,35 @@ def test_evaluate_reports_mote_and_templates(mote_run, keys, capsys) -> None:
         assert 0 <= leak["balanced_accuracy"] <= 1 and leak["n_male"] + leak["n_female"] == report["enrolled"]
     assert (mote_run.path / "mote" / "roc.png").stat().st_size > 1000
 
-    from attacks.audit import AuditSettings, run_audit
+    from attacks.audit import MOTE_ATTACKS, AuditSettings, run_audit
 
-    audit = run_audit(mote_run.path, AuditSettings(attacks=("centroid",), max_per_class=40, n_boot=0))
+    audit = run_audit(mote_run.path, AuditSettings(attacks=("centroid", *MOTE_ATTACKS), max_per_class=40, n_boot=0))
     assert audit["update_level"]["available"] is False and "encrypted sum" in audit["update_level"]["reason"]
-    assert [a["name"] for a in audit["attacks"]] == ["centroid"]
+    found = {(a["target"], a["name"]): a for a in audit["attacks"]}
+    pair = "MOTE pair b=0.50 + b=0.00"  # b = 0 and b = 1 are equally skewed: the lower one is taken
+    assert set(found) == {("global model (final)", "centroid"), (pair, "fd-mia-score"), (pair, "fd-mia-lira")} | {
+        (f"MOTE gallery b={b}", n) for b in ("0.50", "0.00") for n in ("mote-score", "mote-lira")}
+    # 2 references per person: each identity model was trained on exactly those embeddings, so
+    # they score above the same person's other photos.
+    assert found[("MOTE gallery b=0.50", "mote-score")]["auc"] > 0.6
+    assert audit["mote_audited"]["members"] == audit["mote_audited"]["nonmembers"] > 10
+    scores = np.load(mote_run.path / "audit" / "scores.npz")
+    per_client = json.loads((mote_run.path / "mote" / "enrollment.json").read_text())["per_client"]
+    refs = {sid for c in per_client for ids in c["references"].values() for sid in ids}
+    ids = scores["mote_sample_ids"]
+    assert set(ids[scores["mote_is_member"]].tolist()) <= refs and not set(ids[~scores["mote_is_member"]]) & refs
+
+
+def test_mote_audit_set_pairs_references_with_the_same_peoples_other_photos(synth_small) -> None:
+    from attacks.mote_audit import MoteAuditSet
+
+    ds = synth_small
+    refs = {int(i): np.flatnonzero(ds.identity == i)[:1] for i in np.unique(ds.identity)[:6]}
+    candidates = np.arange(len(ds))
+    audited = MoteAuditSet.draw(refs, candidates, ds, seed=3, max_per_class=4)
+    m, o = audited.positions[audited.is_member], audited.positions[~audited.is_member]
+    assert m.size == o.size == 4 and set(m.tolist()) <= {int(r[0]) for r in refs.values()}
+    np.testing.assert_array_equal(ds.identity[m], ds.identity[o])  # pairs of one person
+    assert not set(m.tolist()) & set(o.tolist())
+    again = MoteAuditSet.draw(refs, candidates, ds, seed=3, max_per_class=4)
+    np.testing.assert_array_equal(again.positions, audited.positions)  # seeded
