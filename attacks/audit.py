@@ -36,7 +36,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -80,7 +82,8 @@ from common.training import embed, predict_attribute, target_labels
 log = logging.getLogger(__name__)
 
 MINT_ATTACKS = ("mint-vanilla", "mint-cnn")
-ATTRIBUTE_ATTACKS = ("loss", "shadow", "lira-online", "lira-offline", "rmia", *MINT_ATTACKS)
+REFERENCE_ATTACKS = ("shadow", "lira-online", "lira-offline", "rmia")  # need reference (shadow) models
+ATTRIBUTE_ATTACKS = ("loss", *REFERENCE_ATTACKS, *MINT_ATTACKS)
 EMBEDDING_ATTACKS = ("centroid", *MINT_ATTACKS)
 MOTE_ATTACKS = ("mote-score", "mote-lira", "fd-mia-score", "fd-mia-lira")  # need a fair + skewed gallery pair
 
@@ -141,12 +144,17 @@ def _in_mask(references: int, n: int, seed: int) -> np.ndarray:
 
 @dataclass
 class References:
-    """Reference models' outputs on the population: the audited samples first, then ``aux``."""
+    """Reference models' outputs on the population: the audited samples first, then ``aux``.
+    They are trained (or read from the cache) on first use: the loss attack needs none."""
 
     n_audited: int
     labels: np.ndarray  # (n_pop,) binary labels
     in_mask: np.ndarray  # (R, n_pop)
-    probs: np.ndarray  # (n_pop, R) P(label = 1)
+    outputs: Callable[[], np.ndarray]  # -> (n_pop, R) P(label = 1)
+
+    @cached_property
+    def probs(self) -> np.ndarray:
+        return self.outputs()
 
     @property
     def audited(self) -> slice:
@@ -220,6 +228,8 @@ def single_model_scores(p_target: np.ndarray, refs: References, wanted: tuple[st
     out: dict[str, np.ndarray] = {}
     if "loss" in wanted:
         out["loss"] = -sample_loss(p_target[a], y)
+    if not set(wanted) & set(REFERENCE_ATTACKS):
+        return out
     phi_t, phi_r, inside = scaled_confidence(p_target[a], y), _phi(refs.probs[a], y), refs.in_mask[:, a].T
     # Per-example variances need many references; with fewer than 64 LiRA's fixed (global)
     # variance is the stronger test (Carlini et al. 2022, Sec. VI).
@@ -406,21 +416,22 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
                          "population must not be empty (split.aux > 0)")
     in_mask = _in_mask(settings.references, population.size, settings.seed)
     labels = labels_all[population]
-    refs = References(pos.size, labels, in_mask, reference_probs(run, cfg, spec, ds, population, labels, in_mask,
-                                                                 settings.seed, vectorised=settings.vectorised))
+    refs = References(pos.size, labels, in_mask, partial(reference_probs, run, cfg, spec, ds, population, labels,
+                                                         in_mask, settings.seed, vectorised=settings.vectorised))
     p_target = predict_attribute(model, ds.images[population])
     scores = {(GLOBAL, name): s for name, s in single_model_scores(p_target, refs, wanted, settings).items()}
     if fair_dir is not None:
         fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest)
         p_fair = predict_attribute(load_final_model(fair), ds.images[population])
-        refs_fair = References(pos.size, labels, in_mask, reference_probs(
-            run, fair_cfg, spec, ds, population, labels, in_mask, settings.seed, fair=True,
+        refs_fair = References(pos.size, labels, in_mask, partial(
+            reference_probs, run, fair_cfg, spec, ds, population, labels, in_mask, settings.seed, fair=True,
             vectorised=settings.vectorised))
         scores.update({(FAIR, name): s for name, s in single_model_scores(p_fair, refs_fair, wanted, settings).items()})
         scores.update({(PAIR, name): s for name, s in fd_mia_scores(p_target, p_fair, refs, refs_fair, settings).items()})
     for client, meta in clients:
         mine = _own_members(is_member, pos, manifest, ds, meta)
-        found = single_model_scores(predict_attribute(client, ds.images[population]), refs, UPDATE_ATTACKS, settings)
+        found = single_model_scores(predict_attribute(client, ds.images[population]), refs,
+                                    tuple(a for a in UPDATE_ATTACKS if a in wanted), settings)
         scores.update({(_client_target(meta), name): np.where(mine, s, np.nan) for name, s in found.items()})
     return AuditedSet(pos, is_member, scores)
 

@@ -2,24 +2,35 @@
 
 Private per-node state (never sent): the identity head (an ArrayRecord) and the DP accountant
 history (a ConfigRecord), so that epsilon composes across every round this node trained in.
+``context.state`` lives as long as one Flower run; with a state directory (node config
+``state-dir``, or $FACEFL_CLIENT_STATE in simulation) the state is also written to this node's
+disk after every round (``client.local.StateStore``), keyed by the run key the server sends, so
+that a resumed run (a new Flower run) or a restarted SuperNode continues from it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 import torch
-
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.he_client import Encryption, decode_global, encode_update, secret_context
-from client.local import ClientState, derived_seed, local_data, local_train
+from client.local import ClientState, StateStore, derived_seed, local_data, local_train
 from common import wire
 from common.builders import build_dataset, build_model, model_spec
 from common.config import Config
 from common.mote_enrollment import enroll_client
+from common.rundir import (
+    CLIENT_STATE_ENV,
+    CLIENT_STATE_NODE_CONFIG,
+    LAST_ROUND,
+    RUN_KEY,
+    RUN_RECORD,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,35 @@ def _load_state(context: Context) -> ClientState:
     if PRIVACY_KEY in context.state.config_records:
         return ClientState.from_privacy_json(str(context.state[PRIVACY_KEY]["json"]), head)
     return ClientState(head=head)
+
+
+def _restore_state(msg: Message, context: Context, partition: int,
+                   server_round: int) -> tuple[ClientState, StateStore | None]:
+    """This client's state before ``server_round`` and where to persist the next one.
+
+    From memory when this Flower run already trained here, else from the node's state
+    directory, else fresh; but never fresh when the server says it accepted this client's
+    update in an earlier round (``last-round`` > 0): starting over would lose the identity head
+    and, worse, the DP history, so that epsilon would be under-reported.
+    """
+    run = msg.content.config_records.get(RUN_RECORD)
+    if run is None:  # a server that sends no run key: state lives in memory only
+        return _load_state(context), None
+    root = str(context.node_config.get(CLIENT_STATE_NODE_CONFIG) or os.environ.get(CLIENT_STATE_ENV, ""))
+    store = StateStore.for_client(root, str(run[RUN_KEY]), partition) if root else None
+    if PRIVACY_KEY in context.state.config_records:
+        return _load_state(context), store
+    saved = store.latest_before(server_round) if store is not None else None
+    last_round = int(run[LAST_ROUND])  # type: ignore[arg-type]
+    if saved is not None and saved.server_round >= last_round:
+        return saved.state, store
+    if last_round > 0:
+        where = (f"{store.directory} has none" if store is not None else "no state directory is set (node config "
+                 f"'{CLIENT_STATE_NODE_CONFIG}', or ${CLIENT_STATE_ENV} in simulation)")
+        raise ValueError(f"client {partition}: the server accepted this client's update in round {last_round} of run "
+                         f"{run[RUN_KEY]}, but this node holds no state of that round or later ({where}); it cannot "
+                         "go on without the identity head and DP history of those rounds")
+    return ClientState(), store
 
 
 def _save_state(context: Context, state: ClientState) -> None:
@@ -57,7 +97,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, server_round = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
     global_state, encryption = _global_model(msg, context, cfg)
-    new_state, client_state, report = local_train(cfg, partition, server_round, global_state, _load_state(context))
+    state, store = _restore_state(msg, context, partition, server_round)
+    new_state, client_state, report = local_train(cfg, partition, server_round, global_state, state, store)
     _save_state(context, client_state)
     content = RecordDict({wire.METRICS: wire.metric_record(report),
                           wire.PRIVACY: ConfigRecord({"json": client_state.privacy_json()})})

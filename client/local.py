@@ -2,14 +2,21 @@
 
 The ClientApp (client/app.py) only decodes messages, keeps ``ClientState`` in the node's
 ``context.state`` and calls these functions, so they can be tested without a federation.
+``StateStore`` persists that state on the node's disk after every round, so that it outlives
+the process (a resumed run is a new Flower run whose ``context.state`` starts empty).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +31,7 @@ from common.builders import (
 from common.config import Config
 from common.data.dataset import FaceDataset
 from common.fairness import reweight, sensitive_attribute
+from common.models.checkpoint import load_checkpoint, save_checkpoint
 from common.privacy.dp import (
     History,
     noise_for,
@@ -54,6 +62,133 @@ class ClientState:
         return cls(head=head, dp_history=[tuple(h) for h in d["history"]], noise_multiplier=float(d["noise_multiplier"]))
 
 
+def update_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a released model (key, dtype, shape and bytes of every tensor, in key order)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _append_steps(history: History, sigma: float, q: float, steps: int) -> History:
+    """``history`` plus ``steps`` steps at (sigma, q), merged into the last entry as Opacus does."""
+    out: History = [(float(s), float(r), int(n)) for s, r, n in history]
+    if steps > 0:
+        if out and out[-1][:2] == (sigma, q):
+            out[-1] = (sigma, q, out[-1][2] + steps)
+        else:
+            out.append((sigma, q, steps))
+    return out
+
+
+@dataclass
+class SavedRound:
+    """A client's state after one round, as persisted, and the digests of the updates it
+    released in that round (more than one only if a re-run released a different update)."""
+
+    server_round: int
+    state: ClientState
+    released: list[str]
+
+
+_ROUND_FILE = re.compile(r"round-(\d+)\.safetensors")
+_RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class StateStore:
+    """One client's ``ClientState`` of one run on this node's disk: ``round-NNN.safetensors``
+    per round it trained in, holding the identity head as tensors and, as JSON metadata, the DP
+    accountant history, the noise multiplier and the digests of the released updates. Each file
+    is written atomically (all of a round or nothing) and only the newest two are kept: the
+    state a re-run of the newest round starts from, and the newest."""
+
+    def __init__(self, directory: str | os.PathLike[str], run_key: str, partition: int) -> None:
+        self.directory = Path(directory)
+        self.run_key = run_key
+        self.partition = partition
+
+    @classmethod
+    def for_client(cls, root: str | os.PathLike[str], run_key: str, partition: int) -> StateStore:
+        """``<root>/<run key>/client-<partition>``; the run key comes from the server and must
+        be a plain name, so that no server can make a client write outside ``root``."""
+        if not _RUN_KEY.fullmatch(run_key) or ".." in run_key:
+            raise ValueError(f"run key {run_key!r} from the server: expected a plain directory name")
+        return cls(Path(root) / run_key / f"client-{partition}", run_key, partition)
+
+    def path(self, server_round: int) -> Path:
+        return self.directory / f"round-{server_round:03d}.safetensors"
+
+    def rounds(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(m.group(1)) for f in self.directory.iterdir() if (m := _ROUND_FILE.fullmatch(f.name)))
+
+    def load(self, server_round: int) -> SavedRound:
+        path = self.path(server_round)
+        head, meta = load_checkpoint(path)
+        expected = {"run_key": self.run_key, "partition": self.partition, "round": server_round}
+        if {k: meta.get(k) for k in expected} != expected:
+            found = {k: meta.get(k) for k in expected}
+            raise ValueError(f"{path}: holds the state of {found}, expected {expected}")
+        try:
+            history: History = [(float(s), float(q), int(n)) for s, q, n in meta["history"]]
+            state = ClientState(head=head or None, dp_history=history, noise_multiplier=float(meta["noise_multiplier"]))
+            return SavedRound(server_round, state, [str(d) for d in meta["released"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: malformed client state ({type(exc).__name__}: {exc})") from None
+
+    def latest_before(self, server_round: int) -> SavedRound | None:
+        """The state this client's next training starts from when it trains ``server_round``."""
+        earlier = [r for r in self.rounds() if r < server_round]
+        return self.load(earlier[-1]) if earlier else None
+
+    def save(self, saved: SavedRound) -> None:
+        """Write the round's state, then drop all but it and the newest state before it."""
+        st = saved.state
+        save_checkpoint(self.path(saved.server_round), st.head or {}, {
+            "run_key": self.run_key, "partition": self.partition, "round": saved.server_round,
+            "history": st.dp_history, "noise_multiplier": st.noise_multiplier, "released": saved.released})
+        before = [r for r in self.rounds() if r < saved.server_round]
+        for r in before[:-1]:
+            self.path(r).unlink(missing_ok=True)
+
+    def record_round(self, server_round: int, base_steps: int, trained: ClientState, digest: str) -> ClientState:
+        """Persist the state after training ``server_round`` and return the state whose DP
+        history the client reports (and keeps).
+
+        Why a re-run may replace a round instead of adding to it: when the server dies after
+        this client trained round t but before it committed t, the resumed run sends round t
+        again. The client then trains from the same state (its saved state before t), the same
+        global model and the same seed (derived from run seed, round and partition), and local
+        training is deterministic in these, Opacus' noise included (it is seeded; see
+        common/privacy/dp.py). So the re-run releases a bit-identical update: the same output
+        of the same mechanism on the same randomness, which tells an observer nothing the first
+        release did not, and costs no extra privacy. The round's steps are then counted once.
+        That argument holds only if the update really is identical, which the SHA-256 of the
+        released model (``update_digest``) checks: if it differs (another thread count, library
+        version or global model), the re-run is a second release and both are charged, the
+        earlier round's history plus this run's steps, with a warning.
+        """
+        earlier = self.load(server_round) if server_round in self.rounds() else None
+        saved = SavedRound(server_round, trained, [digest])
+        if earlier is not None and digest in earlier.released:
+            kept = ClientState(trained.head, earlier.state.dp_history, trained.noise_multiplier)
+            saved = SavedRound(server_round, kept, earlier.released)
+        elif earlier is not None:
+            steps = total_steps(trained.dp_history) - base_steps
+            sigma, q = (trained.dp_history[-1][0], trained.dp_history[-1][1]) if trained.dp_history else (0.0, 0.0)
+            log.warning("client %d: round %d was trained before and released a different update (digest %s..., now "
+                        "%s...); both releases are charged: %d more DP steps", self.partition, server_round,
+                        earlier.released[-1][:12], digest[:12], steps)
+            both = ClientState(trained.head, _append_steps(earlier.state.dp_history, sigma, q, steps),
+                               trained.noise_multiplier)
+            saved = SavedRound(server_round, both, [*earlier.released, digest])
+        self.save(saved)
+        return saved.state
+
+
 def derived_seed(*parts: int) -> int:
     """A 31-bit seed derived from (run seed, round, client, ...) so every stream is distinct."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -77,13 +212,16 @@ def fairness_args(cfg: Config, data: FaceDataset) -> dict[str, object]:
 
 
 def local_train(cfg: Config, partition: int, server_round: int, global_state: dict[str, torch.Tensor],
-                state: ClientState) -> tuple[dict[str, torch.Tensor], ClientState, dict[str, float | int]]:
+                state: ClientState, store: StateStore | None = None,
+                ) -> tuple[dict[str, torch.Tensor], ClientState, dict[str, float | int]]:
     """Train the global model on this client's data for ``federation.local_epochs`` epochs.
 
     DP noise is calibrated once, at the client's first round, for the steps of every round it
     could take part in, so that its epsilon over the whole run never exceeds the target; the
-    accountant history carries over, so the reported epsilon composes over all rounds.
+    accountant history carries over, so the reported epsilon composes over all rounds. With a
+    ``store``, the new state is persisted (``StateStore.record_round``) before it is reported.
     """
+    base_steps = total_steps(state.dp_history)
     data = local_data(cfg, partition)
     spec = model_spec(cfg)
     model = build_model(spec, cfg.seed)
@@ -108,6 +246,8 @@ def local_train(cfg: Config, partition: int, server_round: int, global_state: di
                     desc=f"client {partition} round {server_round}")
     new_state = ClientState(head=head.state_dict() if head is not None else None,
                             dp_history=outcome.dp_history or [], noise_multiplier=state.noise_multiplier)
+    if store is not None:
+        new_state = store.record_round(server_round, base_steps, new_state, update_digest(model.state_dict()))
     report: dict[str, float | int] = {
         "num-examples": len(data), "partition-id": partition, "train-loss": outcome.loss, "steps": outcome.steps,
         "seconds": time.perf_counter() - start, "samples-per-second": outcome.samples_per_second,

@@ -21,7 +21,7 @@ from common.data.dataset import FaceDataset
 from common.data.sources import load_source
 from common.data.splits import Manifest, SplitConfig, make_manifest
 from common.data.synthetic import SynthConfig, generate
-from common.models.checkpoint import load_checkpoint
+from common.models.checkpoint import check_state, load_checkpoint
 from common.models.face_model import FaceModel, ModelSpec
 from common.models.heads import CosineClassifier
 from common.rundir import RunDir
@@ -45,7 +45,7 @@ def cache_dir() -> Path:
 def _generator_digest() -> str:
     """Digest of the SynthFaces code, so a cached data set never outlives a generator change."""
     import common.data.face_render as render
-    import common.data.synthetic as synthetic
+    from common.data import synthetic
 
     return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (synthetic, render))).hexdigest()
 
@@ -124,7 +124,13 @@ def build_model(spec: ModelSpec, seed: int) -> FaceModel:
 def load_model(path: str | os.PathLike[str], spec: ModelSpec | None = None) -> tuple[FaceModel, dict]:
     """A model from a checkpoint (architecture from its metadata unless ``spec`` is given), in eval mode."""
     state, meta = load_checkpoint(path)
-    model = build_model(spec or ModelSpec.from_dict(meta["spec"]), 0)
+    if spec is None:
+        try:
+            spec = ModelSpec.from_dict(meta["spec"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: metadata has no valid model spec ({type(exc).__name__}: {exc})") from None
+    model = build_model(spec, 0)
+    check_state(path, state, model.state_dict())
     model.load_state_dict(state)
     return model.eval(), meta
 

@@ -10,6 +10,11 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import Config
+    from common.rundir import RunDir
 
 log = logging.getLogger("facefl")
 
@@ -73,10 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a federation on Flower's simulation engine")
     _add_config_args(run)
+    run.set_defaults(out=None)  # so that --resume can tell an explicit --out from the default
     run.add_argument("--he-keys", type=Path, metavar="DIR",
                      help="encrypt updates with the keys of `facefl keys init --out DIR` (sets he.enabled); the "
                           "simulated clients use its secret context, the server its public one, and the final "
                           "model is decrypted into the run directory afterwards")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue an interrupted (killed or failed) run after its last complete round, with the "
+                          "configuration in RUN_DIR/config.toml (no config file, --set or --out; --he-keys again "
+                          "for an HE run)")
 
     evaluate = sub.add_parser("evaluate", help="verification with MOTE vs templates (FNMR@FMR=1e-3, FDR, iGARBE, "
                                                "IR per gender) and the gender-inference attack on both galleries")
@@ -111,6 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     baseline = sub.add_parser("baseline", help="train central models on the configured data and print metrics")
     _add_config_args(baseline)
+
+    demo = sub.add_parser("demo", help="the whole system on SynthFaces: federated training with DP-SGD and HE, MOTE, "
+                                       "evaluation and audit; writes OUT/demo-<id>/report.html and prints a summary")
+    demo.add_argument("--quick", action="store_true", help="a tiny federation (about 3 minutes on 2 cores; the tests "
+                                                           "run it)")
+    demo.add_argument("--out", type=Path, default=Path("runs"), help="where demo-<id>/ is created (default: ./runs)")
+
+    sweep = sub.add_parser("sweep", help="every combination of --grid values x seeds: train, decrypt (HE), evaluate "
+                                         "(MOTE), audit, report; sweep.csv and plots against epsilon; resumable")
+    sweep.add_argument("config", nargs="?", type=Path, help="base TOML configuration (defaults when omitted)")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="values of one configuration key, e.g. dp.target_epsilon=0.5,1,2,4,8,inf (inf = DP off); "
+                            "use ';' between values of tuple keys (model.blocks=1,1;2,2); repeatable: the product")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per combination: the config's seed + 0..K-1")
+    sweep.add_argument("--quick", action="store_true", help="tiny federations (test-sized): their sizes override the "
+                                                            "config's; the grid's values override both")
+    sweep.add_argument("--references", type=int, default=None,
+                       help="LiRA / RMIA reference models per audit (even; default 8, 4 with --quick)")
+    sweep.add_argument("--he-keys", type=Path, metavar="DIR",
+                       help="run every combination with HE (keys of `facefl keys init --out DIR`)")
+    sweep.add_argument("--out", type=Path, default=Path("sweep"),
+                       help="sweep directory: runs/, sweep.json, sweep.csv, plots/ (default: ./sweep)")
+
+    report = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page of the run's results")
+    report.add_argument("run_dir", type=Path, help="run directory")
     return parser
 
 
@@ -171,18 +206,46 @@ def _round_rows(records: list[dict]) -> list[tuple]:
     return rows
 
 
+def _resume_config(args: argparse.Namespace) -> tuple[RunDir, Config]:
+    """The configuration of the run ``--resume`` continues: its own config.toml, nothing else."""
+    from common.config import load_config
+    from common.privacy.he_keys import PUBLIC_FILE
+    from common.rundir import ResumeError, RunDir
+
+    given = [name for name, value in (("a config file", args.config), ("--set", args.overrides), ("--out", args.out))
+             if value]
+    if given:
+        raise ResumeError(f"--resume {args.resume}: a run resumes with its own config.toml; drop {', '.join(given)}")
+    run = RunDir(args.resume)
+    with run.lock():  # refuses a run another process is working on
+        run.check_resumable()
+    cfg = load_config(run.config_path)
+    if cfg.he.enabled != (args.he_keys is not None):
+        raise ResumeError(f"{run.config_path}: he.enabled = {str(cfg.he.enabled).lower()}: "
+                          + ("pass --he-keys with the run's key directory (the clients need the secret context)"
+                             if cfg.he.enabled else "drop --he-keys (the run does not encrypt)"))
+    if args.he_keys is not None and (args.he_keys / PUBLIC_FILE).resolve() != Path(cfg.he.public_context).resolve():
+        raise ResumeError(f"--he-keys {args.he_keys}: the run was started with he.public_context = "
+                          f"{cfg.he.public_context}; resume with the same key directory")
+    return run, cfg
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from common.config import load_config
     from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE
-    from common.simulation import simulate
+    from common.simulation import resume, simulate
     from common.table import format_table
 
-    overrides = list(args.overrides)
-    if args.he_keys is not None:
-        overrides += ["he.enabled=true", f"he.public_context={(args.he_keys / PUBLIC_FILE).resolve()}"]
-    cfg = load_config(args.config, overrides)
     secret = args.he_keys / SECRET_FILE if args.he_keys is not None else None
-    run, status = simulate(cfg, args.out, progress=not args.no_progress, he_secret=secret)
+    if args.resume is not None:
+        run, cfg = _resume_config(args)
+        status = resume(cfg, run, progress=not args.no_progress, he_secret=secret)
+    else:
+        overrides = list(args.overrides)
+        if args.he_keys is not None:
+            overrides += ["he.enabled=true", f"he.public_context={(args.he_keys / PUBLIC_FILE).resolve()}"]
+        cfg = load_config(args.config, overrides)
+        run, status = simulate(cfg, args.out or Path("runs"), progress=not args.no_progress, he_secret=secret)
     if status["status"] == "finished" and secret is not None:
         from common.encrypted_model import decrypt_run
 
@@ -197,13 +260,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from attacks.gender_inference import template_leakage
-    from common.mote_evaluation import EVALUATION_FILE, evaluate_mote, save_evaluation
+    from common.mote_evaluation import EVALUATION_FILE
     from common.table import format_table
+    from workflow.pipeline import evaluate_run
 
-    report, stolen = evaluate_mote(args.run_dir)
-    report["gender_inference"] = template_leakage(stolen)
-    header, rows = save_evaluation(args.run_dir, report)
+    report, header, rows = evaluate_run(args.run_dir)
     print(format_table(header, rows))
     print(f"{report['enrolled']} enrolled identities, {report['probes']} probe images; "
           f"written to {args.run_dir / EVALUATION_FILE}")
@@ -243,8 +304,61 @@ def _cmd_keys_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from common.table import format_table
+    from workflow.demo import demo_summary, run_demo
+    from workflow.pipeline import StageFailed
+
+    try:
+        result = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    except StageFailed as exc:
+        print(f"facefl: error: demo stage {exc} (see the report in {args.out})", file=sys.stderr)
+        return 1
+    run = result.pipeline.run
+    print(format_table(("result", "value"), demo_summary(run.path)))
+    print(format_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in result.timings.items()]
+                       + [("total", f"{sum(result.timings.values()):.1f}")]))
+    print(f"report: {result.report}\nrun directory: {run.path}")
+    if result.pipeline.report is None:
+        status = result.pipeline.status
+        print(f"facefl: error: training {status['status']}: {status.get('error', 'no reason recorded')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from common.table import format_table
+    from workflow.pipeline import QUICK_REFERENCES
+    from workflow.sweep import (
+        DEFAULT_REFERENCES,
+        command_line,
+        parse_grid,
+        run_sweep,
+        summary_rows,
+    )
+
+    grid = parse_grid(args.grid)
+    references = args.references or (QUICK_REFERENCES if args.quick else DEFAULT_REFERENCES)
+    command = command_line(args.config, args.grid, args.seeds, args.quick, references, args.out, args.he_keys)
+    result = run_sweep(args.out, grid, args.seeds, args.config, quick=args.quick, references=references,
+                       he_keys=args.he_keys, progress=not args.no_progress, command=command)
+    print(format_table(("run", "state", "epsilon", "verif. AUC", "attr. acc", "strongest attack (AUC)", "error"),
+                       summary_rows(result.rows)))
+    print(f"{len(result.rows)} runs ({result.ran} worked on now, {len(result.failed)} failed); "
+          f"{result.csv}; {len(result.plots)} plots in {args.out / 'plots'}")
+    return 1 if result.failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from common.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 _COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("audit", None): _cmd_audit, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
-             ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline}
+             ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline,
+             ("demo", None): _cmd_demo, ("sweep", None): _cmd_sweep, ("report", None): _cmd_report}
 
 
 def _quiet_libraries(verbose: int) -> None:

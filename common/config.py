@@ -27,8 +27,10 @@ def _choice(default: str, choices: tuple[str, ...], doc: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "doc": doc})
 
 
-def _num(default: float | int, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
-    return field(default=default, metadata={"min": lo, "max": hi, "doc": doc})
+def _num(default: float, lo: float | None = None, hi: float | None = None, doc: str = "",
+         infinite: bool = False) -> Any:
+    """A number in [lo, hi]; floats must be finite unless ``infinite`` (the value means something)."""
+    return field(default=default, metadata={"min": lo, "max": hi, "doc": doc, "infinite": infinite})
 
 
 @dataclass
@@ -87,7 +89,8 @@ class TrainConfig:
 @dataclass
 class DPConfig:
     mode: str = _choice("sample", ("sample", "off"))
-    target_epsilon: float = _num(8.0, 0.0, doc="epsilon for the whole run (inf or 0 = use noise_multiplier)")
+    target_epsilon: float = _num(8.0, 0.0, doc="epsilon for the whole run (inf or 0 = use noise_multiplier)",
+                                 infinite=True)
     noise_multiplier: float = _num(0.0, 0.0, doc="used when target_epsilon is 0 or inf")
     max_grad_norm: float = _num(1.0, 1e-9)
     delta: float = _num(1e-5, 0.0, 1.0)
@@ -102,7 +105,11 @@ class FederationConfig:
     fraction_train: float = _num(1.0, 0.0, 1.0, doc="fraction of clients sampled per round")
     min_train_clients: int = _num(2, 1, doc="a round fails with fewer successful replies")
     min_available_clients: int = _num(2, 1)
-    round_timeout: float = _num(3600.0, 1.0, doc="seconds to wait for a round's replies")
+    round_timeout: float = _num(3600.0, 1.0, doc="seconds to wait for a round's replies; a train message expires "
+                                                 "with it, so a late reply is dropped")
+    max_update_mb: float = _num(0.0, 0.0, doc="a reply carrying more megabytes (10^6 bytes) is refused before it is "
+                                              "decoded (0 = twice a valid update, from the model or the HE "
+                                              "ciphertext layout, plus 1 MB)")
     client_cpus: float = _num(2.0, 0.1, doc="simulation only: CPUs per client (2 on 2 cores = one at a time)")
     save_client_models: bool = field(default=True, metadata={
         "doc": "plaintext runs: keep each client's latest post-round model in models/clients/ (what a curious "
@@ -236,6 +243,28 @@ def _flatten(d: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
             out[key] = ",".join(str(x) for x in v) if isinstance(v, list) else v
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+"""Integers must fit in 64 bits: TOML and Flower's run config (ConfigRecord) carry no larger ones."""
+
+
+def _show(raw: Any, limit: int = 80) -> str:
+    """``repr(raw)`` cut to ``limit`` characters, for error messages about hostile values."""
+    try:
+        text = repr(raw)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        text = f"<integer of {raw.bit_length()} bits>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _has_surrogate(text: str) -> bool:
+    """Lone surrogates (from undecodable command-line bytes) cannot be written to config.toml."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _parse_scalar(key: str, raw: Any, typ: Any, meta: typing.Mapping[str, Any]) -> Any:
     """Coerce ``raw`` (TOML value or string) to ``typ``; raise ConfigError naming ``key``."""
     origin = typing.get_origin(typ)
@@ -261,6 +290,8 @@ def _parse_scalar(key: str, raw: Any, typ: Any, meta: typing.Mapping[str, Any]) 
             value = raw
         elif origin is tuple:
             elem = typing.get_args(typ)[0]
+            if not isinstance(raw, (str, list, tuple)):
+                raise ValueError
             items = raw.split(",") if isinstance(raw, str) else list(raw)
             if any(isinstance(x, bool) or (elem is int and isinstance(x, float)) for x in items):
                 raise ValueError
@@ -269,18 +300,25 @@ def _parse_scalar(key: str, raw: Any, typ: Any, meta: typing.Mapping[str, Any]) 
                 raise ValueError
         else:  # pragma: no cover - a new field type without a parser is a programming error
             raise TypeError(f"{key}: unsupported config type {typ}")
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # OverflowError: float() of an int beyond 1e308
         expected = getattr(typ, "__name__", str(typ))
         if origin is tuple:
             expected = ("comma-separated integers >= 1" if typing.get_args(typ)[0] is int
                         else "comma-separated numbers")
-        raise ConfigError(f"{key}: expected {expected}, got {raw!r}") from None
+        raise ConfigError(f"{key}: expected {expected}, got {_show(raw)}") from None
+    ints = value if origin is tuple else (value,)
+    if int in (typ, *typing.get_args(typ)) and any(not _INT64[0] <= x <= _INT64[1] for x in ints):
+        raise ConfigError(f"{key}: expected integers of at most 64 bits, got {_show(raw)}")
+    if typ is str and _has_surrogate(value):
+        raise ConfigError(f"{key}: expected valid UTF-8 text, got {_show(raw)} (undecodable bytes)")
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {_show(value)}")
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):  # NaN fails both
         raise ConfigError(f"{key}: expected a value in [{lo}, {hi if hi is not None else 'inf'}], got {value!r}")
+    if typ is float and not meta.get("infinite") and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return value
 
 
@@ -305,6 +343,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 def _unflatten(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, value in flat.items():
+        if not isinstance(key, str) or "" in key.split("."):
+            raise ConfigError(f"{_show(key)}: expected a dotted key such as dp.target_epsilon")
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -347,8 +387,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{p}: configuration file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+        except OSError as exc:  # a directory, no permission
+            raise ConfigError(f"{p}: cannot read the configuration file ({exc.strerror or exc})") from None
+        # TOMLDecodeError and UnicodeDecodeError are ValueErrors, as is an integer of more than
+        # 4300 digits; deeply nested arrays or tables exhaust the parser's recursion.
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError(f"{p}: not valid TOML ({str(exc)[:200]})") from None
     data = _merge(data, _unflatten(parse_overrides(overrides or [])))
     try:
         return _build(Config, data, "").validate()
@@ -361,6 +405,19 @@ def dump_toml(cfg: Config) -> str:
     return tomli_w.dumps(cfg.to_dict())
 
 
-__all__ = ["Config", "ConfigError", "DataConfig", "SplitSettings", "ModelConfig", "TrainConfig", "DPConfig",
-           "FederationConfig", "FairnessConfig", "PretrainConfig",
-           "load_config", "from_flat", "parse_overrides", "dump_toml"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DPConfig",
+    "DataConfig",
+    "FairnessConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PretrainConfig",
+    "SplitSettings",
+    "TrainConfig",
+    "dump_toml",
+    "from_flat",
+    "load_config",
+    "parse_overrides",
+]

@@ -8,6 +8,8 @@ configuration says about itself (partition id, local paths).
 
 from __future__ import annotations
 
+import io
+import zipfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -15,7 +17,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from common.config import Config, from_flat
-from common.models.mote import PARAM_NAMES, MoteGallery
+from common.io import check_npy_size
+from common.models.mote import PARAM_NAMES, MoteGallery, check_gallery
 from common.privacy.he import Ciphertexts
 
 ARRAYS = "arrays"
@@ -60,7 +63,20 @@ def numpy_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def record_to_numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: rec[k].numpy() for k in rec.keys()}
+    """The arrays of a record; a payload that is not one .npy array is a ValueError naming the key.
+
+    The declared size is checked against the bytes received before numpy allocates the array.
+    """
+    out = {}
+    for key, array in rec.items():
+        try:
+            check_npy_size(io.BytesIO(array.data), len(array.data))
+            out[key] = array.numpy()
+        except (ValueError, TypeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"array {key!r}: not a valid numpy payload ({str(exc)[:200]})") from None
+        if not isinstance(out[key], np.ndarray):
+            raise ValueError(f"array {key!r}: expected one numpy array, got {type(out[key]).__name__}")
+    return out
 
 
 def record_to_state(rec: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -74,7 +90,10 @@ def payload_to_record(plain: np.ndarray, ct: Ciphertexts) -> ArrayRecord:
 
 def record_to_payload(rec: ArrayRecord, who: str) -> tuple[np.ndarray, Ciphertexts]:
     """Inverse of ``payload_to_record``; a missing part raises KeyError naming it and ``who``."""
-    arrays = record_to_numpy(rec)
+    try:
+        arrays = record_to_numpy(rec)
+    except ValueError as exc:
+        raise ValueError(f"{who}: encrypted payload: {exc}") from None
     missing = sorted({"plain", "ciphertext", "lengths"} - set(arrays))
     if missing:
         raise KeyError(f"{who}: encrypted payload lacks {missing}")
@@ -92,19 +111,19 @@ def gallery_to_record(gallery: MoteGallery) -> ArrayRecord:
 
 def record_to_gallery(rec: ArrayRecord, seed: int, who: str) -> MoteGallery:
     """A client's MOTE gallery; raises ValueError naming ``who`` for missing, misshaped or non-finite parts."""
-    arrays = record_to_numpy(rec)
+    try:
+        arrays = record_to_numpy(rec)
+    except ValueError as exc:
+        raise ValueError(f"{who}: MOTE gallery: {exc}") from None
     missing = sorted({*PARAM_NAMES, "identity_ids", "balancing_factor"} - set(arrays))
     if missing:
         raise ValueError(f"{who}: MOTE gallery lacks {missing}")
-    params = {n: arrays[n] for n in PARAM_NAMES}
-    bad = [n for n, a in params.items() if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all()]
-    if bad:
-        raise ValueError(f"{who}: MOTE gallery parameters {bad} are not finite floats")
-    try:
-        return MoteGallery(arrays["identity_ids"], {n: torch.from_numpy(a.copy()) for n, a in params.items()},
-                           arrays["balancing_factor"], seed)
-    except (ValueError, RuntimeError, IndexError) as exc:
-        raise ValueError(f"{who}: malformed MOTE gallery ({exc})") from None
+    ids = arrays["identity_ids"]
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{who}: MOTE gallery identity_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    check_gallery(who, ids, {n: arrays[n] for n in PARAM_NAMES}, arrays["balancing_factor"])
+    return MoteGallery(ids, {n: torch.from_numpy(arrays[n].copy()) for n in PARAM_NAMES}, arrays["balancing_factor"],
+                       seed)
 
 
 def metric_record(values: Mapping[str, float | int]) -> MetricRecord:
@@ -116,8 +135,9 @@ def partition_of(node_config: Mapping[str, object], num_clients: int) -> int:
     if PARTITION not in node_config:
         raise ValueError(f"node config: missing 'partition-id' (set --node-config \"partition-id=K "
                          f"num-partitions={num_clients}\" on the SuperNode)")
-    pid = int(node_config[PARTITION])  # type: ignore[arg-type]
-    total = int(node_config.get("num-partitions", num_clients))  # type: ignore[arg-type]
+    pid, total = node_config[PARTITION], node_config.get("num-partitions", num_clients)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (pid, total)):
+        raise ValueError(f"node config: partition-id={pid!r} num-partitions={total!r} must be integers")
     if total != num_clients or not 0 <= pid < num_clients:
         raise ValueError(f"node config: partition-id={pid} num-partitions={total} does not fit "
                          f"split.num_clients = {num_clients}")

@@ -13,13 +13,13 @@ from pathlib import Path
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.config import Config  # noqa: E402
+from common.config import Config
 
 HEADER = "[tool.flwr.app.config]"
 
 
 def render() -> str:
-    lines = [HEADER, 'output-dir = "runs"']
+    lines = [HEADER, 'output-dir = "runs"', 'resume-dir = ""']
     lines += [f'"{key}" = {tomli_w.dumps({"v": value}).strip()[4:]}' for key, value in Config().to_flat().items()]
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,13 @@ from common.io import atomic_write_json
 from common.models.mote import MoteGallery
 from common.mote_enrollment import gallery_file
 from common.rundir import RunDir
-from server.strategy import FaceFedAvg, error_summary, in_partition_order
+from server.strategy import (
+    FaceFedAvg,
+    client_name,
+    error_summary,
+    in_partition_order,
+    sender,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +41,16 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, cfg.federation.rounds),
                           **strategy.model_content(global_record)})
     partitions = strategy.partitions
-    replies = grid.send_and_receive([Message(content, node, "query.enroll") for _, node in sorted(partitions.items())],
-                                    timeout=cfg.federation.round_timeout)
+    messages = [Message(content, node, "query.enroll") for _, node in sorted(partitions.items())]
+    owners = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
     factors = cfg.mote.balancing_factors
     galleries: list[list[MoteGallery]] = [[] for _ in factors]
-    clients, failures = [], []
-    for who, msg in in_partition_order(replies, partitions):
+    clients, failures, enrolled = [], [], set()
+    answered = {sender(m, owners) for m in replies}
+    failures += [f"{client_name(node, partitions)}: no reply within {cfg.federation.round_timeout:g} s"
+                 for node in sorted(set(partitions.values()) - answered)]
+    for who, msg in in_partition_order(replies, partitions, owners):
         if msg.has_error():
             failures.append(f"{who}: {error_summary(msg.error.reason)}")
             continue
@@ -50,9 +60,12 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
             dims = {g.dim for g in got}
             if dims != {cfg.model.embedding_dim} or len({tuple(g.identity_ids) for g in got}) != 1:
                 raise ValueError(f"{who}: galleries of embedding size {sorted(dims)} or with differing identities")
+            if taken := enrolled & set(got[0].identity_ids.tolist()):
+                raise ValueError(f"{who}: identities {sorted(taken)[:5]} were already enrolled by another client")
         except (KeyError, TypeError, ValueError) as exc:
             failures.append(f"{who}: rejected enrollment: {exc}")
             continue
+        enrolled |= set(got[0].identity_ids.tolist())
         for bucket, gallery in zip(galleries, got, strict=True):
             bucket.append(gallery)
         clients.append(info)

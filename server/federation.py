@@ -2,30 +2,40 @@
 
 Each round: sample clients (seeded), send the global model with the configuration, validate
 and average the replies, update the privacy ledger, checkpoint the global model, evaluate it on
-the probe split, and append the round's metrics. ``status.json`` says how the run ended.
+the probe split, and append the round's metrics; then commit the round (status.json, written
+last: see common/rundir.py). ``status.json`` says how the run ended.
+
+A resumed run (``facefl run --resume``) restores the server's state after the last committed
+round from that round's checkpoint (global model or encrypted sum, mask, total weight, and the
+privacy ledger as of that round), skips the start phase and runs the remaining rounds, the final
+checkpoint and MOTE enrollment. The clients restore theirs from node-local files (client/app.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from common import wire
 from common.builders import build_dataset, build_manifest, build_model, model_spec
 from common.config import Config
+from common.data.splits import Manifest
 from common.encrypted_model import ENCRYPTED_SUFFIX, save_encrypted
 from common.evaluation import GlobalEvaluator
-from common.models.checkpoint import save_checkpoint
+from common.models.checkpoint import load_checkpoint, save_checkpoint
 from common.models.face_model import FaceModel
 from common.pretraining import pretrain
-from common.rundir import RunDir
+from common.privacy.he_keys import load_public_context
+from common.privacy.he_selection import EncryptionLayout
+from common.rundir import LAST_ROUND, RUN_KEY, RUN_RECORD, ResumePoint, RunDir
 from server.enrollment import enroll_phase
 from server.he_strategy import HEFedAvg, he_strategy
 from server.ledger import PrivacyLedger
@@ -47,12 +57,17 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
     return nodes
 
 
+DESCRIBE_PATIENCE = 120.0
+"""At least this many seconds for nodes to connect and describe themselves: starting the engine and
+a first ClientApp process can take longer than a short ``round_timeout`` meant for training."""
+
+
 def describe_clients(grid: Grid, cfg: Config, fingerprint: str) -> dict[int, int]:
     """Map partition id -> node id, and refuse nodes that split different data than the server."""
-    nodes = _wait_for_nodes(grid, cfg.split.num_clients, cfg.federation.round_timeout)
+    patience = max(cfg.federation.round_timeout, DESCRIBE_PATIENCE)
+    nodes = _wait_for_nodes(grid, cfg.split.num_clients, patience)
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, 0)})
-    replies = grid.send_and_receive([Message(content, node, "query.describe") for node in nodes],
-                                    timeout=cfg.federation.round_timeout)
+    replies = grid.send_and_receive([Message(content, node, "query.describe") for node in nodes], timeout=patience)
     partitions: dict[int, int] = {}
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -72,61 +87,92 @@ def describe_clients(grid: Grid, cfg: Config, fingerprint: str) -> dict[int, int
     return partitions
 
 
-def run_federation(grid: Grid, cfg: Config, run: RunDir, progress: bool = False) -> dict[str, Any]:
-    """Run every round; write status.json as finished or failed (with the reason) either way."""
-    run.write_status("running", rounds_completed=0)
-    try:
-        summary = _rounds(grid, cfg, run, progress)
-    except Exception as exc:
-        run.write_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    run.write_status("finished", **summary)
+def run_federation(grid: Grid, cfg: Config, run: RunDir, progress: bool = False,
+                   resume: bool = False) -> dict[str, Any]:
+    """Run every round (after the last committed one when ``resume``) while holding the run's
+    lock; write status.json as finished or failed (with the reason and the last commit, so a
+    failed run can be resumed) either way."""
+    with run.lock():
+        point = run.rollback() if resume else None
+        if point is None:
+            run.write_status("running", rounds_completed=0)
+        try:
+            summary = _rounds(grid, cfg, run, progress, point)
+        except Exception as exc:
+            run.write_status("failed", error=f"{type(exc).__name__}: {exc}", **run.last_commit())
+            raise
+        run.write_status("finished", **summary)
     return summary
 
 
-def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, Any]:
+@dataclass
+class _ServerState:
+    """The server's state between rounds: what a committed round leaves behind for the next."""
+
+    strategy: FaceFedAvg
+    global_record: ArrayRecord
+    ledger: PrivacyLedger
+    last_round: dict[int, int]  # partition -> last round whose update the server accepted
+    metrics: dict[str, float]  # evaluation of the latest global model (plaintext runs)
+    rounds_completed: int
+
+
+def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumePoint | None) -> dict[str, Any]:
     ds = build_dataset(cfg)
-    manifest = build_manifest(cfg, ds)
-    manifest.save(run.manifest_path)
+    started = point is not None and point.rounds_completed is not None
+    if started:  # the audit's ground truth stays the one written at the start, checked against the data
+        manifest = Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
+    else:
+        manifest = build_manifest(cfg, ds)
+        manifest.save(run.manifest_path)
     evaluator = GlobalEvaluator(cfg, ds, manifest)
     partitions = describe_clients(grid, cfg, manifest.fingerprint)
     spec = model_spec(cfg)
     model = build_model(spec, cfg.seed)
-    run.log_metrics("start", partitions={str(p): n for p, n in partitions.items()}, initial=evaluator.evaluate(model))
-    pretrained = pretrain(model, cfg, progress=progress)
-    if pretrained is not None:
-        run.log_metrics("pretrain", steps=pretrained.outcome.steps, seconds=pretrained.outcome.seconds,
-                        **evaluator.evaluate(model))
-    # The initial global model is public (seeded initialisation + public pretraining): the audit's
-    # reference models start from it, as the target did.
-    save_checkpoint(run.models / "initial.safetensors", model.state_dict(),
-                    {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute, "round": 0})
     common = dict(seed=cfg.seed, partitions=partitions, fraction_train=cfg.federation.fraction_train,
                   min_train_nodes=cfg.federation.min_train_clients,
                   min_available_nodes=cfg.federation.min_available_clients)
-    strategy = he_strategy(cfg, model, pretrained, run, **common) if cfg.he.enabled else FaceFedAvg(**common)
-    global_record = wire.state_to_record(model.state_dict())
-    ledger = PrivacyLedger(cfg.dp.accountant, cfg.dp.delta)
     meta = {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute}
-    metrics: dict[str, float] = {}
-    bar = tqdm(range(1, cfg.federation.rounds + 1), desc="rounds", disable=not progress, unit="round")
+    if started:
+        assert point is not None and point.rounds_completed is not None
+        state = _restore(cfg, run, model, evaluator, point.rounds_completed, common)
+        run.log_metrics("resume", after_round=state.rounds_completed, previous_status=point.previous_status,
+                        partitions={str(p): n for p, n in partitions.items()},
+                        interrupted=[{k: r[k] for k in ("interrupted_event", "round") if k in r}
+                                     for r in point.interrupted])
+    else:
+        if point is not None:
+            run.log_metrics("resume", after_round=None, previous_status=point.previous_status,
+                            interrupted=[{"interrupted_event": r["interrupted_event"]} for r in point.interrupted])
+        state = _start(cfg, run, model, evaluator, partitions, progress, common, meta)
+    run.commit(state.rounds_completed)
+    key = run.path.name
+    strategy, ledger = state.strategy, state.ledger
+    node_partition = {n: p for p, n in partitions.items()}
+    bar = tqdm(range(state.rounds_completed + 1, cfg.federation.rounds + 1), desc="rounds", disable=not progress,
+               unit="round")
     for server_round in bar:
         start = time.perf_counter()
-        messages = strategy.configure_train(server_round, global_record, wire.config_record(cfg, server_round), grid)
+        messages = [_with_run_record(m, key, state.last_round.get(node_partition[m.metadata.dst_node_id], 0))
+                    for m in strategy.configure_train(server_round, state.global_record,
+                                                      wire.config_record(cfg, server_round), grid)]
         replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
         global_record, _ = strategy.aggregate_train(server_round, replies)
         if global_record is None:
             raise RunFailed(f"round {server_round}: {len(strategy.accepted)} usable replies, at least "
                             f"{cfg.federation.min_train_clients} needed; " + "; ".join(strategy.failures))
+        state.global_record = global_record
         for reply in strategy.accepted:
+            state.last_round[reply.partition] = server_round
             if reply.privacy_json is not None and cfg.dp.mode != "off":
                 ledger.record(reply.partition, server_round, reply.privacy_json)
-        ledger.save(run.path / "privacy.json")
         if cfg.federation.save_client_models and not cfg.he.enabled:
             _save_client_models(run, strategy.accepted, {**meta, "round": server_round})
         federated_seconds = time.perf_counter() - start  # send, local training, (de/en)cryption, aggregation
-        metrics = _checkpoint(run, strategy, global_record, model, evaluator, f"round-{server_round:03d}",
-                              {**meta, "round": server_round})
+        # The round's checkpoint carries the ledger as of this round: a resumed run restores both from one file.
+        state.metrics = _checkpoint(run, strategy, global_record, model, evaluator, f"round-{server_round:03d}",
+                                    {**meta, "round": server_round, "privacy": ledger.to_json()})
+        ledger.save(run.path / "privacy.json")
         clients = [{"partition": r.partition, **{k: v for k, v in r.metrics.items() if k != wire.PARTITION}}
                    for r in strategy.accepted]
         run.log_metrics("round", round=server_round, seconds=time.perf_counter() - start,
@@ -134,18 +180,86 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool) -> dict[str, A
                         failures=strategy.failures, max_epsilon=ledger.max_epsilon(), encrypted=cfg.he.enabled,
                         train_loss=float(np.average([r.metrics["train-loss"] for r in strategy.accepted],
                                                     weights=[r.num_examples for r in strategy.accepted])),
-                        **metrics)
+                        **state.metrics)
         bar.set_postfix(eps=f"{ledger.max_epsilon():.2f}",
-                        **({"auc": f"{metrics['verification_auc']:.3f}"} if metrics else {}))
-        run.write_status("running", rounds_completed=server_round)
-    _checkpoint(run, strategy, global_record, model, None, "final", {**meta, "round": cfg.federation.rounds})
+                        **({"auc": f"{state.metrics['verification_auc']:.3f}"} if state.metrics else {}))
+        run.commit(server_round)  # the commit point: status.json is written last
+    _checkpoint(run, strategy, state.global_record, model, None, "final", {**meta, "round": cfg.federation.rounds})
     summary = {"rounds_completed": cfg.federation.rounds, "max_epsilon": ledger.max_epsilon(),
-               "encrypted": cfg.he.enabled, **metrics}
+               "encrypted": cfg.he.enabled, **state.metrics}
     if cfg.mote.enabled and cfg.train.task in ("identity", "both"):
-        enrolled = enroll_phase(grid, cfg, run, strategy, global_record)
+        enrolled = enroll_phase(grid, cfg, run, strategy, state.global_record)
         run.log_metrics("enroll", **enrolled)
         summary["mote_identities"] = enrolled["identities"]
     return summary
+
+
+def _start(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator, partitions: dict[int, int],
+           progress: bool, common: dict[str, Any], meta: dict[str, Any]) -> _ServerState:
+    """The start phase: evaluate the seeded model, pretrain it on public data, save it as the
+    initial global model, and build the strategy (for HE: the key, the selective-encryption mask)."""
+    run.log_metrics("start", partitions={str(p): n for p, n in partitions.items()}, initial=evaluator.evaluate(model))
+    pretrained = pretrain(model, cfg, progress=progress)
+    if pretrained is not None:
+        run.log_metrics("pretrain", steps=pretrained.outcome.steps, seconds=pretrained.outcome.seconds,
+                        **evaluator.evaluate(model))
+    # The initial global model is public (seeded initialisation + public pretraining): the audit's
+    # reference models start from it, as the target did.
+    save_checkpoint(run.models / "initial.safetensors", model.state_dict(), {**meta, "round": 0})
+    strategy = he_strategy(cfg, model, pretrained, run, **common) if cfg.he.enabled else FaceFedAvg(**common)
+    ledger = PrivacyLedger(cfg.dp.accountant, cfg.dp.delta)
+    return _ServerState(strategy, wire.state_to_record(model.state_dict()), ledger, {}, {}, 0)
+
+
+def _restore(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator, rounds_completed: int,
+             common: dict[str, Any]) -> _ServerState:
+    """The server's state after the committed round ``rounds_completed``, from its checkpoint:
+    the global model (or, under HE, the encrypted sum with the mask and total weight it was made
+    with), the privacy ledger, and who last trained when (from the committed round events)."""
+    r = rounds_completed
+    last_round = {c["partition"]: e["round"] for e in run.read_metrics() if e.get("event") == "round"
+                  for c in e["clients"]}
+    if r == 0:
+        initial, _ = load_checkpoint(run.models / "initial.safetensors")
+        pretrained = None
+        if cfg.he.enabled and cfg.he.encrypt_fraction < 1:
+            # The mask ranks parameters by Fisher information on the public data after pretraining;
+            # no round used it yet, so it is derived again (pretraining is seeded) rather than stored.
+            pretrained = pretrain(model, cfg)
+        model.load_state_dict(initial)
+        strategy = he_strategy(cfg, model, pretrained, run, **common) if cfg.he.enabled else FaceFedAvg(**common)
+        ledger = PrivacyLedger(cfg.dp.accountant, cfg.dp.delta)
+        return _ServerState(strategy, wire.state_to_record(model.state_dict()), ledger, last_round, {}, 0)
+    path = run.models / f"round-{r:03d}{ENCRYPTED_SUFFIX if cfg.he.enabled else '.safetensors'}"
+    saved, meta = load_checkpoint(path)
+    if meta.get("round") != r or "privacy" not in meta:
+        raise RunFailed(f"{path}: checkpoint of round {meta.get('round')} without a privacy ledger; status.json "
+                        f"committed round {r} (written by a facefl without resume support?)")
+    ledger = PrivacyLedger.from_json(meta["privacy"], str(path))
+    if not cfg.he.enabled:
+        model.load_state_dict(saved)
+        metrics = evaluator.evaluate(model) if r == cfg.federation.rounds else {}  # for the summary
+        record = wire.state_to_record(model.state_dict())
+        return _ServerState(FaceFedAvg(**common), record, ledger, last_round, metrics, r)
+    ctx, key_fingerprint = load_public_context(cfg.he.public_context)
+    if meta.get("fingerprint") != key_fingerprint:
+        raise RunFailed(f"{path}: encrypted under key {str(meta.get('fingerprint'))[:16]}..., but "
+                        f"he.public_context {cfg.he.public_context} is key {key_fingerprint[:16]}...")
+    layout = EncryptionLayout.for_state({k: v.numpy() for k, v in model.state_dict().items()}, saved["mask"].numpy())
+    strategy = HEFedAvg(ctx=ctx, key_fingerprint=key_fingerprint, layout=layout,
+                        on_key_mismatch=cfg.he.on_key_mismatch, **common)
+    strategy.total_weight = int(meta["total_weight"])
+    record = wire.numpy_to_record({k: saved[k].numpy() for k in ("plain", "ciphertext", "lengths")})
+    return _ServerState(strategy, record, ledger, last_round, {}, r)
+
+
+def _with_run_record(msg: Message, run_key: str, last_round: int) -> Message:
+    """Tell the client which run this is (its key for node-local state) and the last round the
+    server accepted its update in (the state it must restore when it has none in memory).
+    Changes ``msg`` in place: the strategy matches replies to the very Message objects it made."""
+    msg.content = RecordDict({**dict(msg.content.items()),
+                              RUN_RECORD: ConfigRecord({RUN_KEY: run_key, LAST_ROUND: last_round})})
+    return msg
 
 
 def _save_client_models(run: RunDir, replies: list, meta: dict[str, Any]) -> None:

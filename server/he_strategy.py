@@ -22,34 +22,56 @@ from common.config import Config
 from common.io import atomic_write_json
 from common.models.face_model import FaceModel
 from common.pretraining import Pretrained
-from common.privacy.he import Ciphertexts, EncryptedSum, parse
+from common.privacy.he import Ciphertexts, EncryptedSum, chunk_sizes, parse, slot_count
 from common.privacy.he_keys import load_public_context
-from common.privacy.he_selection import EncryptionLayout, fisher_diagonal, top_fraction_mask
+from common.privacy.he_selection import (
+    EncryptionLayout,
+    fisher_diagonal,
+    top_fraction_mask,
+)
 from common.rundir import RunDir
 from server.aggregation import weighted_average
-from server.strategy import ClientReply, FaceFedAvg
+from server.strategy import ClientReply, FaceFedAvg, record
 
 log = logging.getLogger(__name__)
+
+HEADER_BYTES = 4096
+"""Room for the TenSEAL / SEAL headers of one ciphertext, and for the npy header of the blob."""
 
 
 class KeyMismatchError(RuntimeError):
     """A client encrypted with another key and the run is configured to fail on it."""
 
 
+def ciphertext_max_bytes(ctx: ts.Context) -> int:
+    """An upper bound of one serialised CKKS vector under ``ctx``: 2 polynomials of N coefficients
+    for each prime of the first data level, 8 bytes each, plus headers (N = 4096, [60, 49]:
+    65,675 bytes for 65,536 of coefficients; SEAL's compression only makes it smaller)."""
+    data = ctx.seal_context().data.first_context_data()
+    return 2 * data.parms().poly_modulus_degree() * (data.chain_index() + 1) * 8 + HEADER_BYTES
+
+
 class EncryptedReply(ClientReply):
     """A client's encrypted update, parsed with the server's public context and checked."""
 
-    def __init__(self, msg: Message, ctx: ts.Context, server_fingerprint: str, layout: EncryptionLayout) -> None:
-        super().__init__(msg)
-        meta = msg.content[wire.HE_META]
+    def __init__(self, msg: Message, partition: int, ctx: ts.Context, server_fingerprint: str,
+                 layout: EncryptionLayout, max_ciphertext_bytes: int) -> None:
+        """``max_ciphertext_bytes``: the most the layout's ciphertexts can take, checked before
+        the payload is decoded."""
+        super().__init__(msg, partition)
+        meta = record(msg.content, "config", wire.HE_META, self.who)
         theirs = str(meta[wire.FINGERPRINT])
         if theirs != server_fingerprint:
             raise KeyMismatchError(f"{self.who}: HE key fingerprint {theirs[:16]}... differs from the server's "
                                    f"{server_fingerprint[:16]}...: this node holds another secret key")
-        self.plain, ct = wire.record_to_payload(msg.content[wire.HE_PAYLOAD], self.who)
-        if self.plain.shape != (layout.n_plain,) or not np.isfinite(self.plain).all():
-            raise ValueError(f"{self.who}: plaintext share must be {layout.n_plain} finite values, "
-                             f"got shape {self.plain.shape}")
+        payload = record(msg.content, "array", wire.HE_PAYLOAD, self.who)
+        if "ciphertext" in payload and (size := len(payload["ciphertext"].data)) > max_ciphertext_bytes:
+            raise ValueError(f"{self.who}: {size} bytes of ciphertext, the layout's {layout.n_encrypted} encrypted "
+                             f"values take at most {max_ciphertext_bytes}")
+        self.plain, ct = wire.record_to_payload(payload, self.who)
+        if self.plain.shape != (layout.n_plain,) or self.plain.dtype != np.float32 or not np.isfinite(self.plain).all():
+            raise ValueError(f"{self.who}: plaintext share must be {layout.n_plain} finite float32 values, "
+                             f"got {self.plain.dtype} of shape {self.plain.shape}")
         self.vectors = parse(ctx, ct, layout.n_encrypted, self.who)
 
 
@@ -66,6 +88,8 @@ class HEFedAvg(FaceFedAvg):
         self.layout = layout
         self.on_key_mismatch = on_key_mismatch
         self.total_weight = 0  # of the current encrypted global model (0: it is still plaintext)
+        ciphertexts = len(chunk_sizes(layout.n_encrypted, slot_count(ctx)))
+        self.max_ciphertext_bytes = ciphertexts * ciphertext_max_bytes(ctx) + HEADER_BYTES
         self._sum: EncryptedSum | None = None
         self._plain: list[tuple[int, np.ndarray]] = []
 
@@ -81,9 +105,13 @@ class HEFedAvg(FaceFedAvg):
         self._sum = EncryptedSum(self.ctx, self.layout.n_encrypted)
         self._plain = []
 
-    def accept(self, msg: Message) -> ClientReply:
+    def valid_update_bytes(self) -> int:
+        """The size of a valid encrypted update: the plaintext share and the layout's ciphertexts."""
+        return 4 * self.layout.n_plain + self.max_ciphertext_bytes
+
+    def accept(self, msg: Message, partition: int) -> ClientReply:
         try:
-            reply = EncryptedReply(msg, self.ctx, self.fingerprint, self.layout)
+            reply = EncryptedReply(msg, partition, self.ctx, self.fingerprint, self.layout, self.max_ciphertext_bytes)
         except KeyMismatchError as exc:
             if self.on_key_mismatch == "fail":
                 raise

@@ -49,3 +49,13 @@ class PrivacyLedger:
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str) -> PrivacyLedger:
+        """The ledger ``to_json`` wrote (a resumed run continues it); errors name ``where``."""
+        try:
+            clients = {int(k): {**v, "history": [(float(s), float(q), int(n)) for s, q, n in v["history"]]}
+                       for k, v in d["clients"].items()}
+            return cls(str(d["accountant"]), float(d["delta"]), clients)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{where}: malformed privacy ledger ({type(exc).__name__}: {exc})") from None

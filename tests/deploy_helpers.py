@@ -16,6 +16,15 @@ Facts this relies on (Flower 1.41, verified; see docs/deploy.md):
   ``--format json`` it exits 0 even when it could not submit: check ``"success"``.
 - Repeated ``-c`` options are merged shallowly (``-c 'a.x=1' -c 'a.y=2'`` silently drops
   ``a.x``): always pass every override in one ``-c`` string.
+- TLS: ``flower-superlink --ssl-ca-certfile --ssl-certfile --ssl-keyfile`` (certificates from
+  ``docker/gen-certs.sh``), ``flower-supernode --root-certificates CA``, ``root-certificates`` in
+  the CLI connection. A SuperNode that does not trust the CA gives up at once ("SSL/TLS handshake
+  error detected", "CERTIFICATE_VERIFY_FAILED"); the ``flwr`` CLI only says "Connection to the
+  SuperLink is unavailable" for a wrong CA, no CA or ``insecure = true``.
+- SuperNode authentication: ``flower-superlink --enable-supernode-auth`` (TLS only) accepts only
+  SuperNodes whose EC public key was registered with ``flwr supernode register KEY.pub CONNECTION``;
+  each SuperNode signs its requests with ``--auth-supernode-private-key KEY`` (OpenSSH format, a
+  NIST curve). An unregistered SuperNode exits: "[code: 2004] Failed to activate SuperNode.".
 
 Only Linux (``/proc``) is supported; no psutil.
 """
@@ -40,6 +49,10 @@ from typing import IO, Any
 LOOPBACK = "127.0.0.1"
 TAG_VAR = "FACEFL_DEPLOY_TAG"
 BIN = Path(sys.executable).parent  # the venv's bin/: flwr, flower-superlink, flower-supernode, ...
+ROOT = Path(__file__).resolve().parents[1]
+GEN_CERTS = ROOT / "docker" / "gen-certs.sh"
+OPEN_AUDIT_DIR = Path(__file__).resolve().parent / "open_audit"  # holds the test-only sitecustomize.py
+OPEN_AUDIT_VAR = "FACEFL_OPEN_AUDIT_LOG"
 
 
 # --------------------------------------------------------------------------- ports, env, config
@@ -131,6 +144,81 @@ def run_config_arg(overrides: Mapping[str, Any]) -> str:
     """All overrides as the single ``-c`` string flwr 1.41 needs (repeated ``-c`` flags are merged
     shallowly and lose keys that share a dotted prefix)."""
     return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+
+
+# --------------------------------------------------------------------------- TLS, node keys, file audit
+
+@dataclass(frozen=True)
+class Tls:
+    """The files ``docker/gen-certs.sh`` writes into one directory."""
+
+    dir: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def cert(self) -> Path:
+        return self.dir / "server.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.dir / "server.key"
+
+
+def gen_certs(out: Path, *extra_sans: str, timeout: float = 60.0) -> Tls:
+    """Run the project's real ``docker/gen-certs.sh OUT [SAN ...]`` (CA + SuperLink certificate)."""
+    res = subprocess.run(["bash", str(GEN_CERTS), str(out), *extra_sans], check=False, text=True,
+                         capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise RuntimeError(f"{GEN_CERTS} {out} -> exit {res.returncode}\n{res.stderr}")
+    return Tls(out)
+
+
+def write_supernode_key(stem: Path) -> tuple[Path, Path]:
+    """A SuperNode authentication key pair: ``stem`` (private, 0600) and ``stem.pub``, EC P-384 in
+    OpenSSH format, what ``ssh-keygen -t ecdsa -b 384 -N "" -f stem`` writes and what
+    ``flower-supernode --auth-supernode-private-key`` / ``flwr supernode register`` read."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(stem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                  serialization.NoEncryption()))
+    pub = stem.with_name(stem.name + ".pub")
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                  serialization.PublicFormat.OpenSSH) + b"\n")
+    return stem, pub
+
+
+def open_audit_env(log: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """Environment additions that make every Python process (and its children) log the files it
+    opens to ``log`` (``tests/open_audit/sitecustomize.py``)."""
+    path = env.get("PYTHONPATH", "")
+    return {"PYTHONPATH": str(OPEN_AUDIT_DIR) + (os.pathsep + path if path else ""), OPEN_AUDIT_VAR: str(log)}
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    pid: int
+    program: str
+    kind: str  # "open" or "exec"
+    detail: str  # the absolute path opened, or the command line
+
+
+def read_open_audit(log: Path) -> list[AuditEntry]:
+    """The entries of an audit log written by ``open_audit/sitecustomize.py`` (empty if none)."""
+    if not log.exists():
+        return []
+    entries = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        pid, program, kind, detail = line.split("\t", 3)
+        entries.append(AuditEntry(int(pid), program, kind, detail))
+    return entries
 
 
 # --------------------------------------------------------------------------- /proc
@@ -264,6 +352,13 @@ class Proc:
         except OSError:
             return ""
 
+    def wait_exit(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for the process to exit on its own; its exit code."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{self.name} still running after {timeout:.0f} s\n{self.log_tail()}") from None
+
     def remember_children(self) -> set[int]:
         self.seen |= descendants(self.pid)
         return self.seen
@@ -294,7 +389,7 @@ def start(name: str, args: list[str], env: Mapping[str, str], cwd: Path, log_dir
     cwd.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in Proc.stop
+    log = open(log_path, "wb")
     try:
         popen = subprocess.Popen(args, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)
@@ -324,13 +419,22 @@ def logs_of(procs: Iterable[Proc], chars: int = 3000) -> str:
 
 @dataclass
 class Deployment:
-    """One SuperLink and its SuperNodes on loopback, with a throwaway FLWR_HOME and state db."""
+    """One SuperLink and its SuperNodes on loopback, with a throwaway FLWR_HOME and state db.
+
+    ``env`` is the CLI's environment; the SuperLink and the SuperNodes may get additions
+    (``superlink_env`` / ``node_env``) that their SuperExec and app processes inherit. ``probes``
+    are SuperNodes that are expected to exit (e.g. refused ones): stopped in teardown, but their
+    exit does not count as a failure of the deployment.
+    """
 
     root: Path
     env: dict[str, str]
     connection: str
     superlink_port: int
+    tls: Tls | None = None
+    node_env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
+    probes: list[Proc] = field(default_factory=list)
 
     @property
     def tag(self) -> str:
@@ -347,18 +451,56 @@ class Deployment:
 
     def online_nodes(self) -> int:
         """SuperNodes the SuperLink lists as online (``flwr supernode list --format json``)."""
+        return sum(1 for n in self.nodes() if n.get("status") == "online")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every SuperNode the SuperLink knows (registered, online, offline), [] if it cannot tell."""
         try:
             res = self.flwr("supernode", "list", self.connection, "--format", "json", timeout=60)
             nodes = json.loads(res.stdout).get("nodes", [])
         except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError):
-            return 0
-        return sum(1 for n in nodes if n.get("status") == "online")
+            return []
+        return nodes if isinstance(nodes, list) else []
+
+    def register_supernode(self, public_key: Path) -> int:
+        """``flwr supernode register KEY.pub CONNECTION`` (SuperNode authentication); the node id."""
+        res = self.flwr("supernode", "register", str(public_key), self.connection, "--format", "json", timeout=60)
+        try:
+            payload = json.loads(res.stdout[res.stdout.index("{"):])
+            if payload.get("success"):
+                return int(payload["node-id"])
+        except (ValueError, KeyError):
+            pass
+        raise RunError(f"flwr supernode register {public_key} -> exit {res.returncode}\nstdout: {res.stdout}\n"
+                       f"stderr: {res.stderr}\n" + logs_of(self.procs))
+
+    def start_supernode(self, name: str, node_config: str, *, auth_key: Path | None = None, trust_ca: bool = True,
+                        probe: bool = False, extra_args: Iterable[str] = ()) -> Proc:
+        """Start one SuperNode (its ClientApp runtime API on a free local port).
+
+        With TLS the node trusts the deployment's CA unless ``trust_ca=False`` (it then checks the
+        SuperLink's certificate against the system store and must fail). ``probe=True`` puts it in
+        ``probes`` (expected to exit) instead of ``procs``.
+        """
+        (port,) = free_ports(1)
+        args = [str(BIN / "flower-supernode"), "--superlink", self.address, "--port", str(port),
+                "--node-config", node_config]
+        if self.tls is None:
+            args.append("--insecure")
+        elif trust_ca:
+            args += ["--root-certificates", str(self.tls.ca)]
+        if auth_key is not None:
+            args += ["--auth-supernode-private-key", str(auth_key)]
+        proc = start(name, [*args, *extra_args], {**self.env, **self.node_env}, self.root / name, self.root / "logs")
+        (self.probes if probe else self.procs).append(proc)
+        return proc
 
     def stop(self, timeout: float = 10.0) -> set[int]:
-        """SuperNodes first (else they retry the vanished SuperLink), then the SuperLink, then
-        any process still carrying this deployment's tag (e.g. a reparented SuperExec)."""
+        """Probes and SuperNodes first (else they retry the vanished SuperLink), then the
+        SuperLink, then any process still carrying this deployment's tag (e.g. a reparented
+        SuperExec)."""
         left: set[int] = set()
-        for proc in reversed(self.procs):
+        for proc in [*self.probes, *reversed(self.procs)]:
             left |= proc.stop(timeout)
         left |= terminate(tagged(self.tag) | left, timeout)
         return left
@@ -366,28 +508,43 @@ class Deployment:
 
 def start_deployment(root: Path, num_nodes: int, node_config: Mapping[int, str] | None = None,
                      connection: str = "local-deployment", cache: Path | None = None,
-                     extra_env: Mapping[str, str] | None = None, startup_timeout: float = 120.0) -> Deployment:
+                     extra_env: Mapping[str, str] | None = None, startup_timeout: float = 120.0, *,
+                     tls: Tls | None = None, supernode_auth: bool = False,
+                     superlink_env: Mapping[str, str] | None = None,
+                     node_env: Mapping[str, str] | None = None) -> Deployment:
     """Start 1 SuperLink (``--database root/state.db``) and ``num_nodes`` SuperNodes, each in its
-    own working directory under ``root``; return once every node is activated. The caller must
+    own working directory under ``root``; return once every node is online. The caller must
     call ``Deployment.stop()`` in a ``finally`` (also when this raises: it stops what it started).
 
-    ``node_config[i]`` defaults to ``partition-id=i num-partitions=num_nodes``.
+    ``node_config[i]`` defaults to ``partition-id=i num-partitions=num_nodes``. Without ``tls``
+    everything runs ``--insecure``. ``supernode_auth`` (needs ``tls``) starts the SuperLink with
+    ``--enable-supernode-auth`` and registers a fresh key pair per node (``root/node-keys/``)
+    before starting it. ``superlink_env`` / ``node_env`` are added to those processes' environment.
     """
-    ports = free_ports(1 + num_nodes)
-    env = flwr_env(root / "flwr-home", cache, extra=extra_env)
-    write_flwr_config(root / "flwr-home", connection, f"{LOOPBACK}:{ports[0]}")
-    dep = Deployment(root, env, connection, ports[0])
-    logs = root / "logs"
+    if supernode_auth and tls is None:
+        raise ValueError("supernode_auth needs tls: flower-superlink refuses --enable-supernode-auth with --insecure")
+    (port,) = free_ports(1)
+    home = root / "flwr-home"
+    env = flwr_env(home, cache, extra=extra_env)
+    write_flwr_config(home, connection, f"{LOOPBACK}:{port}", insecure=tls is None,
+                      root_certificates=tls.ca if tls else None)
+    dep = Deployment(root, env, connection, port, tls=tls, node_env=dict(node_env or {}))
+    security = (["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+                if tls else ["--insecure"])
+    if supernode_auth:
+        security.append("--enable-supernode-auth")
     try:
-        dep.procs.append(start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", LOOPBACK,
-                                             "--port", str(ports[0]), "--database", str(root / "state.db")],
-                               env, root / "superlink", logs))
-        wait_for(lambda: port_open(ports[0]), startup_timeout, "SuperLink did not open its port", dep.procs)
+        dep.procs.append(start("superlink", [str(BIN / "flower-superlink"), *security, "--host", LOOPBACK,
+                                             "--port", str(port), "--database", str(root / "state.db")],
+                               {**env, **(superlink_env or {})}, root / "superlink", root / "logs"))
+        wait_for(lambda: port_open(port), startup_timeout, "SuperLink did not open its port", dep.procs)
         for i in range(num_nodes):
+            key = None
+            if supernode_auth:
+                key, pub = write_supernode_key(root / "node-keys" / f"supernode-{i}")
+                dep.register_supernode(pub)
             cfg = (node_config or {}).get(i, f"partition-id={i} num-partitions={num_nodes}")
-            dep.procs.append(start(f"supernode-{i}", [
-                str(BIN / "flower-supernode"), "--insecure", "--superlink", dep.address,
-                "--port", str(ports[1 + i]), "--node-config", cfg], env, root / f"supernode-{i}", logs))
+            dep.start_supernode(f"supernode-{i}", cfg, auth_key=key)
         wait_for(lambda: dep.online_nodes() >= num_nodes, startup_timeout,
                  f"{num_nodes} SuperNodes did not come online", dep.procs, interval=0.5)
     except BaseException:

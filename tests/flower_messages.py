@@ -9,7 +9,14 @@ import numpy as np
 
 def reply_message(node: int, partition: int, n: int, records: dict[str, Any]):
     """A train reply from ``node`` holding ``records`` plus the usual metrics and privacy records."""
-    from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+    from flwr.app import (
+        ConfigRecord,
+        Message,
+        MessageType,
+        Metadata,
+        MetricRecord,
+        RecordDict,
+    )
 
     from common import wire
 

@@ -16,11 +16,29 @@ from hypothesis import strategies as st
 from scipy.stats import multivariate_normal, norm
 from sklearn.metrics import roc_auc_score
 
-from attacks.metrics import (attack_metrics, best_threshold_accuracy, log_log_roc_plot, roc_auc, roc_points,
-                             tpr_at_fpr)
-from attacks.scores import (ShadowAttackModel, bivariate_normal_logpdf, centroid_similarity, fd_lira_offline,
-                            fd_lira_online, fd_mia_features, lira_offline, lira_online, posterior_features,
-                            rmia_scores, sample_loss, scaled_confidence, scaled_confidence_from_logits)
+from attacks.metrics import (
+    attack_metrics,
+    best_threshold_accuracy,
+    log_log_roc_plot,
+    roc_auc,
+    roc_points,
+    tpr_at_fpr,
+)
+from attacks.scores import (
+    ShadowAttackModel,
+    bivariate_normal_logpdf,
+    centroid_similarity,
+    fd_lira_offline,
+    fd_lira_online,
+    fd_mia_features,
+    lira_offline,
+    lira_online,
+    posterior_features,
+    rmia_scores,
+    sample_loss,
+    scaled_confidence,
+    scaled_confidence_from_logits,
+)
 
 
 def _brute_force(scores: np.ndarray, member: np.ndarray) -> list[tuple[float, float, float]]:

@@ -14,7 +14,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from common.config import Config, ConfigError, dump_toml, from_flat, load_config, parse_overrides
+from common.config import (
+    Config,
+    ConfigError,
+    dump_toml,
+    from_flat,
+    load_config,
+    parse_overrides,
+)
 
 
 def _leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:

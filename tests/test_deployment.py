@@ -1,20 +1,31 @@
-"""The app on Flower's deployment engine: 1 SuperLink + 2 SuperNodes as real processes on
-127.0.0.1, ``flwr run`` with DP-SGD and HE on, 2 rounds and MOTE enrollment; then the run
+"""The app on Flower's deployment engine over TLS: 1 SuperLink + 3 SuperNodes as real processes
+on 127.0.0.1, ``flwr run`` with DP-SGD and HE on, 2 rounds and MOTE enrollment; then the run
 directory is checked.
 
-The SuperNodes get the CKKS secret context through their node config; the ServerApp gets only
-the public context (run config ``he.public_context``), stores only encrypted checkpoints, and a
-key holder decrypts the final model with ``facefl keys decrypt-model``.
+Transport and admission: certificates come from the real ``docker/gen-certs.sh``; the SuperLink
+serves TLS and runs with SuperNode authentication (``--enable-supernode-auth``), each SuperNode's
+public key registered with ``flwr supernode register`` before it starts. A SuperNode with an
+unregistered key and one that does not trust the CA are both refused.
+
+Keys: the SuperNodes get the CKKS secret context through their node config; the ServerApp gets
+only the public context (run config ``he.public_context``), stores only encrypted checkpoints, and
+a key holder decrypts the final model with ``facefl keys decrypt-model``. An audit hook
+(``tests/open_audit/sitecustomize.py``) logs every file each process opens, server side
+(SuperLink, its SuperExec, the ServerApp) and node side in separate logs: the server side must
+never have opened the secret key, the ClientApps must have.
 
 Everything lives under tmp_path: FLWR_HOME (connection config, installed FABs), the SuperLink's
-state database, the data cache and the run directory. Runtime dependency installation is off.
-Every process is stopped by PID (and process group) in the fixture's teardown, and the test
-checks that none is left. See docs/deploy.md for the same commands by hand.
+state database, certificates, keys, the data cache and the run directory. Runtime dependency
+installation is off. Every process is stopped by PID (and process group) in the fixture's
+teardown, and the test checks that none is left. See docs/deploy.md for the same commands by hand.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -24,10 +35,12 @@ import pytest
 from common.models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-NODES = 2
+NODES = 3
 ROUNDS = 2
 
-# The brief's tiny federation, plus a tiny model on 32 px faces to keep the test fast.
+# The brief's tiny federation, plus a tiny model on 32 px faces to keep the test fast. 8 images per
+# identity: with 3 clients and 6, a client's members hold only 4 embeddings of one gender from
+# identities with two or more, and its MOTE gender KDE (which needs 5) cannot be fitted.
 OVERRIDES = {
     "split.num_clients": NODES,
     "federation.min_train_clients": NODES,
@@ -36,7 +49,7 @@ OVERRIDES = {
     "federation.local_epochs": 1,
     "federation.round_timeout": 300.0,
     "data.identities": 24,
-    "data.images_per_identity": 6,
+    "data.images_per_identity": 8,
     "data.image_size": 32,
     "model.width": 8,
     "model.blocks": "1,1",
@@ -55,15 +68,23 @@ def keys(tmp_path: Path) -> Path:
     return tmp_path / "keys"
 
 
+SERVER_AUDIT = "server-open.log"  # files opened by the SuperLink, its SuperExec and the ServerApp
+NODE_AUDIT = "node-open.log"  # files opened by the SuperNodes, their SuperExecs and the ClientApps
+
+
 @pytest.fixture()
 def deployment(tmp_path: Path, keys: Path):
     from common.privacy.he_keys import SECRET_FILE
 
     node_config = {i: f"partition-id={i} num-partitions={NODES} he-secret-context='{keys / SECRET_FILE}'"
                    for i in range(NODES)}
-    # One intra-op thread per process: two ClientApps train at once on two shared cores.
+    tls = dh.gen_certs(tmp_path / "certs")
+    # One intra-op thread per process: several ClientApps train at once on two shared cores.
     dep = dh.start_deployment(tmp_path, NODES, node_config=node_config, cache=tmp_path / "cache",
-                              extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+                              extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                              tls=tls, supernode_auth=True,
+                              superlink_env=dh.open_audit_env(tmp_path / SERVER_AUDIT, os.environ),
+                              node_env=dh.open_audit_env(tmp_path / NODE_AUDIT, os.environ))
     try:
         yield dep
     finally:
@@ -75,6 +96,25 @@ def deployment(tmp_path: Path, keys: Path):
             assert not dh.port_open(port), f"port {port} still open after teardown"
 
 
+def peer_certificate(port: int, ca: Path) -> dict:
+    """TLS handshake with the SuperLink, verifying its certificate against ``ca`` for 127.0.0.1."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((dh.LOOPBACK, port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=dh.LOOPBACK) as tls:
+        return tls.getpeercert()
+
+
+def opened(entries: list[dh.AuditEntry], target: Path) -> list[dh.AuditEntry]:
+    """Entries that opened ``target``: by path, by resolved path, or by inode (a hard link), or
+    that ran a command naming it."""
+    real = os.path.realpath(target)
+
+    def same(e: dh.AuditEntry) -> bool:
+        return e.kind == "open" and os.path.exists(e.detail) and os.path.samefile(e.detail, target)
+
+    return [e for e in entries if str(target) in e.detail or real in e.detail or same(e)]
+
+
 @pytest.mark.timeout(900)
 def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path, keys: Path, capsys) -> None:
     from common.cli import main
@@ -83,6 +123,22 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
     started = time.monotonic()
     pyproject = (ROOT / "pyproject.toml").read_bytes()
     out = tmp_path / "runs"
+    assert deployment.tls is not None
+
+    # The SuperLink's single port speaks TLS with the gen-certs.sh certificate for 127.0.0.1.
+    cert = peer_certificate(deployment.superlink_port, deployment.tls.ca)
+    assert ("IP Address", dh.LOOPBACK) in cert["subjectAltName"], cert
+    assert "insecure" not in (tmp_path / "flwr-home" / "config.toml").read_text()
+
+    # Two SuperNodes that must be refused, started now and checked after the run (each exits
+    # within seconds; the retry bounds only cap a wrong outcome): one signs with a key that was
+    # never registered, one does not trust the CA.
+    rogue_key, _ = dh.write_supernode_key(tmp_path / "rogue" / "supernode")
+    bounded = ["--max-retries", "2", "--max-wait-time", "30"]
+    unregistered = deployment.start_supernode("probe-unregistered", f"partition-id=0 num-partitions={NODES}",
+                                              auth_key=rogue_key, probe=True, extra_args=bounded)
+    untrusting = deployment.start_supernode("probe-no-ca", f"partition-id=0 num-partitions={NODES}",
+                                            trust_ca=False, probe=True, extra_args=bounded)
 
     # A run whose ServerApp fails: `flwr run` still exits 0 (submit_run checks that), only
     # `flwr list` tells. Submitted first, it fails while the real run goes on.
@@ -95,6 +151,14 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
     bad = dh.wait_for_run(deployment, bad_id, timeout=60.0)
     assert bad["status"] == "finished:failed", bad
     assert "dp.mode" in bad.get("status-details", ""), bad
+
+    # Both rogue SuperNodes gave up at once (Flower's exit code 305, "Failed to initialize the
+    # connection to the SuperLink"), each for its own reason; the SuperLink knows only the three
+    # registered nodes.
+    assert unregistered.wait_exit(60) != 0 and "Failed to activate SuperNode" in unregistered.log_tail()
+    assert untrusting.wait_exit(60) != 0 and "CERTIFICATE_VERIFY_FAILED" in untrusting.log_tail()
+    nodes = deployment.nodes()
+    assert len(nodes) == NODES and all(n["status"] == "online" for n in nodes), nodes
 
     # flwr run migrates a legacy [tool.flwr.federations] block by rewriting pyproject.toml: there
     # is none, and the project file must stay untouched.
@@ -142,6 +206,18 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
     enrollment = json.loads((run / "mote" / "enrollment.json").read_text())
     assert enrollment["clients"] == NODES and not enrollment["failures"] and enrollment["identities"] > 0
     assert (run / "mote" / "gallery-b0.50.safetensors").is_file()
+
+    # No server-side process ever opened the secret key, though the audit hook ran in each of them
+    # (it saw the ServerApp open the public context); the ClientApps did open it.
+    server = dh.read_open_audit(tmp_path / SERVER_AUDIT)
+    assert {"flower-superlink", "flower-superexec", "flwr-serverapp"} <= {e.program for e in server}, \
+        sorted({e.program for e in server})
+    assert any(e.program == "flwr-serverapp" for e in opened(server, keys / PUBLIC_FILE)), "hook missed the ServerApp"
+    leaks = opened(server, keys / SECRET_FILE)
+    assert not leaks, f"server side opened the secret key: {leaks[:5]}"
+    node_side = dh.read_open_audit(tmp_path / NODE_AUDIT)
+    assert any(e.program == "flwr-clientapp" for e in opened(node_side, keys / SECRET_FILE)), \
+        "no ClientApp opened the secret key: the audit would not have seen the server do it either"
 
     print(f"\ndeployment run {run_id}: {info['status']} in {run_seconds:.1f} s "
           f"(Flower elapsed {info.get('elapsed', 0):.1f} s)")

@@ -19,7 +19,12 @@ from sklearn.metrics import confusion_matrix
 from torch import nn
 
 from common.fairness import FAIRNESS_METHODS, fair_mixup_penalty, reweight
-from common.fairness_metrics import attribute_report, bias_amplification, deo, group_rates
+from common.fairness_metrics import (
+    attribute_report,
+    bias_amplification,
+    deo,
+    group_rates,
+)
 from common.models.face_model import FaceModel, ModelSpec
 
 torch.set_num_threads(1)

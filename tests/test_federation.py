@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flower_messages import plain_reply
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from flower_messages import plain_reply
 from sim_runs import LEDGER_FULL, TINY, round_events, simulated_run
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",

@@ -15,6 +15,7 @@ def _flwr_app() -> dict:
 def test_run_config_holds_every_default():
     config = dict(_flwr_app()["config"])
     assert config.pop("output-dir") == "runs"
+    assert config.pop("resume-dir") == ""  # empty: a new run; a run directory: resume it
     assert config == Config().to_flat(), "run: .venv/bin/python scripts/sync_flwr_config.py"
     assert from_flat(config) == Config()
 

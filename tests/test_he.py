@@ -38,7 +38,12 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def contexts(keys):
-    from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE, load_public_context, load_secret_context
+    from common.privacy.he_keys import (
+        PUBLIC_FILE,
+        SECRET_FILE,
+        load_public_context,
+        load_secret_context,
+    )
 
     ours, other = keys
     public, fp = load_public_context(ours / PUBLIC_FILE)
@@ -56,9 +61,10 @@ SHAPES = {"conv.weight": (16, 3, 3, 3), "fc.bias": (7,), "fc.weight": (300, 9)} 
 
 
 def _he_reply(ctx, fp, layout, node, partition, n, arrays):
+    from flwr.app import ConfigRecord
+
     from common import wire
     from common.privacy.he import encrypt_weighted
-    from flwr.app import ConfigRecord
 
     secret, plain = layout.split(arrays)
     return reply_message(node, partition, n, {

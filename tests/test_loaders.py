@@ -8,16 +8,39 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_faces import (CELEBA_ATTRIBUTES, CELEBA_IDENTITIES, CELEBA_PARTITION, LFW_PEOPLE,
-                            UTKFACE_FACES, garble, make_celeba, make_fairface, make_imagefolder, make_lfw,
-                            make_utkface, save_image, truncate)
+from fixtures_faces import (
+    CELEBA_ATTRIBUTES,
+    CELEBA_IDENTITIES,
+    CELEBA_PARTITION,
+    LFW_PEOPLE,
+    UTKFACE_FACES,
+    garble,
+    make_celeba,
+    make_fairface,
+    make_imagefolder,
+    make_lfw,
+    make_utkface,
+    save_image,
+    truncate,
+)
 from PIL import Image
 
 from common.data.dataset import FaceDataset, age_to_bucket
 from common.data.image_io import MIN_SIDE, SampleError, read_image
-from common.data.imagefolder import imagefolder_files, load_imagefolder, write_imagefolder
-from common.data.loaders import (FAIRFACE_RACES, SKIPPED_CAP, UTKFACE_RACES, load_celeba, load_fairface, load_lfw,
-                                 load_utkface)
+from common.data.imagefolder import (
+    imagefolder_files,
+    load_imagefolder,
+    write_imagefolder,
+)
+from common.data.loaders import (
+    FAIRFACE_RACES,
+    SKIPPED_CAP,
+    UTKFACE_RACES,
+    load_celeba,
+    load_fairface,
+    load_lfw,
+    load_utkface,
+)
 from common.data.sources import SOURCES, load_source, source_options
 
 SIZE = 16

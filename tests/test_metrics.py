@@ -7,8 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.metrics import (binary_accuracy, cosine_pair_scores, pixel_verification_auc, verification_auc,
-                            verification_pairs)
+from common.metrics import (
+    binary_accuracy,
+    cosine_pair_scores,
+    pixel_verification_auc,
+    verification_auc,
+    verification_pairs,
+)
 
 
 def _identities(sizes: list[int], seed: int = 0) -> np.ndarray:

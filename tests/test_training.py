@@ -16,10 +16,23 @@ from common.builders import build_identity_head, build_model
 from common.config import DPConfig, TrainConfig
 from common.metrics import binary_accuracy, pixel_verification_auc, verification_auc
 from common.models.face_model import FaceModel, ModelSpec
-from common.privacy.dp import (calibrate_noise, make_accountant, noise_for, poisson_sample_rate, spent_epsilon,
-                               total_steps)
-from common.training import (augment, embed, identity_classes, predict_attribute, target_labels, to_tensor,
-                             train)
+from common.privacy.dp import (
+    calibrate_noise,
+    make_accountant,
+    noise_for,
+    poisson_sample_rate,
+    spent_epsilon,
+    total_steps,
+)
+from common.training import (
+    augment,
+    embed,
+    identity_classes,
+    predict_attribute,
+    target_labels,
+    to_tensor,
+    train,
+)
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.verification_fairness import (fdr, fnmr_fmr, garbe, gini, igarbe, inequity_rate, threshold_at_fmr,
-                                          verification_report)
+from common.verification_fairness import (
+    fdr,
+    fnmr_fmr,
+    garbe,
+    gini,
+    igarbe,
+    inequity_rate,
+    threshold_at_fmr,
+    verification_report,
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -182,13 +182,29 @@ class FaceDataset:
             raise ValueError(f"{path}: not a FaceDataset archive (missing arrays {missing})")
         try:
             header = json.loads(z["header"].tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: corrupt header ({exc})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{path}: corrupt header ({type(exc).__name__}: {str(exc)[:200]})") from None
+        _check_header(path, header)
         try:
             labels = {k: z[f"label__{k}"] for k in header.get("labels", [])}
             return cls(images=z["images"], identity=z["identity"], gender=z["gender"], group=z["group"],
                        age=z["age"], labels=labels, sample_ids=z["sample_ids"], source=header["source"],
                        group_names=tuple(header.get("group_names", ())),
                        identity_names=tuple(header.get("identity_names", ())), meta=header.get("meta", {}))
-        except (KeyError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: invalid FaceDataset archive ({exc})") from None
+
+
+def _check_header(path: str | os.PathLike[str], header: Any) -> None:
+    """The archive's JSON header: an object with a string ``source``, lists of strings for
+    ``labels``, ``group_names`` and ``identity_names``, and an object ``meta``."""
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    if not isinstance(header.get("source"), str):
+        raise ValueError(f"{path}: header key 'source' must be a string")
+    for key in ("labels", "group_names", "identity_names"):
+        value = header.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{path}: header key {key!r} must be a list of strings")
+    if not isinstance(header.get("meta", {}), dict):
+        raise ValueError(f"{path}: header key 'meta' must be an object")

@@ -34,6 +34,7 @@ from common.data.loaders import (
     CsvTable,
     Sample,
     SourceReader,
+    clip,
     index_rows,
     list_images,
     parse_code,
@@ -84,7 +85,7 @@ def load_imagefolder(root: str | Path, *, image_size: int = 64, strict: bool = T
             sample_id, path, identity=_identity(reader.root, sample_id),
             gender=parse_code(path, where, "gender", row.get("gender", "").lower(), _GENDERS),
             group=parse_code(path, where, "group", row.get("group", ""), groups),
-            age=(age_to_bucket(int(age)) if age.isascii() and age.isdigit()
+            age=(age_to_bucket(int(age)) if age.isascii() and age.isdigit() and len(age) <= 3
                  else parse_code(path, where, "age (integer years or bucket)", age, _AGES)),
             labels=tuple(parse_code(path, where, f"value for label {name!r}", row[name], _LABELS)
                          for name in label_names),
@@ -109,12 +110,12 @@ def _group_names(csv_path: Path, table: CsvTable) -> tuple[str, ...]:
     if hints:
         try:
             names = json.loads(hints[0])
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{csv_path}: bad group_names comment ({exc}); expected a JSON list") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, a 4300-digit integer, deep nesting
+            raise ValueError(f"{csv_path}: bad group_names comment ({str(exc)[:200]}); expected a JSON list") from None
         if (not isinstance(names, list) or not all(isinstance(n, str) and n.strip() == n != "" for n in names)
                 or len(set(names)) != len(names)):
             raise ValueError(f"{csv_path}: group_names must be a JSON list of distinct, non-empty, "
-                             f"unpadded strings, got {names!r}")
+                             f"unpadded strings, got {clip(names)}")
     elif "group" in table.columns:
         names = sorted({row["group"] for _, row in table.rows} - {""})
     else:

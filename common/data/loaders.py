@@ -169,6 +169,13 @@ class SourceReader:
 
 # --- shared file helpers -------------------------------------------------------------------
 
+def clip(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters: annotation files are untrusted, and a hostile
+    5000-character cell must not turn an error message into a wall of text."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def require_dir(path: Path, what: str) -> Path:
     """``path`` if it is a directory; otherwise a FileNotFoundError saying what was expected there."""
     if not path.is_dir():
@@ -199,6 +206,8 @@ def read_text(path: Path) -> str:
         raise FileNotFoundError(f"{path}: annotation file not found") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
+    except OSError as exc:  # a directory, no permission
+        raise ValueError(f"{path}: cannot read annotation file ({exc.strerror or exc})") from None
 
 
 @dataclass(frozen=True)
@@ -225,7 +234,7 @@ def read_csv(path: Path, required: Sequence[str]) -> CsvTable:
         raise ValueError(f"{path}: line {skip + 1}: malformed CSV header ({exc})") from None
     missing = [c for c in required if c not in columns]
     if missing or "" in columns or len(set(columns)) != len(columns):
-        raise ValueError(f"{path}: bad CSV header {columns}; expected unique, non-empty column names "
+        raise ValueError(f"{path}: bad CSV header {clip(columns)}; expected unique, non-empty column names "
                          f"including {list(required)}")
     rows = []
     try:
@@ -234,7 +243,7 @@ def read_csv(path: Path, required: Sequence[str]) -> CsvTable:
             if not any(f.strip() for f in fields):
                 continue
             if len(fields) != len(columns):
-                raise ValueError(f"{where}: {len(fields)} fields, expected {len(columns)} ({columns})")
+                raise ValueError(f"{where}: {len(fields)} fields, expected {len(columns)} ({clip(columns)})")
             rows.append((where, {c: f.strip() for c, f in zip(columns, fields)}))
     except csv.Error as exc:
         raise ValueError(f"{path}: line {skip + reader.line_num}: malformed CSV ({exc})") from None
@@ -254,7 +263,7 @@ def index_rows(items: Iterable[tuple[str, str, T]]) -> dict[str, tuple[str, T]]:
     table: dict[str, tuple[str, T]] = {}
     for where, key, row in items:
         if key in table:
-            raise ValueError(f"{where}: {key!r} is listed twice (first at {table[key][0]})")
+            raise ValueError(f"{where}: {clip(key)} is listed twice (first at {table[key][0]})")
         table[key] = (where, row)
     return table
 
@@ -270,7 +279,7 @@ def parse_code(path: Path, where: str, what: str, value: str, codes: Mapping[str
         return codes[value]
     except KeyError:
         expected = ", ".join(repr(k) for k in codes)
-        raise SampleError(path, f"{where}: unknown {what} {value!r}; expected one of {expected}") from None
+        raise SampleError(path, f"{where}: unknown {what} {clip(value)}; expected one of {expected}") from None
 
 
 # --- UTKFace -------------------------------------------------------------------------------
@@ -328,7 +337,7 @@ def _celeba_attr_table(path: Path) -> tuple[list[str], dict[str, tuple[str, list
                          f"and the attribute names on line 2")
     names = lines[1].split()
     if "Male" not in names or len(set(names)) != len(names):
-        raise ValueError(f"{path}: line 2: expected unique attribute names including 'Male', got {names}")
+        raise ValueError(f"{path}: line 2: expected unique attribute names including 'Male', got {clip(names)}")
     return names, _celeba_rows(path, lines[2:], 3)
 
 
@@ -373,12 +382,14 @@ def load_celeba(root: str | Path, *, image_size: int = 64, strict: bool = True, 
         path = reader.root / sample_id
         where, values = attrs[sample_id]
         if len(values) != len(names) or any(v not in ("-1", "1") for v in values):
-            raise SampleError(path, f"{where}: expected {len(names)} attribute values of -1/1, got {values}")
+            raise SampleError(path, f"{where}: expected {len(names)} attribute values of -1/1, got {clip(values)}")
         id_where, id_values = identities[sample_id]
-        if len(id_values) != 1 or not (id_values[0].isascii() and id_values[0].isdigit()):
-            raise SampleError(path, f"{id_where}: expected one non-negative integer identity, got {id_values}")
+        ident = id_values[0] if len(id_values) == 1 else ""
+        if not (ident.isascii() and ident.isdigit() and len(ident) <= 18):
+            raise SampleError(path, f"{id_where}: expected one non-negative integer identity (at most 18 digits), "
+                                    f"got {clip(id_values)}")
         flags = tuple(int(v == "1") for v in values)
-        return Sample(sample_id, path, identity=int(id_values[0]), gender=flags[male], labels=flags)
+        return Sample(sample_id, path, identity=int(ident), gender=flags[male], labels=flags)
 
     ids = reader.join(disk, {attr_path.name: attrs, id_path.name: identities})
     return reader.finish(reader.collect(ids, make), label_names=[n.lower() for n in names],
@@ -392,7 +403,7 @@ FAIRFACE_RACES: tuple[str, ...] = ("White", "Black", "Latino_Hispanic", "East As
 FAIRFACE_SPLITS: tuple[str, ...] = ("train", "val")
 FAIRFACE_GENDERS: dict[str, int] = {"Female": 0, "Male": 1}
 _FAIRFACE_LAYOUT = "train/, val/, fairface_label_train.csv and fairface_label_val.csv (FairFace)"
-_FAIRFACE_AGE = re.compile(r"(\d+)-\d+|more than (\d+)", re.ASCII)
+_FAIRFACE_AGE = re.compile(r"(\d{1,3})-\d{1,3}|more than (\d{1,3})", re.ASCII)
 
 
 def load_fairface(root: str | Path, *, image_size: int = 64, strict: bool = True, limit: int | None = None,
@@ -422,7 +433,7 @@ def load_fairface(root: str | Path, *, image_size: int = 64, strict: bool = True
         where, row = rows[sample_id]
         age = _FAIRFACE_AGE.fullmatch(row["age"])
         if age is None:
-            raise SampleError(path, f"{where}: unknown age {row['age']!r}; expected a range like "
+            raise SampleError(path, f"{where}: unknown age {clip(row['age'])}; expected a range like "
                                     f"'20-29' or 'more than 70'")
         return Sample(sample_id, path,
                       gender=parse_code(path, where, "gender", row["gender"], FAIRFACE_GENDERS),

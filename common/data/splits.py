@@ -52,7 +52,10 @@ def _coerce(value: Any, kind: type) -> Any:
     equal configurations serialise to identical JSON; anything else is left for ``validate``."""
     if isinstance(value, bool) or not isinstance(value, Integral if kind is int else Real):
         return value
-    return kind(value)
+    try:
+        return kind(value)
+    except OverflowError:  # an integer too large for a float: left for ``validate`` to name
+        return value
 
 
 _NUMERIC_FIELDS = {"int": int, "float": float}
@@ -377,7 +380,7 @@ class Manifest:
 
         if not isinstance(raw, dict):
             raise fail("<root>", f"expected a JSON object, got {type(raw).__name__}")
-        if raw.get("version") != MANIFEST_VERSION:
+        if not _is_int(raw.get("version")) or raw["version"] != MANIFEST_VERSION:
             raise fail("version", f"expected {MANIFEST_VERSION}, got {raw.get('version')!r}")
         expected = {"version", "source", "fingerprint", "num_samples", "config", "counts", "samples",
                     "identities", "clients", "client_summary"}
@@ -395,7 +398,8 @@ class Manifest:
             raise fail("config", str(exc)) from None
 
         sample_role = _role_lists(raw["samples"], "samples", lambda s: isinstance(s, str), fail)
-        _role_lists(raw["identities"], "identities", _is_int, fail)  # validates; the result is unused
+        # Identity codes are >= 0 (FaceDataset.identity); validates, the result is unused.
+        _role_lists(raw["identities"], "identities", lambda i: _is_int(i) and i >= 0, fail)
         if len(sample_role) != raw["num_samples"]:
             raise fail("samples", f"{len(sample_role)} samples in all roles, expected num_samples={raw['num_samples']}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,26 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         raise ValueError(f"{p}: safetensors file has no 'facefl' metadata")
     try:
         metadata = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: corrupt 'facefl' metadata ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON, a 4300-digit integer, deep nesting
+        raise ValueError(f"{p}: corrupt 'facefl' metadata ({str(exc)[:200]})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{p}: 'facefl' metadata must be a JSON object, got {type(metadata).__name__}")
     return state, metadata
+
+
+def check_state(path: str | os.PathLike[str], state: Mapping[str, torch.Tensor],
+                reference: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError naming ``path`` and the tensor unless ``state`` has exactly the keys,
+    shapes and dtypes of ``reference`` (e.g. the ``state_dict()`` of the model it is meant for).
+
+    ``load_state_dict`` would raise a RuntimeError for a wrong shape and silently cast a wrong
+    dtype; a checkpoint is untrusted input and gets a ValueError like any other.
+    """
+    if set(state) != set(reference):
+        missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+        raise ValueError(f"{path}: tensors do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, ref in reference.items():
+        got = state[key]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise ValueError(f"{path}: tensor {key!r} is {got.dtype} {tuple(got.shape)}, expected "
+                             f"{ref.dtype} {tuple(ref.shape)}")

@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,7 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from common.models.checkpoint import load_checkpoint, save_checkpoint
-from common.models.mote_kde import EnrollmentSet, GenderKDE, ImpostorPool, build_enrollment_set
+from common.models.mote_kde import (
+    EnrollmentSet,
+    GenderKDE,
+    ImpostorPool,
+    build_enrollment_set,
+)
 
 log = logging.getLogger(__name__)
 
@@ -512,16 +517,61 @@ class MoteGallery:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MoteGallery:
-        """Read a gallery written by ``save`` (parameters come back as float32)."""
+        """Read a gallery written by ``save`` (parameters come back as float32); anything else is
+        a ValueError naming the file."""
         state, meta = load_checkpoint(path)
         if meta.get("format") != GALLERY_FORMAT or meta.get("version") != GALLERY_VERSION:
             raise ValueError(f"{path}: not a MOTE gallery (format {meta.get('format')!r}, "
                              f"version {meta.get('version')!r})")
-        missing = set(PARAM_NAMES) - set(state)
-        if missing:
-            raise ValueError(f"{path}: MOTE gallery lacks tensors {sorted(missing)}")
-        return cls(np.asarray(meta["identity_ids"]), state, np.asarray(meta["balancing_factor"]), int(meta["seed"]),
-                   dict(meta.get("info", {})))
+        ids, factors, seed, info = (meta.get(k) for k in ("identity_ids", "balancing_factor", "seed", "info"))
+        if not (isinstance(ids, list) and all(_is_int64(i) for i in ids)):
+            raise ValueError(f"{path}: MOTE gallery metadata 'identity_ids' must be a list of integers")
+        if not _is_int64(seed) or not isinstance(info, dict | None):
+            raise ValueError(f"{path}: MOTE gallery metadata 'seed' must be an integer and 'info' an object")
+        check_gallery(str(path), ids, state, factors)
+        return cls(np.asarray(ids, dtype=np.int64), state, np.asarray(factors, dtype=np.float64), seed, info or {})
+
+
+def _is_int64(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and -(2**63) <= x < 2**63
+
+
+def check_gallery(where: str, identity_ids: Sequence[int] | np.ndarray, params: Mapping[str, Any],
+                  balancing_factor: Any) -> None:
+    """Raise ValueError naming ``where`` unless ``params`` are the finite float tensors of one model
+    per identity (all of one embedding size), ids are unique and each has a factor in [0, 1].
+
+    A gallery comes from a client or from disk; a misshapen one would otherwise fail deep inside
+    torch when galleries are merged or scored.
+    """
+    k = len(identity_ids)
+    missing = sorted(set(PARAM_NAMES) - set(params))
+    if missing:
+        raise ValueError(f"{where}: MOTE gallery lacks {missing}")
+    tensors = {}
+    for name in PARAM_NAMES:
+        try:
+            tensors[name] = torch.as_tensor(params[name])
+        except (TypeError, RuntimeError, ValueError):
+            raise ValueError(f"{where}: MOTE gallery parameter {name!r} is not a numeric array") from None
+    w1 = tensors["w1"]
+    dim = int(w1.shape[1]) if w1.ndim == 3 else 0
+    want = {n: (k, *shape) for n, shape in _param_shapes(dim).items()}
+    bad = [f"{n} {tuple(t.shape)} (expected {want[n]})" for n, t in tensors.items() if tuple(t.shape) != want[n]]
+    if dim < 1 or bad:
+        raise ValueError(f"{where}: MOTE gallery of {k} identities has misshapen parameters: {', '.join(bad)}")
+    bad = [n for n, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{where}: MOTE gallery parameters {bad} are not finite floats")
+    if len(set(np.asarray(identity_ids).tolist())) != k:
+        raise ValueError(f"{where}: MOTE gallery identity ids are not unique")
+    try:
+        b = np.asarray(balancing_factor, dtype=np.float64)
+    except (TypeError, ValueError):
+        b = np.full(0, np.nan)
+    if b.shape != (k,) or not ((b >= 0) & (b <= 1)).all():
+        raise ValueError(f"{where}: MOTE gallery needs {k} balancing factors in [0, 1], "
+                         f"got {str(balancing_factor)[:80]}")
 
 
 def _balancing_factors(balancing_factor: float | Sequence[float] | np.ndarray, k: int) -> np.ndarray:

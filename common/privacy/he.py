@@ -17,6 +17,7 @@ their lengths (int64), which travel in a Flower ArrayRecord like any other tenso
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,8 +55,9 @@ class Ciphertexts:
             raise CiphertextError(f"{who}: ciphertext blob must be 1-D uint8, got {blob.dtype} {blob.shape}")
         if lengths.dtype != np.int64 or lengths.ndim != 1:
             raise CiphertextError(f"{who}: ciphertext lengths must be 1-D int64, got {lengths.dtype} {lengths.shape}")
-        if (lengths <= 0).any() or int(lengths.sum()) != blob.size:
-            raise CiphertextError(f"{who}: ciphertext lengths (sum {int(lengths.sum())}) do not frame the "
+        total = sum(lengths.tolist())  # Python ints: an int64 sum of hostile lengths can wrap around
+        if (lengths <= 0).any() or total != blob.size:
+            raise CiphertextError(f"{who}: ciphertext lengths (sum {total}) do not frame the "
                                   f"{blob.size} bytes received (truncated or corrupt payload)")
         raw = blob.tobytes()
         ends = np.cumsum(lengths)
@@ -81,6 +83,53 @@ def encrypt_weighted(ctx: ts.Context, values: np.ndarray, weight: int) -> Cipher
     return Ciphertexts.pack([ts.ckks_vector(ctx, x[i:i + slots]).serialize() for i in range(0, x.size, slots)])
 
 
+# The protobuf fields of a serialised CKKSVector (tenseal 0.3.18, pinned exactly): 1 the slot
+# count, 2 a SEAL ciphertext, 3 the vector's scale (a double). TenSEAL accepts messages without a
+# ciphertext (adding one to a sum segfaults), with several (decrypting them fails to allocate), or
+# whose scale differs from the ciphertext's (adding fails half-way through a client's vectors, after
+# part of it joined the sum), so the layout is checked before TenSEAL sees the bytes.
+_VECTOR_FIELDS = {1: 2, 2: 2, 3: 1}  # field number -> protobuf wire type (2 length-delimited, 1 64-bit)
+
+
+def _varint(raw: bytes, i: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if i >= len(raw):
+            raise ValueError("truncated varint")
+        value, i = value | (raw[i] & 0x7F) << shift, i + 1
+        if raw[i - 1] < 0x80:
+            return value, i
+    raise ValueError("varint longer than 10 bytes")
+
+
+def _layout_problem(raw: bytes, scale: float) -> str | None:
+    """Why ``raw`` is not one CKKSVector message with exactly one of each field at ``scale`` (None if it is)."""
+    counts = dict.fromkeys(_VECTOR_FIELDS, 0)
+    vector_scale = math.nan
+    i = 0
+    try:
+        while i < len(raw):
+            tag, i = _varint(raw, i)
+            number, wire = tag >> 3, tag & 7
+            if _VECTOR_FIELDS.get(number) != wire:
+                return f"has an unexpected protobuf field {number} of wire type {wire}"
+            n, i = _varint(raw, i) if wire == 2 else (8, i)
+            if i + n > len(raw):
+                return "is truncated"
+            if number == 3:
+                (vector_scale,) = struct.unpack("<d", raw[i:i + n])
+            counts[number] += 1
+            i += n
+    except ValueError as exc:
+        return f"is not a CKKS vector ({exc})"
+    if any(c != 1 for c in counts.values()):
+        return (f"holds {counts[2]} ciphertexts, {counts[1]} slot counts and {counts[3]} scales, expected one of "
+                "each")
+    if vector_scale != scale:  # TenSEAL adds only vectors of exactly equal scales
+        return f"declares scale {vector_scale!r}, expected {scale!r}"
+    return None
+
+
 def parse(ctx: ts.Context, ct: Ciphertexts, n_values: int, who: str) -> list[ts.CKKSVector]:
     """Deserialise a client's ciphertexts and check that they fit ``n_values`` values + canary."""
     parts = ct.split(who)
@@ -90,14 +139,20 @@ def parse(ctx: ts.Context, ct: Ciphertexts, n_values: int, who: str) -> list[ts.
     vectors = []
     scale = ctx.global_scale
     for i, (raw, size) in enumerate(zip(parts, sizes, strict=True)):
+        problem = _layout_problem(raw, scale)
+        if problem:
+            raise CiphertextError(f"{who}: ciphertext {i} {problem}")
         try:
             v = ts.ckks_vector_from(ctx, raw)
-            ok = v.size() == size and math.isclose(v.ciphertext()[0].scale, scale, rel_tol=1e-9)
-        except (ValueError, RuntimeError, TypeError) as exc:
+            cts = v.ciphertext()
+        except (ValueError, RuntimeError, TypeError, MemoryError) as exc:
             raise CiphertextError(f"{who}: ciphertext {i} does not parse ({exc})") from None
-        if not ok:
+        if len(cts) != 1 or cts[0].size() != 2:  # a fresh (or summed) ciphertext has two polynomials
+            raise CiphertextError(f"{who}: ciphertext {i} holds {len(cts)} SEAL ciphertexts, expected one of "
+                                  f"2 polynomials")
+        if v.size() != size or cts[0].scale != scale:
             raise CiphertextError(f"{who}: ciphertext {i} has {v.size()} slots at scale "
-                                  f"{v.ciphertext()[0].scale:.3g}, expected {size} at {scale:.3g}")
+                                  f"{cts[0].scale!r}, expected {size} at {scale!r}")
         vectors.append(v)
     return vectors
 

@@ -113,9 +113,16 @@ def _read_context(path: str | os.PathLike[str], what: str) -> ts.Context:
     if not p.is_file():
         raise HEKeyError(f"{p}: {what} not found")
     try:
-        return ts.context_from(p.read_bytes())
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise HEKeyError(f"{p}: not a TenSEAL context ({exc})") from None
+        ctx = ts.context_from(p.read_bytes())
+    except (ValueError, RuntimeError, TypeError, MemoryError) as exc:
+        raise HEKeyError(f"{p}: not a TenSEAL context ({str(exc)[:200]})") from None
+    except OSError as exc:
+        raise HEKeyError(f"{p}: cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        ctx.global_scale
+    except ValueError:
+        raise HEKeyError(f"{p}: not a CKKS context with a global scale (make keys with `facefl keys init`)") from None
+    return ctx
 
 
 def load_secret_context(path: str | os.PathLike[str]) -> ts.Context:

@@ -1,0 +1,500 @@
+"""Static checks of docker/: the Dockerfile, .dockerignore, compose.yml and compose.yml merged with
+the TLS override compose.tls.yml.
+
+No Docker engine runs on the development machines, so nothing here builds or starts a container.
+What can be checked without one is what matters most: the image pins the Flower and torch
+versions this checkout is tested with and runs unprivileged; no key reaches the build context or
+the server side; every flag in a service's command exists in the installed Flower binary (compose
+files in Flower's own repository change flags every few releases); the TLS variant is complete;
+the SuperNodes cover partitions 0..N-1 exactly once.
+
+The TLS variant is an override file, so it is merged here with the subset of Compose's merge
+rules that the files use (scalars and ``command`` replaced, ``volumes`` merged by target path,
+mappings merged recursively); any other sequence in the override fails the test instead of being
+merged wrongly.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import deploy_helpers as dh
+import flwr
+import pytest
+import torch
+import yaml
+from flwr.common.config import parse_config_args
+
+from client.he_client import SECRET_KEY_NODE_CONFIG
+from common.privacy.he_keys import KEY_INFO_FILE, PUBLIC_FILE, SECRET_FILE
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DOCKERFILE = DOCKER / "Dockerfile"
+BASE = "compose.yml"
+TLS = "compose.tls.yml"
+VARIANTS = [(BASE,), (BASE, TLS)]
+
+SUPERLINK, SUPERNODE = "flower-superlink", "flower-supernode"
+NUM_NODES = 3
+# The files gen-certs.sh writes; ca.key must never be mounted, server.key only on the SuperLink.
+CERT_FILES = {"ca.crt", "ca.key", "server.pem", "server.key"}
+SERVER_SIDE_FILES = {PUBLIC_FILE, KEY_INFO_FILE, "ca.crt", "server.pem", "server.key"}
+TLS_PATH_FLAGS = {SUPERLINK: {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"},
+                  SUPERNODE: {"--root-certificates", "--auth-supernode-private-key"}}
+SECURITY_FLAGS = {"--insecure", "--enable-supernode-auth"} | set().union(*TLS_PATH_FLAGS.values())
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        word, _, args = full.partition(" ")
+        out.append((word.upper(), args.strip()))
+    assert not pending, f"{DOCKERFILE}: ends inside a continued line"
+    return out
+
+
+def args_of(instruction: str) -> list[str]:
+    return [args for word, args in dockerfile_instructions() if word == instruction]
+
+
+def test_dockerfile_pins_the_base_image_flwr_and_torch():
+    (base,) = args_of("FROM")  # one stage
+    major, minor = sys.version_info[:2]
+    assert re.fullmatch(rf"python:{major}\.{minor}\.\d+-slim-bookworm", base), (
+        f"{DOCKERFILE}: FROM {base!r}: expected an exact python:{major}.{minor}.N-slim-bookworm tag (the "
+        f"Python of the tested .venv: tenseal ships cp{major}{minor} wheels)")
+    runs = " ".join(args_of("RUN"))
+    flwr_pins = re.findall(r"\bflwr(?:\[[\w,]+\])?==([\w.]+)", runs)
+    assert flwr_pins and set(flwr_pins) == {flwr.__version__}, (
+        f"{DOCKERFILE}: flwr must be pinned to the installed {flwr.__version__}, found {flwr_pins}")
+    torch_version = torch.__version__.split("+")[0]
+    torch_installs = [r for r in args_of("RUN") if re.search(r"\btorch==", r)]
+    assert torch_installs and all(f'"torch=={torch_version}"' in r for r in torch_installs), (
+        f"{DOCKERFILE}: every pip install naming torch must pin torch=={torch_version} (the tested version)")
+    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_installs[0], (
+        f"{DOCKERFILE}: the first torch install must use the CPU index (PyPI's torch is a multi-GB CUDA build)")
+
+
+def test_dockerfile_runs_unprivileged_without_runtime_installs():
+    users = args_of("USER")
+    assert users and users[-1].split(":")[0] not in ("root", "0"), f"{DOCKERFILE}: needs a final non-root USER"
+    env = " ".join(args_of("ENV"))
+    assert re.search(r"\bFLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1\b", env), (
+        f"{DOCKERFILE}: set FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (else the SuperLink's SuperExec "
+        "runs `uv sync` per run and pulls a CUDA torch)")
+
+
+def copy_sources() -> list[str]:
+    sources = []
+    for args in args_of("COPY"):
+        parts = [p for p in args.split() if not p.startswith("--")]
+        sources += parts[:-1]
+    return sources
+
+
+def test_dockerfile_copies_only_the_package_sources():
+    assert not args_of("ADD"), f"{DOCKERFILE}: use COPY (ADD fetches URLs and unpacks archives)"
+    allowed = {"pyproject.toml", "README.md", "common", "client", "server", "attacks"}
+    sources = copy_sources()
+    assert sources and set(sources) <= allowed, f"{DOCKERFILE}: COPY sources {sources}, allowed: {sorted(allowed)}"
+    ignore = dockerignore_patterns()
+    for src in sources:
+        assert (ROOT / src).exists(), f"{DOCKERFILE}: COPY {src}: not in the repository"
+        assert not ignored(src, ignore), f"{DOCKERFILE}: COPY {src}: excluded by .dockerignore, the build would fail"
+
+
+# --------------------------------------------------------------------------- .dockerignore
+
+def dockerignore_patterns() -> list[str]:
+    path = ROOT / ".dockerignore"
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    patterns = [ln for ln in lines if ln and not ln.startswith("#")]
+    # The emulation below covers '*', '**' and '?' only: keep the file within that.
+    bad = [p for p in patterns if p.startswith("!") or "[" in p or "\\" in p]
+    assert not bad, f"{path}: exceptions and character classes are not checked by this test: {bad}"
+    return patterns
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    out = ""
+    i = 0
+    pattern = pattern.strip("/")
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+        elif pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif pattern[i] == "*":
+            out += "[^/]*"
+            i += 1
+        elif pattern[i] == "?":
+            out += "[^/]"
+            i += 1
+        else:
+            out += re.escape(pattern[i])
+            i += 1
+    return re.compile(out)
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: a path is excluded when it, or a directory above it, matches a pattern."""
+    parts = PurePosixPath(path).parts
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    regexes = [_pattern_regex(p) for p in patterns]
+    return any(rx.fullmatch(prefix) for rx in regexes for prefix in prefixes)
+
+
+def test_dockerignore_keeps_keys_outputs_and_environments_out():
+    patterns = dockerignore_patterns()
+    excluded = [
+        "docker/he-keys/secret-context.bin", "keys/secret-context.bin", "he-keys/key.json",
+        "docker/certs/ca.key", "docker/certs/server.key", "docker/certs/server.pem", "certs/ca.crt",
+        "docker/auth-keys/supernode-0", "docker/auth-keys/supernode-0.pub", "common/leftover.bin",
+        "runs/run-1/models/final.safetensors", "runs/run-1/manifest.json", "state.db", ".flwr/config.toml",
+        ".cache/facefl/synth.npz", ".venv/bin/python", "common/__pycache__/config.cpython-311.pyc",
+        "facefl.egg-info/PKG-INFO", ".git/HEAD", ".pytest_cache/v/cache", ".hypothesis/examples/x",
+    ]
+    leaked = [p for p in excluded if not ignored(p, patterns)]
+    assert not leaked, f".dockerignore lets these into the build context: {leaked}"
+
+
+def test_only_python_sources_of_the_packages_reach_the_image():
+    patterns = dockerignore_patterns()
+    shipped = [f.relative_to(ROOT).as_posix() for src in copy_sources() if (ROOT / src).is_dir()
+               for f in (ROOT / src).rglob("*") if f.is_file()]
+    shipped = [p for p in shipped if not ignored(p, patterns)]
+    assert any(p.endswith(".py") for p in shipped)
+    odd = [p for p in shipped if not p.endswith(".py")]
+    assert not odd, f"files that COPY would put into the image besides Python sources: {odd}"
+
+
+# --------------------------------------------------------------------------- compose files
+
+_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: Any, where: str) -> Any:
+    """Compose's ``${VAR:-default}`` with every variable unset: every variable needs a default, so
+    that the files work without a .env file."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            assert m.group(2) is not None, f"{where}: ${{{m.group(1)}}} has no default"
+            return m.group(2)
+        out = _VAR.sub(sub, value)
+        assert "$" not in out, f"{where}: {value!r}: only ${{VAR:-default}} is interpolated here"
+        return out
+    return value
+
+
+def load(name: str) -> dict[str, Any]:
+    data = yaml.safe_load((DOCKER / name).read_text(encoding="utf-8"))
+    return interpolate({k: v for k, v in data.items() if not k.startswith("x-")}, name)
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    named_volume: bool
+    read_only: bool
+
+
+def mounts(service: dict[str, Any], where: str) -> list[Mount]:
+    out = []
+    for entry in service.get("volumes", []):
+        if isinstance(entry, str):
+            source, target, *mode = entry.split(":")
+            named = not source.startswith((".", "/", "~"))
+            out.append(Mount(source, target, named, "ro" in mode))
+        else:
+            assert entry.get("type") in ("bind", "volume"), f"{where}: mount type {entry.get('type')!r}"
+            out.append(Mount(entry["source"], entry["target"], entry["type"] == "volume",
+                             bool(entry.get("read_only"))))
+    return out
+
+
+def _target(entry: str | dict[str, Any]) -> str:
+    return entry.split(":")[1] if isinstance(entry, str) else entry["target"]
+
+
+def merge_service(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
+    """Compose's merge of one service: scalars and ``command`` replaced, ``volumes`` merged by
+    target, mappings merged recursively. Other sequences have rules of their own: refused."""
+    out = dict(base)
+    for key, value in override.items():
+        if key not in out or key == "command" or not isinstance(value, (dict, list)):
+            out[key] = value
+        elif key == "volumes":
+            by_target = {_target(e): e for e in out[key]}
+            by_target.update({_target(e): e for e in value})
+            out[key] = list(by_target.values())
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = merge_service(out[key], value, f"{where}.{key}")
+        else:
+            raise AssertionError(f"{where}.{key}: Compose's merge rule for this key is not emulated here")
+    return out
+
+
+def project(files: tuple[str, ...]) -> dict[str, Any]:
+    """The services and volumes of ``docker compose -f docker/F1 -f docker/F2 ...``."""
+    merged = load(files[0])
+    for name in files[1:]:
+        over = load(name)
+        assert set(over) <= {"services"}, f"{name}: only services may be overridden, got {sorted(over)}"
+        for svc, body in over["services"].items():
+            assert svc in merged["services"], f"{name}: service {svc!r} is not in {files[0]}"
+            merged["services"][svc] = merge_service(merged["services"][svc], body, f"{name}:{svc}")
+    return merged
+
+
+@pytest.fixture(scope="session")
+def help_flags(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bool]]:
+    """For each Flower binary used in a command: its options from the real ``--help``, mapped to
+    whether they take a value. Both run at once (each costs a few seconds of imports)."""
+    env = dh.flwr_env(tmp_path_factory.mktemp("flwr-home"))  # --help writes to FLWR_HOME
+    procs = {b: subprocess.Popen([str(dh.BIN / b), "--help"], env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for b in (SUPERLINK, SUPERNODE)}
+    out = {}
+    try:
+        for binary, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=90)
+            assert proc.returncode == 0, f"{binary} --help exited {proc.returncode}: {stderr[-2000:]}"
+            options = re.findall(r"^\s+(?:-\w, )?(--[\w-]+)( [A-Z_][A-Z0-9_]*| \{[^}]*\})?", stdout, re.MULTILINE)
+            out[binary] = {flag: bool(metavar) for flag, metavar in options}
+            assert "--insecure" in out[binary], f"{binary} --help: unexpected format:\n{stdout[:2000]}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    return out
+
+
+@dataclass
+class Service:
+    name: str
+    body: dict[str, Any]
+    binary: str
+    flags: dict[str, str | bool]  # flag -> value, or True for a flag without one
+    mounts: list[Mount]
+
+    def argv_without(self, drop: set[str], takes_value: dict[str, bool]) -> list[str]:
+        out, skip = [], False
+        for token in self.body["command"]:
+            if skip:
+                skip = False
+            elif token.split("=")[0] in drop:
+                skip = takes_value[token.split("=")[0]] and "=" not in token
+            else:
+                out.append(token)
+        return out
+
+    def mount_at(self, target: str) -> Mount:
+        found = [m for m in self.mounts if m.target == target]
+        assert len(found) == 1, f"{self.name}: expected one mount at {target}, found {found}"
+        return found[0]
+
+
+def services(files: tuple[str, ...], help_flags: dict[str, dict[str, bool]]) -> dict[str, Service]:
+    """Every service, its command parsed with the installed binary's options."""
+    out = {}
+    for name, body in project(files)["services"].items():
+        where = f"{'+'.join(files)}:{name}"
+        command = body.get("command")
+        assert isinstance(command, list) and command and all(isinstance(t, str) for t in command), (
+            f"{where}: command must be a list of strings starting with the binary")
+        binary = command[0]
+        assert binary in help_flags, f"{where}: runs {binary!r}; expected one of {sorted(help_flags)}"
+        known = help_flags[binary]
+        flags: dict[str, str | bool] = {}
+        tokens = iter(command[1:])
+        for token in tokens:
+            assert token.startswith("--"), f"{where}: positional argument {token!r} ({binary} takes none)"
+            flag, eq, value = token.partition("=")
+            assert flag in known, (
+                f"{where}: {flag} is not an option of the installed {binary} (flwr {flwr.__version__})")
+            assert flag not in flags, f"{where}: {flag} given twice"
+            if known[flag]:
+                flags[flag] = value if eq else next(tokens, None)
+                assert flags[flag], f"{where}: {flag} needs a value"
+            else:
+                assert not eq, f"{where}: {flag} takes no value"
+                flags[flag] = True
+        out[name] = Service(name, body, binary, flags, mounts(body, where))
+    return out
+
+
+def roles(svcs: dict[str, Service]) -> tuple[Service, list[Service]]:
+    links = [s for s in svcs.values() if s.binary == SUPERLINK]
+    nodes = [s for s in svcs.values() if s.binary == SUPERNODE]
+    assert len(links) == 1, f"expected 1 SuperLink service, found {[s.name for s in links]}"
+    return links[0], nodes
+
+
+def all_variants(help_flags) -> Iterator[tuple[str, dict[str, Service]]]:
+    for files in VARIANTS:
+        yield "+".join(files), services(files, help_flags)
+
+
+def test_every_flag_exists_in_the_installed_binaries(help_flags):
+    """services() parses each command with the options of the installed binary's --help: an unknown
+    flag, a missing value or a value given to a switch fails there."""
+    for label, svcs in all_variants(help_flags):
+        assert {s.binary for s in svcs.values()} == {SUPERLINK, SUPERNODE}, label
+
+
+def test_services_images_and_isolation(help_flags):
+    for label, svcs in all_variants(help_flags):
+        link, nodes = roles(svcs)
+        assert len(nodes) == NUM_NODES and len(svcs) == 1 + NUM_NODES, f"{label}: services {sorted(svcs)}"
+        images = {s.body.get("image") for s in svcs.values()}
+        assert len(images) == 1, f"{label}: every service must run the one facefl image, found {images}"
+        (image,) = images
+        name, _, tag = str(image).rpartition(":")
+        assert name and "/" not in tag and tag != "latest" and tag.endswith(f"flwr{flwr.__version__}"), (
+            f"{label}: image {image!r}: expected an explicit tag ending in flwr{flwr.__version__}")
+        build = link.body.get("build", {})
+        assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE, f"{label}: superlink build"
+        assert (DOCKER / build["context"]).resolve() == ROOT, f"{label}: build context must be the repository root"
+        assert link.body.get("pull_policy") == "build", f"{label}: superlink: the image is built, never pulled"
+        for node in nodes:
+            assert "build" not in node.body and node.body.get("pull_policy") == "never", (
+                f"{label}: {node.name}: use the image built by the superlink service, never pull it")
+            assert node.body.get("depends_on", {}).get(link.name) == {"condition": "service_healthy"}, (
+                f"{label}: {node.name} must wait for the SuperLink's healthcheck")
+        for svc in svcs.values():
+            # Subprocess isolation: each container starts its own SuperExec and app processes.
+            assert svc.flags.get("--isolation", "subprocess") == "subprocess", f"{label}: {svc.name}"
+            assert "--allow-runtime-dependency-installation" not in svc.flags, f"{label}: {svc.name}"
+        assert link.flags.get("--disable-runtime-dependency-installation") is True, f"{label}: superlink"
+        # SuperNodes keep their ClientApp runtime API on the container's loopback (the default).
+        assert all("--host" not in n.flags for n in nodes), f"{label}: a SuperNode exposes its runtime API"
+        port = link.flags.get("--port")
+        assert link.flags.get("--host") == "0.0.0.0" and port, f"{label}: superlink must listen on 0.0.0.0:PORT"
+        for node in nodes:
+            assert node.flags.get("--superlink") == f"{link.name}:{port}", f"{label}: {node.name} --superlink"
+        for published in link.body.get("ports", []):
+            assert str(published).startswith("127.0.0.1:") and str(published).endswith(f":{port}"), (
+                f"{label}: superlink publishes {published!r}: bind the host's loopback only (the Control "
+                "API accepts code from anyone who reaches it)")
+
+
+def test_partition_ids_cover_0_to_n_minus_1_once(help_flags):
+    for label, svcs in all_variants(help_flags):
+        _, nodes = roles(svcs)
+        configs = {n.name: parse_config_args([str(n.flags.get("--node-config", ""))]) for n in nodes}
+        ids = sorted(c.get("partition-id", -1) for c in configs.values())
+        assert ids == list(range(len(nodes))), f"{label}: partition ids {configs}"
+        assert {c.get("num-partitions") for c in configs.values()} == {len(nodes)}, f"{label}: {configs}"
+
+
+def test_each_service_keeps_state_in_its_own_named_volume(help_flags):
+    for label, svcs in all_variants(help_flags):
+        link, _ = roles(svcs)
+        owners: dict[str, list[str]] = {}
+        for svc in svcs.values():
+            data = svc.mount_at("/data")  # FLWR_HOME, FACEFL_CACHE and outputs live here (Dockerfile ENV)
+            assert data.named_volume, f"{label}: {svc.name}: /data must be a named volume"
+            owners.setdefault(data.source, []).append(svc.name)
+            for m in svc.mounts:
+                assert m.named_volume or m.read_only, f"{label}: {svc.name}: bind mount {m.target} must be read-only"
+        shared = {v: who for v, who in owners.items() if len(who) > 1}
+        assert not shared, f"{label}: data volumes shared between services: {shared}"
+        assert str(link.flags.get("--database", "")).startswith("/data/"), f"{label}: superlink state.db off the volume"
+        declared = set(project((BASE,)).get("volumes") or {})
+        assert set(owners) <= declared, f"{label}: undeclared volumes {set(owners) - declared}"
+
+
+def test_he_secret_context_only_reaches_the_supernodes(help_flags):
+    for label, svcs in all_variants(help_flags):
+        link, nodes = roles(svcs)
+        # Server side (the SuperLink runs the ServerApp): single files from an allow-list, and the
+        # public context with key.json beside it.
+        for m in link.mounts:
+            if not m.named_volume:
+                assert PurePosixPath(m.source).name in SERVER_SIDE_FILES, (
+                    f"{label}: superlink mounts {m.source}: only {sorted(SERVER_SIDE_FILES)} may be mounted there")
+        public = [m for m in link.mounts if PurePosixPath(m.source).name == PUBLIC_FILE]
+        info = [m for m in link.mounts if PurePosixPath(m.source).name == KEY_INFO_FILE]
+        assert len(public) == 1 and len(info) == 1, f"{label}: superlink needs {PUBLIC_FILE} and {KEY_INFO_FILE}"
+        assert PurePosixPath(public[0].target).parent == PurePosixPath(info[0].target).parent, (
+            f"{label}: the ServerApp reads {KEY_INFO_FILE} beside {PUBLIC_FILE}")
+        assert PurePosixPath(public[0].source).parent == PurePosixPath(info[0].source).parent, label
+        dumped = yaml.safe_dump(link.body)
+        for word in (SECRET_FILE, SECRET_KEY_NODE_CONFIG):
+            assert word not in dumped, f"{label}: the superlink service mentions {word}"
+        # Each SuperNode: the secret context, read-only, at the path its node config names.
+        for node in nodes:
+            path = parse_config_args([str(node.flags.get("--node-config", ""))]).get(SECRET_KEY_NODE_CONFIG)
+            assert path, f"{label}: {node.name}: node config lacks {SECRET_KEY_NODE_CONFIG}"
+            m = node.mount_at(str(path))
+            assert PurePosixPath(m.source).name == SECRET_FILE and m.read_only and not m.named_volume, (
+                f"{label}: {node.name}: {path} must be a read-only bind mount of {SECRET_FILE}")
+
+
+def test_tls_variant_is_complete(help_flags):
+    base = services((BASE,), help_flags)
+    tls = services((BASE, TLS), help_flags)
+    link, nodes = roles(tls)
+    for svc in tls.values():
+        assert "--insecure" not in svc.flags, f"{TLS}: {svc.name} still runs with --insecure"
+        # The same deployment apart from the security flags.
+        takes_value = help_flags[svc.binary]
+        assert (svc.argv_without(SECURITY_FLAGS, takes_value)
+                == base[svc.name].argv_without(SECURITY_FLAGS, takes_value)), (
+            f"{TLS}: {svc.name}: the command differs from {BASE} in more than the security flags")
+        for flag in TLS_PATH_FLAGS[svc.binary]:
+            assert flag in svc.flags, f"{TLS}: {svc.name} lacks {flag}"
+            m = svc.mount_at(str(svc.flags[flag]))
+            assert m.read_only and not m.named_volume, f"{TLS}: {svc.name}: {flag} must name a read-only bind mount"
+    assert link.flags.get("--enable-supernode-auth") is True, f"{TLS}: superlink lacks --enable-supernode-auth"
+    assert PurePosixPath(link.mount_at(str(link.flags["--ssl-keyfile"])).source).name == "server.key"
+    for node in nodes:
+        assert PurePosixPath(node.mount_at(str(node.flags["--root-certificates"])).source).name == "ca.crt"
+    # Each SuperNode's private key is mounted into that node and nowhere else.
+    key_sources = [n.mount_at(str(n.flags["--auth-supernode-private-key"])).source for n in nodes]
+    assert len(set(key_sources)) == len(nodes), f"{TLS}: SuperNodes share an auth key: {key_sources}"
+    for svc in tls.values():
+        for m in svc.mounts:
+            name = PurePosixPath(m.source).name
+            assert name != "ca.key", f"{TLS}: {svc.name} mounts the CA's private key"
+            assert name != "server.key" or svc is link, f"{TLS}: {svc.name} mounts the SuperLink's TLS key"
+            own = svc.flags.get("--auth-supernode-private-key")
+            assert m.source not in key_sources or (own and svc.mount_at(str(own)) == m), (
+                f"{TLS}: {svc.name} mounts another node's auth key {m.source}")
+    mounted_cert_files = {PurePosixPath(m.source).name for s in tls.values() for m in s.mounts} & CERT_FILES
+    assert mounted_cert_files == CERT_FILES - {"ca.key"}, mounted_cert_files
+
+
+def test_base_variant_is_consistently_plaintext(help_flags):
+    svcs = services((BASE,), help_flags)
+    insecure = {s.name: s.flags.get("--insecure") is True for s in svcs.values()}
+    assert all(insecure.values()), f"{BASE}: every service needs --insecure (a TLS mismatch only says " \
+                                   f"'Connection to the SuperLink is unavailable'): {insecure}"

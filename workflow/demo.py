@@ -1,0 +1,115 @@
+"""``facefl demo``: the whole system on SynthFaces in one command, ending in report.html.
+
+SynthFaces -> federated training with DP-SGD and CKKS encryption on -> MOTE enrollment -> the key
+holder decrypts the final model -> MOTE vs templates evaluation -> membership audit (every attack
+that applies to a ``train.task = both`` model: loss, shadow, LiRA, RMIA, MINT and the MOTE
+gallery attacks with FD-MIA on the fair / skewed gallery pair) -> report.
+
+Layout: ``OUT/demo-<UTC time>/`` holds ``keys/`` (the CKKS keys), the run directory
+``run-<...>/`` and a copy of its ``report.html``. The keys are demo-only: in a real deployment
+the clients hold the secret context and the server only the public one (docs/he.md); here every
+party runs in this one process on one machine, so one directory holds both.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import load_config
+from common.io import atomic_write_bytes
+from common.report import REPORT_FILE
+from workflow.pipeline import (
+    QUICK_MAX_PER_CLASS,
+    QUICK_OVERRIDES,
+    QUICK_REFERENCES,
+    PipelineResult,
+    Stages,
+    he_overrides,
+    run_pipeline,
+)
+
+# Both heads, so that every attack family applies; DP-SGD at the default target epsilon.
+DEMO_TASK = ("train.task=both", "dp.mode=sample", "dp.target_epsilon=8")
+# The full demo: sized to finish in well under 15 minutes on 2 shared cores (measured: docs/deploy.md).
+FULL_OVERRIDES = ("data.image_size=32", "data.identities=200", "data.images_per_identity=10", "split.member=0.65",
+                  "split.aux=0.15", "model.width=16", "model.blocks=1,1", "model.embedding_dim=32",
+                  "train.batch_size=32", "pretrain.identities=100", "pretrain.images_per_identity=8",
+                  "pretrain.epochs=4", "split.num_clients=4", "federation.min_train_clients=4",
+                  "federation.min_available_clients=4", "federation.rounds=4", "federation.local_epochs=1",
+                  "federation.client_cpus=1", "mote.epochs=30", "mote.references=2", "mote.balancing_factors=0.0,0.5")
+# The audit's reference models dominate the demo's time (each trains rounds x local_epochs epochs on half of
+# the audited + aux samples): 8 of them on 2 x 150 audited + 300 aux samples.
+FULL_REFERENCES = 8
+FULL_MAX_PER_CLASS = 150
+
+
+@dataclass
+class DemoResult:
+    directory: Path  # OUT/demo-<id>
+    report: Path  # OUT/demo-<id>/report.html
+    pipeline: PipelineResult
+    timings: dict[str, float]
+
+
+def _demo_dir(out: Path) -> Path:
+    """``OUT/demo-<UTC time>``, with -2, -3, ... when two demos start in the same second."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: too many demos started this second")
+
+
+def run_demo(out: Path, quick: bool = False, progress: bool = True) -> DemoResult:
+    """Run every stage; raises ``StageFailed`` naming the stage if one fails (the report is still
+    written for a run that failed to train)."""
+    from attacks.audit import AuditSettings
+    from common.privacy.he_keys import SECRET_FILE, KeyParams, write_keys
+
+    directory = _demo_dir(out)
+    stages = Stages(progress)
+    keys = directory / "keys"
+    with stages.stage("CKKS keys (demo only: every party shares this machine)"):
+        write_keys(keys, KeyParams())
+    sizes = QUICK_OVERRIDES if quick else FULL_OVERRIDES
+    cfg = load_config(None, [*sizes, *DEMO_TASK, *he_overrides(keys)])
+    settings = AuditSettings(references=QUICK_REFERENCES if quick else FULL_REFERENCES,
+                             max_per_class=QUICK_MAX_PER_CLASS if quick else FULL_MAX_PER_CLASS, seed=cfg.seed)
+    try:
+        result = run_pipeline(cfg, directory, "run", settings, stages, he_secret=keys / SECRET_FILE)
+    finally:  # also after a failed stage: the report says how far the run got
+        for run_report in directory.glob(f"run-*/{REPORT_FILE}"):
+            atomic_write_bytes(directory / REPORT_FILE, run_report.read_bytes())
+    return DemoResult(directory, directory / REPORT_FILE, result, stages.timings)
+
+
+def demo_summary(run_dir: Path) -> list[tuple[str, str]]:
+    """The printed summary: (what, value) rows of the headline numbers, read from the run's files."""
+    from common.report import fmt, with_ci
+    from common.run_results import FAIR_GALLERY, RunResults
+
+    r = RunResults.load(run_dir)
+    final, he = r.final_metrics(), r.he or {}
+    rows = [("verification AUC (decrypted final model)", fmt(final.get("verification_auc"))),
+            (f"{r.cfg('train.attribute')} accuracy / DEO / bias amplification",
+             " / ".join(fmt(final.get(f"attribute_{k}")) for k in ("accuracy", "deo_sum", "bias_amplification"))),
+            (f"epsilon spent (largest client, delta {r.cfg('dp.delta')})", fmt(r.epsilon())),
+            ("what the server saw", f"{he.get('encrypted', 'n/a')} of {he.get('values', 'n/a')} values only as an "
+                                    "encrypted sum" if r.cfg("he.enabled") else "plaintext updates")]
+    methods, leak = (r.evaluation or {}).get("methods", {}), (r.evaluation or {}).get("gender_inference", {})
+    for name in ("templates", FAIR_GALLERY):
+        rows.append((f"{name}: verification AUC / gender-inference BA",
+                     f"{fmt(methods.get(name, {}).get('auc'))} / {fmt(leak.get(name, {}).get('balanced_accuracy'))}"))
+    for a in r.attacks(include_updates=False):
+        ci = a.get("ci95") or {}
+        rows.append((f"MIA {a['name']} @ {a['target']}: AUC / TPR@0.1%FPR",
+                     (f"{with_ci(a['auc'], ci.get('auc'))} / "
+                      f"{with_ci(a['tpr_at_fpr']['0.001'], ci.get('tpr_at_fpr', {}).get('0.001'))}")))
+    return rows

@@ -1,0 +1,165 @@
+"""The stages of one run from configuration to report, shared by ``facefl demo``, ``facefl sweep``
+and ``facefl evaluate``.
+
+train (Flower simulation) -> decrypt the final model (HE runs; the key holder's step) -> MOTE
+evaluation with the template thief's gender inference (runs with galleries) -> membership audit
+-> report.html. Like ``common.cli``, this module orchestrates every layer, so it imports
+``attacks`` (lazily, inside the functions); the library modules below it do not.
+
+Each post-training stage is skipped when its output already exists (final.safetensors,
+mote/evaluation.json, audit/report.json), all written atomically: a sweep interrupted in the
+middle of an audit resumes with the audit, not with training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.config import Config, load_config
+from common.rundir import RunDir
+
+if TYPE_CHECKING:
+    from attacks.audit import AuditSettings
+
+log = logging.getLogger(__name__)
+
+# `--quick` (demo and sweep): a federation small enough for a test, like tests/sim_runs.py's TINY:
+# 32 px SynthFaces, an 8-channel backbone, 2 clients, 2 rounds, a 2-gallery MOTE enrollment.
+QUICK_OVERRIDES = ("data.image_size=32", "data.identities=40", "data.images_per_identity=8", "model.width=8",
+                   "model.blocks=1,1", "model.embedding_dim=16", "train.batch_size=8", "pretrain.identities=0",
+                   "split.num_clients=2", "federation.min_train_clients=2", "federation.min_available_clients=2",
+                   "federation.rounds=2", "federation.local_epochs=1", "federation.client_cpus=1", "mote.epochs=10",
+                   "mote.references=2", "mote.balancing_factors=0.0,0.5")
+QUICK_REFERENCES = 4
+QUICK_MAX_PER_CLASS = 100
+
+
+class StageFailed(RuntimeError):
+    """A stage of the pipeline raised; ``stage`` names it and the cause is chained."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"{stage}: {type(cause).__name__}: {cause}")
+        self.stage = stage
+
+
+@dataclass
+class Stages:
+    """Runs named stages with timings, logged and (with ``progress``) shown live on stderr."""
+
+    progress: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def say(self, text: str) -> None:
+        log.info(text)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[facefl] {text}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.say(f"{name} ...")
+        start = time.perf_counter()
+        try:
+            yield
+        except Exception as exc:
+            self.say(f"{name}: FAILED after {time.perf_counter() - start:.1f} s ({type(exc).__name__}: {exc})")
+            raise StageFailed(name, exc) from exc
+        self.timings[name] = time.perf_counter() - start
+        self.say(f"{name}: done in {self.timings[name]:.1f} s")
+
+
+def he_overrides(keys_dir: Path) -> list[str]:
+    """Configuration overrides that turn HE on with the public context of ``facefl keys init --out DIR``."""
+    from common.privacy.he_keys import PUBLIC_FILE
+
+    return ["he.enabled=true", f"he.public_context={(keys_dir / PUBLIC_FILE).resolve()}"]
+
+
+def evaluate_run(run_dir: Path) -> tuple[dict[str, Any], list[str], list[tuple]]:
+    """``facefl evaluate``: MOTE vs templates plus the gender-inference attack on both galleries;
+    writes mote/evaluation.json and mote/roc.png; returns (report, table header, table rows)."""
+    from attacks.gender_inference import template_leakage
+    from common.mote_evaluation import evaluate_mote, save_evaluation
+
+    report, stolen = evaluate_mote(run_dir)
+    report["gender_inference"] = template_leakage(stolen)
+    header, rows = save_evaluation(run_dir, report)
+    return report, header, rows
+
+
+def has_galleries(run: RunDir, cfg: Config) -> bool:
+    from common.mote_enrollment import gallery_file
+
+    return (cfg.mote.enabled and cfg.train.task in ("identity", "both")
+            and all((run.path / gallery_file(b)).is_file() for b in cfg.mote.balancing_factors))
+
+
+def complete_run(run_dir: Path, settings: AuditSettings, stages: Stages, he_secret: Path | None = None,
+                 fair_dir: Path | None = None) -> Path:
+    """Decrypt (HE), evaluate (MOTE), audit and report a finished run; each done stage is skipped.
+    Returns the report's path.
+
+    With ``fair_dir`` the audit is redone with the fair twin (FD-MIA on the pair): its report is a
+    superset of the plain one (the same seeded attacks on this model, plus the fair model and the pair).
+    """
+    from attacks.audit import run_audit
+    from common.io import read_json
+    from common.report import write_report
+
+    run = RunDir(run_dir)
+    cfg = load_config(run.config_path)
+    final = run.path / "models" / "final.safetensors"
+    if cfg.he.enabled and not final.exists():
+        if he_secret is None:
+            raise StageFailed("decrypt", ValueError(f"{run.path}: an HE run needs the secret context to decrypt its "
+                                                    "final model (--he-keys)"))
+        from common.encrypted_model import decrypt_run
+
+        with stages.stage("decrypt the final model (key holder)"):
+            decrypt_run(run.path, he_secret)
+    if has_galleries(run, cfg) and not (run.path / "mote" / "evaluation.json").exists():
+        with stages.stage("MOTE vs templates evaluation"):
+            evaluate_run(run.path)
+    report_json = run.path / "audit" / "report.json"
+    if not report_json.exists() or (fair_dir is not None and read_json(report_json).get("fair_run") != str(fair_dir)):
+        with stages.stage("membership audit" + (" with the fair twin (FD-MIA)" if fair_dir else "")):
+            run_audit(run.path, settings, fair_dir=fair_dir)
+    with stages.stage("report"):
+        return write_report(run.path)
+
+
+@dataclass
+class PipelineResult:
+    run: RunDir
+    status: dict[str, Any]
+    report: Path | None  # None when training did not finish (the run directory still has a report.html)
+
+
+def run_pipeline(cfg: Config, runs_root: Path, prefix: str, settings: AuditSettings, stages: Stages,
+                 he_secret: Path | None = None, on_trained: Callable[[RunDir], None] | None = None) -> PipelineResult:
+    """Train one configuration, then every post-training stage; a run that fails to train still
+    gets its report (what it has, and "not run" for the rest). ``on_trained`` is called with the
+    run directory as soon as training ends (a sweep records it, so that it can resume there)."""
+    from common.report import write_report
+    from common.simulation import simulate
+
+    with stages.stage(f"federated training ({cfg.federation.rounds} rounds, {cfg.split.num_clients} clients)"):
+        run, status = simulate(cfg, runs_root, prefix=prefix, progress=stages.progress, he_secret=he_secret)
+    if on_trained is not None:
+        on_trained(run)
+    if status["status"] != "finished":
+        write_report(run.path)
+        return PipelineResult(run, status, None)
+    try:
+        return PipelineResult(run, status, complete_run(run.path, settings, stages, he_secret))
+    except StageFailed:
+        write_report(run.path)  # what the run has so far, and "not run" for the rest
+        raise
