@@ -24,13 +24,7 @@ from common import wire
 from common.builders import build_dataset, build_model, model_spec
 from common.config import Config
 from common.mote_enrollment import enroll_client
-from common.rundir import (
-    CLIENT_STATE_ENV,
-    CLIENT_STATE_NODE_CONFIG,
-    LAST_ROUND,
-    RUN_KEY,
-    RUN_RECORD,
-)
+from common.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +50,22 @@ def _restore_state(msg: Message, context: Context, partition: int,
     update in an earlier round (``last-round`` > 0): starting over would lose the identity head
     and, worse, the DP history, so that epsilon would be under-reported.
     """
-    run = msg.content.config_records.get(RUN_RECORD)
+    run = msg.content.config_records.get(wire.RUN_RECORD)
     if run is None:  # a server that sends no run key: state lives in memory only
         return _load_state(context), None
     root = str(context.node_config.get(CLIENT_STATE_NODE_CONFIG) or os.environ.get(CLIENT_STATE_ENV, ""))
-    store = StateStore.for_client(root, str(run[RUN_KEY]), partition) if root else None
+    store = StateStore.for_client(root, str(run[wire.RUN_KEY]), partition) if root else None
     if PRIVACY_KEY in context.state.config_records:
         return _load_state(context), store
     saved = store.latest_before(server_round) if store is not None else None
-    last_round = int(run[LAST_ROUND])  # type: ignore[arg-type]
+    last_round = int(run[wire.LAST_ROUND])  # type: ignore[arg-type]
     if saved is not None and saved.server_round >= last_round:
         return saved.state, store
     if last_round > 0:
         where = (f"{store.directory} has none" if store is not None else "no state directory is set (node config "
                  f"'{CLIENT_STATE_NODE_CONFIG}', or ${CLIENT_STATE_ENV} in simulation)")
         raise ValueError(f"client {partition}: the server accepted this client's update in round {last_round} of run "
-                         f"{run[RUN_KEY]}, but this node holds no state of that round or later ({where}); it cannot "
+                         f"{run[wire.RUN_KEY]}, but this node holds no state of that round or later ({where}); it cannot "
                          "go on without the identity head and DP history of those rounds")
     return ClientState(), store
 

@@ -37,9 +37,6 @@ from common.io import atomic_write_json, atomic_write_text, read_json
 # ``run`` record of every train message together with the last round the client trained in.
 CLIENT_STATE_NODE_CONFIG = "state-dir"
 CLIENT_STATE_ENV = "FACEFL_CLIENT_STATE"
-RUN_RECORD = "run"
-RUN_KEY = "run-key"
-LAST_ROUND = "last-round"
 INTERRUPTED = "interrupted"
 
 

@@ -40,6 +40,11 @@ TOTAL_WEIGHT = "total-weight"
 
 # MOTE enrollment (query.enroll): one gallery record per balancing factor, and a JSON summary.
 MOTE_INFO = "mote-info"
+# Train messages of a run that can be resumed: which run (the run directory's name) and the last
+# round whose update the server accepted from this client (client/app.py restores its state of it).
+RUN_RECORD = "run"
+RUN_KEY = "run-key"
+LAST_ROUND = "last-round"
 
 
 def config_record(cfg: Config, server_round: int) -> ConfigRecord:

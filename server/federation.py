@@ -35,7 +35,7 @@ from common.models.face_model import FaceModel
 from common.pretraining import pretrain
 from common.privacy.he_keys import load_public_context
 from common.privacy.he_selection import EncryptionLayout
-from common.rundir import LAST_ROUND, RUN_KEY, RUN_RECORD, ResumePoint, RunDir
+from common.rundir import ResumePoint, RunDir
 from server.enrollment import enroll_phase
 from server.he_strategy import HEFedAvg, he_strategy
 from server.ledger import PrivacyLedger
@@ -258,7 +258,7 @@ def _with_run_record(msg: Message, run_key: str, last_round: int) -> Message:
     server accepted its update in (the state it must restore when it has none in memory).
     Changes ``msg`` in place: the strategy matches replies to the very Message objects it made."""
     msg.content = RecordDict({**dict(msg.content.items()),
-                              RUN_RECORD: ConfigRecord({RUN_KEY: run_key, LAST_ROUND: last_round})})
+                              wire.RUN_RECORD: ConfigRecord({wire.RUN_KEY: run_key, wire.LAST_ROUND: last_round})})
     return msg
 
 

@@ -75,3 +75,22 @@ def server_task(monkeypatch):
 
     for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+@pytest.fixture(scope="session")
+def he_contexts(tmp_path_factory: pytest.TempPathFactory):
+    """One default CKKS key set for the session: (key directory, secret context, public
+    context, fingerprint), as a client and the server each load theirs."""
+    from common.privacy.he_keys import (
+        PUBLIC_FILE,
+        SECRET_FILE,
+        KeyParams,
+        load_public_context,
+        load_secret_context,
+        write_keys,
+    )
+
+    root = tmp_path_factory.mktemp("he-keys")
+    write_keys(root, KeyParams())
+    public, fingerprint = load_public_context(root / PUBLIC_FILE)
+    return root, load_secret_context(root / SECRET_FILE), public, fingerprint

@@ -161,20 +161,9 @@ def test_configured_size_limit_counts_every_record(server_task, caplog) -> None:
 
 
 @pytest.fixture(scope="module")
-def he_keys(tmp_path_factory):
-    from common.privacy.he_keys import (
-        PUBLIC_FILE,
-        SECRET_FILE,
-        KeyParams,
-        load_public_context,
-        load_secret_context,
-        write_keys,
-    )
-
-    root = tmp_path_factory.mktemp("keys")
-    write_keys(root, KeyParams())
-    public, fingerprint = load_public_context(root / PUBLIC_FILE)
-    return load_secret_context(root / SECRET_FILE), public, fingerprint
+def he_keys(he_contexts):
+    """(secret context, public context, fingerprint) of the session's key set."""
+    return he_contexts[1:]
 
 
 @pytest.mark.timeout(60)

@@ -639,21 +639,10 @@ N_VALUES = 2100  # 2 ciphertexts of 2048 and 53 slots at N = 4096
 
 
 @pytest.fixture(scope="module")
-def he_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def he_setup(he_contexts) -> dict[str, Any]:
     from common.privacy.he import encrypt_weighted
-    from common.privacy.he_keys import (
-        PUBLIC_FILE,
-        SECRET_FILE,
-        KeyParams,
-        load_public_context,
-        load_secret_context,
-        write_keys,
-    )
 
-    keys = tmp_path_factory.mktemp("he-keys")
-    write_keys(keys, KeyParams())
-    secret = load_secret_context(keys / SECRET_FILE)
-    public, _ = load_public_context(keys / PUBLIC_FILE)
+    keys, secret, public, _ = he_contexts
     values = np.random.default_rng(0).normal(size=N_VALUES)
     return {"keys": keys, "secret": secret, "public": public,
             "good": encrypt_weighted(secret, values, 3), "other": encrypt_weighted(secret, values, 5)}
@@ -825,7 +814,7 @@ def test_damaged_key_files_name_the_file(he_setup, data: st.DataObject, scratch:
             ctx = got[0] if isinstance(got, tuple) else got
             assert ctx.has_secret_key() == (load is load_secret_context)
             assert isinstance(got, ts.Context) or re.fullmatch("[0-9a-f]{64}", got[1])
-            ctx.global_scale
+            assert ctx.global_scale > 0  # a CKKS context with a scale, usable for encryption
 
 
 def test_context_without_global_scale_is_refused(tmp_path: Path) -> None:

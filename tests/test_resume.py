@@ -377,7 +377,7 @@ def test_state_store_keys_stay_inside_the_state_root(tmp_path) -> None:
 def _train_message(run_key: str, last_round: int):
     from flwr.app import ConfigRecord, Message, MessageType, Metadata, RecordDict
 
-    from common.rundir import LAST_ROUND, RUN_KEY, RUN_RECORD
+    from common.wire import LAST_ROUND, RUN_KEY, RUN_RECORD
 
     metadata = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=5, reply_to_message_id="",
                         group_id="1", created_at=0.0, ttl=3600.0, message_type=MessageType.TRAIN)
