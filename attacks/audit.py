@@ -118,6 +118,7 @@ class AuditSettings:
     seed: int = 0
     n_boot: int = 1000
     vectorised: bool = False  # stacked-weight training of the references; slower on CPU (bench/attacks.py)
+    progress: bool = False  # a bar while reference models train
 
 
 def audited_samples(manifest: Manifest, ds: FaceDataset, settings: AuditSettings,
@@ -167,7 +168,7 @@ class References:
 
 def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, population: np.ndarray,
                     labels: np.ndarray, in_mask: np.ndarray, seed: int, fair: bool = False,
-                    vectorised: bool = False) -> np.ndarray:
+                    vectorised: bool = False, progress: bool = False) -> np.ndarray:
     """Reference models' P(label = 1) on the population (n, R); trained once and cached.
 
     ``fair``: each model is trained with the fairness reweighting (Kamiran & Calders) computed on
@@ -196,7 +197,8 @@ def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, 
             for r, row in enumerate(in_mask):
                 weights[r, row] = reweight(sens[row], labels[row])
         models = train_references(spec, ds.images[population], labels, in_mask, cfg.train, epochs, seeds,
-                                  vectorised=vectorised, sample_weights=weights, init_state=_initial_state(run))
+                                  vectorised=vectorised, sample_weights=weights, init_state=_initial_state(run),
+                                  progress=progress)
         for r, model in enumerate(models):
             save_checkpoint(cache / f"ref-{r:03d}.safetensors", model.state_dict(), {"reference": r, "key": key})
         atomic_write_json(index, {"key": key, "references": len(seeds), "epochs": epochs, "seeds": seeds, "fair": fair})
@@ -417,7 +419,8 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
     in_mask = _in_mask(settings.references, population.size, settings.seed)
     labels = labels_all[population]
     refs = References(pos.size, labels, in_mask, partial(reference_probs, run, cfg, spec, ds, population, labels,
-                                                         in_mask, settings.seed, vectorised=settings.vectorised))
+                                                         in_mask, settings.seed, vectorised=settings.vectorised,
+                                                         progress=settings.progress))
     p_target = predict_attribute(model, ds.images[population])
     scores = {(GLOBAL, name): s for name, s in single_model_scores(p_target, refs, wanted, settings).items()}
     if fair_dir is not None:
@@ -425,7 +428,7 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
         p_fair = predict_attribute(load_final_model(fair), ds.images[population])
         refs_fair = References(pos.size, labels, in_mask, partial(
             reference_probs, run, fair_cfg, spec, ds, population, labels, in_mask, settings.seed, fair=True,
-            vectorised=settings.vectorised))
+            vectorised=settings.vectorised, progress=settings.progress))
         scores.update({(FAIR, name): s for name, s in single_model_scores(p_fair, refs_fair, wanted, settings).items()})
         scores.update({(PAIR, name): s for name, s in fd_mia_scores(p_target, p_fair, refs, refs_fair, settings).items()})
     for client, meta in clients:

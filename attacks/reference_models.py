@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
+from tqdm.auto import tqdm
 
 from common.builders import build_model
 from common.config import TrainConfig
@@ -83,12 +84,13 @@ def _batch(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, idx: np.
 def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in_mask: np.ndarray,
                      cfg: TrainConfig, epochs: int, seeds: Sequence[int], vectorised: bool = True,
                      sample_weights: np.ndarray | None = None,
-                     init_state: dict[str, torch.Tensor] | None = None) -> list[FaceModel]:
+                     init_state: dict[str, torch.Tensor] | None = None, progress: bool = False) -> list[FaceModel]:
     """Train one attribute model per row of ``in_mask`` (R, n) on its IN samples; model r uses
     ``seeds[r]`` for its initialisation, batches and augmentation. ``sample_weights`` (R, n)
     weights each model's per-sample loss (a fairness reweighting computed on its own IN set).
     ``init_state``: start every model from these weights instead (the target's public initial
-    model, e.g. after public pretraining), so that references differ from it only by their data."""
+    model, e.g. after public pretraining), so that references differ from it only by their data.
+    ``progress``: a bar over the models (they dominate an audit's time)."""
     labels = np.asarray(labels, dtype=np.int64)
     in_mask = np.asarray(in_mask, dtype=bool)
     _check(spec, images, labels, in_mask, seeds)
@@ -106,7 +108,8 @@ def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in
     if vectorised:
         _train_stacked(models, images, labels, weights, streams, aug_gens, cfg, total)
     else:
-        for model, w, stream, gen in zip(models, weights, streams, aug_gens, strict=True):
+        for model, w, stream, gen in tqdm(list(zip(models, weights, streams, aug_gens, strict=True)),
+                                          desc="reference models", unit="model", disable=not progress):
             _train_one(model, images, labels, w, stream, gen, cfg, total)
     for m in models:
         m.eval()

@@ -277,7 +277,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     report = run_audit(args.run_dir, AuditSettings(attacks=args.attacks, references=args.references,
                                                    max_per_class=args.max_per_class, seed=args.seed,
-                                                   vectorised=args.vectorised),
+                                                   vectorised=args.vectorised, progress=not args.no_progress),
                        fair_dir=args.fair)
     print(format_table(("attack", "target", "AUC [95% CI]", "balanced acc.", "TPR@0.1%FPR", "TPR@1%FPR"), summary_rows(report)))
     print(f"{report['audited']['members']} members vs {report['audited']['nonmembers']} nonmembers; "

@@ -81,7 +81,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> DemoResul
     sizes = QUICK_OVERRIDES if quick else FULL_OVERRIDES
     cfg = load_config(None, [*sizes, *DEMO_TASK, *he_overrides(keys)])
     settings = AuditSettings(references=QUICK_REFERENCES if quick else FULL_REFERENCES,
-                             max_per_class=QUICK_MAX_PER_CLASS if quick else FULL_MAX_PER_CLASS, seed=cfg.seed)
+                             max_per_class=QUICK_MAX_PER_CLASS if quick else FULL_MAX_PER_CLASS, seed=cfg.seed,
+                             progress=progress)
     try:
         result = run_pipeline(cfg, directory, "run", settings, stages, he_secret=keys / SECRET_FILE)
     finally:  # also after a failed stage: the report says how far the run got

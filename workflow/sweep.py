@@ -210,7 +210,7 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
         stages.say(f"[{n}/{len(todo)}] {eid}")
         start = time.perf_counter()
         settings = AuditSettings(references=references, max_per_class=QUICK_MAX_PER_CLASS if quick else MAX_PER_CLASS,
-                                 seed=seed)
+                                 seed=seed, progress=progress)
         try:
             if previous and RunDir(previous).read_status().get("status") == "finished":
                 complete_run(Path(previous), settings, stages, secret)  # resume at the first missing stage
@@ -271,7 +271,7 @@ def _pair_fair_twins(index: SweepIndex, methods: tuple[str, ...], references: in
             continue
         done += 1
         settings = AuditSettings(references=references, max_per_class=QUICK_MAX_PER_CLASS if quick else MAX_PER_CLASS,
-                                 seed=entry["seed"])
+                                 seed=entry["seed"], progress=progress)
         try:
             complete_run(Path(entry["run_dir"]), settings, Stages(progress), secret,
                          fair_dir=Path(index.runs[twin]["run_dir"]))
