@@ -232,7 +232,7 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunDir, Config]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from common.config import load_config
-    from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE
+    from common.privacy.he_keys import SECRET_FILE, he_overrides
     from common.simulation import resume, simulate
     from common.table import format_table
 
@@ -243,7 +243,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         overrides = list(args.overrides)
         if args.he_keys is not None:
-            overrides += ["he.enabled=true", f"he.public_context={(args.he_keys / PUBLIC_FILE).resolve()}"]
+            overrides += he_overrides(args.he_keys)
         cfg = load_config(args.config, overrides)
         run, status = simulate(cfg, args.out or Path("runs"), progress=not args.no_progress, he_secret=secret)
     if status["status"] == "finished" and secret is not None:

@@ -32,7 +32,7 @@ from common.encrypted_model import ENCRYPTED_SUFFIX, save_encrypted
 from common.evaluation import GlobalEvaluator
 from common.models.checkpoint import load_checkpoint, save_checkpoint
 from common.models.face_model import FaceModel
-from common.pretraining import pretrain
+from common.pretraining import Pretrained, pretrain
 from common.privacy.he_keys import load_public_context
 from common.privacy.he_selection import EncryptionLayout
 from common.rundir import ResumePoint, RunDir
@@ -206,9 +206,16 @@ def _start(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluato
     # The initial global model is public (seeded initialisation + public pretraining): the audit's
     # reference models start from it, as the target did.
     save_checkpoint(run.models / "initial.safetensors", model.state_dict(), {**meta, "round": 0})
+    return _before_round_one(cfg, run, model, pretrained, common, {})
+
+
+def _before_round_one(cfg: Config, run: RunDir, model: FaceModel, pretrained: Pretrained | None,
+                      common: dict[str, Any], last_round: dict[int, int]) -> _ServerState:
+    """The state before round 1 with ``model`` as the initial global model: a new strategy (for HE:
+    the key and the selective-encryption mask) and an empty ledger."""
     strategy = he_strategy(cfg, model, pretrained, run, **common) if cfg.he.enabled else FaceFedAvg(**common)
     ledger = PrivacyLedger(cfg.dp.accountant, cfg.dp.delta)
-    return _ServerState(strategy, wire.state_to_record(model.state_dict()), ledger, {}, {}, 0)
+    return _ServerState(strategy, wire.state_to_record(model.state_dict()), ledger, last_round, {}, 0)
 
 
 def _restore(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator, rounds_completed: int,
@@ -227,9 +234,7 @@ def _restore(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvalua
             # no round used it yet, so it is derived again (pretraining is seeded) rather than stored.
             pretrained = pretrain(model, cfg)
         model.load_state_dict(initial)
-        strategy = he_strategy(cfg, model, pretrained, run, **common) if cfg.he.enabled else FaceFedAvg(**common)
-        ledger = PrivacyLedger(cfg.dp.accountant, cfg.dp.delta)
-        return _ServerState(strategy, wire.state_to_record(model.state_dict()), ledger, last_round, {}, 0)
+        return _before_round_one(cfg, run, model, pretrained, common, last_round)
     path = run.models / f"round-{r:03d}{ENCRYPTED_SUFFIX if cfg.he.enabled else '.safetensors'}"
     saved, meta = load_checkpoint(path)
     if meta.get("round") != r or "privacy" not in meta:

@@ -26,7 +26,6 @@ from workflow.pipeline import (
     QUICK_REFERENCES,
     PipelineResult,
     Stages,
-    he_overrides,
     run_pipeline,
 )
 
@@ -71,7 +70,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> DemoResul
     """Run every stage; raises ``StageFailed`` naming the stage if one fails (the report is still
     written for a run that failed to train)."""
     from attacks.audit import AuditSettings
-    from common.privacy.he_keys import SECRET_FILE, KeyParams, write_keys
+    from common.privacy.he_keys import SECRET_FILE, KeyParams, he_overrides, write_keys
 
     directory = _demo_dir(out)
     stages = Stages(progress)

@@ -76,13 +76,6 @@ class Stages:
         self.say(f"{name}: done in {self.timings[name]:.1f} s")
 
 
-def he_overrides(keys_dir: Path) -> list[str]:
-    """Configuration overrides that turn HE on with the public context of ``facefl keys init --out DIR``."""
-    from common.privacy.he_keys import PUBLIC_FILE
-
-    return ["he.enabled=true", f"he.public_context={(keys_dir / PUBLIC_FILE).resolve()}"]
-
-
 def evaluate_run(run_dir: Path) -> tuple[dict[str, Any], list[str], list[tuple]]:
     """``facefl evaluate``: MOTE vs templates plus the gender-inference attack on both galleries;
     writes mote/evaluation.json and mote/roc.png; returns (report, table header, table rows)."""

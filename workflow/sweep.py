@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import ConfigError, load_config
 from common.io import atomic_path, atomic_write_json, atomic_write_text, read_json
@@ -48,6 +48,9 @@ from workflow.pipeline import (
     complete_run,
     run_pipeline,
 )
+
+if TYPE_CHECKING:
+    from attacks.audit import AuditSettings
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +170,6 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
               quick: bool = False, references: int = DEFAULT_REFERENCES, he_keys: Path | None = None,
               progress: bool = True, command: str | None = None) -> SweepResult:
     """Run (or resume) the sweep in ``out``; write sweep.json, sweep.csv and the plots."""
-    from attacks.audit import AuditSettings
-
     if seeds < 1:
         raise ConfigError(f"--seeds: expected >= 1, got {seeds}")
     if references < 4 or references % 2:  # each sample is IN for half of them; LiRA needs two IN scores
@@ -185,8 +186,7 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
     he = []
     secret = None
     if he_keys is not None:
-        from common.privacy.he_keys import SECRET_FILE
-        from workflow.pipeline import he_overrides
+        from common.privacy.he_keys import SECRET_FILE, he_overrides
 
         he, secret = he_overrides(he_keys), he_keys / SECRET_FILE
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
@@ -209,8 +209,7 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
         stages = Stages(progress)
         stages.say(f"[{n}/{len(todo)}] {eid}")
         start = time.perf_counter()
-        settings = AuditSettings(references=references, max_per_class=QUICK_MAX_PER_CLASS if quick else MAX_PER_CLASS,
-                                 seed=seed, progress=progress)
+        settings = _audit_settings(references, quick, seed, progress)
         try:
             if previous and RunDir(previous).read_status().get("status") == "finished":
                 complete_run(Path(previous), settings, stages, secret)  # resume at the first missing stage
@@ -235,6 +234,13 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
     csv_path = write_csv(out / CSV_FILE, rows, grid_keys)
     plots = write_plots(out / PLOTS_DIR, rows, grid_keys)
     return SweepResult(out, index.runs, rows, csv_path, plots, ran)
+
+
+def _audit_settings(references: int, quick: bool, seed: int, progress: bool) -> AuditSettings:
+    from attacks.audit import AuditSettings
+
+    return AuditSettings(references=references, max_per_class=QUICK_MAX_PER_CLASS if quick else MAX_PER_CLASS,
+                         seed=seed, progress=progress)
 
 
 def _record_run_dir(index: SweepIndex, entry: dict[str, Any], run: RunDir) -> None:
@@ -262,16 +268,13 @@ def fair_twins(entries: dict[str, dict[str, Any]], methods: Sequence[str]) -> di
 def _pair_fair_twins(index: SweepIndex, methods: tuple[str, ...], references: int, quick: bool,
                      secret: Path | None, progress: bool) -> int:
     """Re-audit each unmitigated run with its fair twin (FD-MIA on the pair), once per pairing."""
-    from attacks.audit import AuditSettings
-
     done = 0
     for eid, twin in fair_twins(index.runs, methods).items():
         entry = index.runs[eid]
         if entry.get("fair_twin") == twin:
             continue
         done += 1
-        settings = AuditSettings(references=references, max_per_class=QUICK_MAX_PER_CLASS if quick else MAX_PER_CLASS,
-                                 seed=entry["seed"], progress=progress)
+        settings = _audit_settings(references, quick, entry["seed"], progress)
         try:
             complete_run(Path(entry["run_dir"]), settings, Stages(progress), secret,
                          fair_dir=Path(index.runs[twin]["run_dir"]))

@@ -152,3 +152,8 @@ def load_public_context(path: str | os.PathLike[str]) -> tuple[ts.Context, str]:
     if not (isinstance(fp, str) and len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)):
         raise HEKeyError(f"{info_path}: 'fingerprint' must be 64 hex digits, got {fp!r}")
     return ctx, fp
+
+
+def he_overrides(keys_dir: str | os.PathLike[str]) -> list[str]:
+    """Configuration overrides that turn HE on with the public context of ``facefl keys init --out DIR``."""
+    return ["he.enabled=true", f"he.public_context={(Path(keys_dir) / PUBLIC_FILE).resolve()}"]
