@@ -62,8 +62,10 @@ DESCRIBE_PATIENCE = 120.0
 a first ClientApp process can take longer than a short ``round_timeout`` meant for training."""
 
 
-def describe_clients(grid: Grid, cfg: Config, fingerprint: str) -> dict[int, int]:
-    """Map partition id -> node id, and refuse nodes that split different data than the server."""
+def describe_clients(grid: Grid, cfg: Config, manifest: Manifest) -> dict[int, int]:
+    """Map partition id -> node id, and refuse nodes that split different data than the server or
+    that claim another sample count than their partition has in the server's manifest."""
+    fingerprint = manifest.fingerprint
     patience = max(cfg.federation.round_timeout, DESCRIBE_PATIENCE)
     nodes = _wait_for_nodes(grid, cfg.split.num_clients, patience)
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, 0)})
@@ -80,6 +82,10 @@ def describe_clients(grid: Grid, cfg: Config, fingerprint: str) -> dict[int, int
                             f"manifest has {fingerprint[:16]}...: the nodes do not hold the same data set")
         if pid in partitions:
             raise RunFailed(f"nodes {partitions[pid]} and {node} both claim partition-id {pid}")
+        claimed = int(msg.content[wire.METRICS][wire.NUM_EXAMPLES])
+        if 0 <= pid < manifest.num_clients and claimed != len(manifest.clients[pid]):
+            raise RunFailed(f"client {pid} (node {node}) claims {claimed} samples, its partition has "
+                            f"{len(manifest.clients[pid])} in the server's manifest")
         partitions[pid] = node
     missing = sorted(set(range(cfg.split.num_clients)) - set(partitions))
     if missing:
@@ -126,12 +132,13 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
         manifest = build_manifest(cfg, ds)
         manifest.save(run.manifest_path)
     evaluator = GlobalEvaluator(cfg, ds, manifest)
-    partitions = describe_clients(grid, cfg, manifest.fingerprint)
+    partitions = describe_clients(grid, cfg, manifest)
     spec = model_spec(cfg)
     model = build_model(spec, cfg.seed)
-    common = dict(seed=cfg.seed, partitions=partitions, fraction_train=cfg.federation.fraction_train,
-                  min_train_nodes=cfg.federation.min_train_clients,
-                  min_available_nodes=cfg.federation.min_available_clients)
+    common = {"seed": cfg.seed, "partitions": partitions, "fraction_train": cfg.federation.fraction_train,
+              "min_train_nodes": cfg.federation.min_train_clients,
+              "min_available_nodes": cfg.federation.min_available_clients,
+              "examples": {p: len(manifest.clients[p]) for p in partitions}}
     meta = {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute}
     if started:
         assert point is not None and point.rounds_completed is not None

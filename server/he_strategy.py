@@ -55,10 +55,10 @@ class EncryptedReply(ClientReply):
     """A client's encrypted update, parsed with the server's public context and checked."""
 
     def __init__(self, msg: Message, partition: int, ctx: ts.Context, server_fingerprint: str,
-                 layout: EncryptionLayout, max_ciphertext_bytes: int) -> None:
+                 layout: EncryptionLayout, max_ciphertext_bytes: int, examples: int | None = None) -> None:
         """``max_ciphertext_bytes``: the most the layout's ciphertexts can take, checked before
         the payload is decoded."""
-        super().__init__(msg, partition)
+        super().__init__(msg, partition, examples)
         meta = record(msg.content, "config", wire.HE_META, self.who)
         theirs = str(meta[wire.FINGERPRINT])
         if theirs != server_fingerprint:
@@ -111,7 +111,8 @@ class HEFedAvg(FaceFedAvg):
 
     def accept(self, msg: Message, partition: int) -> ClientReply:
         try:
-            reply = EncryptedReply(msg, partition, self.ctx, self.fingerprint, self.layout, self.max_ciphertext_bytes)
+            reply = EncryptedReply(msg, partition, self.ctx, self.fingerprint, self.layout, self.max_ciphertext_bytes,
+                                   self.examples.get(partition))
         except KeyMismatchError as exc:
             if self.on_key_mismatch == "fail":
                 raise

@@ -112,8 +112,10 @@ def record(content: RecordDict, kind: str, key: str, who: str) -> ArrayRecord | 
 class ClientReply:
     """A train reply's plaintext envelope: who sent it, its sample count, metrics and privacy."""
 
-    def __init__(self, msg: Message, partition: int) -> None:
-        """``partition``: the sender's partition id from the describe phase, which the reply must repeat."""
+    def __init__(self, msg: Message, partition: int, examples: int | None = None) -> None:
+        """``partition``: the sender's partition id from the describe phase, which the reply must repeat;
+        ``examples``: that partition's member samples in the server's manifest. FedAvg weighs updates by
+        the count a client claims, so a client claiming more than it holds would outweigh the others."""
         content = msg.content
         self.node_id = msg.metadata.src_node_id
         self.who = f"client {partition} (node {self.node_id})"
@@ -126,6 +128,9 @@ class ClientReply:
             raise ValueError(f"{self.who}: reply claims partition-id {self.partition}")
         if self.num_examples <= 0:
             raise ValueError(f"{self.who}: num-examples must be > 0, got {self.num_examples}")
+        if examples is not None and self.num_examples != examples:
+            raise ValueError(f"{self.who}: claims num-examples {self.num_examples}, but its partition has {examples} "
+                             "member samples in the server's manifest")
 
 
 def check_arrays(who: str, arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
@@ -146,8 +151,9 @@ def check_arrays(who: str, arrays: dict[str, np.ndarray], expected: dict[str, np
 class PlainReply(ClientReply):
     """A plaintext train reply whose arrays match the global model's keys, shapes and dtypes."""
 
-    def __init__(self, msg: Message, partition: int, expected: dict[str, np.ndarray]) -> None:
-        super().__init__(msg, partition)
+    def __init__(self, msg: Message, partition: int, expected: dict[str, np.ndarray],
+                 examples: int | None = None) -> None:
+        super().__init__(msg, partition, examples)
         self.arrays = wire.record_to_numpy(record(msg.content, "array", wire.ARRAYS, self.who))
         check_arrays(self.who, self.arrays, expected)
 
@@ -156,11 +162,13 @@ class FaceFedAvg(FedAvg):
     """FedAvg over the shared model, sampling by partition id with a seeded generator."""
 
     def __init__(self, *, seed: int, partitions: dict[int, int], fraction_train: float, min_train_nodes: int,
-                 min_available_nodes: int) -> None:
+                 min_available_nodes: int, examples: dict[int, int] | None = None) -> None:
+        """``examples``: partition id -> its member samples in the manifest, which replies must claim."""
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
                          min_evaluate_nodes=0, min_available_nodes=min_available_nodes)
         self.seed = seed
         self.partitions = partitions  # partition id -> node id
+        self.examples = examples or {}
         self.failures: list[str] = []
         self.accepted: list[ClientReply] = []
         # The round's settings, read from the configuration configure_train sends to the clients.
@@ -254,7 +262,7 @@ class FaceFedAvg(FedAvg):
 
     def accept(self, msg: Message, partition: int) -> ClientReply:
         """Validate one reply from the client of ``partition`` against the arrays sent by ``configure_train``."""
-        return PlainReply(msg, partition, self._global)
+        return PlainReply(msg, partition, self._global, self.examples.get(partition))
 
     def combine(self) -> ArrayRecord:
         return wire.numpy_to_record(weighted_average([(r.num_examples, r.arrays) for r in self.accepted]))

@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Depreca
                                          "ignore::FutureWarning")]
 
 PARTITIONS = {0: 10, 1: 11, 2: 12}  # partition id -> node id
+EXAMPLES = {0: 1, 1: 2, 2: 3}  # partition id -> its samples in the server's manifest
 LINK_TIMEOUT = 4  # round_timeout of the SuperLink test: room for threads on a loaded machine
 GLOBAL = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 
@@ -46,7 +47,8 @@ def _plain_strategy(*overrides: str, server_round: int = 1):
     from common.config import load_config
     from server.strategy import FaceFedAvg
 
-    strategy = FaceFedAvg(seed=0, partitions=PARTITIONS, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    strategy = FaceFedAvg(seed=0, partitions=PARTITIONS, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2,
+                          examples=EXAMPLES)
     config = wire.config_record(load_config(None, list(overrides)), server_round)
     strategy.configure_train(server_round, wire.numpy_to_record(GLOBAL), config, grid=None)
     return strategy
@@ -106,6 +108,8 @@ def _bad_update(kind: str):
         return msg
     elif kind == "other-partition":  # node 11 is client 1, but claims to be client 2
         return plain_reply(11, 2, 2, update)
+    elif kind == "inflated":  # claims 100x its samples, to outweigh the others in FedAvg
+        return plain_reply(11, 1, 200, update)
     return plain_reply(11, 1, 2, update)
 
 
@@ -117,6 +121,7 @@ def _bad_update(kind: str):
     ("keys", ("update has keys ['b']",)), ("config-record", ("no array record 'arrays'",)),
     ("torch-stype", ()), ("corrupt-npy", ()),  # the decoder's message is common/wire.py's
     ("no-metrics", ("no metric record 'metrics'",)), ("other-partition", ("claims partition-id 2",)),
+    ("inflated", ("claims num-examples 200, but its partition has 2 member samples in the server's manifest",)),
 ])
 def test_bad_update_is_rejected_and_logged_naming_the_client(server_task, caplog, kind, fragments) -> None:
     strategy = _plain_strategy()
@@ -241,6 +246,39 @@ def test_reply_of_another_round_is_ignored(server_task) -> None:
     assert strategy.failures == ["client 1 (node 11): ignored a reply to round 1 that arrived in round 2",
                                  "client 1 (node 11): no reply within 45 s"]
     np.testing.assert_array_equal(record["w"].numpy(), np.full((4, 3), 4.0, np.float32))
+
+
+@pytest.mark.timeout(60)
+def test_describe_phase_refuses_a_node_claiming_more_samples_than_its_partition(server_task) -> None:
+    """The describe replies are real Messages from a grid that plays three nodes: honest, they map
+    partitions to nodes; with client 2 claiming one sample more than its partition has in the
+    server's manifest, the run stops naming it."""
+    from flwr.app import ConfigRecord
+
+    from common import wire
+    from common.builders import build_dataset, build_manifest
+    from common.config import load_config
+    from server.federation import RunFailed, describe_clients
+
+    cfg = load_config(None, [*TINY, "split.num_clients=3"])
+    manifest = build_manifest(cfg, build_dataset(cfg))
+    counts = [len(c) for c in manifest.clients]
+
+    class ThreeNodes:  # the two Grid calls describe_clients makes
+        def __init__(self, extra: int) -> None:
+            self.extra = extra
+
+        def get_node_ids(self) -> list[int]:
+            return list(PARTITIONS.values())
+
+        def send_and_receive(self, messages, timeout):
+            return [reply_message(node, p, counts[p] + self.extra * (p == 2), {
+                wire.CONFIG: ConfigRecord({"fingerprint": manifest.fingerprint})}) for p, node in PARTITIONS.items()]
+
+    assert describe_clients(ThreeNodes(0), cfg, manifest) == PARTITIONS
+    with pytest.raises(RunFailed, match=rf"client 2 \(node 12\) claims {counts[2] + 1} samples, its partition has "
+                                        rf"{counts[2]} in the server's manifest"):
+        describe_clients(ThreeNodes(1), cfg, manifest)
 
 
 # ---------------------------------------------------------------- late replies on Flower's SuperLink state

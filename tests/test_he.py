@@ -72,12 +72,12 @@ def _he_reply(ctx, fp, layout, node, partition, n, arrays):
         wire.HE_META: ConfigRecord({wire.FINGERPRINT: fp})})
 
 
-def _strategy(contexts, layout, partitions, on_key_mismatch="exclude", min_train=2):
+def _strategy(contexts, layout, partitions, on_key_mismatch="exclude", min_train=2, examples=None):
     from server.he_strategy import HEFedAvg
 
     return HEFedAvg(ctx=contexts["public"], key_fingerprint=contexts["fingerprint"], layout=layout,
                     on_key_mismatch=on_key_mismatch, seed=0, partitions=partitions, fraction_train=1.0,
-                    min_train_nodes=min_train, min_available_nodes=2)
+                    min_train_nodes=min_train, min_available_nodes=2, examples=examples)
 
 
 def _decrypt(contexts, strategy, record):
@@ -109,6 +109,27 @@ def test_decrypted_aggregate_equals_plaintext_fedavg(server_task, contexts, frac
     for key in SHAPES:
         scale = np.abs(want[key]).max()
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6 * scale, err_msg=key)
+
+
+def test_inflated_sample_count_is_refused_before_it_enters_the_encrypted_sum(server_task, contexts) -> None:
+    """The weight of an encrypted update is inside the ciphertext (n x update), so the server checks
+    the claimed count against its manifest before adding: client 2 claims 50x its samples."""
+    from common.privacy.he_selection import EncryptionLayout
+    from server.aggregation import weighted_average
+
+    updates = _updates(0, 3, SHAPES)
+    layout = EncryptionLayout.for_state(updates[0][1])
+    strategy = _strategy(contexts, layout, {p: 100 + p for p in range(3)},
+                         examples={p: n for p, (n, _) in enumerate(updates)})
+    replies = [_he_reply(contexts["secret"], contexts["fingerprint"], layout, 100 + p, p, n * (50 if p == 2 else 1), a)
+               for p, (n, a) in enumerate(updates)]
+    record, _ = strategy.aggregate_train(1, replies)
+    (failure,) = strategy.failures
+    assert failure.startswith("client 2 (node 102)") and f"claims num-examples {updates[2][0] * 50}" in failure
+    assert strategy.total_weight == updates[0][0] + updates[1][0]
+    got, want = _decrypt(contexts, strategy, record), weighted_average(updates[:2])
+    for key in SHAPES:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6 * np.abs(want[key]).max(), err_msg=key)
 
 
 def test_server_context_is_public_and_cannot_decrypt(keys, contexts) -> None:
