@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from common.config import Config, from_flat
 from common.io import check_npy_size
-from common.models.mote import PARAM_NAMES, MoteGallery, check_gallery
+from common.models.mote import PARAM_NAMES, MoteGallery
 from common.privacy.he import Ciphertexts
 
 ARRAYS = "arrays"
@@ -123,12 +123,11 @@ def record_to_gallery(rec: ArrayRecord, seed: int, who: str) -> MoteGallery:
     missing = sorted({*PARAM_NAMES, "identity_ids", "balancing_factor"} - set(arrays))
     if missing:
         raise ValueError(f"{who}: MOTE gallery lacks {missing}")
-    ids = arrays["identity_ids"]
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{who}: MOTE gallery identity_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-    check_gallery(who, ids, {n: arrays[n] for n in PARAM_NAMES}, arrays["balancing_factor"])
-    return MoteGallery(ids, {n: torch.from_numpy(arrays[n].copy()) for n in PARAM_NAMES}, arrays["balancing_factor"],
-                       seed)
+    try:
+        return MoteGallery(arrays["identity_ids"], {n: np.array(arrays[n]) for n in PARAM_NAMES},  # writable copies
+                           arrays["balancing_factor"], seed)
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc}") from None
 
 
 def metric_record(values: Mapping[str, float | int]) -> MetricRecord:

@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -440,14 +440,44 @@ class MoteGallery:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.identity_ids = np.asarray(self.identity_ids, dtype=np.int64)
-        self.balancing_factor = np.asarray(self.balancing_factor, dtype=np.float64)
-        self.params = {n: self.params[n].detach().to(torch.float32).contiguous() for n in PARAM_NAMES}
-        k = self.identity_ids.size
-        if any(t.shape[0] != k for t in self.params.values()) or self.balancing_factor.shape != (k,):
-            raise ValueError(f"MoteGallery: {k} identity ids but parameters/balancing factors of another length")
+        """Refuse anything but the finite float tensors of one model per identity (all of one
+        embedding size), unique ids and one factor in [0, 1] per identity: a gallery comes from a
+        client or from disk, and a misshapen one would otherwise fail deep inside torch when
+        galleries are merged or scored. Callers prefix the ValueError with where it came from."""
+        ids = np.asarray(self.identity_ids)
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"MOTE gallery identity ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+        self.identity_ids = ids.astype(np.int64)
+        k = ids.size
+        missing = sorted(set(PARAM_NAMES) - set(self.params))
+        if missing:
+            raise ValueError(f"MOTE gallery lacks {missing}")
+        tensors = {}
+        for name in PARAM_NAMES:
+            try:
+                tensors[name] = torch.as_tensor(self.params[name])
+            except (TypeError, RuntimeError, ValueError):
+                raise ValueError(f"MOTE gallery parameter {name!r} is not a numeric array") from None
+        w1 = tensors["w1"]
+        dim = int(w1.shape[1]) if w1.ndim == 3 else 0
+        want = {n: (k, *shape) for n, shape in _param_shapes(dim).items()}
+        bad = [f"{n} {tuple(t.shape)} (expected {want[n]})" for n, t in tensors.items() if tuple(t.shape) != want[n]]
+        if dim < 1 or bad:
+            raise ValueError(f"MOTE gallery of {k} identities has misshapen parameters: {', '.join(bad)}")
+        bad = [n for n, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f"MOTE gallery parameters {bad} are not finite floats")
         if np.unique(self.identity_ids).size != k:
-            raise ValueError("MoteGallery: identity ids must be unique")
+            raise ValueError("MOTE gallery identity ids are not unique")
+        try:
+            b = np.asarray(self.balancing_factor, dtype=np.float64)
+        except (TypeError, ValueError):
+            b = np.full(0, np.nan)
+        if b.shape != (k,) or not ((b >= 0) & (b <= 1)).all():
+            raise ValueError(f"MOTE gallery needs {k} balancing factors in [0, 1], "
+                             f"got {str(self.balancing_factor)[:80]}")
+        self.balancing_factor = b
+        self.params = {n: t.detach().to(torch.float32).contiguous() for n, t in tensors.items()}
         self._w1_flat: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -528,50 +558,14 @@ class MoteGallery:
             raise ValueError(f"{path}: MOTE gallery metadata 'identity_ids' must be a list of integers")
         if not _is_int64(seed) or not isinstance(info, dict | None):
             raise ValueError(f"{path}: MOTE gallery metadata 'seed' must be an integer and 'info' an object")
-        check_gallery(str(path), ids, state, factors)
-        return cls(np.asarray(ids, dtype=np.int64), state, np.asarray(factors, dtype=np.float64), seed, info or {})
+        try:
+            return cls(np.asarray(ids, dtype=np.int64), state, factors, seed, info or {})
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 def _is_int64(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and -(2**63) <= x < 2**63
-
-
-def check_gallery(where: str, identity_ids: Sequence[int] | np.ndarray, params: Mapping[str, Any],
-                  balancing_factor: Any) -> None:
-    """Raise ValueError naming ``where`` unless ``params`` are the finite float tensors of one model
-    per identity (all of one embedding size), ids are unique and each has a factor in [0, 1].
-
-    A gallery comes from a client or from disk; a misshapen one would otherwise fail deep inside
-    torch when galleries are merged or scored.
-    """
-    k = len(identity_ids)
-    missing = sorted(set(PARAM_NAMES) - set(params))
-    if missing:
-        raise ValueError(f"{where}: MOTE gallery lacks {missing}")
-    tensors = {}
-    for name in PARAM_NAMES:
-        try:
-            tensors[name] = torch.as_tensor(params[name])
-        except (TypeError, RuntimeError, ValueError):
-            raise ValueError(f"{where}: MOTE gallery parameter {name!r} is not a numeric array") from None
-    w1 = tensors["w1"]
-    dim = int(w1.shape[1]) if w1.ndim == 3 else 0
-    want = {n: (k, *shape) for n, shape in _param_shapes(dim).items()}
-    bad = [f"{n} {tuple(t.shape)} (expected {want[n]})" for n, t in tensors.items() if tuple(t.shape) != want[n]]
-    if dim < 1 or bad:
-        raise ValueError(f"{where}: MOTE gallery of {k} identities has misshapen parameters: {', '.join(bad)}")
-    bad = [n for n, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(f"{where}: MOTE gallery parameters {bad} are not finite floats")
-    if len(set(np.asarray(identity_ids).tolist())) != k:
-        raise ValueError(f"{where}: MOTE gallery identity ids are not unique")
-    try:
-        b = np.asarray(balancing_factor, dtype=np.float64)
-    except (TypeError, ValueError):
-        b = np.full(0, np.nan)
-    if b.shape != (k,) or not ((b >= 0) & (b <= 1)).all():
-        raise ValueError(f"{where}: MOTE gallery needs {k} balancing factors in [0, 1], "
-                         f"got {str(balancing_factor)[:80]}")
 
 
 def _balancing_factors(balancing_factor: float | Sequence[float] | np.ndarray, k: int) -> np.ndarray:
