@@ -84,6 +84,8 @@ class TrainConfig:
     momentum: float = _num(0.9, 0.0, 1.0)
     weight_decay: float = _num(5e-4, 0.0)
     augment: bool = True
+    attribute_weight: float = _num(1.0, 0.0, doc="task both: weight of the attribute loss against the identity "
+                                                 "margin loss (which is 10-20x larger at the start)")
 
 
 @dataclass

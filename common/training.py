@@ -127,7 +127,8 @@ def task_loss(cosine: torch.Tensor | None, attr_logit: torch.Tensor | None, y_id
     if cosine is not None:
         loss = loss + F.cross_entropy(margin_logits(cosine, y_id, cfg.margin, cfg.margin_scale), y_id, reduction="none")
     if attr_logit is not None:
-        loss = loss + F.binary_cross_entropy_with_logits(attr_logit, y_attr.float(), reduction="none")
+        bce = F.binary_cross_entropy_with_logits(attr_logit, y_attr.float(), reduction="none")
+        loss = loss + (cfg.attribute_weight * bce if cosine is not None else bce)
     return loss
 
 

@@ -275,6 +275,24 @@ def test_zero_sample_weights_mean_no_update(synth_small, tiny_spec) -> None:
     assert torch.equal(_weights(model, head), before)
 
 
+def test_attribute_weight_scales_only_the_attribute_loss_of_task_both() -> None:
+    """Task "both" adds w x BCE to the margin loss; an attribute-only task ignores the weight."""
+    from common.training import task_loss
+
+    gen = torch.Generator().manual_seed(0)
+    cosine, logit = torch.rand(6, 4, generator=gen) * 2 - 1, torch.randn(6, generator=gen)
+    y_id, y_attr = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([0, 1, 1, 0, 1, 0])
+
+    def loss(w: float, both: bool = True) -> torch.Tensor:
+        return task_loss(cosine if both else None, logit, y_id, y_attr, _train_cfg(attribute_weight=w))
+
+    identity_only = task_loss(cosine, None, y_id, y_attr, _train_cfg())
+    bce = loss(1.0) - identity_only
+    torch.testing.assert_close(loss(3.0) - identity_only, 3 * bce)
+    torch.testing.assert_close(loss(0.0), identity_only)
+    torch.testing.assert_close(loss(3.0, both=False), bce)
+
+
 # --- argument checks and helpers ------------------------------------------------------------
 
 def test_train_rejects_inconsistent_arguments(synth_small, tiny_spec) -> None:
