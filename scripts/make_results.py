@@ -1,6 +1,6 @@
 """Write docs/RESULTS.md from sweep directories: does each finding of the papers hold here?
 
-    .venv/bin/python scripts/make_results.py SWEEP_DIR [SWEEP_DIR ...] --out docs/RESULTS.md
+    .venv/bin/python scripts/make_results.py SWEEP_DIR [SWEEP_DIR ...] --out docs/RESULTS.md [--assets docs/results]
 
 Reads each sweep's sweep.json (the commands that made it) and every finished run's files
 (``common.run_results``), and checks:
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.io import atomic_write_text, read_json
+from common.io import atomic_write_bytes, atomic_write_text, read_json
 from common.report import fmt, with_ci
 from common.run_results import FAIR_GALLERY, RunResults
 
@@ -81,11 +82,25 @@ def load_sweeps(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
                  + f", {base.get('references')} reference models per audit.", "", "Commands:", "", "```bash"]
         lines += index.get("commands", []) or ["(none recorded)"]
         lines += ["```", ""]
-        lines += [f"- failed: `{k}`: {e.get('error')}" for k, e in failed]
+        lines += [f"- {e['state']}: `{k}`" + (f": {e['error']}" if e.get("error") else "") for k, e in failed]
         described.append("\n".join(lines))
         for k, e in finished:
             runs.append(Run(d, k, e["combination"], e["seed"], RunResults.load(e["run_dir"])))
     return runs, described
+
+
+def copy_assets(sweep: Path, assets: Path, out: Path) -> list[str]:
+    """Copy the sweep's sweep.csv and plots into ``assets/<sweep name>/`` (the run directories stay
+    where they are) and return markdown that shows them, with paths relative to ``out``."""
+    target = assets / sweep.name
+    if not (sweep / "sweep.csv").is_file():
+        return [f"No sweep.csv in `{sweep}` yet (written when a `facefl sweep` invocation ends).", ""]
+    files = [sweep / "sweep.csv", *sorted((sweep / "plots").glob("*.png"))]
+    for f in files:
+        atomic_write_bytes(target / f.name, f.read_bytes())
+    rel = Path(os.path.relpath(target, out.parent))
+    lines = [f"Per-run table: [`{rel / 'sweep.csv'}`]({rel / 'sweep.csv'}); plots (mean over seeds, band min to max):", ""]
+    return lines + [f"![{f.stem}]({rel / f.name})" for f in files[1:]] + [""]
 
 
 def _attack(r: Run, target: str | None, names: Sequence[str], prefix: bool = False) -> dict[str, Any] | None:
@@ -197,35 +212,51 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True)) / (sx * sy)
 
 
+def _not_dp_trained(target: str) -> bool:
+    """MOTE galleries are trained after the federation without DP-SGD (mote.dp_* off by default):
+    the backbone's epsilon does not bound them, so they are controls, not evidence."""
+    return target.startswith("MOTE")
+
+
 def dp_trend(runs: list[Run]) -> Finding:
-    """Per series (the other grid values) and attack: AUC at the smallest vs the largest epsilon."""
+    """Per series (the other grid values and the seed) and attack: AUC at the smallest vs the
+    largest epsilon, and the rank correlation over every epsilon of the series."""
     series: dict[tuple[Path, str], list[Run]] = {}
     for r in runs:
         if math.isnan(r.results.epsilon()):
             continue
         others = " ".join(f"{k}={v}" for k, v in sorted(r.combination.items()) if k != EPSILON_KEY)
-        series.setdefault((r.sweep, others), []).append(r)
-    rows, wins, clear, n = [], 0, 0, 0
+        series.setdefault((r.sweep, f"{others} seed={r.seed}".strip()), []).append(r)
+    rows, controls, wins, clear, n = [], [], 0, 0, 0
     for (sweep, others), members in series.items():
         if len({r.results.epsilon() for r in members}) < 2:
             continue
-        labels = dict.fromkeys(f"{a['name']} @ {a['target']}" for r in members for a in r.results.attacks(False))
-        for label in labels:
+        labels = dict.fromkeys((a["name"], a["target"]) for r in members for a in r.results.attacks(False))
+        for name, target in labels:
             pts = sorted(((r.results.epsilon(), a) for r in members for a in r.results.attacks(False)
-                          if f"{a['name']} @ {a['target']}" == label), key=lambda p: p[0])
+                          if (a["name"], a["target"]) == (name, target)), key=lambda p: p[0])
             if len({e for e, _ in pts}) < 2:
                 continue
-            (e_lo, lo), (e_hi, hi) = pts[0], pts[-1]  # at each end, the first seed's run
+            (e_lo, lo), (e_hi, hi) = pts[0], pts[-1]
             rho = spearman([e for e, _ in pts], [a["auc"] for _, a in pts])
+            row = (f"{sweep.name}: {others}", f"{name} @ {target}", fmt(e_lo), _auc_ci(lo), fmt(e_hi), _auc_ci(hi),
+                   fmt(rho, 2), len(pts))
+            if _not_dp_trained(target):
+                controls.append(row)
+                continue
             n += 1
             wins += hi["auc"] > lo["auc"]
             clear += _clear(hi, lo)
-            rows.append((f"{sweep.name}: {others or 'all'}", label, fmt(e_lo), _auc_ci(lo), fmt(e_hi), _auc_ci(hi),
-                         fmt(rho, 2), len(pts)))
-    body = (_table(("series", "attack @ model", "smallest epsilon", "AUC [95% CI]", "largest epsilon", "AUC [95% CI]",
-                    "Spearman rho (epsilon, AUC)", "runs"), rows)
-            if rows else [("Not measured: no sweep had two or more epsilons with the same other settings "
-                           "(sweep `dp.target_epsilon=...`)."), ""])
+            rows.append(row)
+    headers = ("series", "attack @ model", "smallest epsilon", "AUC [95% CI]", "largest epsilon", "AUC [95% CI]",
+               "Spearman rho (epsilon, AUC)", "epsilons")
+    body = (_table(headers, rows) if rows else
+            [("Not measured: no sweep had two or more epsilons with the same other settings "
+             "(sweep `dp.target_epsilon=...`)."), ""])
+    if controls:
+        body += [("Controls, not counted: attacks on models trained without DP-SGD (the MOTE galleries are trained "
+                 "after the federation, from the DP backbone's embeddings; only post-processing of the backbone is "
+                 "covered by its epsilon, not the enrollment photos)."), "", *_table(headers, controls)]
     return Finding("DP-SGD lowers attack success as epsilon falls", _verdict(wins, clear, n),
                    f"AUC higher at the largest epsilon than at the smallest for {wins} of {n} (series, attack) pairs, "
                    f"intervals apart in {clear}", body)
@@ -307,10 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep directories (with sweep.json)")
     parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
+    parser.add_argument("--assets", type=Path, help="copy each sweep's sweep.csv and plots here and show them")
     args = parser.parse_args(argv)
     runs, sweeps = load_sweeps(args.sweeps)
+    if args.assets:
+        sweeps = [text + "\n" + "\n".join(copy_assets(d, args.assets, args.out)) for d, text in zip(args.sweeps, sweeps, strict=True)]
     findings = [fd_mia(runs), dp_trend(runs), mint(runs), gender_inference(runs), mote_fairness(runs)]
-    command = shlex.join(["scripts/make_results.py", *map(str, args.sweeps), "--out", str(args.out)])
+    command = shlex.join(["scripts/make_results.py", *map(str, args.sweeps), "--out", str(args.out),
+                          *(["--assets", str(args.assets)] if args.assets else [])])
     atomic_write_text(args.out, render(findings, sweeps, command))
     print(f"wrote {args.out}: " + "; ".join(f"{f.title}: {f.verdict}" for f in findings))
     return 0

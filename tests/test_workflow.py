@@ -228,8 +228,11 @@ def test_results_script_checks_each_finding_on_the_sweep(sweep, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "make_results", make_results)  # its dataclasses look their module up
     spec.loader.exec_module(make_results)
     target = tmp_path / "RESULTS.md"
-    assert make_results.main([str(out), "--out", str(target)]) == 0
+    assert make_results.main([str(out), "--out", str(target), "--assets", str(tmp_path / "results")]) == 0
     text = target.read_text(encoding="utf-8")
+    copied = sorted(p.name for p in (tmp_path / "results" / out.name).iterdir())
+    assert copied == sorted(["sweep.csv", *(p.name for p in (out / "plots").glob("*.png"))]) and len(copied) > 1
+    assert all(f"(results/{out.name}/{name})" in text for name in copied)  # shown, relative to RESULTS.md
     for title in ("FD-MIA beats single-model attacks on fair models", "DP-SGD lowers attack success as epsilon falls",
                   "MINT (white-box) beats black-box MIA", "MOTE's gender inference is near 50% while templates leak",
                   "MOTE's fairness is at least the templates'"):
