@@ -82,7 +82,8 @@ def load_sweeps(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
                  + f", {base.get('references')} reference models per audit.", "", "Commands:", "", "```bash"]
         lines += index.get("commands", []) or ["(none recorded)"]
         lines += ["```", ""]
-        lines += [f"- {e['state']}: `{k}`" + (f": {e['error']}" if e.get("error") else "") for k, e in failed]
+        lines += [f"- failed: `{k}`: {e.get('error')}" if e["state"] == "failed" else
+                  f"- unfinished (still running, or stopped: the same command resumes it): `{k}`" for k, e in failed]
         described.append("\n".join(lines))
         for k, e in finished:
             runs.append(Run(d, k, e["combination"], e["seed"], RunResults.load(e["run_dir"])))
