@@ -39,7 +39,7 @@ from common.rundir import ResumePoint, RunDir
 from server.enrollment import enroll_phase
 from server.he_strategy import HEFedAvg, he_strategy
 from server.ledger import PrivacyLedger
-from server.strategy import FaceFedAvg
+from server.strategy import FaceFedAvg, error_summary, sender
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,26 @@ a first ClientApp process can take longer than a short ``round_timeout`` meant f
 
 def describe_clients(grid: Grid, cfg: Config, manifest: Manifest) -> dict[int, int]:
     """Map partition id -> node id, and refuse nodes that split different data than the server or
-    that claim another sample count than their partition has in the server's manifest."""
+    that claim another sample count than their partition has in the server's manifest.
+
+    A node that cannot describe itself is left out as long as every partition is claimed by
+    another: the SuperLink lists a SuperNode that died as online until its heartbeat expires
+    (up to 60 s), so right after SuperNodes were restarted (a new node id each) the dead ones
+    are still asked, and the SuperLink answers for them with an error."""
     fingerprint = manifest.fingerprint
     patience = max(cfg.federation.round_timeout, DESCRIBE_PATIENCE)
     nodes = _wait_for_nodes(grid, cfg.split.num_clients, patience)
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, 0)})
-    replies = grid.send_and_receive([Message(content, node, "query.describe") for node in nodes], timeout=patience)
+    messages = [Message(content, node, "query.describe") for node in nodes]
+    replies = grid.send_and_receive(messages, timeout=patience)
+    owners = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
     partitions: dict[int, int] = {}
+    failed: list[str] = []
     for msg in replies:
-        node = msg.metadata.src_node_id
+        node = sender(msg, owners)  # the SuperLink answers for an unavailable node in its own name
         if msg.has_error():
-            raise RunFailed(f"node {node} failed to describe itself: {msg.error.reason}")
+            failed.append(f"node {node} failed to describe itself: {error_summary(msg.error.reason)}")
+            continue
         pid = int(msg.content[wire.METRICS][wire.PARTITION])
         theirs = str(msg.content[wire.CONFIG]["fingerprint"])
         if theirs != fingerprint:
@@ -89,7 +98,9 @@ def describe_clients(grid: Grid, cfg: Config, manifest: Manifest) -> dict[int, i
         partitions[pid] = node
     missing = sorted(set(range(cfg.split.num_clients)) - set(partitions))
     if missing:
-        raise RunFailed(f"no node answered for partition ids {missing}")
+        raise RunFailed(f"no node answered for partition ids {missing}" + "".join(f"; {f}" for f in failed))
+    for failure in failed:
+        log.warning("%s; left out, every partition has a node", failure)
     return partitions
 
 

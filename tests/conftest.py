@@ -94,3 +94,39 @@ def he_contexts(tmp_path_factory: pytest.TempPathFactory):
     write_keys(root, KeyParams())
     public, fingerprint = load_public_context(root / PUBLIC_FILE)
     return root, load_secret_context(root / SECRET_FILE), public, fingerprint
+
+
+@pytest.fixture
+def link(monkeypatch: pytest.MonkeyPatch):
+    """Flower's in-memory SuperLink state and grid with three registered nodes, set up the way
+    ``flwr.simulation`` sets them up (run_simulation._main_loop, vce_api._register_nodes); the
+    ServerApp's task identity is that run's. Returns (grid, state, {partition: node})."""
+    import secrets
+
+    from flwr.common.constant import (
+        HEARTBEAT_INTERVAL_INF,
+        NOOP_ACCOUNT_NAME,
+        NOOP_FLWR_AID,
+        SUPERLINK_NODE_ID,
+    )
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = factory.state()
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID, "serverapp")
+    (run,) = state.get_run_info(run_ids=[run_id])
+    nodes = {}
+    for partition in range(3):
+        nodes[partition] = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32),
+                                             heartbeat_interval=HEARTBEAT_INTERVAL_INF)
+        state.acknowledge_node_heartbeat(node_id=nodes[partition], heartbeat_interval=HEARTBEAT_INTERVAL_INF)
+    grid = InMemoryGrid(factory)
+    grid.set_run(run)
+    for attr, value in (("_run_id", run_id), ("_task_id", run.primary_task_id), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    return grid, state, nodes

@@ -505,16 +505,32 @@ class Deployment:
         left |= terminate(tagged(self.tag) | left, timeout)
         return left
 
+    def kill(self, timeout: float = 10.0) -> set[int]:
+        """SIGKILL every process of this deployment, as when its machine loses power: no process
+        gets to run a handler or flush anything. Repeats until no process carrying the tag is
+        left (a SuperExec may spawn an app process while the others are being killed), then
+        reaps the started processes and closes their logs (``stop``). Returns what is still alive."""
+        started = [*self.probes, *self.procs]
+        pids = {p.pid for p in started}.union(*(p.remember_children() for p in started))
+        deadline = time.monotonic() + timeout
+        while (pids := {p for p in pids | tagged(self.tag) if alive(p)}) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        return pids | self.stop(timeout)
+
 
 def start_deployment(root: Path, num_nodes: int, node_config: Mapping[int, str] | None = None,
                      connection: str = "local-deployment", cache: Path | None = None,
                      extra_env: Mapping[str, str] | None = None, startup_timeout: float = 120.0, *,
                      tls: Tls | None = None, supernode_auth: bool = False,
                      superlink_env: Mapping[str, str] | None = None,
-                     node_env: Mapping[str, str] | None = None) -> Deployment:
-    """Start 1 SuperLink (``--database root/state.db``) and ``num_nodes`` SuperNodes, each in its
-    own working directory under ``root``; return once every node is online. The caller must
-    call ``Deployment.stop()`` in a ``finally`` (also when this raises: it stops what it started).
+                     node_env: Mapping[str, str] | None = None, database: Path | None = None) -> Deployment:
+    """Start 1 SuperLink (``--database root/state.db``, or ``database``: e.g. that of a SuperLink
+    that ran before, as after a reboot) and ``num_nodes`` SuperNodes, each in its own working
+    directory under ``root``; return once every node is online. The caller must call
+    ``Deployment.stop()`` in a ``finally`` (also when this raises: it stops what it started).
 
     ``node_config[i]`` defaults to ``partition-id=i num-partitions=num_nodes``. Without ``tls``
     everything runs ``--insecure``. ``supernode_auth`` (needs ``tls``) starts the SuperLink with
@@ -535,7 +551,7 @@ def start_deployment(root: Path, num_nodes: int, node_config: Mapping[int, str] 
         security.append("--enable-supernode-auth")
     try:
         dep.procs.append(start("superlink", [str(BIN / "flower-superlink"), *security, "--host", LOOPBACK,
-                                             "--port", str(port), "--database", str(root / "state.db")],
+                                             "--port", str(port), "--database", str(database or root / "state.db")],
                                {**env, **(superlink_env or {})}, root / "superlink", root / "logs"))
         wait_for(lambda: port_open(port), startup_timeout, "SuperLink did not open its port", dep.procs)
         for i in range(num_nodes):

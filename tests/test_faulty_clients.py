@@ -283,42 +283,6 @@ def test_describe_phase_refuses_a_node_claiming_more_samples_than_its_partition(
 
 # ---------------------------------------------------------------- late replies on Flower's SuperLink state
 
-@pytest.fixture
-def link(monkeypatch):
-    """Flower's in-memory SuperLink state and grid with three registered nodes, set up the way
-    ``flwr.simulation`` sets them up (run_simulation._main_loop, vce_api._register_nodes); the
-    ServerApp's task identity is that run's. Returns (grid, state, {partition: node})."""
-    import secrets
-
-    from flwr.common.constant import (
-        HEARTBEAT_INTERVAL_INF,
-        NOOP_ACCOUNT_NAME,
-        NOOP_FLWR_AID,
-        SUPERLINK_NODE_ID,
-    )
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    state = factory.state()
-    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID, "serverapp")
-    (run,) = state.get_run_info(run_ids=[run_id])
-    nodes = {}
-    for partition in range(3):
-        nodes[partition] = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32),
-                                             heartbeat_interval=HEARTBEAT_INTERVAL_INF)
-        state.acknowledge_node_heartbeat(node_id=nodes[partition], heartbeat_interval=HEARTBEAT_INTERVAL_INF)
-    grid = InMemoryGrid(factory)
-    grid.set_run(run)
-    for attr, value in (("_run_id", run_id), ("_task_id", run.primary_task_id), ("_node_id", SUPERLINK_NODE_ID)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    return grid, state, nodes
-
-
 def _play_node(state, node: int, partition: int, value: float, late: bool) -> tuple[threading.Thread, list]:
     """A node that takes its train message and replies with ``value`` everywhere, ``late`` = after
     the message expired. The list receives the SuperLink's answer: the stored reply's id, or None."""
