@@ -66,6 +66,17 @@ class Finding:
     body: list[str]
 
 
+def _relative(path: str | None) -> str | None:
+    """A path inside the working directory (the repository) as a relative one, so that RESULTS.md
+    names the committed config file rather than where this machine keeps it."""
+    if not path:
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
 def load_sweeps(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
     """Every finished run of the sweeps, and a markdown description of each sweep."""
     runs: list[Run] = []
@@ -77,7 +88,7 @@ def load_sweeps(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
         failed = [(k, e) for k, e in entries.items() if e["state"] != "finished"]
         base = index.get("base", {})
         lines = [f"### `{d}`", "", f"{len(finished)} finished runs, {len(failed)} failed or unfinished; base "
-                 f"configuration `{base.get('config') or 'defaults'}`"
+                 f"configuration `{_relative(base.get('config')) or 'defaults'}`"
                  + (" with `--quick` (test-sized federations: a smoke test, not evidence)" if base.get("quick") else "")
                  + f", {base.get('references')} reference models per audit.", "", "Commands:", "", "```bash"]
         lines += index.get("commands", []) or ["(none recorded)"]
