@@ -9,7 +9,9 @@ Reads each sweep's sweep.json (the commands that made it) and every finished run
    pair against the best single-model attack on the fair model, for attribute pairs (sweeps with
    ``fairness.method`` in the grid) and for MOTE gallery pairs (b = 0.5 is the fair one).
 2. DP-SGD lowers attack success as epsilon falls: each attack's AUC at the smallest and at the
-   largest epsilon of a series (inf = DP off), and the rank correlation over all epsilons.
+   largest epsilon of a series (the other grid values and the seed; inf = DP off), and the rank
+   correlation over all epsilons. The verdict counts the attacks that beat chance at the largest
+   epsilon (nothing to lower otherwise); attacks on models trained without DP-SGD (MOTE) are controls.
 3. MINT (white-box) beats black-box MIA on the same global model.
 4. MOTE's gender inference is near 50% while templates leak (MOTE paper).
 5. MOTE's verification fairness (FDR, iGARBE) is at least the templates'.
@@ -240,6 +242,9 @@ def dp_trend(runs: list[Run]) -> Finding:
         others = " ".join(f"{k}={v}" for k, v in sorted(r.combination.items()) if k != EPSILON_KEY)
         series.setdefault((r.sweep, f"{others} seed={r.seed}".strip()), []).append(r)
     rows, controls, wins, clear, n = [], [], 0, 0, 0
+    # An attack at chance without DP has nothing for DP to remove: the verdict counts the pairs whose
+    # attack beats chance (interval above 0.5) at the largest epsilon; the table shows every pair.
+    signal = signal_wins = signal_clear = 0
     for (sweep, others), members in series.items():
         if len({r.results.epsilon() for r in members}) < 2:
             continue
@@ -259,6 +264,11 @@ def dp_trend(runs: list[Run]) -> Finding:
             n += 1
             wins += hi["auc"] > lo["auc"]
             clear += _clear(hi, lo)
+            if ((hi.get("ci95") or {}).get("auc") or [0.0])[0] > 0.5:
+                signal += 1
+                signal_wins += hi["auc"] > lo["auc"]
+                signal_clear += _clear(hi, lo)
+                row = (row[0], f"**{row[1]}**", *row[2:])
             rows.append(row)
     headers = ("series", "attack @ model", "smallest epsilon", "AUC [95% CI]", "largest epsilon", "AUC [95% CI]",
                "Spearman rho (epsilon, AUC)", "epsilons")
@@ -269,9 +279,16 @@ def dp_trend(runs: list[Run]) -> Finding:
         body += [("Controls, not counted: attacks on models trained without DP-SGD (the MOTE galleries are trained "
                  "after the federation, from the DP backbone's embeddings; only post-processing of the backbone is "
                  "covered by its epsilon, not the enrollment photos)."), "", *_table(headers, controls)]
-    return Finding("DP-SGD lowers attack success as epsilon falls", _verdict(wins, clear, n),
-                   f"AUC higher at the largest epsilon than at the smallest for {wins} of {n} (series, attack) pairs, "
-                   f"intervals apart in {clear}", body)
+    if rows:
+        body.append("In bold: the attack beats chance (interval above 0.5) at the largest epsilon; the verdict counts "
+                    "these pairs, since DP cannot lower an attack that fails without it.")
+        body.append("")
+    verdict = (_verdict(signal_wins, signal_clear, signal) if signal or not n else
+               "not testable here (no attack beats chance at the largest epsilon)")
+    return Finding("DP-SGD lowers attack success as epsilon falls", verdict,
+                   f"of the {signal} (series, attack) pairs whose attack beats chance at the largest epsilon, AUC is "
+                   f"higher there than at the smallest epsilon in {signal_wins}, intervals apart in {signal_clear} "
+                   f"(all {n} pairs: {wins} higher, {clear} apart)", body)
 
 
 def _ba_ci(leak: dict[str, Any]) -> tuple[float, list[float]] | None:
