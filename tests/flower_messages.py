@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -33,3 +34,14 @@ def plain_reply(node: int, partition: int, n: int, arrays: dict[str, np.ndarray]
     from common import wire
 
     return reply_message(node, partition, n, {wire.ARRAYS: wire.numpy_to_record(arrays)})
+
+
+def next_instruction(state, node: int, timeout: float):
+    """The next message the SuperLink ``state`` holds for ``node``, as its SuperNode would pull it
+    (polling); None when none came within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (instructions := state.get_message_ins(node_id=node, limit=1)):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+    return instructions[0]

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import deploy_helpers as dh
 import pytest
+from flower_messages import next_instruction
 from sim_runs import LEDGER_FULL, TINY, simulated_run
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
@@ -211,12 +212,8 @@ def _play_describe(state, node: int, partition: int, num_partitions: int) -> thr
     from client.app import describe
 
     def run() -> None:
-        deadline = time.monotonic() + 30
-        while not (instructions := state.get_message_ins(node_id=node, limit=1)):
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.01)
-        (ins,) = instructions
+        if (ins := next_instruction(state, node, 30)) is None:
+            return
         context = Context(run_id=ins.metadata.run_id, node_id=node, state=RecordDict(), run_config={},
                           node_config={"partition-id": partition, "num-partitions": num_partitions})
         reply = describe(ins, context)

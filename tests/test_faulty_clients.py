@@ -25,7 +25,7 @@ import uuid
 import numpy as np
 import pytest
 from faulty_client_app import CRASH, FAULTS_ENV
-from flower_messages import plain_reply, reply_message
+from flower_messages import next_instruction, plain_reply, reply_message
 from sim_runs import TINY, round_events
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
@@ -291,12 +291,8 @@ def _play_node(state, node: int, partition: int, value: float, late: bool) -> tu
     stored: list = []
 
     def run() -> None:
-        deadline = time.monotonic() + 20
-        while not (instructions := state.get_message_ins(node_id=node, limit=1)):
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.01)
-        (ins,) = instructions
+        if (ins := next_instruction(state, node, 20)) is None:
+            return
         if late:
             time.sleep(max(0.0, ins.metadata.created_at + ins.metadata.ttl + 0.3 - time.time()))
         reply = Message(plain_reply(node, partition, partition + 1, _update(value)).content, reply_to=ins)
