@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tenseal as ts
 import torch
 
 from common.builders import build_model, load_model, load_run
@@ -37,12 +38,13 @@ def save_encrypted(path: str | os.PathLike[str], payload: dict[str, np.ndarray],
     return save_checkpoint(path, tensors, {**metadata, "encrypted": True})
 
 
-def decrypt_checkpoint(path: str | os.PathLike[str], secret_context: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The plaintext state dict of an encrypted checkpoint, and its metadata."""
+def decrypt_checkpoint(path: str | os.PathLike[str], ctx: ts.Context, secret_context: str | os.PathLike[str]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The plaintext state dict of an encrypted checkpoint, and its metadata; ``ctx`` is the
+    secret context loaded from ``secret_context`` (named in errors), loaded once per run."""
     state, meta = load_checkpoint(path)
     if not meta.get("encrypted"):
         raise ValueError(f"{path}: not an encrypted checkpoint")
-    ctx = load_secret_context(secret_context)
     if meta["fingerprint"] != fingerprint(ctx):
         raise HEKeyError(f"{secret_context}: key fingerprint {fingerprint(ctx)[:16]}... is not the run's "
                          f"{str(meta['fingerprint'])[:16]}...: this is not the consortium's secret key")
@@ -63,7 +65,8 @@ def decrypt_run(run_dir: str | os.PathLike[str], secret_context: str | os.PathLi
     """
     run = RunDir(run_dir)
     source = run.models / f"final{ENCRYPTED_SUFFIX}"
-    state, meta = decrypt_checkpoint(source, secret_context)
+    ctx = load_secret_context(secret_context)
+    state, meta = decrypt_checkpoint(source, ctx, secret_context)
     plain_meta = {k: v for k, v in meta.items() if k not in ("encrypted", "total_weight", "fingerprint")}
     out = save_checkpoint(run.models / "final.safetensors", state, {**plain_meta, "decrypted_from": source.name})
     cfg, ds, manifest = load_run(run)
@@ -72,7 +75,7 @@ def decrypt_run(run_dir: str | os.PathLike[str], secret_context: str | os.PathLi
     for r in range(1, int(meta["round"])):
         checkpoint = run.models / f"round-{r:03d}{ENCRYPTED_SUFFIX}"
         if checkpoint.exists():  # a run resumed from an older facefl may lack some
-            model.load_state_dict(decrypt_checkpoint(checkpoint, secret_context)[0])
+            model.load_state_dict(decrypt_checkpoint(checkpoint, ctx, secret_context)[0])
             run.log_metrics("decrypted", round=r, **evaluator.evaluate(model))
     model.load_state_dict(state)
     metrics = evaluator.evaluate(model)

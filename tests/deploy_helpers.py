@@ -389,7 +389,7 @@ def start(name: str, args: list[str], env: Mapping[str, str], cwd: Path, log_dir
     cwd.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    log = open(log_path, "wb")
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in Proc.stop
     try:
         popen = subprocess.Popen(args, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)
