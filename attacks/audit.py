@@ -67,17 +67,18 @@ from attacks.scores import (
     sample_loss,
     scaled_confidence,
 )
-from common.builders import load_model, load_run
 from common.config import Config, load_config
 from common.data.dataset import GENDER_NAMES, FaceDataset
-from common.data.splits import Manifest
-from common.encrypted_model import load_final_model
-from common.fairness import reweight, sensitive_attribute
-from common.io import atomic_save_npz, atomic_write_json, read_json
-from common.models.checkpoint import save_checkpoint
-from common.models.face_model import FaceModel, ModelSpec
-from common.rundir import RunDir
-from common.training import embed, predict_attribute, target_labels
+from common.he.checkpoints import load_final_model
+from common.nn.build import load_model
+from common.nn.checkpoint import save_checkpoint
+from common.nn.face_model import FaceModel, ModelSpec
+from common.runs.io import atomic_save_npz, atomic_write_json, read_json
+from common.runs.load import load_run
+from common.runs.rundir import RunDir
+from common.split.manifest import Manifest
+from common.train.fairness import reweight, sensitive_attribute
+from common.train.loop import embed, predict_attribute, target_labels
 
 log = logging.getLogger(__name__)
 

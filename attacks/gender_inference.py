@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
-from common.models.mote import MoteGallery
-from common.mote_evaluation import TemplateSet
+from common.evaluation.mote import TemplateSet
+from common.mote.gallery import MoteGallery
 
 MALE, FEMALE = 1, 0
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from common.plots import log_log_roc
+from common.report.plots import log_log_roc
 
 DEFAULT_FPR_TARGETS: tuple[float, ...] = (0.001, 0.01)
 _BOOT_CHUNK_ELEMENTS = 1_000_000  # resampled scores held at once in the bootstrap

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models.face_model import FaceModel
-from common.training import to_tensor
+from common.nn.face_model import FaceModel
+from common.train.loop import to_tensor
 
 
 @dataclass

@@ -33,12 +33,12 @@ import numpy as np
 from attacks.scores import ShadowAttackModel, bivariate_normal_logpdf
 from common.config import Config
 from common.data.dataset import FaceDataset
-from common.data.splits import Manifest
-from common.models.face_model import FaceModel
-from common.models.mote import MoteGallery, enroll
-from common.models.mote_kde import GenderKDE
-from common.mote_enrollment import gallery_file, mote_settings, references
-from common.training import embed
+from common.mote.enrollment import gallery_file, mote_settings, references
+from common.mote.gallery import MoteGallery, enroll
+from common.mote.kde import GenderKDE
+from common.nn.face_model import FaceModel
+from common.split.manifest import Manifest
+from common.train.loop import embed
 
 log = logging.getLogger(__name__)
 

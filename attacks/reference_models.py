@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 from tqdm.auto import tqdm
 
-from common.builders import build_model
 from common.config import TrainConfig
-from common.models.face_model import FaceModel, ModelSpec
-from common.training import augment, one_cycle_lr, to_tensor
+from common.nn.build import build_model
+from common.nn.face_model import FaceModel, ModelSpec
+from common.train.loop import augment, one_cycle_lr, to_tensor
 
 log = logging.getLogger(__name__)
 

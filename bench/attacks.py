@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 from attacks.reference_models import train_references, training_steps
-from common.builders import build_dataset, model_spec
 from common.config import load_config
-from common.table import format_table
-from common.training import to_tensor
+from common.data.cache import build_dataset
+from common.nn.build import model_spec
+from common.report.tables import format_table
+from common.train.loop import to_tensor
 
 TARGET = 4.0
 
@@ -43,7 +44,7 @@ def step_flops(spec, images: np.ndarray, batch: int) -> float:
     """Floating-point operations of one forward + backward pass of the attribute model on a batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from common.builders import build_model
+    from common.nn.build import build_model
 
     model = build_model(spec, 0)
     with FlopCounterMode(display=False) as counter:

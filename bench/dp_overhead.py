@@ -1,6 +1,6 @@
 """DP-SGD overhead of local training: samples/s without DP, with DP (hooks) and with DP (ghost).
 
-Measures the project's own training loop (``common.training.train``: augmentation, ArcFace
+Measures the project's own training loop (``common.train.loop.train``: augmentation, ArcFace
 identity head, Opacus wrapping, per-step learning-rate schedule) on the default backbone
 (``model_spec(load_config())``, identity task, 64x64 SynthFaces, batch 64), every mode in this one
 process on the same data and from the same initial weights:
@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from common.builders import build_dataset, build_identity_head, build_model, model_spec
 from common.config import DPConfig, load_config
-from common.table import format_table
-from common.training import identity_classes, train
+from common.data.cache import build_dataset
+from common.nn.build import build_identity_head, build_model, model_spec
+from common.report.tables import format_table
+from common.train.loop import identity_classes, train
 
 TARGET_SLOWDOWN = 2.5
 MODES = {  # label -> DP grad_sample_mode (None = no DP)

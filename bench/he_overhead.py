@@ -1,7 +1,7 @@
 """Cost of CKKS-encrypted aggregation against plaintext FedAvg, in one run.
 
 Part 1, the primitives on ``--params`` values (default 1,000,000) and ``--clients`` clients
-(default 10), with the project's own code (``common.privacy.he``: encrypt ``n * update`` plus the
+(default 10), with the project's own code (``common.he.ckks``: encrypt ``n * update`` plus the
 canary, parse with the public context, add client by client, decrypt and divide):
 
 * bytes per client vs float32, for full and selective encryption (``--fractions``);
@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from common.privacy.he import Ciphertexts, EncryptedSum, decrypt_mean, encrypt_weighted, parse
-from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE, KeyParams, load_public_context, load_secret_context, write_keys
-from common.table import format_table
+from common.he.ckks import Ciphertexts, EncryptedSum, decrypt_mean, encrypt_weighted, parse
+from common.he.keys import PUBLIC_FILE, SECRET_FILE, KeyParams, load_public_context, load_secret_context, write_keys
+from common.report.tables import format_table
 from server.aggregation import weighted_average
 
 TARGET_BYTES = 8.5
@@ -145,7 +145,7 @@ def memory_rows(args: argparse.Namespace, work: Path, key_dir: Path) -> list[tup
 
 def round_rows(args: argparse.Namespace, work: Path, key_dir: Path) -> list[tuple]:
     from common.config import load_config
-    from common.simulation import simulate
+    from workflow.simulation import simulate
 
     rows = []
     seconds = {}

@@ -39,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from common.models.mote import MoteGallery, MoteSettings, enroll, parameter_count
-from common.models.mote_kde import GenderKDE
-from common.table import format_table
-from common.verification_fairness import verification_report
+from common.evaluation.verification_fairness import verification_report
+from common.mote.gallery import MoteGallery, enroll
+from common.mote.kde import GenderKDE
+from common.mote.networks import MoteSettings, parameter_count
+from common.report.tables import format_table
 
 TARGET_IDS_PER_S = 20.0
 TARGET_US_PER_PAIR = 10.0

@@ -21,10 +21,11 @@ from flwr.clientapp import ClientApp
 from client.he_client import Encryption, decode_global, encode_update, secret_context
 from client.local import ClientState, StateStore, derived_seed, local_data, local_train
 from common import wire
-from common.builders import build_dataset, build_model, model_spec
 from common.config import Config
-from common.mote_enrollment import enroll_client
-from common.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
+from common.data.cache import build_dataset
+from common.mote.enrollment import enroll_client
+from common.nn.build import build_model, model_spec
+from common.runs.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
 
 log = logging.getLogger(__name__)
 

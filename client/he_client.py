@@ -20,9 +20,9 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from common import wire
-from common.privacy.he import decrypt_mean, encrypt_weighted
-from common.privacy.he_keys import fingerprint, load_secret_context
-from common.privacy.he_selection import EncryptionLayout
+from common.he.ckks import decrypt_mean, encrypt_weighted
+from common.he.keys import fingerprint, load_secret_context
+from common.he.selection import EncryptionLayout
 
 SECRET_KEY_NODE_CONFIG = "he-secret-context"
 SECRET_KEY_ENV = "FACEFL_HE_SECRET_CONTEXT"

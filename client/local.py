@@ -21,18 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.builders import (
-    build_dataset,
-    build_identity_head,
-    build_manifest,
-    build_model,
-    model_spec,
-)
 from common.config import Config
+from common.data.cache import build_dataset
 from common.data.dataset import FaceDataset
-from common.fairness import reweight, sensitive_attribute
-from common.models.checkpoint import load_checkpoint, save_checkpoint
-from common.privacy.dp import (
+from common.nn.build import build_identity_head, build_model, model_spec
+from common.nn.checkpoint import load_checkpoint, save_checkpoint
+from common.split.build import build_manifest
+from common.train.dp import (
     History,
     noise_for,
     poisson_sample_rate,
@@ -40,7 +35,8 @@ from common.privacy.dp import (
     steps_per_epoch,
     total_steps,
 )
-from common.training import identity_classes, target_labels, train
+from common.train.fairness import reweight, sensitive_attribute
+from common.train.loop import identity_classes, target_labels, train
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +159,7 @@ class StateStore:
         again. The client then trains from the same state (its saved state before t), the same
         global model and the same seed (derived from run seed, round and partition), and local
         training is deterministic in these, Opacus' noise included (it is seeded; see
-        common/privacy/dp.py). So the re-run releases a bit-identical update: the same output
+        common/train/dp.py). So the re-run releases a bit-identical update: the same output
         of the same mechanism on the same randomness, which tells an observer nothing the first
         release did not, and costs no extra privacy. The round's steps are then counted once.
         That argument holds only if the update really is identical, which the SHA-256 of the

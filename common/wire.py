@@ -17,9 +17,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from common.config import Config, from_flat
-from common.io import check_npy_size
-from common.models.mote import PARAM_NAMES, MoteGallery
-from common.privacy.he import Ciphertexts
+from common.he.ckks import Ciphertexts
+from common.mote.gallery import MoteGallery
+from common.mote.networks import PARAM_NAMES
+from common.runs.io import check_npy_size
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -29,7 +30,7 @@ ROUND = "server-round"
 NUM_EXAMPLES = "num-examples"
 PARTITION = "partition-id"
 
-# Encrypted aggregation (common/privacy/he.py): the mask of encrypted entries, the encrypted
+# Encrypted aggregation (common/he/ckks.py): the mask of encrypted entries, the encrypted
 # weighted sum (server -> clients) or update (client -> server) with its plaintext part, and
 # plaintext metadata (key fingerprint, total sample count of the sum).
 HE_MASK = "he-mask"

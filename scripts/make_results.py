@@ -3,7 +3,7 @@
     .venv/bin/python scripts/make_results.py SWEEP_DIR [SWEEP_DIR ...] --out docs/RESULTS.md [--assets docs/results]
 
 Reads each sweep's sweep.json (the commands that made it) and every finished run's files
-(``common.run_results``), and checks:
+(``common.runs.results``), and checks:
 
 1. FD-MIA beats single-model attacks on fair models (Tian et al. 2024): FD-MIA on a biased + fair
    pair against the best single-model attack on the fair model, for attribute pairs (sweeps with
@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.io import atomic_write_bytes, atomic_write_text, read_json
-from common.report import fmt, with_ci
-from common.run_results import FAIR_GALLERY, RunResults
+from common.report.html import fmt, with_ci
+from common.runs.io import atomic_write_bytes, atomic_write_text, read_json
+from common.runs.results import FAIR_GALLERY, RunResults
 
 BLACK_BOX = ("loss", "shadow", "lira-online", "lira-offline", "rmia", "centroid")
 MINT = ("mint-vanilla", "mint-cnn")

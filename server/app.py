@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import Config, from_flat, load_config
-from common.rundir import ResumeError, RunDir
+from common.runs.rundir import ResumeError, RunDir
 from server.federation import run_federation
 
 OUTPUT_KEY = "output-dir"

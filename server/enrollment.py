@@ -20,10 +20,10 @@ from flwr.serverapp import Grid
 
 from common import wire
 from common.config import Config
-from common.io import atomic_write_json
-from common.models.mote import MoteGallery
-from common.mote_enrollment import gallery_file
-from common.rundir import RunDir
+from common.mote.enrollment import gallery_file
+from common.mote.gallery import MoteGallery
+from common.runs.io import atomic_write_json
+from common.runs.rundir import RunDir
 from server.strategy import (
     FaceFedAvg,
     client_name,

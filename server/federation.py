@@ -3,7 +3,7 @@
 Each round: sample clients (seeded), send the global model with the configuration, validate
 and average the replies, update the privacy ledger, checkpoint the global model, evaluate it on
 the probe split, and append the round's metrics; then commit the round (status.json, written
-last: see common/rundir.py). ``status.json`` says how the run ended.
+last: see common/runs/rundir.py). ``status.json`` says how the run ended.
 
 A resumed run (``facefl run --resume``) restores the server's state after the last committed
 round from that round's checkpoint (global model or encrypted sum, mask, total weight, and the
@@ -25,17 +25,19 @@ from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from common import wire
-from common.builders import build_dataset, build_manifest, build_model, model_spec
 from common.config import Config
-from common.data.splits import Manifest
-from common.encrypted_model import ENCRYPTED_SUFFIX, save_encrypted
-from common.evaluation import GlobalEvaluator
-from common.models.checkpoint import load_checkpoint, save_checkpoint
-from common.models.face_model import FaceModel
-from common.pretraining import Pretrained, pretrain
-from common.privacy.he_keys import load_public_context
-from common.privacy.he_selection import EncryptionLayout
-from common.rundir import ResumePoint, RunDir
+from common.data.cache import build_dataset
+from common.evaluation.global_model import GlobalEvaluator
+from common.he.checkpoints import ENCRYPTED_SUFFIX, save_encrypted
+from common.he.keys import load_public_context
+from common.he.selection import EncryptionLayout
+from common.nn.build import build_model, model_spec
+from common.nn.checkpoint import load_checkpoint, save_checkpoint
+from common.nn.face_model import FaceModel
+from common.runs.rundir import ResumePoint, RunDir
+from common.split.build import build_manifest
+from common.split.manifest import Manifest
+from common.train.pretraining import Pretrained, pretrain
 from server.enrollment import enroll_phase
 from server.he_strategy import HEFedAvg, he_strategy
 from server.ledger import PrivacyLedger

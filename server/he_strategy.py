@@ -19,17 +19,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from common import wire
 from common.config import Config
-from common.io import atomic_write_json
-from common.models.face_model import FaceModel
-from common.pretraining import Pretrained
-from common.privacy.he import Ciphertexts, EncryptedSum, chunk_sizes, parse, slot_count
-from common.privacy.he_keys import load_public_context
-from common.privacy.he_selection import (
+from common.he.ckks import Ciphertexts, EncryptedSum, chunk_sizes, parse, slot_count
+from common.he.keys import load_public_context
+from common.he.selection import (
     EncryptionLayout,
     fisher_diagonal,
     top_fraction_mask,
 )
-from common.rundir import RunDir
+from common.nn.face_model import FaceModel
+from common.runs.io import atomic_write_json
+from common.runs.rundir import RunDir
+from common.train.pretraining import Pretrained
 from server.aggregation import weighted_average
 from server.strategy import ClientReply, FaceFedAvg, record
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_json
-from common.privacy.dp import History, spent_epsilon, total_steps
+from common.runs.io import atomic_write_json
+from common.train.dp import History, spent_epsilon, total_steps
 
 
 @dataclass

@@ -42,7 +42,7 @@ SMALL_SIZE = 32
 @pytest.fixture(scope="session")
 def synth_small():
     """20 identities x 8 images of 32 px (160 samples). Shared: tests must not modify it."""
-    from common.data.synthetic import SynthConfig, generate
+    from common.data.sources.synthfaces.generator import SynthConfig, generate
 
     ds = generate(SynthConfig(num_identities=SMALL_IDENTITIES, images_per_identity=SMALL_IMAGES,
                               image_size=SMALL_SIZE, seed=0))
@@ -53,7 +53,7 @@ def synth_small():
 @pytest.fixture(scope="session")
 def synth_open_set():
     """40 identities x 8 images of 32 px: the first 24 identities train, the last 16 are unseen."""
-    from common.data.synthetic import SynthConfig, generate
+    from common.data.sources.synthfaces.generator import SynthConfig, generate
 
     ds = generate(SynthConfig(num_identities=40, images_per_identity=8, image_size=SMALL_SIZE, seed=0))
     ds.images.setflags(write=False)
@@ -63,7 +63,7 @@ def synth_open_set():
 @pytest.fixture()
 def tiny_spec():
     """A model small enough to train in a fraction of a second per epoch on 32 px faces."""
-    from common.models.face_model import ModelSpec
+    from common.nn.face_model import ModelSpec
 
     return ModelSpec(width=8, blocks=(1, 1), embedding_dim=16, image_size=SMALL_SIZE, attribute_head=True)
 
@@ -81,7 +81,7 @@ def server_task(monkeypatch):
 def he_contexts(tmp_path_factory: pytest.TempPathFactory):
     """One default CKKS key set for the session: (key directory, secret context, public
     context, fingerprint), as a client and the server each load theirs."""
-    from common.privacy.he_keys import (
+    from common.he.keys import (
         PUBLIC_FILE,
         SECRET_FILE,
         KeyParams,

@@ -3,8 +3,8 @@
 ``FACEFL_TEST_FAULTS`` holds JSON ``{"<round>": [<partition>, ...]}``: those clients raise
 instead of training in that round. A simulation's Ray actors inherit the environment of the
 process that starts Ray (as they inherit ``FACEFL_HE_SECRET_CONTEXT``) and Flower gives them the
-driver's ``sys.path``, so a test sets the variable and points ``common.simulation.CLIENT_APP`` at
-``faulty_client_app:app``.
+driver's ``sys.path``, so a test sets the variable and points ``workflow.simulation.CLIENT_APP`` at
+``faulty_client_app.app``.
 """
 
 from __future__ import annotations

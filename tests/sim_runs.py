@@ -43,7 +43,7 @@ def simulated_run(factory: pytest.TempPathFactory, overrides: tuple[str, ...], t
     Fails the calling test (with the run's error) if the run did not finish.
     """
     from common.config import load_config
-    from common.simulation import simulate
+    from workflow.simulation import simulate
 
     key = (tag, tuple(overrides))
     if key not in _RUNS:

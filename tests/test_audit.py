@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Depreca
 
 
 def _spec(width: int = 16):
-    from common.models.face_model import ModelSpec
+    from common.nn.face_model import ModelSpec
 
     return ModelSpec(width=width, blocks=(1, 1), embedding_dim=32, image_size=32, attribute_head=True)
 
@@ -32,7 +32,7 @@ def overfit(synth_open_set):
     """9 models, each trained on a random half of 320 faces with random labels; model 0 is the target."""
     from attacks.reference_models import train_references
     from common.config import TrainConfig
-    from common.training import predict_attribute
+    from common.train.loop import predict_attribute
 
     ds = synth_open_set
     rng = np.random.default_rng(0)
@@ -61,8 +61,8 @@ def test_attacks_detect_membership_of_an_overfit_model(overfit) -> None:
 def test_attacks_are_at_chance_without_signal(overfit, synth_open_set) -> None:
     from attacks.metrics import roc_auc
     from attacks.scores import lira_online, sample_loss, scaled_confidence
-    from common.builders import build_model
-    from common.training import predict_attribute
+    from common.nn.build import build_model
+    from common.train.loop import predict_attribute
 
     probs, y, in_mask = overfit
     fake = np.random.default_rng(1).random(y.size) < 0.5  # a "membership" no model trained on
@@ -97,7 +97,7 @@ AUDIT_RUN = TINY + ("train.task=attribute", "split.num_clients=2", "federation.m
 
 @pytest.mark.timeout(300)
 def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
-    from common.cli import main
+    from workflow.cli import main
 
     run = simulated_run(tmp_path_factory, AUDIT_RUN, tag="audit")[0]
     argv = ["audit", str(run.path), "--references", "4", "--seed", "3"]
@@ -185,8 +185,8 @@ def test_mint_learns_activation_patterns_and_is_tested_on_unseen_identities() ->
 
 def test_applicable_attacks_follow_the_models_outputs() -> None:
     from attacks.audit import ATTRIBUTE_ATTACKS, MOTE_ATTACKS, applicable_attacks
-    from common.builders import model_spec
     from common.config import load_config
+    from common.nn.build import model_spec
 
     def attacks(task: str) -> set[str]:
         cfg = load_config(None, [f"train.task={task}"])

@@ -16,19 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
-from common.builders import synth_config
-from common.cli import main
 from common.config import load_config
 from common.data import contact_sheet as sheet
+from common.data.cache import synth_config
 from common.data.datadir import CONFIG_NAME, IMAGES_DIR, NPZ_NAME, open_data_dir
 from common.data.dataset import FaceDataset
-from common.data.splits import Manifest
-from common.data.synthetic import SynthConfig, generate
-from common.evaluation import probe_identity_mask
-from common.metrics import verification_auc
-from common.models.checkpoint import load_checkpoint
-from common.models.face_model import FaceModel, ModelSpec
-from common.training import embed
+from common.data.sources.synthfaces.generator import SynthConfig, generate
+from common.evaluation.global_model import probe_identity_mask
+from common.evaluation.verification import verification_auc
+from common.nn.checkpoint import load_checkpoint
+from common.nn.face_model import FaceModel, ModelSpec
+from common.split.manifest import Manifest
+from common.train.loop import embed
+from workflow.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook is firing",
                                         "ignore:Optimal order is the largest alpha")

@@ -68,7 +68,7 @@ OVERRIDES = _overrides(CONFIG)
 def deployments(tmp_path: Path):
     """``start(name, **start_deployment options)`` starts a deployment of NODES SuperNodes whose
     node configs name their state dirs; every process of each is stopped by PID at the end."""
-    from common.rundir import CLIENT_STATE_NODE_CONFIG
+    from common.runs.rundir import CLIENT_STATE_NODE_CONFIG
 
     started: list[dh.Deployment] = []
     node_config = {i: f"partition-id={i} num-partitions={NODES} "
@@ -103,7 +103,7 @@ def _status(run: Path) -> dict:
 
 
 def _records(run: Path) -> list[dict]:
-    from common.rundir import RunDir
+    from common.runs.rundir import RunDir
 
     return RunDir(run).read_metrics()
 
@@ -113,7 +113,7 @@ def _online(dep: dh.Deployment) -> set[int]:
 
 
 def _same_bits(a: Path, b: Path) -> bool:
-    from common.models.checkpoint import load_checkpoint
+    from common.nn.checkpoint import load_checkpoint
 
     x, y = load_checkpoint(a)[0], load_checkpoint(b)[0]
     return set(x) == set(y) and all(x[k].numpy().tobytes() == y[k].numpy().tobytes() for k in x)
@@ -229,8 +229,9 @@ def _play_describe(state, node: int, partition: int, num_partitions: int) -> thr
 def test_describe_leaves_out_a_dead_node_the_superlink_still_lists(link, caplog) -> None:
     from flwr.common.constant import NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
 
-    from common.builders import build_dataset, build_manifest
     from common.config import load_config
+    from common.data.cache import build_dataset
+    from common.split.build import build_manifest
     from server.federation import RunFailed, describe_clients
 
     grid, state, nodes = link  # partition -> node id, all three alive

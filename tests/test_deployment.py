@@ -32,7 +32,7 @@ from pathlib import Path
 import deploy_helpers as dh
 import pytest
 
-from common.models.checkpoint import load_checkpoint
+from common.nn.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 3
@@ -62,7 +62,7 @@ OVERRIDES = {
 
 @pytest.fixture()
 def keys(tmp_path: Path) -> Path:
-    from common.privacy.he_keys import KeyParams, write_keys
+    from common.he.keys import KeyParams, write_keys
 
     write_keys(tmp_path / "keys", KeyParams())
     return tmp_path / "keys"
@@ -74,7 +74,7 @@ NODE_AUDIT = "node-open.log"  # files opened by the SuperNodes, their SuperExecs
 
 @pytest.fixture()
 def deployment(tmp_path: Path, keys: Path):
-    from common.privacy.he_keys import SECRET_FILE
+    from common.he.keys import SECRET_FILE
 
     node_config = {i: f"partition-id={i} num-partitions={NODES} he-secret-context='{keys / SECRET_FILE}'"
                    for i in range(NODES)}
@@ -117,8 +117,8 @@ def opened(entries: list[dh.AuditEntry], target: Path) -> list[dh.AuditEntry]:
 
 @pytest.mark.timeout(900)
 def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path, keys: Path, capsys) -> None:
-    from common.cli import main
-    from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE
+    from common.he.keys import PUBLIC_FILE, SECRET_FILE
+    from workflow.cli import main
 
     started = time.monotonic()
     pyproject = (ROOT / "pyproject.toml").read_bytes()

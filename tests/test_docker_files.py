@@ -32,7 +32,7 @@ import yaml
 from flwr.common.config import parse_config_args
 
 from client.he_client import SECRET_KEY_NODE_CONFIG
-from common.privacy.he_keys import KEY_INFO_FILE, PUBLIC_FILE, SECRET_FILE
+from common.he.keys import KEY_INFO_FILE, PUBLIC_FILE, SECRET_FILE
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
-from common.fairness import FAIRNESS_METHODS, fair_mixup_penalty, reweight
-from common.fairness_metrics import (
+from common.evaluation.attribute_fairness import (
     attribute_report,
     bias_amplification,
     deo,
     group_rates,
 )
-from common.models.face_model import FaceModel, ModelSpec
+from common.nn.face_model import FaceModel, ModelSpec
+from common.train.fairness import FAIRNESS_METHODS, fair_mixup_penalty, reweight
 
 torch.set_num_threads(1)
 

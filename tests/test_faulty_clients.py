@@ -178,7 +178,7 @@ def test_ciphertext_bound_holds_and_is_tight(poly_modulus, coeff_bits) -> None:
     and within 15% of it (SEAL compresses the coefficients a little)."""
     import tenseal as ts
 
-    from common.privacy.he_keys import KeyParams, generate
+    from common.he.keys import KeyParams, generate
     from server.he_strategy import ciphertext_max_bytes
 
     secret = generate(KeyParams(poly_modulus=poly_modulus, coeff_bits=coeff_bits))
@@ -193,8 +193,8 @@ def test_encrypted_reply_larger_than_its_layout_is_refused_before_parsing(server
     from flwr.app import ConfigRecord
 
     from common import wire
-    from common.privacy.he import Ciphertexts, encrypt_weighted
-    from common.privacy.he_selection import EncryptionLayout
+    from common.he.ckks import Ciphertexts, encrypt_weighted
+    from common.he.selection import EncryptionLayout
     from server.he_strategy import HEFedAvg
 
     secret, public, fingerprint = he_keys
@@ -256,8 +256,9 @@ def test_describe_phase_refuses_a_node_claiming_more_samples_than_its_partition(
     from flwr.app import ConfigRecord
 
     from common import wire
-    from common.builders import build_dataset, build_manifest
     from common.config import load_config
+    from common.data.cache import build_dataset
+    from common.split.build import build_manifest
     from server.federation import RunFailed, describe_clients
 
     cfg = load_config(None, [*TINY, "split.num_clients=3"])
@@ -347,10 +348,12 @@ def test_late_reply_is_dropped_and_never_reaches_the_next_round(link) -> None:
 def test_crashing_clients_in_a_simulation(tmp_path, monkeypatch) -> None:
     """3 clients, at least 2 needed: client 0 crashes in round 2 (the round goes on with 1 and 2),
     clients 0 and 2 crash in round 3 (one reply left: the run fails)."""
-    from common import simulation
-    from common.config import load_config
+    import faulty_client_app
 
-    monkeypatch.setattr(simulation, "CLIENT_APP", "faulty_client_app:app")
+    from common.config import load_config
+    from workflow import simulation
+
+    monkeypatch.setattr(simulation, "CLIENT_APP", faulty_client_app.app)
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"2": [0], "3": [0, 2]}))
     cfg = load_config(None, [*TINY, "split.num_clients=3", "data.identities=24", "data.images_per_identity=6",
                              "federation.local_epochs=1", "federation.rounds=3", "federation.min_train_clients=2",

@@ -138,7 +138,7 @@ def test_aggregate_train_rejects_bad_updates_and_keeps_the_rest(server_task) -> 
 # ---------------------------------------------------------------- end to end (real simulations)
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    from common.models.checkpoint import load_checkpoint
+    from common.nn.checkpoint import load_checkpoint
 
     return load_checkpoint(path)[0]
 
@@ -155,9 +155,9 @@ def test_global_model_is_sample_weighted_mean_of_client_updates(full_run) -> Non
     (with its private head and DP history carried over) and the num-examples-weighted mean in
     float64; every round's checkpoint must match bit for bit."""
     from client.local import ClientState, local_train
-    from common.builders import build_model, model_spec
     from common.config import load_config
-    from common.pretraining import pretrain
+    from common.nn.build import build_model, model_spec
+    from common.train.pretraining import pretrain
 
     cfg = load_config(full_run.path / "config.toml")
     events = round_events(full_run)
@@ -215,7 +215,7 @@ def test_same_seed_gives_identical_weights_and_other_seed_differs(tmp_path_facto
 def test_client_error_fails_the_cli_with_the_clients_message(tmp_path, capsys, monkeypatch) -> None:
     """A DP budget no noise can meet: only clients calibrate noise (at their first round), so the
     server prepares the run (data, manifest, describe phase) and the clients' training raises."""
-    from common.cli import main
+    from workflow.cli import main
 
     # main() sets these with setdefault; pre-set them so monkeypatch restores the environment.
     monkeypatch.setenv("RAY_DEDUP_LOGS", "1")

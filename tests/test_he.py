@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Depreca
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     """The consortium's key directory and a second, unrelated one."""
-    from common.privacy.he_keys import KeyParams, write_keys
+    from common.he.keys import KeyParams, write_keys
 
     root = tmp_path_factory.mktemp("keys")
     write_keys(root / "ours", KeyParams())
@@ -38,7 +38,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def contexts(keys):
-    from common.privacy.he_keys import (
+    from common.he.keys import (
         PUBLIC_FILE,
         SECRET_FILE,
         load_public_context,
@@ -64,7 +64,7 @@ def _he_reply(ctx, fp, layout, node, partition, n, arrays):
     from flwr.app import ConfigRecord
 
     from common import wire
-    from common.privacy.he import encrypt_weighted
+    from common.he.ckks import encrypt_weighted
 
     secret, plain = layout.split(arrays)
     return reply_message(node, partition, n, {
@@ -82,7 +82,7 @@ def _strategy(contexts, layout, partitions, on_key_mismatch="exclude", min_train
 
 def _decrypt(contexts, strategy, record):
     from common import wire
-    from common.privacy.he import decrypt_mean
+    from common.he.ckks import decrypt_mean
 
     plain, ct = wire.record_to_payload(record, "test")
     mean = decrypt_mean(contexts["secret"], ct, strategy.layout.n_encrypted, strategy.total_weight, "test")
@@ -91,7 +91,7 @@ def _decrypt(contexts, strategy, record):
 
 @pytest.mark.parametrize("fraction", [1.0, 0.3])
 def test_decrypted_aggregate_equals_plaintext_fedavg(server_task, contexts, fraction) -> None:
-    from common.privacy.he_selection import EncryptionLayout, top_fraction_mask
+    from common.he.selection import EncryptionLayout, top_fraction_mask
     from server.aggregation import weighted_average
 
     updates = _updates(0, 4, SHAPES)
@@ -114,7 +114,7 @@ def test_decrypted_aggregate_equals_plaintext_fedavg(server_task, contexts, frac
 def test_inflated_sample_count_is_refused_before_it_enters_the_encrypted_sum(server_task, contexts) -> None:
     """The weight of an encrypted update is inside the ciphertext (n x update), so the server checks
     the claimed count against its manifest before adding: client 2 claims 50x its samples."""
-    from common.privacy.he_selection import EncryptionLayout
+    from common.he.selection import EncryptionLayout
     from server.aggregation import weighted_average
 
     updates = _updates(0, 3, SHAPES)
@@ -135,8 +135,8 @@ def test_inflated_sample_count_is_refused_before_it_enters_the_encrypted_sum(ser
 def test_server_context_is_public_and_cannot_decrypt(keys, contexts) -> None:
     import tenseal as ts
 
-    from common.privacy.he import CiphertextError, decrypt_mean, encrypt_weighted
-    from common.privacy.he_keys import SECRET_FILE, HEKeyError, load_public_context
+    from common.he.ckks import CiphertextError, decrypt_mean, encrypt_weighted
+    from common.he.keys import SECRET_FILE, HEKeyError, load_public_context
 
     assert not contexts["public"].has_secret_key()
     ct = encrypt_weighted(contexts["secret"], np.arange(10.0), 3)
@@ -150,7 +150,7 @@ def test_server_context_is_public_and_cannot_decrypt(keys, contexts) -> None:
 
 
 def test_fingerprints_tell_keys_apart(keys, contexts) -> None:
-    from common.privacy.he_keys import SECRET_FILE, fingerprint, load_secret_context
+    from common.he.keys import SECRET_FILE, fingerprint, load_secret_context
 
     assert fingerprint(contexts["secret"]) == contexts["fingerprint"]
     assert fingerprint(load_secret_context(keys[0] / SECRET_FILE)) == contexts["fingerprint"]
@@ -158,8 +158,8 @@ def test_fingerprints_tell_keys_apart(keys, contexts) -> None:
 
 
 def test_client_with_another_key_is_named_and_excluded_or_fails_the_round(server_task, contexts) -> None:
-    from common.privacy.he_keys import fingerprint
-    from common.privacy.he_selection import EncryptionLayout
+    from common.he.keys import fingerprint
+    from common.he.selection import EncryptionLayout
     from server.he_strategy import KeyMismatchError
 
     updates = _updates(1, 3, SHAPES)
@@ -184,8 +184,8 @@ def test_client_with_another_key_is_named_and_excluded_or_fails_the_round(server
 def test_canary_catches_a_sum_polluted_by_another_key(server_task, contexts) -> None:
     """A client that encrypts with another key but claims the consortium's fingerprint gets past
     the server; the key holders' canary check then refuses the aggregate."""
-    from common.privacy.he import CiphertextError
-    from common.privacy.he_selection import EncryptionLayout
+    from common.he.ckks import CiphertextError
+    from common.he.selection import EncryptionLayout
 
     updates = _updates(2, 2, SHAPES)
     layout = EncryptionLayout.for_state(updates[0][1])
@@ -199,7 +199,7 @@ def test_canary_catches_a_sum_polluted_by_another_key(server_task, contexts) -> 
 
 def _corrupt(record, how: str):
     from common import wire
-    from common.privacy.he import Ciphertexts
+    from common.he.ckks import Ciphertexts
 
     plain, ct = wire.record_to_payload(record, "test")
     blob, lengths = ct.blob.copy(), ct.lengths.copy()
@@ -222,7 +222,7 @@ def _corrupt(record, how: str):
 @pytest.mark.parametrize("how", ["truncated", "garbage", "zeros", "dropped", "reframed", "dtype"])
 def test_malformed_ciphertexts_are_rejected_naming_the_client(server_task, contexts, how) -> None:
     from common import wire
-    from common.privacy.he_selection import EncryptionLayout
+    from common.he.selection import EncryptionLayout
     from server.aggregation import weighted_average
 
     updates = _updates(3, 3, SHAPES)
@@ -243,9 +243,9 @@ def test_malformed_ciphertexts_are_rejected_naming_the_client(server_task, conte
 
 @pytest.mark.timeout(300)
 def test_he_run_equals_plaintext_run_and_server_stores_only_ciphertexts(tmp_path_factory, keys) -> None:
-    from common.encrypted_model import decrypt_run
-    from common.models.checkpoint import load_checkpoint
-    from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE
+    from common.he.keys import PUBLIC_FILE, SECRET_FILE
+    from common.nn.checkpoint import load_checkpoint
+    from workflow.decryption import decrypt_run
 
     plain_run = simulated_run(tmp_path_factory, LEDGER_FULL)[0]
     he_run = simulated_run(tmp_path_factory, LEDGER_FULL + ("he.enabled=true", f"he.public_context={keys[0] / PUBLIC_FILE}"),

@@ -298,7 +298,7 @@ def test_facefl_run_with_a_bad_config_fails_naming_the_key_and_creates_nothing(
         capsys: pytest.CaptureFixture[str]) -> None:
     """In process (the real command is run once below): exit status 2, the key in the message,
     and the --out tree exactly as it was (no run directory, no temp file)."""
-    from common import cli
+    from workflow import cli
 
     monkeypatch.setattr(cli, "_quiet_libraries", lambda verbose: None)  # keep the session's warning filters
     out = tmp_path / "runs"
@@ -319,7 +319,7 @@ def test_facefl_command_exits_non_zero_on_a_bad_config_file(tmp_path: Path) -> N
     config.write_text("seed = 3\n[dp]\nepsilon = 4\n")
     out = tmp_path / "runs"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "run", str(config), "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "workflow.cli", "run", str(config), "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=150, check=False)
     assert proc.returncode != 0
     assert f"{config}: dp.epsilon: unknown key" in proc.stderr, proc.stderr[-2000:]
@@ -332,7 +332,7 @@ def test_facefl_command_exits_non_zero_on_a_bad_config_file(tmp_path: Path) -> N
 
 @pytest.fixture(scope="module")
 def manifest_doc(synth_small) -> tuple[dict[str, Any], str]:
-    from common.data.splits import SplitConfig, make_manifest
+    from common.split.manifest import SplitConfig, make_manifest
 
     m = make_manifest(synth_small, SplitConfig(num_clients=2, partition="iid", seed=1))
     return m.to_json(), m.fingerprint
@@ -389,7 +389,7 @@ MANIFEST_KEYS = ("<root>", "version", "source", "fingerprint", "num_samples", "c
 def check_manifest_file(path: Path, fingerprint: str) -> None:
     """Load with the expected fingerprint: a manifest whose invariants hold, or a ValueError that
     names the file and the key at fault; the directory is left as it was."""
-    from common.data.splits import ROLES, Manifest
+    from common.split.manifest import ROLES, Manifest
 
     before = listing(path.parent)
     try:
@@ -443,7 +443,7 @@ def test_damaged_manifest_bytes_name_the_file(manifest_doc, cut: int, flips: lis
 def test_manifest_regressions(manifest_doc, tmp_path: Path, tamper: Callable[[dict], None], problem: str) -> None:
     """Negative identity codes and a boolean version used to load; a huge integer for a float
     field raised OverflowError."""
-    from common.data.splits import Manifest
+    from common.split.manifest import Manifest
 
     doc = copy.deepcopy(manifest_doc[0])
     tamper(doc)
@@ -454,7 +454,7 @@ def test_manifest_regressions(manifest_doc, tmp_path: Path, tamper: Callable[[di
 
 
 def test_reading_a_directory_as_json_names_it(tmp_path: Path) -> None:
-    from common.data.splits import Manifest
+    from common.split.manifest import Manifest
 
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: cannot read")):
         Manifest.load(tmp_path)
@@ -469,9 +469,9 @@ SPEC_KW = {"width": 4, "blocks": (1,), "embedding_dim": 8, "image_size": 32, "at
 
 @pytest.fixture(scope="module")
 def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict[str, torch.Tensor]]:
-    from common.builders import build_model
-    from common.models.checkpoint import save_checkpoint
-    from common.models.face_model import ModelSpec
+    from common.nn.build import build_model
+    from common.nn.checkpoint import save_checkpoint
+    from common.nn.face_model import ModelSpec
 
     state = build_model(ModelSpec(**SPEC_KW), 0).state_dict()
     path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.safetensors", state,
@@ -535,9 +535,9 @@ def damaged_checkpoint(draw: st.DrawFn, raw: bytes) -> bytes:
 def test_damaged_checkpoint_loads_or_names_the_file(checkpoint_bytes, data: st.DataObject, scratch: Scratch) -> None:
     """A checkpoint either loads into the model it claims to be (same tensors, shapes, dtypes:
     ``check_state``) or raises ValueError naming the file; the directory is left as it was."""
-    from common.builders import build_model
-    from common.models.checkpoint import check_state, load_checkpoint
-    from common.models.face_model import ModelSpec
+    from common.nn.build import build_model
+    from common.nn.checkpoint import check_state, load_checkpoint
+    from common.nn.face_model import ModelSpec
 
     raw, reference = checkpoint_bytes
     path = scratch.new() / "model.safetensors"
@@ -558,7 +558,7 @@ def test_damaged_checkpoint_loads_or_names_the_file(checkpoint_bytes, data: st.D
 
 def test_check_state_names_the_tensor(checkpoint_bytes, tmp_path: Path) -> None:
     """What ``load_state_dict`` would turn into a RuntimeError (shape) or silently cast (dtype)."""
-    from common.models.checkpoint import check_state
+    from common.nn.checkpoint import check_state
 
     _, reference = checkpoint_bytes
     name = next(k for k, v in reference.items() if v.is_floating_point())
@@ -575,8 +575,9 @@ GALLERY_K, GALLERY_DIM = 3, 8
 @pytest.fixture(scope="module")
 def gallery_parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and metadata of a valid 3-identity gallery, as ``MoteGallery.save`` writes them."""
-    from common.models.checkpoint import load_checkpoint
-    from common.models.mote import MoteGallery, _param_shapes
+    from common.mote.gallery import MoteGallery
+    from common.mote.networks import _param_shapes
+    from common.nn.checkpoint import load_checkpoint
 
     gen = torch.Generator().manual_seed(0)
     params = {n: torch.randn(GALLERY_K, *s, generator=gen) for n, s in _param_shapes(GALLERY_DIM).items()}
@@ -615,8 +616,8 @@ def test_damaged_gallery_loads_and_scores_or_names_the_file(gallery_parts, data:
                                                             scratch: Scratch) -> None:
     """A stolen-and-returned or corrupted gallery file: it loads and scores every probe against
     every identity, or raises ValueError naming the file (never an error deep inside torch)."""
-    from common.models.checkpoint import save_checkpoint
-    from common.models.mote import MoteGallery
+    from common.mote.gallery import MoteGallery
+    from common.nn.checkpoint import save_checkpoint
 
     state, meta = data.draw(damaged_gallery(gallery_parts), label="gallery")
     path = save_checkpoint(scratch.new() / "gallery.safetensors", state, meta)
@@ -640,7 +641,7 @@ N_VALUES = 2100  # 2 ciphertexts of 2048 and 53 slots at N = 4096
 
 @pytest.fixture(scope="module")
 def he_setup(he_contexts) -> dict[str, Any]:
-    from common.privacy.he import encrypt_weighted
+    from common.he.ckks import encrypt_weighted
 
     keys, secret, public, _ = he_contexts
     values = np.random.default_rng(0).normal(size=N_VALUES)
@@ -651,7 +652,7 @@ def he_setup(he_contexts) -> dict[str, Any]:
 def _proto_fields(raw: bytes) -> dict[int, bytes]:
     """Field number -> encoded field (tag included) of a serialised TenSEAL CKKSVector: 1 the slot
     count, 2 the ciphertext, 3 the scale (a valid vector has exactly these, once each)."""
-    from common.privacy.he import _varint
+    from common.he.ckks import _varint
 
     out, i = {}, 0
     while i < len(raw):
@@ -715,7 +716,7 @@ def test_hostile_ciphertexts_are_refused_naming_the_client(he_setup, data: st.Da
     a bad payload is a CiphertextError naming the client. What parses is added to an honest
     client's ciphertexts, and the key holder decrypts the sum or gets a CiphertextError; none of
     it crashes TenSEAL (a vector without ciphertext used to pass and then segfault when added)."""
-    from common.privacy.he import (
+    from common.he.ckks import (
         CiphertextError,
         Ciphertexts,
         EncryptedSum,
@@ -744,7 +745,7 @@ def test_hostile_ciphertexts_are_refused_naming_the_client(he_setup, data: st.Da
 
 def test_length_table_whose_int64_sum_wraps_is_refused(he_setup) -> None:
     """Lengths 2^63-1, 2^63-1, size+2 sum to the blob's size modulo 2^64: the framing used to pass."""
-    from common.privacy.he import CiphertextError, Ciphertexts
+    from common.he.ckks import CiphertextError, Ciphertexts
 
     blob = he_setup["good"].blob
     lengths = np.array([2**63 - 1, 2**63 - 1, blob.size + 2], dtype=np.int64)
@@ -756,7 +757,7 @@ def test_length_table_whose_int64_sum_wraps_is_refused(he_setup) -> None:
 def test_vector_without_ciphertext_is_refused_before_tenseal_touches_it(he_setup, tmp_path: Path) -> None:
     """TenSEAL parses a CKKSVector protobuf with a slot count but no ciphertext; adding it to
     a sum segfaults the server (checked in a child process), so ``parse`` must refuse it."""
-    from common.privacy.he import CiphertextError, Ciphertexts, parse
+    from common.he.ckks import CiphertextError, Ciphertexts, parse
 
     parts = he_setup["good"].split("good")
     empty = [_proto_fields(p)[1] for p in parts]
@@ -781,7 +782,7 @@ def test_damaged_key_files_name_the_file(he_setup, data: st.DataObject, scratch:
     a 64-hex fingerprint for the server)."""
     import tenseal as ts
 
-    from common.privacy.he_keys import (
+    from common.he.keys import (
         KEY_INFO_FILE,
         PUBLIC_FILE,
         SECRET_FILE,
@@ -822,7 +823,7 @@ def test_context_without_global_scale_is_refused(tmp_path: Path) -> None:
     ciphertexts with 'no global scale'."""
     import tenseal as ts
 
-    from common.privacy.he_keys import HEKeyError, load_secret_context
+    from common.he.keys import HEKeyError, load_secret_context
 
     path = tmp_path / "secret-context.bin"
     path.write_bytes(ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[60, 49],
@@ -899,7 +900,7 @@ def test_damaged_npz_loads_or_names_the_file(npz_bytes: bytes, data: st.DataObje
     naming the file; a header declaring more bytes than the member holds is refused before
     numpy allocates it (a 60-byte member used to ask for 7 TiB: MemoryError)."""
     from common.data.dataset import FaceDataset
-    from common.io import load_npz
+    from common.runs.io import load_npz
 
     path = scratch.new() / "data.npz"
     path.write_bytes(data.draw(damaged_npz(npz_bytes), label="file"))
@@ -926,7 +927,7 @@ def test_array_header_declaring_terabytes_is_refused_before_allocation(tmp_path:
     also when the zip directory claims the member is that large."""
     from flwr.app import Array, ArrayRecord
 
-    from common.io import load_npz
+    from common.runs.io import load_npz
     from common.wire import record_to_numpy
 
     bomb = _npy((10**12,), "<f8", b"\0" * 16)
@@ -961,7 +962,7 @@ def test_pickled_arrays_are_never_unpickled(tmp_path: Path) -> None:
     or wire payload holding a pickle is refused, and the pickle never runs."""
     from flwr.app import Array, ArrayRecord
 
-    from common.io import load_npz
+    from common.runs.io import load_npz
     from common.wire import record_to_numpy
 
     marker = tmp_path / "unpickled"
@@ -995,7 +996,7 @@ def test_no_code_path_unpickles() -> None:
 def test_npz_header_of_the_wrong_shape_names_the_file(npz_bytes: bytes, tmp_path: Path, change: Any) -> None:
     """The archive's JSON header replaced (list, number) or one of its fields given another type."""
     from common.data.dataset import FaceDataset
-    from common.io import atomic_save_npz, load_npz
+    from common.runs.io import atomic_save_npz, load_npz
 
     path = tmp_path / "data.npz"
     path.write_bytes(npz_bytes)
@@ -1172,7 +1173,7 @@ def test_hostile_gallery_reply_is_refused_naming_the_client(gallery_parts, data:
     """A client's MOTE gallery reply is a gallery the server can merge and score, or a ValueError
     naming the client (a misshapen second layer used to pass and fail inside torch.cat)."""
     from common import wire
-    from common.models.mote import MoteGallery
+    from common.mote.gallery import MoteGallery
 
     state, meta = data.draw(damaged_gallery(gallery_parts), label="gallery")
     arrays = {k: v.numpy() for k, v in state.items()}
@@ -1231,7 +1232,7 @@ def test_interrupted_write_leaves_no_file_and_no_temp_file(kind: str, cut: float
     """A write that dies half-way inside ``atomic_path`` (an exception, Ctrl-C) leaves the tree
     as it was: the old file intact if there was one, no new file, no temporary file, and no
     directory that the write had created."""
-    from common.io import atomic_path
+    from common.runs.io import atomic_path
 
     root = scratch.new()
     dest = root.joinpath(*[f"new{i}" for i in range(depth)], f"out.{kind}")
@@ -1251,9 +1252,9 @@ def test_interrupted_write_leaves_no_file_and_no_temp_file(kind: str, cut: float
 def test_failed_writers_leave_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real writers: JSON that cannot be serialised, a checkpoint whose rename fails, an npz
     of pickled objects; each raises and the directory is unchanged."""
-    import common.io
-    from common.io import atomic_save_npz, atomic_write_json
-    from common.models.checkpoint import save_checkpoint
+    import common.runs.io
+    from common.nn.checkpoint import save_checkpoint
+    from common.runs.io import atomic_save_npz, atomic_write_json
 
     before = listing(tmp_path)
     with pytest.raises(TypeError):
@@ -1263,7 +1264,7 @@ def test_failed_writers_leave_nothing_behind(tmp_path: Path, monkeypatch: pytest
     def disk_full(src: Path, dst: Path) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(common.io.os, "replace", disk_full)
+    monkeypatch.setattr(common.runs.io.os, "replace", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path / "models" / "round-001.safetensors", {"w": torch.zeros(3)}, {"round": 1})
     assert listing(tmp_path) == before
@@ -1271,9 +1272,9 @@ def test_failed_writers_leave_nothing_behind(tmp_path: Path, monkeypatch: pytest
 
 def test_load_model_names_the_file_for_a_checkpoint_of_another_model(tmp_path: Path) -> None:
     """A checkpoint whose tensors or spec do not fit: ValueError naming the file, not torch's RuntimeError."""
-    from common.builders import build_model, load_model
-    from common.models.checkpoint import save_checkpoint
-    from common.models.face_model import ModelSpec
+    from common.nn.build import build_model, load_model
+    from common.nn.checkpoint import save_checkpoint
+    from common.nn.face_model import ModelSpec
 
     small, wide = ModelSpec(width=8, blocks=(1, 1), embedding_dim=16, image_size=32), \
         ModelSpec(width=16, blocks=(1, 1), embedding_dim=16, image_size=32)

@@ -27,21 +27,17 @@ from PIL import Image
 
 from common.data.dataset import FaceDataset, age_to_bucket
 from common.data.image_io import MIN_SIDE, SampleError, read_image
-from common.data.imagefolder import (
+from common.data.sources import SOURCES, load_source, source_options
+from common.data.sources.celeba import load_celeba
+from common.data.sources.fairface import FAIRFACE_RACES, load_fairface
+from common.data.sources.imagefolder import (
     imagefolder_files,
     load_imagefolder,
     write_imagefolder,
 )
-from common.data.loaders import (
-    FAIRFACE_RACES,
-    SKIPPED_CAP,
-    UTKFACE_RACES,
-    load_celeba,
-    load_fairface,
-    load_lfw,
-    load_utkface,
-)
-from common.data.sources import SOURCES, load_source, source_options
+from common.data.sources.lfw import load_lfw
+from common.data.sources.reader import SKIPPED_CAP
+from common.data.sources.utkface import UTKFACE_RACES, load_utkface
 
 SIZE = 16
 
@@ -126,7 +122,7 @@ def test_utkface_bad_file_name_strict_raises_lenient_skips(tmp_path: Path, caplo
     with pytest.raises(ValueError, match="expected <age>_<gender 0|1>") as info:
         load_utkface(tmp_path, image_size=SIZE)
     assert str(bad) in str(info.value)
-    with caplog.at_level(logging.WARNING, logger="common.data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="common.data.sources.reader"):
         ds = load_utkface(tmp_path, image_size=SIZE, strict=False)
     assert len(ds) == len(UTKFACE_FACES)
     assert ds.meta["skipped_count"] == 1 and ds.meta["skipped"][0]["path"] == str(bad)
@@ -468,7 +464,7 @@ def test_load_source_dispatches_and_validates(tmp_path: Path) -> None:
     make_utkface(tmp_path)
     assert load_source("utkface", tmp_path, image_size=SIZE).fingerprint() == \
         load_utkface(tmp_path, image_size=SIZE).fingerprint()
-    with pytest.raises(ValueError, match="common.data.synthetic.generate"):
+    with pytest.raises(ValueError, match="common.data.sources.synthfaces.generator.generate"):
         load_source("synthfaces", tmp_path)
     with pytest.raises(ValueError, match="unknown data source 'mnist'"):
         load_source("mnist", tmp_path)

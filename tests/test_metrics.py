@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.metrics import (
+from common.evaluation.verification import (
     binary_accuracy,
     cosine_pair_scores,
     pixel_verification_auc,

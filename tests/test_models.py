@@ -13,12 +13,12 @@ from opacus.validators import ModuleValidator
 from safetensors.torch import save_file
 from torch import nn
 
-import common.io
-from common.builders import build_identity_head, build_model
-from common.models.backbone import ResNetBackbone
-from common.models.checkpoint import load_checkpoint, save_checkpoint
-from common.models.face_model import FaceModel, ModelSpec
-from common.models.heads import AttributeHead, CosineClassifier, margin_logits
+import common.runs.io
+from common.nn.backbone import ResNetBackbone
+from common.nn.build import build_identity_head, build_model
+from common.nn.checkpoint import load_checkpoint, save_checkpoint
+from common.nn.face_model import FaceModel, ModelSpec
+from common.nn.heads import AttributeHead, CosineClassifier, margin_logits
 
 torch.set_num_threads(1)
 
@@ -236,7 +236,7 @@ def test_failed_serialisation_keeps_the_old_checkpoint(tmp_path: Path, monkeypat
     def broken_save(*args, **kwargs):
         raise RuntimeError("serializer exploded")
 
-    monkeypatch.setattr("common.models.checkpoint.save", broken_save)
+    monkeypatch.setattr("common.nn.checkpoint.save", broken_save)
     with pytest.raises(RuntimeError, match="serializer exploded"):
         save_checkpoint(path, _state(), {"round": 2})
     assert path.read_bytes() == before
@@ -253,7 +253,7 @@ def test_failure_after_writing_the_temp_file_keeps_the_old_checkpoint(tmp_path: 
         assert Path(src).stat().st_size > 0  # the new bytes were written to the temp file ...
         raise OSError("disk pulled out")  # ... but the rename never happens
 
-    monkeypatch.setattr(common.io.os, "replace", crash_on_rename)
+    monkeypatch.setattr(common.runs.io.os, "replace", crash_on_rename)
     with pytest.raises(OSError, match="disk pulled out"):
         save_checkpoint(path, _state(), {"round": 2})
     monkeypatch.undo()

@@ -10,22 +10,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from attacks.gender_inference import GenderInference, attack_accuracy
-from common.models.mote import (
-    MoteGallery,
-    MoteSettings,
-    StackedAdam,
-    enroll,
-    gradients,
-    one_cycle_schedule,
-    parameter_count,
-    unflatten,
-)
-from common.models.mote_kde import (
+from common.mote.gallery import MoteGallery, enroll
+from common.mote.kde import (
     GenderKDE,
     ImpostorPool,
     build_enrollment_set,
     split_counts,
 )
+from common.mote.networks import MoteSettings, StackedAdam, gradients, one_cycle_schedule, parameter_count, unflatten
 
 SMALL = MoteSettings(n_synthetic=40, n_impostors=60, n_synthetic_impostors=20, batch_size=32, epochs=10, patience=2,
                      min_delta=0.02)  # identities stop at different epochs: the stack shrinks mid-run

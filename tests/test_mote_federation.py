@@ -27,8 +27,8 @@ MOTE_RUN = tuple(o for o in TINY if o != "mote.enabled=false") + (
 
 def test_enrolling_client_and_references_follow_the_manifest(synth_small) -> None:
     from common.config import load_config
-    from common.data.splits import SplitConfig, make_manifest
-    from common.mote_enrollment import client_references, enrolling_client, references
+    from common.mote.enrollment import client_references, enrolling_client, references
+    from common.split.manifest import SplitConfig, make_manifest
 
     cfg = load_config(None, ["mote.references=2"])
     manifest = make_manifest(synth_small, SplitConfig(num_clients=3, partition="iid", seed=1))
@@ -49,7 +49,7 @@ def test_enrolling_client_and_references_follow_the_manifest(synth_small) -> Non
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    from common.privacy.he_keys import KeyParams, write_keys
+    from common.he.keys import KeyParams, write_keys
 
     root = tmp_path_factory.mktemp("mote-keys")
     write_keys(root, KeyParams())
@@ -58,7 +58,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mote_run(tmp_path_factory, keys):
-    from common.privacy.he_keys import PUBLIC_FILE, SECRET_FILE
+    from common.he.keys import PUBLIC_FILE, SECRET_FILE
 
     return simulated_run(tmp_path_factory, MOTE_RUN + ("he.enabled=true", f"he.public_context={keys / PUBLIC_FILE}"),
                          tag="mote", he_secret=keys / SECRET_FILE)[0]
@@ -66,10 +66,10 @@ def mote_run(tmp_path_factory, keys):
 
 @pytest.mark.timeout(300)
 def test_every_member_identity_is_enrolled_once_per_balancing_factor(mote_run) -> None:
-    from common.builders import build_dataset
     from common.config import load_config
-    from common.data.splits import Manifest
-    from common.models.mote import MoteGallery
+    from common.data.cache import build_dataset
+    from common.mote.gallery import MoteGallery
+    from common.split.manifest import Manifest
 
     cfg = load_config(mote_run.path / "config.toml")
     ds = build_dataset(cfg)
@@ -89,8 +89,8 @@ def test_every_member_identity_is_enrolled_once_per_balancing_factor(mote_run) -
 
 @pytest.mark.timeout(300)
 def test_evaluate_reports_mote_and_templates(mote_run, keys, capsys) -> None:
-    from common.cli import main
-    from common.privacy.he_keys import SECRET_FILE
+    from common.he.keys import SECRET_FILE
+    from workflow.cli import main
 
     assert main(["evaluate", str(mote_run.path)]) == 2  # encrypted run: the model must be decrypted first
     assert "decrypt-model" in capsys.readouterr().err

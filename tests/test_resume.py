@@ -42,7 +42,7 @@ KILL_ROUND = 3
 # ---------------------------------------------------------------- helpers: facefl run as a process
 
 def _cli(args: list[str], overrides: tuple[str, ...] = ()) -> list[str]:
-    argv = [sys.executable, "-m", "common.cli", "--no-progress", "run", *args]
+    argv = [sys.executable, "-m", "workflow.cli", "--no-progress", "run", *args]
     for item in overrides:
         argv += ["--set", item]
     return argv
@@ -51,7 +51,7 @@ def _cli(args: list[str], overrides: tuple[str, ...] = ()) -> list[str]:
 def _env(tmp: Path, state: Path) -> dict[str, str]:
     """One thread per process (server and Ray actors alike, so float reductions repeat), a
     throwaway FLWR_HOME, the session's data cache, the clients' state root, a unique tag."""
-    from common.rundir import CLIENT_STATE_ENV
+    from common.runs.rundir import CLIENT_STATE_ENV
 
     return dh.flwr_env(tmp / "flwr-home", Path(os.environ["FACEFL_CACHE"]),
                        extra={CLIENT_STATE_ENV: str(state), "OMP_NUM_THREADS": "1"})
@@ -115,7 +115,7 @@ def _resume(tmp: Path, run: Path, he_keys: Path | None = None) -> None:
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    from common.models.checkpoint import load_checkpoint
+    from common.nn.checkpoint import load_checkpoint
 
     return load_checkpoint(path)[0]
 
@@ -126,7 +126,7 @@ def _same_bits(a: Path, b: Path) -> bool:
 
 
 def _records(run: Path) -> list[dict]:
-    from common.rundir import RunDir
+    from common.runs.rundir import RunDir
 
     return RunDir(run).read_metrics()
 
@@ -185,7 +185,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(plain_runs) -> None:
 
 @pytest.mark.timeout(120)
 def test_finished_run_and_non_run_directory_are_refused(plain_runs, tmp_path, capsys) -> None:
-    from common.cli import main
+    from workflow.cli import main
 
     _, run, _ = plain_runs
     before = (run / "metrics.jsonl").read_bytes()
@@ -203,7 +203,7 @@ def test_killed_he_run_resumes(tmp_path_factory) -> None:
     """HE: the server resumes from the encrypted checkpoint of round 1 (sum, mask, total weight)
     and the clients from their persisted state; compared with the same run in plaintext (CKKS
     adds noise of about 1e-9 per value, so equality holds to a tolerance, as in test_he.py)."""
-    from common.privacy.he_keys import KeyParams, write_keys
+    from common.he.keys import KeyParams, write_keys
 
     tmp = tmp_path_factory.mktemp("he")
     keys = tmp / "keys"
@@ -229,13 +229,13 @@ def test_killed_he_run_resumes(tmp_path_factory) -> None:
 
 def _run(tmp_path: Path):
     from common.config import load_config
-    from common.rundir import RunDir
+    from common.runs.rundir import RunDir
 
     return RunDir.create(tmp_path, "unit", load_config(None, []))
 
 
 def test_rollback_marks_uncommitted_lines_and_keeps_committed_ones(tmp_path) -> None:
-    from common.rundir import INTERRUPTED
+    from common.runs.rundir import INTERRUPTED
 
     run = _run(tmp_path)
     run.write_status("running", rounds_completed=0)
@@ -260,7 +260,7 @@ def test_rollback_marks_uncommitted_lines_and_keeps_committed_ones(tmp_path) -> 
 
 
 def test_resume_is_refused_with_reasons(tmp_path) -> None:
-    from common.rundir import ResumeError, RunDir
+    from common.runs.rundir import ResumeError, RunDir
 
     with pytest.raises(ResumeError, match="not a facefl run directory"):
         RunDir(tmp_path).check_resumable()
@@ -282,7 +282,7 @@ def test_resume_is_refused_with_reasons(tmp_path) -> None:
 
 @pytest.mark.timeout(60)
 def test_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path) -> None:
-    from common.rundir import ResumeError
+    from common.runs.rundir import ResumeError
 
     run = _run(tmp_path)
     with run.lock(), pytest.raises(ResumeError, match="another process is working on this run"), run.lock():
@@ -307,7 +307,7 @@ def test_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path) -> Non
 
 def test_deployment_resume_dir_must_match_the_runs_config(tmp_path) -> None:
     from common.config import load_config
-    from common.rundir import ResumeError
+    from common.runs.rundir import ResumeError
     from server.app import RESUME_KEY, config_from_run_config, resume_dir_of
 
     run = _run(tmp_path)
@@ -336,8 +336,8 @@ def test_rerun_round_is_charged_once_if_identical_and_twice_otherwise(tiny_cfg, 
     releases the same bits and keeps the history of the first attempt; a re-run from another
     global model releases a different update and adds its steps on top."""
     from client.local import ClientState, StateStore, local_train, update_digest
-    from common.builders import build_model, model_spec
-    from common.privacy.dp import total_steps
+    from common.nn.build import build_model, model_spec
+    from common.train.dp import total_steps
 
     store = StateStore.for_client(tmp_path, "run-unit", 1)
     g0 = build_model(model_spec(tiny_cfg), tiny_cfg.seed).state_dict()
@@ -392,7 +392,7 @@ def test_client_never_starts_afresh_after_rounds_the_server_accepted(tmp_path, m
 
     from client.app import _restore_state
     from client.local import ClientState, SavedRound, StateStore
-    from common.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
+    from common.runs.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
 
     monkeypatch.delenv(CLIENT_STATE_ENV, raising=False)
 

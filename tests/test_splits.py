@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.data.dataset import FaceDataset
-from common.data.partition import PARTITIONS
-from common.data.splits import ROLES, Manifest, SplitConfig, make_manifest
+from common.split.manifest import ROLES, Manifest, SplitConfig, make_manifest
+from common.split.partition import PARTITIONS
 
 
 def make_dataset(num_identities: int, seed: int, *, max_images: int = 15, male_share: float = 0.5,

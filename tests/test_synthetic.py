@@ -15,8 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from common.data.contact_sheet import CAPTION_HEIGHT, MIN_FACE, PAD, contact_sheet
 from common.data.dataset import FaceDataset
-from common.data.face_render import render_face
-from common.data.synthetic import (
+from common.data.sources.synthfaces.generator import (
     GROUP_NAMES,
     SynthConfig,
     SynthIdentity,
@@ -24,6 +23,7 @@ from common.data.synthetic import (
     sample_identity,
     sample_nuisance,
 )
+from common.data.sources.synthfaces.render import render_face
 
 SMALL = SynthConfig(num_identities=6, images_per_identity=3, image_size=32, seed=7)
 

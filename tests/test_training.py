@@ -12,11 +12,11 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
 
-from common.builders import build_identity_head, build_model
 from common.config import DPConfig, TrainConfig
-from common.metrics import binary_accuracy, pixel_verification_auc, verification_auc
-from common.models.face_model import FaceModel, ModelSpec
-from common.privacy.dp import (
+from common.evaluation.verification import binary_accuracy, pixel_verification_auc, verification_auc
+from common.nn.build import build_identity_head, build_model
+from common.nn.face_model import FaceModel, ModelSpec
+from common.train.dp import (
     calibrate_noise,
     make_accountant,
     noise_for,
@@ -24,7 +24,7 @@ from common.privacy.dp import (
     spent_epsilon,
     total_steps,
 )
-from common.training import (
+from common.train.loop import (
     augment,
     embed,
     identity_classes,
@@ -277,7 +277,7 @@ def test_zero_sample_weights_mean_no_update(synth_small, tiny_spec) -> None:
 
 def test_attribute_weight_scales_only_the_attribute_loss_of_task_both() -> None:
     """Task "both" adds w x BCE to the margin loss; an attribute-only task ignores the weight."""
-    from common.training import task_loss
+    from common.train.loop import task_loss
 
     gen = torch.Generator().manual_seed(0)
     cosine, logit = torch.rand(6, 4, generator=gen) * 2 - 1, torch.randn(6, generator=gen)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.verification_fairness import (
+from common.evaluation.verification_fairness import (
     fdr,
     fnmr_fmr,
     garbe,

@@ -57,7 +57,7 @@ def _pngs(page: str) -> list[bytes]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, Path, str]:
     """(demo directory, run directory, printed output) of one `facefl demo --quick`."""
-    from common.cli import main
+    from workflow.cli import main
 
     out = tmp_path_factory.mktemp("demo")
     buf = io.StringIO()
@@ -72,7 +72,7 @@ def demo(tmp_path_factory) -> tuple[Path, Path, str]:
 def test_demo_report_is_complete_self_contained_and_matches_the_audit(demo) -> None:
     from PIL import Image
 
-    from common.report import SECTIONS, with_ci
+    from common.report.html import SECTIONS, with_ci
 
     directory, run, printed = demo
     page = (directory / "report.html").read_text(encoding="utf-8")
@@ -109,8 +109,8 @@ def test_demo_report_is_complete_self_contained_and_matches_the_audit(demo) -> N
 
 @pytest.mark.timeout(600)
 def test_report_of_an_incomplete_run_says_not_run_and_escapes_text(demo, tmp_path) -> None:
-    from common.cli import main
-    from common.report import SECTIONS
+    from common.report.html import SECTIONS
+    from workflow.cli import main
 
     _, run, _ = demo
     partial = tmp_path / "partial"
@@ -131,7 +131,7 @@ def test_report_of_an_incomplete_run_says_not_run_and_escapes_text(demo, tmp_pat
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> tuple[Path, list[str]]:
-    from common.cli import main
+    from workflow.cli import main
 
     root = tmp_path_factory.mktemp("sweep")
     config = root / "attribute.toml"
@@ -178,7 +178,7 @@ def test_sweep_table_has_a_row_per_run_with_its_audits_numbers(sweep) -> None:
 
 @pytest.mark.timeout(600)
 def test_rerunning_a_sweep_trains_nothing(sweep) -> None:
-    from common.cli import main
+    from workflow.cli import main
 
     out, argv = sweep
     before = sorted(p.name for p in (out / "runs").iterdir())
@@ -192,7 +192,7 @@ def test_rerunning_a_sweep_trains_nothing(sweep) -> None:
 
 @pytest.mark.timeout(600)
 def test_failed_combination_is_recorded_and_an_interrupted_run_resumes_at_its_audit(sweep) -> None:
-    from common.cli import main
+    from workflow.cli import main
 
     out, argv = sweep
     index = json.loads((out / "sweep.json").read_text())

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import load_config
-from common.io import atomic_write_bytes
-from common.report import REPORT_FILE
+from common.report.html import REPORT_FILE
+from common.runs.io import atomic_write_bytes
 from workflow.pipeline import (
     QUICK_MAX_PER_CLASS,
     QUICK_OVERRIDES,
@@ -72,7 +72,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> DemoResul
     """Run every stage; raises ``StageFailed`` naming the stage if one fails (the report is still
     written for a run that failed to train)."""
     from attacks.audit import AuditSettings
-    from common.privacy.he_keys import SECRET_FILE, KeyParams, he_overrides, write_keys
+    from common.he.keys import SECRET_FILE, KeyParams, he_overrides, write_keys
 
     directory = _demo_dir(out)
     stages = Stages(progress)
@@ -94,8 +94,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> DemoResul
 
 def demo_summary(run_dir: Path) -> list[tuple[str, str]]:
     """The printed summary: (what, value) rows of the headline numbers, read from the run's files."""
-    from common.report import fmt, with_ci
-    from common.run_results import FAIR_GALLERY, RunResults
+    from common.report.html import fmt, with_ci
+    from common.runs.results import FAIR_GALLERY, RunResults
 
     r = RunResults.load(run_dir)
     final, he = r.final_metrics(), r.he or {}

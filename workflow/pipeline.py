@@ -3,7 +3,7 @@ and ``facefl evaluate``.
 
 train (Flower simulation) -> decrypt the final model (HE runs; the key holder's step) -> MOTE
 evaluation with the template thief's gender inference (runs with galleries) -> membership audit
--> report.html. Like ``common.cli``, this module orchestrates every layer, so it imports
+-> report.html. Like ``workflow.cli``, this module orchestrates every layer, so it imports
 ``attacks`` (lazily, inside the functions); the library modules below it do not.
 
 Each post-training stage is skipped when its output already exists (final.safetensors,
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import Config, load_config
-from common.rundir import RunDir
+from common.runs.rundir import RunDir
 
 if TYPE_CHECKING:
     from attacks.audit import AuditSettings
@@ -80,7 +80,7 @@ def evaluate_run(run_dir: Path) -> tuple[dict[str, Any], list[str], list[tuple]]
     """``facefl evaluate``: MOTE vs templates plus the gender-inference attack on both galleries;
     writes mote/evaluation.json and mote/roc.png; returns (report, table header, table rows)."""
     from attacks.gender_inference import template_leakage
-    from common.mote_evaluation import evaluate_mote, save_evaluation
+    from common.evaluation.mote import evaluate_mote, save_evaluation
 
     report, stolen = evaluate_mote(run_dir)
     report["gender_inference"] = template_leakage(stolen)
@@ -89,7 +89,7 @@ def evaluate_run(run_dir: Path) -> tuple[dict[str, Any], list[str], list[tuple]]
 
 
 def has_galleries(run: RunDir, cfg: Config) -> bool:
-    from common.mote_enrollment import gallery_file
+    from common.mote.enrollment import gallery_file
 
     return (cfg.mote.enabled and cfg.train.task in ("identity", "both")
             and all((run.path / gallery_file(b)).is_file() for b in cfg.mote.balancing_factors))
@@ -104,8 +104,8 @@ def complete_run(run_dir: Path, settings: AuditSettings, stages: Stages, he_secr
     superset of the plain one (the same seeded attacks on this model, plus the fair model and the pair).
     """
     from attacks.audit import run_audit
-    from common.io import read_json
-    from common.report import write_report
+    from common.report.html import write_report
+    from common.runs.io import read_json
 
     run = RunDir(run_dir)
     cfg = load_config(run.config_path)
@@ -114,7 +114,7 @@ def complete_run(run_dir: Path, settings: AuditSettings, stages: Stages, he_secr
         if he_secret is None:
             raise StageFailed("decrypt", ValueError(f"{run.path}: an HE run needs the secret context to decrypt its "
                                                     "final model (--he-keys)"))
-        from common.encrypted_model import decrypt_run
+        from workflow.decryption import decrypt_run
 
         with stages.stage("decrypt the final model (key holder)"):
             decrypt_run(run.path, he_secret)
@@ -141,8 +141,8 @@ def run_pipeline(cfg: Config, runs_root: Path, prefix: str, settings: AuditSetti
     """Train one configuration, then every post-training stage; a run that fails to train still
     gets its report (what it has, and "not run" for the rest). ``on_trained`` is called with the
     run directory as soon as training ends (a sweep records it, so that it can resume there)."""
-    from common.report import write_report
-    from common.simulation import simulate
+    from common.report.html import write_report
+    from workflow.simulation import simulate
 
     with stages.stage(f"federated training ({cfg.federation.rounds} rounds, {cfg.split.num_clients} clients)"):
         run, status = simulate(cfg, runs_root, prefix=prefix, progress=stages.progress, he_secret=he_secret)

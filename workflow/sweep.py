@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import ConfigError, load_config
-from common.io import atomic_path, atomic_write_json, atomic_write_text, read_json
-from common.run_results import RunResults, is_update_attack
-from common.rundir import RunDir
+from common.runs.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from common.runs.results import RunResults, is_update_attack
+from common.runs.rundir import RunDir
 from workflow.pipeline import (
     QUICK_MAX_PER_CLASS,
     QUICK_OVERRIDES,
@@ -186,7 +186,7 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
     he = []
     secret = None
     if he_keys is not None:
-        from common.privacy.he_keys import SECRET_FILE, he_overrides
+        from common.he.keys import SECRET_FILE, he_overrides
 
         he, secret = he_overrides(he_keys), he_keys / SECRET_FILE
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
@@ -302,7 +302,7 @@ def sweep_rows(entries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summary_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     """The printed sweep table: each entry's state, epsilon, utility and its strongest attack."""
-    from common.report import fmt
+    from common.report.html import fmt
 
     out = []
     for r in rows:

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from common.data.dataset import FaceDataset
-from common.io import atomic_write
+from common.runs.io import atomic_write
 
 MIN_FACE = 96        # faces are upscaled by an integer factor to at least this many pixels
 CAPTION_HEIGHT = 24  # two lines of Pillow's default font

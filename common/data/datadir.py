@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 from common.data.dataset import FaceDataset
-from common.data.imagefolder import load_imagefolder, write_imagefolder
-from common.data.synthetic import SynthConfig, generate
-from common.io import atomic_write_json
+from common.data.sources.imagefolder import load_imagefolder, write_imagefolder
+from common.data.sources.synthfaces.generator import SynthConfig, generate
+from common.runs.io import atomic_write_json
 
 NPZ_NAME = "synthfaces.npz"
 CONFIG_NAME = "synthfaces.json"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from common.io import atomic_save_npz, load_npz
+from common.runs.io import atomic_save_npz, load_npz
 
 GENDER_NAMES: tuple[str, ...] = ("female", "male")
 """Gender codes: 0 female, 1 male (-1 unknown). Loaders map each source's own coding onto this."""

@@ -1,0 +1,237 @@
+"""The configuration schema: every key, its default and its allowed values, and the
+cross-field checks. This is the only place defaults live; ``loader`` parses into it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+def _choice(default: str, choices: tuple[str, ...], doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def _num(default: float, lo: float | None = None, hi: float | None = None, doc: str = "",
+         infinite: bool = False) -> Any:
+    """A number in [lo, hi]; floats must be finite unless ``infinite`` (the value means something)."""
+    return field(default=default, metadata={"min": lo, "max": hi, "doc": doc, "infinite": infinite})
+
+
+@dataclass
+class DataConfig:
+    source: str = _choice("synthfaces", ("synthfaces", "utkface", "celeba", "fairface", "lfw", "imagefolder"))
+    path: str = field(default="", metadata={"doc": "root of a real data set on disk (not used by synthfaces)"})
+    image_size: int = _num(64, 32, 128)
+    strict: bool = True
+    limit: int = _num(0, 0, doc="read at most this many samples of a real data set (0 = all)")
+    identities: int = _num(500, 2, doc="SynthFaces: number of identities")
+    images_per_identity: int = _num(10, 1, doc="SynthFaces: images per identity")
+    male_fraction: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: fraction of male identities")
+    smiling_rate_female: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | female)")
+    smiling_rate_male: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | male)")
+
+
+@dataclass
+class SplitSettings:
+    member: float = _num(0.6, 0.0, 1.0, doc="fraction of identities whose samples train the model")
+    nonmember: float = _num(0.1, 0.0, 1.0, doc="fraction of identities held out entirely")
+    aux: float = _num(0.2, 0.0, 1.0, doc="fraction of identities given to the attacker")
+    probe: float = _num(0.1, 0.0, 1.0, doc="fraction of identities for open-set verification")
+    member_nonmember_fraction: float = _num(0.15, 0.0, 0.9, doc="of each member identity's samples")
+    member_probe_fraction: float = _num(0.15, 0.0, 0.9, doc="of each member identity's samples")
+    num_clients: int = _num(4, 1)
+    partition: str = _choice("identity_disjoint", ("identity_disjoint", "iid", "dirichlet", "attribute"),
+                             doc="consortium members hold different people by default")
+    alpha: float = _num(0.5, 1e-6)
+    partition_attribute: str = "gender"
+
+
+@dataclass
+class ModelConfig:
+    width: int = _num(32, 4)
+    blocks: tuple[int, ...] = (1, 1, 1)
+    embedding_dim: int = _num(128, 8)
+    dropout: float = _num(0.0, 0.0, 0.9)
+
+
+@dataclass
+class TrainConfig:
+    task: str = _choice("identity", ("identity", "attribute", "both"))
+    attribute: str = field(default="smiling", metadata={"doc": "binary target: a task label or 'gender'"})
+    margin: str = _choice("arcface", ("arcface", "cosface"))
+    margin_scale: float = _num(30.0, 1.0)
+    epochs: int = _num(30, 1, doc="central training (baseline, shadow models); clients use federation.local_epochs")
+    max_seconds: float = _num(0.0, 0.0, doc="stop training after this wall time (0 = no limit)")
+    batch_size: int = _num(64, 1)
+    optimizer: str = _choice("adam", ("adam", "sgd"))
+    lr: float = _num(0.002, 0.0, doc="peak learning rate of the one-cycle schedule")
+    momentum: float = _num(0.9, 0.0, 1.0)
+    weight_decay: float = _num(5e-4, 0.0)
+    augment: bool = True
+    attribute_weight: float = _num(1.0, 0.0, doc="task both: weight of the attribute loss against the identity "
+                                                 "margin loss (which is 10-20x larger at the start)")
+
+
+@dataclass
+class DPConfig:
+    mode: str = _choice("sample", ("sample", "off"))
+    target_epsilon: float = _num(8.0, 0.0, doc="epsilon for the whole run (inf or 0 = use noise_multiplier)",
+                                 infinite=True)
+    noise_multiplier: float = _num(0.0, 0.0, doc="used when target_epsilon is 0 or inf")
+    max_grad_norm: float = _num(1.0, 1e-9)
+    delta: float = _num(1e-5, 0.0, 1.0)
+    accountant: str = _choice("rdp", ("rdp", "prv"))
+    grad_sample_mode: str = _choice("ghost", ("ghost", "hooks", "functorch"))
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = _num(5, 1)
+    local_epochs: int = _num(2, 1)
+    fraction_train: float = _num(1.0, 0.0, 1.0, doc="fraction of clients sampled per round")
+    min_train_clients: int = _num(2, 1, doc="a round fails with fewer successful replies")
+    min_available_clients: int = _num(2, 1)
+    round_timeout: float = _num(3600.0, 1.0, doc="seconds to wait for a round's replies; a train message expires "
+                                                 "with it, so a late reply is dropped")
+    max_update_mb: float = _num(0.0, 0.0, doc="a reply carrying more megabytes (10^6 bytes) is refused before it is "
+                                              "decoded (0 = twice a valid update, from the model or the HE "
+                                              "ciphertext layout, plus 1 MB)")
+    client_cpus: float = _num(2.0, 0.1, doc="simulation only: CPUs per client (2 on 2 cores = one at a time)")
+    save_client_models: bool = field(default=True, metadata={
+        "doc": "plaintext runs: keep each client's latest post-round model in models/clients/ (what a curious "
+               "server holds; `facefl audit` attacks them). HE runs have none"})
+
+
+@dataclass
+class PretrainConfig:
+    identities: int = _num(200, 0, doc="public SynthFaces identities for server-side pretraining (0 = none)")
+    images_per_identity: int = _num(10, 2)
+    epochs: int = _num(6, 1)
+
+
+@dataclass
+class FairnessConfig:
+    method: str = _choice("none", ("none", "reweight", "fair_mixup"))
+    sensitive: str = _choice("gender", ("gender", "group"))
+    lam: float = _num(0.05, 0.0, doc="weight of the fair_mixup penalty (on SynthFaces 0.5 already nears a "
+                                     "constant classifier; 0.05 lowers DEO at equal accuracy)")
+
+
+@dataclass
+class HEConfig:
+    enabled: bool = field(default=False, metadata={"doc": "clients send CKKS-encrypted updates; the server only adds"})
+    public_context: str = field(default="", metadata={"doc": "server: path to public-context.bin (facefl keys init)"})
+    encrypt_fraction: float = _num(1.0, 0.0, 1.0, doc="fraction of the shared values encrypted, most sensitive "
+                                                       "first (Fisher information on public data); the rest is "
+                                                       "sent in plaintext")
+    on_key_mismatch: str = _choice("exclude", ("exclude", "fail"),
+                                   doc="a client encrypting with another key: leave it out of the round, or fail")
+
+
+@dataclass
+class MoteConfig:
+    enabled: bool = field(default=True, metadata={"doc": "enroll every client's identities as MOTE models after "
+                                                         "the backbone rounds (identity and both tasks)"})
+    balancing_factors: tuple[float, ...] = field(default=(0.0, 0.4, 0.5, 0.6, 1.0), metadata={
+        "doc": "one gallery per factor b: the male share of the synthetic genuine samples"})
+    kde_population: str = _choice("members", ("members", "aux"),
+                                  doc="embeddings the gender KDEs are fitted on: the client's own members or the "
+                                      "aux population")
+    references: int = _num(1, 1, doc="reference images per enrolled identity (the rest of its images are never "
+                                     "enrolled; its probe-role images are the genuine probes)")
+    synthetic: int = _num(100, 5, doc="synthetic genuine samples per identity")
+    impostors: int = _num(400, 1, doc="real impostor embeddings per identity")
+    epochs: int = _num(100, 1, doc="at most; early stopping on validation loss")
+    dp_noise_multiplier: float = _num(0.0, 0.0, doc="DP-SGD noise of each MOTE model (needs dp_max_grad_norm)")
+    dp_max_grad_norm: float = _num(0.0, 0.0, doc="per-sample clipping norm of MOTE training (0 = off)")
+    fp16: bool = field(default=False, metadata={"doc": "store galleries in float16 (half the bytes)"})
+
+
+@dataclass
+class Config:
+    seed: int = _num(0, 0)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitSettings = field(default_factory=SplitSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
+    he: HEConfig = field(default_factory=HEConfig)
+    mote: MoteConfig = field(default_factory=MoteConfig)
+
+    def validate(self) -> Config:
+        """Cross-field checks (single fields are checked while parsing)."""
+        fracs = {k: getattr(self.split, k) for k in ("member", "nonmember", "aux", "probe")}
+        if not math.isclose(sum(fracs.values()), 1.0, abs_tol=1e-6):
+            raise ConfigError(f"split.member + split.nonmember + split.aux + split.probe must sum to 1, got {fracs}")
+        if self.data.source != "synthfaces" and not self.data.path:
+            raise ConfigError(f"data.path: required for data.source={self.data.source!r} (a directory on disk)")
+        if self.data.image_size % 16:
+            raise ConfigError(f"data.image_size: expected a multiple of 16, got {self.data.image_size}")
+        attrs = ("gender", "smiling") if self.data.source == "synthfaces" else None
+        if self.train.task != "identity" and attrs and self.train.attribute not in attrs:
+            raise ConfigError(f"train.attribute: expected one of {attrs} for SynthFaces, got {self.train.attribute!r}")
+        if self.dp.mode == "sample" and not self.dp_calibrated() and self.dp.noise_multiplier <= 0:
+            raise ConfigError("dp.noise_multiplier: expected > 0 when dp.target_epsilon is 0 or inf")
+        if self.fairness.method != "none" and self.train.task == "identity":
+            raise ConfigError(f"fairness.method: {self.fairness.method!r} needs an attribute task "
+                              "(train.task = attribute or both), got train.task = 'identity'")
+        if self.fairness.method == "fair_mixup" and self.dp.mode != "off":
+            raise ConfigError("fairness.method: 'fair_mixup' couples samples across a batch and cannot be "
+                              "combined with DP-SGD's per-sample clipping; use 'reweight' with dp.mode = sample")
+        if self.federation.min_train_clients > self.split.num_clients:
+            raise ConfigError(f"federation.min_train_clients: expected at most split.num_clients = "
+                              f"{self.split.num_clients}, got {self.federation.min_train_clients}")
+        if any(not 0 <= b <= 1 for b in self.mote.balancing_factors):
+            raise ConfigError(f"mote.balancing_factors: expected values in [0, 1], got {self.mote.balancing_factors}")
+        if self.mote.dp_noise_multiplier > 0 and self.mote.dp_max_grad_norm <= 0:
+            raise ConfigError("mote.dp_noise_multiplier: > 0 needs mote.dp_max_grad_norm > 0 (the clipping norm)")
+        if self.he.enabled and not self.he.public_context:
+            raise ConfigError("he.public_context: required when he.enabled = true (the path of the server's "
+                              "public-context.bin from `facefl keys init`)")
+        if not self.he.encrypt_fraction > 0:
+            raise ConfigError(f"he.encrypt_fraction: expected a value in (0, 1], got {self.he.encrypt_fraction}")
+        if self.he.enabled and self.he.encrypt_fraction < 1 and self.pretrain.identities == 0:
+            raise ConfigError("he.encrypt_fraction: < 1 needs public data to rank parameters (pretrain.identities "
+                              "> 0); set he.encrypt_fraction = 1 to encrypt everything")
+        return self
+
+    def dp_calibrated(self) -> bool:
+        """True when noise is calibrated from a finite target epsilon."""
+        return 0 < self.dp.target_epsilon < math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted scalar keys (tuples as comma strings): the shape of Flower's run_config."""
+        flat: dict[str, Any] = {}
+        _flatten(self.to_dict(), "", flat)
+        return flat
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _flatten(d: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flatten(v, key + ".", out)
+        else:
+            out[key] = ",".join(str(x) for x in v) if isinstance(v, list) else v
+
+

@@ -1,0 +1,54 @@
+"""Evaluation of a global model on data no client trained on.
+
+Verification is open-set: pairs of images of the probe identities (never trained on). The
+attribute task is scored on the held-out samples (nonmember and probe roles), with the fairness
+metrics of ``common.evaluation.attribute_fairness`` against the training data's own bias.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.config import Config
+from common.data.dataset import FaceDataset
+from common.evaluation.attribute_fairness import attribute_report
+from common.evaluation.verification import verification_auc
+from common.nn.face_model import FaceModel
+from common.split.manifest import Manifest
+from common.train.fairness import sensitive_attribute
+from common.train.loop import embed, predict_attribute, target_labels
+
+
+def probe_identity_mask(manifest: Manifest, ds: FaceDataset) -> np.ndarray:
+    """Samples of identities that are probes at identity level (never trained on: open set)."""
+    probe_ids = np.asarray(manifest.identities["probe"], dtype=np.int64)
+    return manifest.role_mask(ds, "probe") & np.isin(ds.identity, probe_ids)
+
+
+class GlobalEvaluator:
+    """Scores models on the probe identities and held-out samples of one manifest."""
+
+    def __init__(self, cfg: Config, ds: FaceDataset, manifest: Manifest) -> None:
+        self.cfg = cfg
+        member = manifest.role_mask(ds, "member")
+        self.train = ds.subset(member)
+        self.probe = ds.subset(probe_identity_mask(manifest, ds))
+        self.held_out = ds.subset(~member & ~manifest.role_mask(ds, "aux"))
+
+    def verification(self, model: FaceModel) -> float:
+        """Open-set verification ROC AUC on the probe identities."""
+        return verification_auc(embed(model, self.probe.images), self.probe.identity, seed=self.cfg.seed)
+
+    def attribute(self, model: FaceModel, name: str) -> dict[str, float]:
+        """Accuracy and fairness of the binary attribute ``name`` on the held-out samples."""
+        sens = self.cfg.fairness.sensitive
+        prob = predict_attribute(model, self.held_out.images)
+        return attribute_report(prob, target_labels(self.held_out, name), sensitive_attribute(self.held_out, sens),
+                                target_labels(self.train, name), sensitive_attribute(self.train, sens))
+
+    def evaluate(self, model: FaceModel) -> dict[str, float]:
+        out = {"verification_auc": self.verification(model)}
+        if model.attribute is not None:
+            report = self.attribute(model, self.cfg.train.attribute)
+            out.update({f"attribute_{k}": float(v) for k, v in report.items()})
+        return out

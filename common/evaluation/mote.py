@@ -1,0 +1,127 @@
+"""``facefl evaluate``: verification with MOTE model templates against plain embedding templates.
+
+Galleries (MOTE, Groß, Heindorf & Terhörst): the enrolled identities' MOTE models, one gallery
+per balancing factor, from ``mote/``. Template baseline: the L2-normalised mean embedding of the
+same reference images, compared by cosine similarity. Probes: every probe-role image, scored
+against every enrolled identity; a (probe, identity) pair is genuine when the probe shows that
+identity (its held-out probe images, never a reference, never trained on) and an impostor pair
+otherwise, which includes the probe-role identities nobody enrolled. For each method: ROC AUC,
+one global threshold with FMR <= 1e-3 and the FNMR there, overall and per gender and skin-tone
+group, with FDR, iGARBE and IR (``common.evaluation.verification_fairness``). The template-privacy attack
+(``attacks.gender_inference``) runs on the returned ``TemplateSet``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from common.data.dataset import GENDER_NAMES
+from common.evaluation.verification_fairness import verification_report
+from common.he.checkpoints import load_final_model
+from common.mote.enrollment import gallery_file, references
+from common.mote.gallery import MoteGallery
+from common.report.plots import log_log_roc
+from common.runs.io import atomic_write_json
+from common.runs.load import load_run
+from common.runs.rundir import RunDir
+from common.train.loop import embed
+
+TARGET_FMR = 1e-3
+EVALUATION_FILE = "mote/evaluation.json"
+ROC_FILE = "mote/roc.png"
+
+
+@dataclass
+class TemplateSet:
+    """What a template thief could steal, and the attacker's labelled auxiliary embeddings."""
+
+    templates: np.ndarray  # (k, d) unit rows, one per enrolled identity
+    gender: np.ndarray  # (k,) the enrolled identities' gender
+    galleries: dict[str, MoteGallery]  # balancing factor ("0.50") -> gallery
+    aux_embeddings: np.ndarray
+    aux_gender: np.ndarray
+
+
+def _pairs(scores: np.ndarray, probe_identity: np.ndarray, enrolled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine mask over the (probe, identity) score matrix, probe index of each entry)."""
+    genuine = probe_identity[:, None] == enrolled[None, :]
+    return genuine, np.broadcast_to(np.arange(scores.shape[0])[:, None], scores.shape)
+
+
+def _method_report(scores: np.ndarray, genuine: np.ndarray, probe_of: np.ndarray, gender: np.ndarray,
+                   group: np.ndarray, group_names: tuple[str, ...]) -> dict[str, Any]:
+    gen, imp = scores[genuine], scores[~genuine]
+    by_gender = verification_report(gen, gender[probe_of[genuine]], imp, gender[probe_of[~genuine]], (0, 1), TARGET_FMR)
+    by_group = verification_report(gen, group[probe_of[genuine]], imp, group[probe_of[~genuine]],
+                                   tuple(range(len(group_names))), TARGET_FMR)
+    out = {k: v for k, v in by_gender.items() if k != "groups"}
+    out["gender"] = {GENDER_NAMES[g]: r for g, r in by_gender["groups"].items()}
+    out["group"] = {"per_group": {group_names[g]: r for g, r in by_group["groups"].items()},
+                    **{k: by_group[k] for k in ("fdr", "garbe", "igarbe", "ir")}}
+    return out
+
+
+def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], TemplateSet]:
+    """Verification of templates and of each MOTE gallery on the run's probes; ROC plot in mote/."""
+    run = RunDir(run_dir)
+    cfg, ds, manifest = load_run(run)
+    model = load_final_model(run)
+    galleries = {f"{b:.2f}": MoteGallery.load(run.path / gallery_file(b)) for b in cfg.mote.balancing_factors}
+    enrolled = next(iter(galleries.values())).identity_ids
+    if any(not np.array_equal(g.identity_ids, enrolled) for g in galleries.values()):
+        raise ValueError(f"{run.path / 'mote'}: the galleries enroll different identities")
+    refs = references(manifest, ds, cfg)
+    missing = sorted(set(enrolled.tolist()) - set(refs))
+    if missing:
+        raise ValueError(f"{run.path / 'mote'}: identities {missing[:5]} are enrolled but have no member images")
+    probe_pos = np.flatnonzero(manifest.role_mask(ds, "probe"))
+    ref_pos = np.concatenate([refs[i] for i in enrolled.tolist()])
+    if np.isin(probe_pos, ref_pos).any():  # roles are disjoint by construction; never score a reference
+        raise ValueError(f"{run.manifest_path}: a reference image has the probe role")
+    probes = embed(model, ds.images[probe_pos])
+    ref_emb = embed(model, ds.images[ref_pos])
+    owner = np.repeat(np.arange(enrolled.size), [refs[i].size for i in enrolled.tolist()])
+    templates = np.stack([ref_emb[owner == j].mean(axis=0) for j in range(enrolled.size)])
+    templates /= np.maximum(np.linalg.norm(templates, axis=1, keepdims=True), 1e-12)
+
+    probe_identity = ds.identity[probe_pos]
+    scores = {"templates": probes.astype(np.float64) @ templates.T.astype(np.float64)}
+    scores.update({f"MOTE b={b}": g.scores(probes) for b, g in galleries.items()})
+    genuine, probe_of = _pairs(scores["templates"], probe_identity, enrolled)
+    if not genuine.any():
+        raise ValueError("no probe image shows an enrolled identity: nothing to verify")
+    gender, group = ds.gender[probe_pos], ds.group[probe_pos]
+    report: dict[str, Any] = {"target_fmr": TARGET_FMR, "enrolled": int(enrolled.size), "probes": int(probe_pos.size),
+                              "methods": {}}
+    curves = {}
+    for name, s in scores.items():
+        report["methods"][name] = _method_report(s, genuine, probe_of, gender, group, ds.group_names)
+        fmr, tmr, _ = roc_curve(genuine.ravel(), s.ravel())
+        curves[f"{name} (AUC {report['methods'][name]['auc']:.3f})"] = (fmr, tmr)
+    log_log_roc(curves, run.path / ROC_FILE, max(1e-5, 1.0 / int((~genuine).sum())),
+                xlabel="false match rate", ylabel="true match rate (1 - FNMR)", title="MOTE vs templates")
+
+    aux = np.flatnonzero(manifest.role_mask(ds, "aux") & (ds.gender >= 0))
+    id_gender = {int(i): int(g) for i, g in zip(ds.identity[ref_pos], ds.gender[ref_pos], strict=True)}
+    return report, TemplateSet(templates, np.array([id_gender[int(i)] for i in enrolled]), galleries,
+                               embed(model, ds.images[aux]), ds.gender[aux].astype(np.int64))
+
+
+def save_evaluation(run_dir: str | os.PathLike[str], report: dict[str, Any]) -> tuple[list[str], list[tuple]]:
+    """Write ``mote/evaluation.json``; return the summary table (header, rows)."""
+    atomic_write_json(RunDir(run_dir).path / EVALUATION_FILE, report)
+    leak = report.get("gender_inference", {})
+    header = ["method", "AUC", "FNMR@FMR=1e-3", "FNMR female", "FNMR male", "FDR", "iGARBE", "IR",
+              "gender inference BA"]
+    rows = []
+    for name, r in report["methods"].items():
+        ba = leak.get(name, {}).get("balanced_accuracy")
+        rows.append((name, f"{r['auc']:.4f}", f"{r['fnmr']:.4f}", f"{r['gender']['female']['fnmr']:.4f}",
+                     f"{r['gender']['male']['fnmr']:.4f}", f"{r['fdr']:.4f}", f"{r['igarbe']:.4f}", f"{r['ir']:.3f}",
+                     "-" if ba is None else f"{ba:.3f}"))
+    return header, rows

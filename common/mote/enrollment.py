@@ -1,0 +1,106 @@
+"""Who enrolls whom, with which reference images and KDE population: shared by the clients that
+enroll and by ``facefl evaluate``, which must pick exactly the same reference images.
+
+MOTE (Groß, Heindorf & Terhörst) enrolls each person from few reference images. Here every member
+identity is enrolled by one client: the one holding most of its member images (the lowest
+partition id on ties), which under the default identity-disjoint partition is simply its only
+client. Its references are its first ``mote.references`` member images in the data set's sample
+order; its probe-role images (never trained on, never enrolled) are the genuine probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from common.config import Config
+from common.data.dataset import FaceDataset
+from common.mote.gallery import MoteGallery, enroll
+from common.mote.kde import GenderKDE
+from common.mote.networks import MoteSettings
+from common.split.build import build_manifest
+from common.split.manifest import Manifest
+from common.train.loop import embed
+
+
+def gallery_file(balancing_factor: float) -> str:
+    """Path of a gallery inside the run directory."""
+    return f"mote/gallery-b{balancing_factor:.2f}.safetensors"
+
+
+def mote_settings(cfg: Config) -> MoteSettings:
+    m = cfg.mote
+    return MoteSettings(n_synthetic=m.synthetic, n_impostors=m.impostors, epochs=m.epochs,
+                        dp_noise_multiplier=m.dp_noise_multiplier,
+                        dp_max_grad_norm=m.dp_max_grad_norm if m.dp_max_grad_norm > 0 else None)
+
+
+def enrolling_client(manifest: Manifest, ds: FaceDataset) -> dict[int, int]:
+    """Identity -> the partition id that enrolls it (most member images; lowest id on ties)."""
+    counts: dict[int, np.ndarray] = {}
+    for client in range(manifest.num_clients):
+        ids, n = np.unique(ds.identity[manifest.client_indices(ds, client)], return_counts=True)
+        for ident, c in zip(ids.tolist(), n.tolist(), strict=True):
+            counts.setdefault(ident, np.zeros(manifest.num_clients, dtype=np.int64))[client] = c
+    return {ident: int(np.argmax(c)) for ident, c in counts.items()}
+
+
+def client_references(manifest: Manifest, ds: FaceDataset, cfg: Config, client: int,
+                      owner: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+    """Identity -> positions in ``ds`` of its reference images, for the identities ``client`` enrolls
+    (its first ``mote.references`` images of each, from the client's own images)."""
+    owner = owner if owner is not None else enrolling_client(manifest, ds)
+    pos = manifest.client_indices(ds, client)
+    return {ident: pos[ds.identity[pos] == ident][: cfg.mote.references]
+            for ident in np.unique(ds.identity[pos]).tolist() if owner[ident] == client}
+
+
+def references(manifest: Manifest, ds: FaceDataset, cfg: Config) -> dict[int, np.ndarray]:
+    """Every enrolled identity's reference positions, over all clients (sorted by identity)."""
+    owner = enrolling_client(manifest, ds)
+    out: dict[int, np.ndarray] = {}
+    for client in range(manifest.num_clients):
+        out.update(client_references(manifest, ds, cfg, client, owner))
+    return dict(sorted(out.items()))
+
+
+def kde_population(manifest: Manifest, ds: FaceDataset, cfg: Config, client: int) -> np.ndarray:
+    """Positions of the images the gender KDEs are fitted on: the client's members or ``aux``."""
+    if cfg.mote.kde_population == "aux":
+        return np.flatnonzero(manifest.role_mask(ds, "aux"))
+    return manifest.client_indices(ds, client)
+
+
+def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int) -> tuple[list[MoteGallery], dict[str, Any]]:
+    """Enroll this client's identities with the global backbone, one gallery per balancing factor.
+
+    Impostors are the client's other member identities (real embeddings and synthetic samples
+    around them): a client trains on nothing it does not hold, except the ``aux`` KDE option.
+    """
+    manifest = build_manifest(cfg, ds)
+    refs = client_references(manifest, ds, cfg, client)
+    if not refs:
+        raise ValueError(f"client {client}: no identity to enroll")
+    ref_pos = np.concatenate(list(refs.values()))
+    own = manifest.client_indices(ds, client)
+    kde_pos = kde_population(manifest, ds, cfg, client)
+    needed = np.unique(np.concatenate([ref_pos, own, kde_pos]))
+    emb = dict(zip(needed.tolist(), embed(model, ds.images[needed]), strict=True))
+
+    def rows(pos: np.ndarray) -> np.ndarray:
+        return np.stack([emb[p] for p in pos.tolist()])
+
+    kde = GenderKDE.fit(rows(kde_pos), ds.identity[kde_pos], ds.gender[kde_pos], seed=seed)
+    settings = mote_settings(cfg)
+    galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, rows(own), ds.identity[own], b, seed, settings)
+                 for b in cfg.mote.balancing_factors]
+    info = {"client": client, "identities": sorted(refs), "references": {str(i): ds.sample_ids[p].tolist()
+                                                                         for i, p in refs.items()},
+            "kde": {"population": cfg.mote.kde_population, "samples": int(kde_pos.size),
+                    "bandwidth_male": float(kde.male.bandwidth_), "bandwidth_female": float(kde.female.bandwidth_)},
+            "settings": dataclasses.asdict(settings),
+            "epochs": {str(b): float(np.mean(g.info["epochs"])) for b, g in zip(cfg.mote.balancing_factors, galleries,
+                                                                                strict=True)}}
+    return galleries, info

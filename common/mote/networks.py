@@ -1,0 +1,421 @@
+"""MOTE model templates: one small verification network per enrolled identity, trained in batches.
+
+Groß, Heindorf & Terhörst, "A Responsible Face Recognition Approach for Small and Mid-Scale Systems
+Through Personalized Neural Networks" (MOTE) replace a stored embedding by a binary classifier
+that answers "is this probe embedding identity i?". Each classifier is trained on the identity's
+reference embedding(s), synthetic genuine samples drawn around it from gender KDEs
+(``mote_kde``), and impostor embeddings of other people.
+
+Enrolling identities one network at a time wastes a CPU on tiny matrix products, so k identities
+are trained together: every weight is stacked along a leading identity axis and every layer is one
+batched matrix product. Nothing couples the identities: each has its own initialisation, batch
+sampling, dropout and DP-noise stream (a ``torch.Generator`` seeded from (seed, identity id)), Adam
+is element-wise, and the learning-rate schedule depends only on the step. Training {a, b, c}
+together therefore gives the same networks as training each alone: bit for bit on this stack, as
+kernels whose result depends on k are avoided (see ``_logits`` and ``StackedAdam``); the tests
+allow 1e-5. An identity whose validation loss stopped improving drops out of the stack with its
+best-validation weights, so the remaining ones train faster.
+
+Optional DP-SGD (per identity model): every sample's gradient is clipped to ``dp_max_grad_norm``
+C and Gaussian noise of standard deviation ``dp_noise_multiplier * C`` is added to the sum before
+dividing by the batch size. For this MLP a sample's gradient of a layer is the outer product of
+the layer's input and the back-propagated error, so its norm is computed exactly from those two
+vectors without materialising per-sample gradients (the trick behind ghost clipping). Accounting
+is per identity model: its data set is that identity's reference and synthetic samples plus the
+impostors it drew. Batches are fixed-size with replacement (balanced genuine/impostor), not
+Poisson-subsampled, so a Poisson-subsampling accountant at q = batch / train size is an
+approximation. A real pool embedding can appear in many identities' models; its privacy loss
+composes over those models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.mote.kde import (
+    EnrollmentSet,
+)
+
+log = logging.getLogger(__name__)
+
+GALLERY_FORMAT = "facefl-mote-gallery"
+GALLERY_VERSION = 1
+PARAM_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
+_SEED_TAG = 0x4D07E  # separates MOTE's per-identity streams from other uses of the same seed
+_ADAM_BETA2 = 0.999
+
+
+@dataclass
+class MoteSettings:
+    """Enrolment hyper-parameters (defaults: the MOTE paper's where it gives them).
+
+    The paper gives the network, optimiser, schedule, loss, batch size and epoch limit; the data
+    counts, validation share and early-stopping patience are this project's choices.
+
+    An epoch is ``steps_per_epoch`` balanced batches: as many as the nominal training set
+    (synthetic genuine + impostors, minus the validation share) fills. It depends on the
+    settings only, so every identity in a batch follows the same learning-rate schedule.
+    ``dp_max_grad_norm`` None disables per-sample clipping (and so DP); with a clip norm set,
+    ``dp_noise_multiplier`` 0 clips without noise (no DP guarantee).
+    """
+
+    HIDDEN: ClassVar[tuple[int, int]] = (128, 64)
+
+    n_synthetic: int = 100
+    n_impostors: int = 400
+    n_synthetic_impostors: int = 100
+    val_fraction: float = 0.2
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    dropout: float = 0.5
+    patience: int = 5
+    min_delta: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float | None = None
+    enroll_batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2 or self.batch_size % 2:
+            raise ValueError(f"MoteSettings.batch_size must be even and >= 2 (half genuine, half impostor), "
+                             f"got {self.batch_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"MoteSettings.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if round(self.val_fraction * self.n_synthetic) < 1:
+            raise ValueError(f"MoteSettings: val_fraction {self.val_fraction} of n_synthetic {self.n_synthetic} "
+                             "leaves no genuine validation sample for early stopping")
+        if self.epochs < 1 or self.patience < 1 or self.enroll_batch < 1:
+            raise ValueError("MoteSettings: epochs, patience and enroll_batch must be >= 1")
+        if not 0.0 <= self.dropout < 255.5 / 256:  # the rate is quantised to 1/256 (see _epoch_draws)
+            raise ValueError(f"MoteSettings.dropout must be in [0, 0.998], got {self.dropout}")
+        if self.dp_noise_multiplier < 0:
+            raise ValueError(f"MoteSettings.dp_noise_multiplier must be >= 0, got {self.dp_noise_multiplier}")
+        if self.dp_max_grad_norm is None and self.dp_noise_multiplier > 0:
+            raise ValueError("MoteSettings: dp_noise_multiplier > 0 needs dp_max_grad_norm (the clipping norm)")
+        if self.dp_max_grad_norm is not None and self.dp_max_grad_norm <= 0:
+            raise ValueError(f"MoteSettings.dp_max_grad_norm must be > 0, got {self.dp_max_grad_norm}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        nominal = (self.n_synthetic + self.n_impostors + self.n_synthetic_impostors) * (1 - self.val_fraction)
+        return max(1, math.ceil(nominal / self.batch_size))
+
+
+def parameter_count(dim: int) -> int:
+    """Parameters of one model template for ``dim``-dimensional embeddings (74,049 at d = 512)."""
+    h1, h2 = MoteSettings.HIDDEN
+    return dim * h1 + h1 + h1 * h2 + h2 + h2 + 1
+
+
+def _param_shapes(dim: int) -> dict[str, tuple[int, ...]]:
+    """Per-identity shapes; weights are stored (in, out) so that a layer is ``x @ w + b``."""
+    h1, h2 = MoteSettings.HIDDEN
+    return {"w1": (dim, h1), "b1": (h1,), "w2": (h1, h2), "b2": (h2,), "w3": (h2,), "b3": ()}
+
+
+def _torch_generator(seq: np.random.SeedSequence) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(int(seq.generate_state(1, np.uint64)[0]))
+    return gen
+
+
+def identity_streams(seed: int, ident: int) -> tuple[np.random.Generator, torch.Generator, torch.Generator]:
+    """(data rng, init generator, training generator) of one identity: depend on (seed, id) only."""
+    if int(ident) < 0:
+        raise ValueError(f"identity ids must be non-negative integers (they seed the identity's streams), got {ident}")
+    data, init, train = np.random.SeedSequence([int(seed), _SEED_TAG, int(ident)]).spawn(3)
+    return np.random.default_rng(data), _torch_generator(init), _torch_generator(train)
+
+
+def _init_params(gen: torch.Generator, dim: int) -> torch.Tensor:
+    """Flat (P,) parameters with ``nn.Linear``'s default init: U(+-1/sqrt(fan_in)) for weight and bias."""
+    h1, h2 = MoteSettings.HIDDEN
+    fan_in = {"w1": dim, "b1": dim, "w2": h1, "b2": h1, "w3": h2, "b3": h2}
+    return torch.cat([(torch.rand(math.prod(shape), generator=gen) * 2 - 1) / math.sqrt(fan_in[name])
+                      for name, shape in _param_shapes(dim).items()])
+
+
+def _logits(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Stacked forward pass without dropout: x (k, n, d) -> logits (k, n).
+
+    The output layer is a product-and-sum, not a batched matrix-vector product: torch picks a
+    different kernel for a single matrix-vector product than for a batch of them, and training
+    alone must reproduce training in a batch.
+    """
+    a1 = torch.baddbmm(p["b1"].unsqueeze(1), x, p["w1"]).clamp_min_(0)
+    a2 = torch.baddbmm(p["b2"].unsqueeze(1), a1, p["w2"]).clamp_min_(0)
+    return (a2 * p["w3"].unsqueeze(1)).sum(-1) + p["b3"].unsqueeze(1)
+
+
+def _positive(z: torch.Tensor) -> torch.Tensor:
+    """1.0 where z > 0, else 0.0, written straight into a float tensor (bool-to-float is slow on CPU)."""
+    return torch.gt(z, 0, out=torch.empty_like(z))
+
+
+def gradients(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor,
+              max_grad_norm: float | None = None) -> dict[str, torch.Tensor]:
+    """Gradient of each identity's mean BCE-with-logits loss over its batch, by hand-written backprop.
+
+    x (k, B, d), y (k, B) or (B,), m1/m2 scaled dropout masks (k, B, h). With ``max_grad_norm`` C
+    each sample's gradient is clipped to norm C before averaging (DP-SGD). A sample's gradient of
+    ``w`` is outer(layer input, error), so its squared norm is |input|^2 |error|^2, and the clipped
+    average is one weighted matrix product per layer: no per-sample gradient is materialised.
+    """
+    z1 = torch.baddbmm(p["b1"].unsqueeze(1), x, p["w1"])
+    g1 = _positive(z1).mul_(m1)  # ReLU derivative times dropout mask, shared by forward and backward
+    a1 = z1 * g1
+    z2 = torch.baddbmm(p["b2"].unsqueeze(1), a1, p["w2"])
+    g2 = _positive(z2).mul_(m2)
+    a2 = z2 * g2
+    z3 = (a2 * p["w3"].unsqueeze(1)).sum(-1) + p["b3"].unsqueeze(1)
+    d3 = torch.sigmoid(z3) - y  # (k, B): each sample's dloss/dlogit
+    if max_grad_norm is None:
+        d3 = d3 / x.shape[1]  # the mean over the batch, carried through the (linear) backward pass
+    d2 = d3.unsqueeze(-1) * p["w3"].unsqueeze(1) * g2
+    d1 = torch.bmm(d2, p["w2"].transpose(1, 2)).mul_(g1)
+    if max_grad_norm is not None:
+        def sq(t: torch.Tensor) -> torch.Tensor:
+            return t.square().sum(-1)
+
+        norm = ((sq(x) + 1) * sq(d1) + (sq(a1) + 1) * sq(d2) + (sq(a2) + 1) * d3.square()).sqrt()
+        weight = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0) / x.shape[1]
+        d3, d2, d1 = d3 * weight, d2 * weight.unsqueeze(-1), d1 * weight.unsqueeze(-1)
+    return {"w1": torch.bmm(x.transpose(1, 2), d1), "b1": d1.sum(1), "w2": torch.bmm(a1.transpose(1, 2), d2),
+            "b2": d2.sum(1), "w3": (a2 * d3.unsqueeze(-1)).sum(1), "b3": d3.sum(1)}
+
+
+def one_cycle_schedule(lr: float, total_steps: int) -> list[tuple[float, float]]:
+    """(learning rate, Adam beta1) per step of torch's OneCycleLR with its defaults (incl. beta1 cycling)."""
+    dummy = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([dummy], lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps)
+    out = []
+    for step in range(total_steps):
+        group = opt.param_groups[0]
+        out.append((float(group["lr"]), float(group["betas"][0])))
+        if step + 1 < total_steps:
+            opt.step()  # no gradient: a no-op that keeps the scheduler's call-order check quiet
+            sched.step()
+    return out
+
+
+class StackedAdam:
+    """``torch.optim.Adam`` (fused kernel, L2 weight decay) on flat (k, P) parameters.
+
+    Adam is element-wise, so stacking does not couple identities. The learning rate and beta1
+    are set every step from the one-cycle schedule, and rows (identities that stopped early) can
+    leave together with their moment estimates. Rows are zero-padded to a multiple of 64
+    elements so that each identity's parameters fall on the same SIMD lanes of the fused kernel
+    whatever k is: without it, training alone differs from training in a batch in the last bit.
+    """
+
+    _ALIGN = 64
+
+    def __init__(self, params: torch.Tensor, weight_decay: float) -> None:
+        self.weight_decay = weight_decay
+        self._width = params.shape[1]
+        self._padded = F.pad(params.detach(), (0, -self._width % self._ALIGN)).requires_grad_(True)
+        self._opt = torch.optim.Adam([self._padded], weight_decay=weight_decay, fused=True)
+
+    @property
+    def padded_width(self) -> int:
+        return int(self._padded.shape[1])
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The current (k, P) parameters (a view: updated in place by ``step``)."""
+        return self._padded.detach()[:, : self._width]
+
+    def step(self, grad: torch.Tensor, lr: float, beta1: float) -> None:
+        group = self._opt.param_groups[0]
+        group["lr"], group["betas"] = lr, (beta1, _ADAM_BETA2)
+        if grad.shape[1] != self.padded_width:
+            grad = F.pad(grad, (0, self.padded_width - self._width))
+        self._padded.grad = grad
+        self._opt.step()
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the rows ``keep`` (a boolean mask over the current rows)."""
+        state = self._opt.state.get(self._padded, {})
+        self._padded = self._padded.detach()[keep].clone().requires_grad_(True)
+        self._opt = torch.optim.Adam([self._padded], weight_decay=self.weight_decay, fused=True)
+        if state:
+            self._opt.state[self._padded] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][keep].clone(),
+                                             "exp_avg_sq": state["exp_avg_sq"][keep].clone()}
+
+
+def unflatten(flat: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
+    """Views of flat (k, P) parameters as the stacked tensors of each layer (PARAM_NAMES order)."""
+    out, offset = {}, 0
+    for name, shape in _param_shapes(dim).items():
+        size = math.prod(shape)
+        out[name] = flat[:, offset: offset + size].view(flat.shape[0], *shape)
+        offset += size
+    return out
+
+
+def flatten(tensors: dict[str, torch.Tensor], width: int | None = None) -> torch.Tensor:
+    """The inverse of ``unflatten``: (k, P), or (k, width) zero-padded on the right."""
+    flat = [tensors[n].reshape(tensors[n].shape[0], -1) for n in PARAM_NAMES]
+    out = torch.zeros(flat[0].shape[0], width or sum(f.shape[1] for f in flat))
+    offset = 0
+    for f in flat:
+        out[:, offset: offset + f.shape[1]] = f
+        offset += f.shape[1]
+    return out
+
+
+def _pad(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (n_i, d) arrays into (k, max n_i, d) zero-padded, with the counts n_i."""
+    counts = torch.tensor([a.shape[0] for a in arrays])
+    out = torch.zeros(len(arrays), int(counts.max()), arrays[0].shape[1])
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = torch.from_numpy(a)
+    return out, counts
+
+
+@dataclass
+class _Stack:
+    """Training data of the identities still in training, zero-padded along the sample axis.
+
+    ``train`` holds each identity's genuine rows at [0, n_gen) and its impostor rows at
+    [gen_width, gen_width + n_imp), so one gather builds a balanced batch.
+    """
+
+    train: torch.Tensor
+    n_gen: torch.Tensor
+    n_imp: torch.Tensor
+    gen_val: torch.Tensor
+    imp_val: torch.Tensor
+    imp_val_mask: torch.Tensor
+    gen_width: int
+
+    @classmethod
+    def build(cls, sets: Sequence[EnrollmentSet]) -> _Stack:
+        for s in sets:
+            if s.genuine_val.shape[0] == 0 or s.impostor_val.shape[0] == 0:
+                raise ValueError("MOTE early stopping needs genuine and impostor validation samples")
+        gen, n_gen = _pad([s.genuine_train for s in sets])
+        imp, n_imp = _pad([s.impostor_train for s in sets])
+        gen_val, _ = _pad([s.genuine_val for s in sets])
+        imp_val, n_imp_val = _pad([s.impostor_val for s in sets])
+        mask = torch.arange(imp_val.shape[1]) < n_imp_val.unsqueeze(1)
+        return cls(torch.cat([gen, imp], dim=1), n_gen, n_imp, gen_val, imp_val, mask, gen.shape[1])
+
+    def select(self, keep: torch.Tensor) -> _Stack:
+        tensors = (getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "gen_width")
+        return _Stack(*(t[keep] for t in tensors), self.gen_width)
+
+    def batch(self, picks: torch.Tensor) -> torch.Tensor:
+        """(k, B, d) rows for uniform draws (k, B): the first half genuine, the second impostors."""
+        half = picks.shape[1] // 2
+        gen = (picks[:, :half] * self.n_gen.unsqueeze(1)).long().clamp_max(self.n_gen.unsqueeze(1) - 1)
+        imp = (picks[:, half:] * self.n_imp.unsqueeze(1)).long().clamp_max(self.n_imp.unsqueeze(1) - 1)
+        rows = torch.arange(picks.shape[0]).unsqueeze(1)
+        return self.train[rows, torch.cat([gen, imp + self.gen_width], dim=1)]
+
+    def val_loss(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Balanced validation BCE (mean of the genuine and the impostor mean), no dropout: (k,)."""
+        genuine = F.softplus(-_logits(p, self.gen_val)).mean(1)  # every identity has the same count
+        impostor = (F.softplus(_logits(p, self.imp_val)) * self.imp_val_mask).sum(1) / self.imp_val_mask.sum(1)
+        return (genuine + impostor) / 2
+
+
+@dataclass(frozen=True)
+class _EpochDraws:
+    """One epoch of random numbers of each identity still in training."""
+
+    picks: torch.Tensor  # (k, S, B) uniform in [0, 1): batch indices, genuine half then impostor half
+    drop_bytes: torch.Tensor  # (k, S, B, h1 + h2) uniform bytes: dropout keeps a unit iff byte >= threshold
+    noise: torch.Tensor | None  # (k, S, P) standard normal DP noise, None without noise
+
+
+def _epoch_draws(gens: Sequence[torch.Generator], settings: MoteSettings, hidden: int, n_params: int) -> _EpochDraws:
+    """Draw each identity's epoch from its own generator, in a fixed order, so that a stream never
+    depends on which identities share the batch. Dropout uses random bytes (8 per 64-bit draw,
+    several times cheaper than uniform floats), which quantises the dropout rate to 1/256."""
+    k, steps, batch = len(gens), settings.steps_per_epoch, settings.batch_size
+    n_bytes = steps * batch * hidden
+    picks = torch.empty(k, steps, batch)
+    words = torch.empty(k, -(-n_bytes // 8), dtype=torch.int64)
+    with_noise = settings.dp_max_grad_norm is not None and settings.dp_noise_multiplier > 0
+    noise = torch.empty(k, steps, n_params) if with_noise else None
+    for i, gen in enumerate(gens):
+        picks[i].uniform_(generator=gen)
+        words[i].random_(-(2 ** 63), 2 ** 63 - 1, generator=gen)
+        if noise is not None:
+            noise[i].normal_(generator=gen)
+    drop_bytes = words.view(torch.uint8)[:, :n_bytes].view(k, steps, batch, hidden)
+    return _EpochDraws(picks, drop_bytes, noise)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Best-validation weights (stacked), epochs trained and best validation loss per identity."""
+
+    params: dict[str, torch.Tensor]
+    epochs: np.ndarray
+    val_loss: np.ndarray
+
+
+def train_models(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator],
+                 train_gens: Sequence[torch.Generator], settings: MoteSettings) -> TrainResult:
+    """Train one model template per enrolment set, all k at once (see the module docstring)."""
+    k, dim = len(sets), sets[0].genuine_train.shape[1]
+    h1, h2 = MoteSettings.HIDDEN
+    n_params = parameter_count(dim)
+    adam = StackedAdam(torch.stack([_init_params(gen, dim) for gen in init_gens]), settings.weight_decay)
+    best = adam.params.clone()
+    best_loss = torch.full((k,), math.inf)
+    bad = torch.zeros(k, dtype=torch.long)
+    epochs = torch.zeros(k, dtype=torch.long)
+    data = _Stack.build(sets)
+    active = torch.arange(k)
+    gens = list(train_gens)
+    half = settings.batch_size // 2
+    y = torch.cat([torch.ones(half), torch.zeros(half)])
+    drop_threshold = round(settings.dropout * 256)
+    keep_scale = 256 / (256 - drop_threshold)  # inverted dropout, as nn.Dropout
+    schedule = one_cycle_schedule(settings.lr, settings.epochs * settings.steps_per_epoch)
+    noise_scale = settings.dp_noise_multiplier * (settings.dp_max_grad_norm or 0.0) / settings.batch_size
+    step = 0
+    for _ in range(settings.epochs):
+        draws = _epoch_draws(gens, settings, h1 + h2, n_params)
+        for s in range(settings.steps_per_epoch):
+            lr, beta1 = schedule[step]
+            step += 1
+            drop_bytes = draws.drop_bytes[:, s]
+            mask = torch.ge(drop_bytes, drop_threshold, out=torch.empty(drop_bytes.shape)).mul_(keep_scale)
+            grads = flatten(gradients(unflatten(adam.params, dim), data.batch(draws.picks[:, s]), y, mask[..., :h1],
+                                      mask[..., h1:], settings.dp_max_grad_norm), adam.padded_width)
+            if draws.noise is not None:  # sum of clipped gradients + N(0, (sigma C)^2), over the batch size
+                grads[:, :n_params].add_(draws.noise[:, s], alpha=noise_scale)
+            adam.step(grads, lr, beta1)
+        epochs[active] += 1
+        params = adam.params
+        loss = data.val_loss(unflatten(params, dim))
+        improved = loss < best_loss[active] - settings.min_delta
+        best[active[improved]] = params[improved]
+        best_loss[active[improved]] = loss[improved]
+        bad[active] = torch.where(improved, 0, bad[active] + 1)
+        keep = bad[active] < settings.patience
+        if not keep.all():
+            adam.select(keep)
+            data = data.select(keep)
+            gens = [g for g, kept in zip(gens, keep.tolist()) if kept]
+            active = active[keep]
+        if active.numel() == 0:
+            break
+    return TrainResult({n: t.clone() for n, t in unflatten(best, dim).items()}, epochs.numpy(), best_loss.numpy())
+
+

@@ -1,0 +1,379 @@
+"""``report.html``: one self-contained page per run, for a reader who has only that file.
+
+Everything comes from the run directory (``common.runs.results``): the configuration, the DP
+ledger, per-round metrics, fairness, every audited attack with its ROC and bootstrap intervals,
+per-group leakage, MOTE vs templates and what the server could see. Plots are embedded as base64
+PNG data URIs and the CSS is inline, so the page can be mailed or archived on its own. Each
+section is always present: an input that a run does not have (not audited, no MOTE, DP off)
+gives an explicit line saying so. All text from the run is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.runs.io import atomic_path, atomic_write_text
+from common.runs.results import (
+    FAIR_GALLERY,
+    FPR_KEYS,
+    RunResults,
+    attack_label,
+    is_update_attack,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+UTILITY_PLOT = "utility.png"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SECTIONS = ("Setup and configuration", "Privacy ledger", "Utility", "Fairness", "Membership-inference attacks",
+            "Per-group leakage", "MOTE vs templates", "What the server could see")
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left} th{background:#f4f4f4}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.not-run{color:#a15c00;font-style:italic} .problem{color:#b00020}
+img{max-width:100%;border:1px solid #eee} pre{background:#f8f8f8;padding:.8em;overflow-x:auto;font-size:.85em}
+"""
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for a human: fixed digits, "∞" for infinity, "n/a" for missing or NaN."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    if x != 0 and abs(x) < 10.0 ** -digits:  # e.g. delta = 1e-05, which fixed digits would show as 0
+        return f"{x:.2g}"
+    return f"{x:.{digits}f}"
+
+
+def with_ci(value: Any, ci: Sequence[float] | None, digits: int = 3) -> str:
+    """``value [lo, hi]`` (a bootstrap 95% interval), or the value alone without one."""
+    return f"{fmt(value, digits)} [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]" if ci else fmt(value, digits)
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(
+        f'<td class="n">{_e(fmt(c))}</td>' if isinstance(c, int | float) and not isinstance(c, bool)
+        else f"<td>{_e(c)}</td>"
+        for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _p(text: str) -> str:
+    return f"<p>{_e(text)}</p>"
+
+
+def _not_run(text: str) -> str:
+    return f'<p class="not-run">Not run: {_e(text)}</p>'
+
+
+def _image(path: Path, alt: str) -> str:
+    """The PNG at ``path`` as an embedded data URI, or a "not run" line when it is absent."""
+    if not path.is_file():
+        return _not_run(f"{alt}: {path.name} was not written")
+    data = path.read_bytes()
+    if not data.startswith(PNG_MAGIC):
+        return f'<p class="problem">{_e(path)}: not a PNG file</p>'
+    uri = base64.b64encode(data).decode("ascii")
+    return f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{uri}"><figcaption>{_e(alt)}</figcaption></figure>'
+
+
+def _setup(r: RunResults) -> str:
+    if r.config is None:
+        return _not_run("config.toml is missing: this is not a run directory")
+    status = r.status or {"status": "missing"}
+    m = r.manifest or {}
+    counts = m.get("counts", {})
+    rows = [
+        ("run", r.path.name),
+        ("status", status.get("status", "missing") + (f" ({status['error']})" if status.get("error") else "")),
+        ("seed", r.cfg("seed")),
+        ("task", f"{r.cfg('train.task')} (attribute: {r.cfg('train.attribute')})"),
+        ("data", f"{r.cfg('data.source')}: {r.cfg('data.identities')} identities x {r.cfg('data.images_per_identity')} "
+                 f"images, {r.cfg('data.image_size')} px" if r.cfg("data.source") == "synthfaces"
+         else f"{r.cfg('data.source')} at {r.cfg('data.path')}"),
+        ("data fingerprint", str(m.get("fingerprint", "n/a"))[:16]),
+        ("split (samples)", ", ".join(f"{k} {v}" for k, v in counts.get("samples", {}).items()) or "n/a"),
+        ("split (identities)", ", ".join(f"{k} {v}" for k, v in counts.get("identities", {}).items()) or "n/a"),
+        ("clients", f"{r.cfg('split.num_clients')} ({r.cfg('split.partition')} partition)"),
+        ("federation", (f"{r.cfg('federation.rounds')} rounds x {r.cfg('federation.local_epochs')} local epochs, "
+                        f"fraction {r.cfg('federation.fraction_train')} per round")),
+        ("model", (f"width {r.cfg('model.width')}, blocks {r.cfg('model.blocks')}, "
+                   f"embedding {r.cfg('model.embedding_dim')}")),
+        ("DP-SGD", f"{r.cfg('dp.mode')}, target epsilon {fmt(r.cfg('dp.target_epsilon'))}, delta {r.cfg('dp.delta')}, "
+                   f"{r.cfg('dp.accountant')} accountant" if r.dp_on() else "off"),
+        ("fairness intervention", r.cfg("fairness.method")),
+        ("encrypted aggregation (HE)", "on" if r.cfg("he.enabled") else "off"),
+        ("MOTE", f"balancing factors {r.cfg('mote.balancing_factors')}" if r.cfg("mote.enabled") else "off"),
+    ]
+    out = [_table(("setting", "value"), rows)]
+    clients = m.get("client_summary")
+    if clients:
+        out.append(_table(("client", "identities", "samples", "gender", "group"), [
+            (i, c.get("identities"), c.get("samples"), ", ".join(f"{k} {v}" for k, v in c.get("gender", {}).items()),
+             ", ".join(f"{k} {v}" for k, v in c.get("group", {}).items())) for i, c in enumerate(clients)]))
+    else:
+        out.append(_not_run("manifest.json is missing: no per-client data summary"))
+    text = (r.path / "config.toml").read_text(encoding="utf-8")
+    out.append(f"<details><summary>resolved configuration (config.toml)</summary><pre>{_e(text)}</pre></details>")
+    return "".join(out)
+
+
+def _privacy(r: RunResults) -> str:
+    if r.config is not None and not r.dp_on():
+        return _p("DP-SGD was off (dp.mode = off): the run has no differential-privacy guarantee (epsilon = ∞).")
+    if r.privacy is None:
+        return _not_run("privacy.json is missing (no round finished)")
+    p = r.privacy
+    rows = [(k, c.get("epsilon"), c.get("epsilon_rdp"), c.get("epsilon_prv"), c.get("delta"), c.get("steps"),
+             c.get("noise_multiplier"), c.get("sample_rate"), ", ".join(map(str, c.get("rounds", []))))
+            for k, c in p.get("clients", {}).items()]
+    return (_p(f"Accountant {p.get('accountant')}, delta {p.get('delta')}; {p.get('guarantee', '')}. "
+               f"Largest epsilon spent: {fmt(p.get('max_epsilon'))}.")
+            + _table(("client", "epsilon", "epsilon (RDP)", "epsilon (PRV)", "delta", "steps", "noise multiplier",
+                      "sample rate", "rounds"), rows))
+
+
+def _utility(r: RunResults) -> str:
+    rows: list[tuple[Any, ...]] = []
+    for e in r.metrics:
+        kind = e.get("event")
+        if kind == "pretrain":
+            rows.append(("public pretraining", "", "", "", e.get("verification_auc"), e.get("attribute_accuracy"),
+                         "", e.get("seconds")))
+        elif kind == "round":
+            hidden = "encrypted" if e.get("encrypted") else "n/a"
+            no_attr = "n/a" if r.cfg("train.task") == "identity" else hidden
+            rows.append((e["round"], len(e.get("clients", [])), len(e.get("failures", [])), e.get("train_loss"),
+                         e.get("verification_auc", hidden), e.get("attribute_accuracy", no_attr),
+                         e.get("max_epsilon") if r.dp_on() else "DP off", e.get("seconds")))
+        elif kind == "decrypted":
+            rows.append((f"round {e.get('round')}, decrypted by a key holder", "", "", "",
+                         e.get("verification_auc"), e.get("attribute_accuracy", "n/a"), "", ""))
+    if not rows:
+        return _not_run("metrics.jsonl has no round (training did not start)")
+    out = [_table(("round", "clients", "failed", "train loss", "verification AUC", "attribute accuracy", "max epsilon",
+                   "seconds"), rows)]
+    if r.cfg("he.enabled"):
+        out.append(_p("With HE the server cannot evaluate the global model between rounds; the decrypted final "
+                      "model is evaluated by a key holder."))
+    try:
+        plot = utility_plot(r, r.path / UTILITY_PLOT)
+    except ValueError as exc:
+        out.append(_not_run(f"utility plot: {exc}"))
+    else:
+        out.append(_image(plot, "utility over rounds"))
+    return "".join(out)
+
+
+def utility_plot(r: RunResults, path: Path) -> Path:
+    """Train loss, evaluation metrics and epsilon over rounds (PNG, written atomically)."""
+    rounds = r.events("round")
+    if not rounds:
+        raise ValueError("no round events")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x = [e["round"] for e in rounds]
+    fig = Figure(figsize=(11.0, 3.4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_eval, ax_eps = fig.subplots(1, 3)
+    ax_loss.plot(x, [e.get("train_loss", math.nan) for e in rounds], marker="o")
+    ax_loss.set_title("train loss (clients' mean)")
+    decrypted = [e for e in r.events("decrypted") if "round" in e]  # a key holder's evaluations (HE runs)
+    for key, label in (("verification_auc", "verification AUC"), ("attribute_accuracy", "attribute accuracy")):
+        ys = [e.get(key, math.nan) for e in rounds]
+        if any(math.isfinite(y) for y in ys):
+            ax_eval.plot(x, ys, marker="o", label=label)
+        held = [(e["round"], e[key]) for e in decrypted if key in e]
+        if held:
+            ax_eval.plot(*zip(*held, strict=True), marker="*", markersize=12,
+                         label=f"{label} (decrypted by a key holder)")
+    ax_eval.set_ylim(0.0, 1.02)
+    ax_eval.set_title("global model on held-out data")
+    if ax_eval.get_legend_handles_labels()[0]:
+        ax_eval.legend(fontsize="small", loc="lower right")
+    ax_eps.plot(x, [e.get("max_epsilon", math.nan) for e in rounds], marker="o", color="tab:red")
+    ax_eps.set_title("largest epsilon spent" if r.dp_on() else "epsilon (DP off: no guarantee)")
+    for ax in (ax_loss, ax_eval, ax_eps):
+        ax.set_xlabel("round")
+        ax.set_xticks(x)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def _fairness(r: RunResults) -> str:
+    out = []
+    final = r.final_metrics()
+    if "attribute_deo_sum" in final:
+        sens = r.cfg("fairness.sensitive", "gender")
+        out.append(_p(f"Attribute task ({r.cfg('train.attribute')}) on held-out samples, sensitive attribute "
+                      f"{sens} (s0 / s1 = its two values; for gender female / male), intervention "
+                      f"{r.cfg('fairness.method')}."))
+        out.append(_table(("metric", "value"), [
+            ("accuracy", final.get("attribute_accuracy")),
+            ("balanced accuracy", final.get("attribute_balanced_accuracy")),
+            ("DEO (|dTPR| + |dFPR|)", final.get("attribute_deo_sum")), ("dTPR", final.get("attribute_dtpr")),
+            ("dFPR", final.get("attribute_dfpr")), ("bias amplification", final.get("attribute_bias_amplification"))]))
+        out.append(_table(("group", "TPR", "FPR", "positive rate", "accuracy", "n"), [
+            (s, final.get(f"attribute_tpr_{s}"), final.get(f"attribute_fpr_{s}"),
+             final.get(f"attribute_positive_rate_{s}"),
+             final.get(f"attribute_accuracy_{s}"), int(final.get(f"attribute_n_{s}", 0))) for s in ("s0", "s1")]))
+    elif r.cfg("train.task") == "identity":
+        out.append(_not_run("attribute fairness (DEO, bias amplification): the identity task has no attribute head"))
+    else:
+        out.append(_not_run("attribute fairness: the final model was never evaluated (HE run not decrypted?)"))
+    if r.evaluation is not None:
+        out.append(_p(f"Verification fairness at one global threshold (FMR {r.evaluation.get('target_fmr')}): FDR and "
+                      "iGARBE are higher when fairer (1 = equal error rates), IR is 1 when fair."))
+        out.append(_table(("method", "FNMR female", "FNMR male", "FDR (gender)", "iGARBE (gender)", "IR (gender)",
+                           "FDR (group)", "iGARBE (group)", "IR (group)"), [
+            (name, m["gender"]["female"]["fnmr"], m["gender"]["male"]["fnmr"], m.get("fdr"), m.get("igarbe"),
+             m.get("ir"),
+             m["group"].get("fdr"), m["group"].get("igarbe"), m["group"].get("ir"))
+            for name, m in r.evaluation.get("methods", {}).items()]))
+    else:
+        out.append(_not_run("MOTE verification fairness: no mote/evaluation.json (`facefl evaluate` was not run)"))
+    return "".join(out)
+
+
+def _attacks(r: RunResults) -> str:
+    if r.audit is None:
+        return _not_run("no audit/report.json (`facefl audit` was not run)")
+    a = r.audit
+    rows = []
+    for x in r.attacks():
+        ci = x.get("ci95") or {}
+        tpr_ci = ci.get("tpr_at_fpr", {})
+        rows.append((x["name"], x["target"], with_ci(x["auc"], ci.get("auc")),
+                     with_ci(x["balanced_accuracy"], ci.get("balanced_accuracy")),
+                     *(with_ci(x["tpr_at_fpr"][k], tpr_ci.get(k)) for k in FPR_KEYS),
+                     f"{x['n_members']} / {x['n_nonmembers']}"))
+    audited = a.get("audited", {})
+    out = [_p(f"Audited {audited.get('members')} members vs {audited.get('nonmembers')} nonmembers of the global "
+              f"model; {a.get('references')} reference models; seed {a.get('seed')}. Intervals are stratified "
+              "bootstrap 95% intervals; TPR at a target FPR never uses a threshold whose FPR exceeds the target.")]
+    if a.get("mote_audited"):
+        m = a["mote_audited"]
+        out.append(_p(f"MOTE galleries: {m.get('members')} vs {m.get('nonmembers')} ({m.get('what')})."))
+    if a.get("fair_run"):
+        out.append(_p(f"Fair twin run (FD-MIA pair): {a['fair_run']}."))
+    out.append(_table(("attack", "target", "AUC [95% CI]", "balanced accuracy [95% CI]", "TPR@0.1%FPR [95% CI]",
+                       "TPR@1%FPR [95% CI]", "members / nonmembers"), rows))
+    out.append(_image(r.path / "audit" / "roc.png", "ROC of every attack (log-log)"))
+    return "".join(out)
+
+
+def _per_group(r: RunResults) -> str:
+    if r.audit is None:
+        return _not_run("no audit/report.json")
+    rows = []
+    for x in r.attacks(include_updates=False):
+        for attr, groups in x.get("per_group", {}).items():
+            for value, g in groups.items():
+                rows.append((attack_label(x), attr, value, g.get("auc"), *(g["tpr_at_fpr"][k] for k in FPR_KEYS),
+                             g.get("n_members"), g.get("n_nonmembers")))
+    if not rows:
+        return _not_run("the audit report has no per-group breakdown")
+    return (_p("Each attack's success within one gender or skin-tone group (no intervals: the groups are small; "
+               "n/a where a group lacks members or nonmembers).")
+            + _table(("attack", "attribute", "group", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "members", "nonmembers"),
+                     rows))
+
+
+def _mote(r: RunResults) -> str:
+    if r.evaluation is None:
+        if not r.cfg("mote.enabled") or r.cfg("train.task") == "attribute":
+            return _not_run("MOTE enrollment was off for this run (mote.enabled = false or attribute task)")
+        return _not_run("no mote/evaluation.json (`facefl evaluate` was not run)")
+    ev = r.evaluation
+    leak = ev.get("gender_inference", {})
+    rows = [(name, m.get("auc"), m.get("fnmr"), m.get("fmr"), leak.get(name, {}).get("balanced_accuracy"),
+             leak.get(name, {}).get("male_accuracy"), leak.get(name, {}).get("female_accuracy"))
+            for name, m in ev.get("methods", {}).items()]
+    return (_p(f"{ev.get('enrolled')} enrolled identities, {ev.get('probes')} probe images. Verification at one global "
+               f"threshold with FMR <= {ev.get('target_fmr')}. Gender inference by a template thief (comparison "
+               "scores against an auxiliary population): balanced accuracy 0.5 = no leakage. "
+               f"{FAIR_GALLERY} is the balanced gallery.")
+            + _table(("method", "verification AUC", "FNMR@FMR=1e-3", "FMR at threshold", "gender inference BA",
+                      "male acc.", "female acc."), rows)
+            + _image(r.path / "mote" / "roc.png", "MOTE vs templates verification ROC"))
+
+
+def _server_view(r: RunResults) -> str:
+    out = []
+    if r.cfg("he.enabled"):
+        he = r.he or {}
+        out.append(_p("Encrypted aggregation (CKKS) was ON: " + str(he.get("server_sees", "he.json is missing")) + "."))
+        if he:
+            out.append(_table(("item", "value"), [
+                ("values encrypted", f"{he.get('encrypted')} of {he.get('values')}"),
+                ("values in plaintext", he.get("plaintext")), ("selection", he.get("criterion")),
+                ("key fingerprint", str(he.get("fingerprint", ""))[:16])]))
+    elif r.config is not None:
+        out.append(_p("Encrypted aggregation was OFF: the server saw every client's update in plaintext."))
+    else:
+        out.append(_not_run("no configuration"))
+    level = (r.audit or {}).get("update_level")
+    if level is None:
+        out.append(_not_run("update-level attacks (a curious server attacking each client's update): no audit"))
+    elif not level.get("available"):
+        out.append(_p(f"Update-level attacks: not possible ({level.get('reason')})."))
+    else:
+        rows = [(x["target"], x["name"], x["auc"], *(x["tpr_at_fpr"][k] for k in FPR_KEYS), x["n_members"])
+                for x in r.attacks() if is_update_attack(x)]
+        out.append(_p(f"Update-level attacks on {level.get('clients')} clients' own post-round models (what a curious "
+                      "server holds), each on that client's members against every audited nonmember:"))
+        out.append(_table(("target", "attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "members"), rows))
+    return "".join(out)
+
+
+_BUILDERS: dict[str, Callable[[RunResults], str]] = dict(zip(SECTIONS, (
+    _setup, _privacy, _utility, _fairness, _attacks, _per_group, _mote, _server_view), strict=True))
+
+
+def render_report(r: RunResults) -> str:
+    """The whole page as a string; a section whose builder fails says so and the rest still render."""
+    parts = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>facefl report: {_e(r.path.name)}"
+              f"</title><style>{_CSS}</style></head><body><h1>facefl report: {_e(r.path.name)}</h1>")]
+    parts += [f'<p class="problem">{_e(p)}</p>' for p in r.problems]
+    for title, build in _BUILDERS.items():
+        try:
+            body = build(r)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # a malformed input file, never a crash
+            log.warning("report %s: section %r failed", r.path, title, exc_info=True)
+            body = f'<p class="problem">This section could not be built from the run\'s files: {_e(repr(exc))}</p>'
+        parts.append(f'<section><h2>{_e(title)}</h2>{body}</section>')
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def write_report(run_dir: str | os.PathLike[str]) -> Path:
+    """Write ``RUN_DIR/report.html`` (and ``utility.png``) atomically; return the report's path."""
+    r = RunResults.load(run_dir)
+    return atomic_write_text(r.path / REPORT_FILE, render_report(r))

@@ -1,0 +1,281 @@
+"""The one training loop: central baselines, federated clients and attack shadow models.
+
+It trains a ``FaceModel`` and, for the identity task, a private ``CosineClassifier`` on one
+``FaceDataset``, with or without DP-SGD (Opacus, Poisson sampling). Everything random is drawn
+from generators seeded by the caller, so the same seed gives the same weights on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from common.config import DPConfig, TrainConfig
+from common.data.dataset import FaceDataset
+from common.nn.face_model import FaceModel
+from common.nn.heads import CosineClassifier, margin_logits
+from common.train.dp import History, accountant_history, make_accountant
+from common.train.fairness import fair_mixup_penalty
+
+log = logging.getLogger(__name__)
+
+
+def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (n, H, W, 3) or (n, 3, H, W) -> float32 (n, 3, H, W) in [-1, 1]."""
+    x = torch.as_tensor(images)
+    if x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: float = 0.08) -> torch.Tensor:
+    """Random horizontal flip and translation (seeded), applied per sample."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift * 2
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1] = 1
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def one_cycle_lr(step: int, total: int, peak: float, warmup: float = 0.15) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up from peak/25, then cosine to ~0.
+
+    The schedule spans a whole run (all rounds of a federation), so that local training in round
+    r continues the curve where round r-1 left it instead of restarting its warm-up.
+    """
+    total = max(total, 1)
+    ramp = max(int(warmup * total), 1)
+    if step < ramp:
+        return peak * (0.04 + 0.96 * step / ramp)
+    progress = min((step - ramp) / max(total - ramp, 1), 1.0)
+    return peak * (1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def target_labels(ds: FaceDataset, attribute: str) -> np.ndarray:
+    """Binary target for the attribute task: a task label, or the gender code (1 = male)."""
+    if attribute == "gender":
+        return ds.gender.astype(np.int64)
+    if attribute not in ds.labels:
+        raise KeyError(f"train.attribute: {attribute!r} is not a label of data set {ds.source!r} "
+                       f"(labels: {sorted(ds.labels)} or 'gender')")
+    return ds.labels[attribute].astype(np.int64)
+
+
+@dataclass
+class TrainOutcome:
+    """What one call to ``train`` did; DP fields are zero / empty without DP."""
+
+    steps: int
+    samples: int
+    loss: float
+    seconds: float
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    dp_history: History | None = None
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+class _Joint(nn.Module):
+    """Model and private identity head as one module, so DP clipping covers both."""
+
+    def __init__(self, model: FaceModel, head: CosineClassifier | None) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        feats, attr = self.model(x)
+        return (self.head(feats) if self.head is not None else None), attr
+
+
+def _batches(loader: DataLoader, epochs: int, max_seconds: float, start: float):
+    """Batches of ``epochs`` passes, stopping early once ``max_seconds`` have elapsed (0 = never)."""
+    for _ in range(epochs):
+        for batch in loader:
+            if max_seconds and time.perf_counter() - start > max_seconds:
+                return
+            yield batch
+
+
+def task_loss(cosine: torch.Tensor | None, attr_logit: torch.Tensor | None, y_id: torch.Tensor,
+              y_attr: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Per-sample loss: the margin loss on ``cosine`` and / or BCE on ``attr_logit`` (None = task off)."""
+    ref = cosine if cosine is not None else attr_logit
+    if ref is None:
+        raise ValueError("task_loss: neither an identity nor an attribute output")
+    loss = torch.zeros(ref.shape[0])
+    if cosine is not None:
+        loss = loss + F.cross_entropy(margin_logits(cosine, y_id, cfg.margin, cfg.margin_scale), y_id, reduction="none")
+    if attr_logit is not None:
+        bce = F.binary_cross_entropy_with_logits(attr_logit, y_attr.float(), reduction="none")
+        loss = loss + (cfg.attribute_weight * bce if cosine is not None else bce)
+    return loss
+
+
+def identity_classes(identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted identity codes and each sample's local class index (stable across rounds)."""
+    classes, local = np.unique(identity, return_inverse=True)
+    return classes, local.astype(np.int64)
+
+
+def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, seed: int, epochs: int,
+          **kwargs: Any) -> TrainOutcome:
+    """Train ``model`` in place; see ``_train`` for the arguments.
+
+    Runs with torch's global RNG forked and seeded (dropout draws from it), and with modules the
+    task does not use frozen (an idle attribute head has no per-sample gradients for Opacus).
+    """
+    idle = model.attribute if (model.attribute is not None and cfg.task == "identity") else None
+    frozen = [p for p in (idle.parameters() if idle is not None else []) if p.requires_grad]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return _train(model, ds, cfg, dp, seed=seed, epochs=epochs, **kwargs)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+
+def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, seed: int, epochs: int,
+          head: CosineClassifier | None = None, noise_multiplier: float = 0.0, dp_history: History | None = None,
+          sample_weight: np.ndarray | None = None, mixup: tuple[float, np.ndarray] | None = None,
+          schedule: tuple[int, int] | None = None,
+          progress: bool = False, desc: str = "train") -> TrainOutcome:
+    """Train ``model`` (and ``head``) in place for ``epochs`` epochs on ``ds``.
+
+    Args:
+        head: identity head over ``identity_classes(ds.identity)``; required for identity tasks.
+        noise_multiplier: DP noise (already calibrated by the caller for the whole run).
+        dp_history: accountant history of earlier calls; returned extended by this call's steps.
+        sample_weight: optional per-sample loss weights (fairness reweighting).
+        mixup: (lambda, sensitive attribute per sample) to add the Fair Mixup penalty (not with DP).
+        schedule: (first step, total steps) of the run's learning-rate schedule; default: this call
+            alone. Federated clients pass their position in the whole run.
+    """
+    use_id = cfg.task in ("identity", "both")
+    use_attr = cfg.task in ("attribute", "both")
+    if use_id and head is None:
+        raise ValueError("train: the identity task needs an identity head")
+    if use_attr and model.attribute is None:
+        raise ValueError("train: the attribute task needs a model with an attribute head")
+    if len(ds) == 0:
+        raise ValueError("train: empty training set")
+    if mixup is not None and (dp.mode != "off" or not use_attr):
+        raise ValueError("train: the Fair Mixup penalty needs the attribute task and no DP-SGD")
+    gen = torch.Generator().manual_seed(seed)
+    y_id = torch.from_numpy(identity_classes(ds.identity)[1])
+    y_attr = torch.from_numpy(target_labels(ds, cfg.attribute)) if use_attr else torch.zeros(len(ds), dtype=torch.int64)
+    w = torch.ones(len(ds)) if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32)
+    sens = torch.from_numpy(np.asarray(mixup[1], dtype=np.int64)) if mixup else torch.zeros(len(ds), dtype=torch.int64)
+    # The penalty draws from its own stream, so a fair run sees the same batches as its biased twin.
+    mix_gen = torch.Generator().manual_seed(seed + 2)
+    images = torch.from_numpy(ds.images).permute(0, 3, 1, 2).contiguous()
+    batch = min(cfg.batch_size, len(ds))
+    loader = DataLoader(TensorDataset(images, y_id, y_attr, w, sens), batch_size=batch, shuffle=True, generator=gen)
+
+    joint = _Joint(model, head if use_id else None)
+    params = [p for p in joint.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    private = dp.mode == "sample"
+    engine = None
+    module: nn.Module = joint
+    if private:
+        if noise_multiplier <= 0:
+            raise ValueError("train: DP mode 'sample' needs a noise multiplier > 0")
+        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
+        engine.accountant = make_accountant(dp.accountant, dp_history)
+        wrapped = engine.make_private(
+            module=joint, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=dp.max_grad_norm, poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
+            noise_generator=torch.Generator().manual_seed(seed + 1), criterion=nn.CrossEntropyLoss())
+        # Ghost clipping also returns a wrapped criterion (3rd item); the loss is wrapped below instead.
+        module, opt, loader = wrapped[0], wrapped[1], wrapped[-1]
+    steps_total = epochs * len(loader)
+    first_step, run_steps = schedule or (0, steps_total)
+    module.train()
+    start = time.perf_counter()
+    steps = samples = 0
+    loss_sum = 0.0
+    bar = tqdm(total=steps_total, desc=desc, disable=not progress, leave=False, unit="step")
+    try:
+        for xb, yb_id, yb_attr, wb, sb in _batches(loader, epochs, cfg.max_seconds, start):
+            x = to_tensor(xb)
+            if cfg.augment:
+                x = augment(x, gen)
+            cos, attr = module(x)
+            per_sample = task_loss(cos if use_id else None, attr if use_attr else None, yb_id, yb_attr, cfg) * wb
+            opt.zero_grad(set_to_none=True)
+            # Warm-up then anneal (for SGD and Adam alike): ArcFace from scratch diverges without it.
+            for group in opt.param_groups:
+                group["lr"] = one_cycle_lr(first_step + steps, run_steps, cfg.lr)
+            if private and dp.grad_sample_mode == "ghost":
+                DPTensorFastGradientClipping(module, opt, per_sample, "mean").backward()
+            elif mixup is not None:
+                (per_sample.mean() + mixup[0] * fair_mixup_penalty(model, x, yb_attr, sb, mix_gen)).backward()
+            else:
+                per_sample.mean().backward()
+            opt.step()
+            steps += 1
+            samples += x.shape[0]
+            loss_sum += float(per_sample.detach().sum())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / max(samples, 1):.3f}")
+    finally:
+        bar.close()
+        if private:
+            module._close()  # remove Opacus hooks: the caller gets back a plain model
+            for p in joint.parameters():  # Opacus keeps the un-noised clipped sum of the last batch
+                p.__dict__.pop("summed_grad", None)
+                p.grad = None
+    outcome = TrainOutcome(steps=steps, samples=samples, loss=loss_sum / max(samples, 1),
+                           seconds=time.perf_counter() - start)
+    if private:
+        outcome.noise_multiplier = noise_multiplier
+        outcome.sample_rate = float(loader.sample_rate)
+        outcome.dp_history = accountant_history(engine.accountant)
+    log.debug("%s: %d steps, %.1f samples/s, loss %.4f", desc, steps, outcome.samples_per_second, outcome.loss)
+    return outcome
+
+
+@torch.no_grad()
+def embed(model: FaceModel, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """L2-normalised embeddings of uint8 images, in eval mode."""
+    model.eval()
+    out = [model.embed(to_tensor(images[i:i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.empty((0, model.spec.embedding_dim), np.float32)
+
+
+@torch.no_grad()
+def predict_attribute(model: FaceModel, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Attribute probabilities (sigmoid of the logit) of uint8 images, in eval mode."""
+    if model.attribute is None:
+        raise ValueError("model has no attribute head")
+    model.eval()
+    out = [torch.sigmoid(model(to_tensor(images[i:i + batch_size]))[1]).numpy() for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.empty(0, np.float32)

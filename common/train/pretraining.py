@@ -1,0 +1,58 @@
+"""Server-side pretraining on a public population before any private data is touched.
+
+DP-SGD from scratch on a few hundred images per client leaves little signal above the noise
+(on SynthFaces at epsilon 8: verification AUC 0.66 from scratch vs 0.87 without DP). The
+standard remedy, as in De et al. 2022 ("Unlocking high-accuracy differentially private image
+classification through scale"), is to pretrain on public data, which costs no privacy budget,
+and fine-tune privately. The public population here is SynthFaces drawn with a seed disjoint
+from the private data's, so it shares no identity with any client; it is synthetic whatever
+``data.source`` is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from common.config import Config
+from common.data.dataset import FaceDataset
+from common.data.sources.synthfaces.generator import SynthConfig, generate
+from common.nn.build import build_identity_head
+from common.nn.face_model import FaceModel
+from common.nn.heads import CosineClassifier
+from common.train.loop import TrainOutcome, identity_classes, train
+
+PUBLIC_SEED_OFFSET = 1_000_003
+
+
+def public_population(cfg: Config) -> FaceDataset:
+    p = cfg.pretrain
+    return generate(SynthConfig(num_identities=p.identities, images_per_identity=p.images_per_identity,
+                                image_size=cfg.data.image_size, seed=cfg.seed + PUBLIC_SEED_OFFSET))
+
+
+@dataclass
+class Pretrained:
+    """The outcome of public pretraining, with the public data and identity head it used."""
+
+    outcome: TrainOutcome
+    public: FaceDataset
+    head: CosineClassifier
+
+
+def pretrain(model: FaceModel, cfg: Config, progress: bool = False) -> Pretrained | None:
+    """Train ``model`` without DP on the public population; None when disabled.
+
+    The backbone learns the identity task. When the model has an attribute head, that head is
+    pretrained too (task "both", on the public population's own labels): otherwise DP-SGD at a
+    small epsilon starts it from random weights and it ends as a constant predictor.
+    """
+    if cfg.pretrain.identities == 0:
+        return None
+    public = public_population(cfg)
+    head = build_identity_head(model.spec, identity_classes(public.identity)[0].size, cfg.seed + PUBLIC_SEED_OFFSET)
+    task = "both" if model.attribute is not None else "identity"
+    train_cfg = dataclasses.replace(cfg.train, task=task, max_seconds=0.0)
+    outcome = train(model, public, train_cfg, dataclasses.replace(cfg.dp, mode="off"), seed=cfg.seed + PUBLIC_SEED_OFFSET,
+                    epochs=cfg.pretrain.epochs, head=head, progress=progress, desc="public pretraining")
+    return Pretrained(outcome, public, head)
