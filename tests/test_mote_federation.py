@@ -26,12 +26,12 @@ MOTE_RUN = tuple(o for o in TINY if o != "mote.enabled=false") + (
 
 
 def test_enrolling_client_and_references_follow_the_manifest(synth_small) -> None:
-    from common.config import load_config
+    from common.config import SplitSettings, load_config
     from common.mote.enrollment import client_references, enrolling_client, references
-    from common.split.manifest import SplitConfig, make_manifest
+    from common.split.manifest import make_manifest
 
     cfg = load_config(None, ["mote.references=2"])
-    manifest = make_manifest(synth_small, SplitConfig(num_clients=3, partition="iid", seed=1))
+    manifest = make_manifest(synth_small, SplitSettings(num_clients=3, partition="iid"), 1)
     owner = enrolling_client(manifest, synth_small)
     refs = references(manifest, synth_small, cfg)
     assert set(owner) == set(refs) == set(synth_small.identity[manifest.role_mask(synth_small, "member")].tolist())

@@ -4,7 +4,6 @@ every error names the key (and the file) and what was expected."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 import typing
 from pathlib import Path
@@ -12,88 +11,8 @@ from typing import Any
 
 import tomli_w
 
-from common.config.schema import (
-    Config,
-    ConfigError,
-)
-
-_INT64 = (-(2**63), 2**63 - 1)
-"""Integers must fit in 64 bits: TOML and Flower's run config (ConfigRecord) carry no larger ones."""
-
-
-def _show(raw: Any, limit: int = 80) -> str:
-    """``repr(raw)`` cut to ``limit`` characters, for error messages about hostile values."""
-    try:
-        text = repr(raw)
-    except ValueError:  # an int of more than 4300 digits has no repr
-        text = f"<integer of {raw.bit_length()} bits>"
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _has_surrogate(text: str) -> bool:
-    """Lone surrogates (from undecodable command-line bytes) cannot be written to config.toml."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _parse_scalar(key: str, raw: Any, typ: Any, meta: typing.Mapping[str, Any]) -> Any:
-    """Coerce ``raw`` (TOML value or string) to ``typ``; raise ConfigError naming ``key``."""
-    origin = typing.get_origin(typ)
-    try:
-        if typ is bool:
-            if isinstance(raw, bool):
-                value: Any = raw
-            elif isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
-                value = raw.lower() in ("true", "1", "yes")
-            else:
-                raise ValueError
-        elif typ is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError
-            value = int(raw)
-        elif typ is float:
-            if isinstance(raw, bool):
-                raise ValueError
-            value = float(raw)
-        elif typ is str:
-            if not isinstance(raw, str):
-                raise ValueError
-            value = raw
-        elif origin is tuple:
-            elem = typing.get_args(typ)[0]
-            if not isinstance(raw, (str, list, tuple)):
-                raise ValueError
-            items = raw.split(",") if isinstance(raw, str) else list(raw)
-            if any(isinstance(x, bool) or (elem is int and isinstance(x, float)) for x in items):
-                raise ValueError
-            value = tuple(elem(x) for x in items)
-            if not value or (elem is int and min(value) < 1):
-                raise ValueError
-        else:  # pragma: no cover - a new field type without a parser is a programming error
-            raise TypeError(f"{key}: unsupported config type {typ}")
-    except (ValueError, TypeError, OverflowError):  # OverflowError: float() of an int beyond 1e308
-        expected = getattr(typ, "__name__", str(typ))
-        if origin is tuple:
-            expected = ("comma-separated integers >= 1" if typing.get_args(typ)[0] is int
-                        else "comma-separated numbers")
-        raise ConfigError(f"{key}: expected {expected}, got {_show(raw)}") from None
-    ints = value if origin is tuple else (value,)
-    if int in (typ, *typing.get_args(typ)) and any(not _INT64[0] <= x <= _INT64[1] for x in ints):
-        raise ConfigError(f"{key}: expected integers of at most 64 bits, got {_show(raw)}")
-    if typ is str and _has_surrogate(value):
-        raise ConfigError(f"{key}: expected valid UTF-8 text, got {_show(raw)} (undecodable bytes)")
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {_show(value)}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):  # NaN fails both
-        raise ConfigError(f"{key}: expected a value in [{lo}, {hi if hi is not None else 'inf'}], got {value!r}")
-    if typ is float and not meta.get("infinite") and not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    return value
+from common.config.schema import Config
+from common.config.values import ConfigError, parse_value, show_value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -110,15 +29,20 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(typ):
             kwargs[name] = _build(typ, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _parse_scalar(f"{prefix}{name}", value, typ, names[name].metadata)
+            kwargs[name] = parse_value(f"{prefix}{name}", value, typ, names[name].metadata)
     return cls(**kwargs)
+
+
+def parse_section(cls: type, data: dict[str, Any]) -> Any:
+    """One section (e.g. ``SplitSettings``) from a mapping read from a file, checked key by key."""
+    return _build(cls, data, f"{cls.SECTION}.")
 
 
 def _unflatten(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         if not isinstance(key, str) or "" in key.split("."):
-            raise ConfigError(f"{_show(key)}: expected a dotted key such as dp.target_epsilon")
+            raise ConfigError(f"{show_value(key)}: expected a dotted key such as dp.target_epsilon")
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:

@@ -8,154 +8,183 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range; the message names the key."""
-
-
-def _choice(default: str, choices: tuple[str, ...], doc: str = "") -> Any:
-    return field(default=default, metadata={"choices": choices, "doc": doc})
-
-
-def _num(default: float, lo: float | None = None, hi: float | None = None, doc: str = "",
-         infinite: bool = False) -> Any:
-    """A number in [lo, hi]; floats must be finite unless ``infinite`` (the value means something)."""
-    return field(default=default, metadata={"min": lo, "max": hi, "doc": doc, "infinite": infinite})
+from common.config.values import ConfigError, Section, choice, num
+from common.split.partition import PARTITIONS
 
 
 @dataclass
-class DataConfig:
-    source: str = _choice("synthfaces", ("synthfaces", "utkface", "celeba", "fairface", "lfw", "imagefolder"))
+class DataConfig(Section):
+    SECTION = "data"
+
+    source: str = choice("synthfaces", ("synthfaces", "utkface", "celeba", "fairface", "lfw", "imagefolder"))
     path: str = field(default="", metadata={"doc": "root of a real data set on disk (not used by synthfaces)"})
-    image_size: int = _num(64, 32, 128)
+    image_size: int = num(64, 32, 128)
     strict: bool = True
-    limit: int = _num(0, 0, doc="read at most this many samples of a real data set (0 = all)")
-    identities: int = _num(500, 2, doc="SynthFaces: number of identities")
-    images_per_identity: int = _num(10, 1, doc="SynthFaces: images per identity")
-    male_fraction: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: fraction of male identities")
-    smiling_rate_female: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | female)")
-    smiling_rate_male: float = _num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | male)")
+    limit: int = num(0, 0, doc="read at most this many samples of a real data set (0 = all)")
+    identities: int = num(500, 2, doc="SynthFaces: number of identities")
+    images_per_identity: int = num(10, 1, doc="SynthFaces: images per identity")
+    male_fraction: float = num(0.5, 0.0, 1.0, doc="SynthFaces: fraction of male identities")
+    smiling_rate_female: float = num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | female)")
+    smiling_rate_male: float = num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | male)")
 
 
 @dataclass
-class SplitSettings:
-    member: float = _num(0.6, 0.0, 1.0, doc="fraction of identities whose samples train the model")
-    nonmember: float = _num(0.1, 0.0, 1.0, doc="fraction of identities held out entirely")
-    aux: float = _num(0.2, 0.0, 1.0, doc="fraction of identities given to the attacker")
-    probe: float = _num(0.1, 0.0, 1.0, doc="fraction of identities for open-set verification")
-    member_nonmember_fraction: float = _num(0.15, 0.0, 0.9, doc="of each member identity's samples")
-    member_probe_fraction: float = _num(0.15, 0.0, 0.9, doc="of each member identity's samples")
-    num_clients: int = _num(4, 1)
-    partition: str = _choice("identity_disjoint", ("identity_disjoint", "iid", "dirichlet", "attribute"),
-                             doc="consortium members hold different people by default")
-    alpha: float = _num(0.5, 1e-6)
-    partition_attribute: str = "gender"
+class SplitSettings(Section):
+    SECTION = "split"
+
+    member: float = num(0.6, 0.0, 1.0, doc="fraction of identities whose samples train the model")
+    nonmember: float = num(0.1, 0.0, 1.0, doc="fraction of identities held out entirely")
+    aux: float = num(0.2, 0.0, 1.0, doc="fraction of identities given to the attacker")
+    probe: float = num(0.1, 0.0, 1.0, doc="fraction of identities for open-set verification")
+    member_nonmember_fraction: float = num(0.15, 0.0, 0.9, doc="of each member identity's samples")
+    member_probe_fraction: float = num(0.15, 0.0, 0.9, doc="of each member identity's samples")
+    num_clients: int = num(4, 1)
+    partition: str = choice("identity_disjoint", PARTITIONS, doc="consortium members hold different people by default")
+    alpha: float = num(0.5, 1e-6)
+    partition_attribute: str = field(default="gender", metadata={
+        "doc": "partition = attribute: 'gender', 'group', 'age' or a task-label name"})
+
+    def fractions(self) -> dict[str, float]:
+        """Identity fractions by role (``common.split.manifest.ROLES`` order)."""
+        return {"member": self.member, "nonmember": self.nonmember, "aux": self.aux, "probe": self.probe}
+
+    def validate(self) -> SplitSettings:
+        """Cross-field checks of the split (single fields are checked on construction)."""
+        fracs = self.fractions()
+        if not math.isclose(sum(fracs.values()), 1.0, abs_tol=1e-6):
+            raise ConfigError(f"split.member + split.nonmember + split.aux + split.probe must sum to 1, got {fracs}")
+        if self.member <= 0:
+            raise ConfigError(f"split.member: expected a fraction > 0 (someone must train the model), got {self.member}")
+        if self.member_nonmember_fraction + self.member_probe_fraction >= 1:
+            raise ConfigError("split.member_probe_fraction: expected split.member_nonmember_fraction + "
+                              f"split.member_probe_fraction < 1, got {self.member_nonmember_fraction} + "
+                              f"{self.member_probe_fraction}")
+        if not self.partition_attribute:
+            raise ConfigError("split.partition_attribute: expected 'gender', 'group', 'age' or a task-label name, "
+                              "got ''")
+        return self
 
 
 @dataclass
-class ModelConfig:
-    width: int = _num(32, 4)
+class ModelConfig(Section):
+    SECTION = "model"
+
+    width: int = num(32, 4)
     blocks: tuple[int, ...] = (1, 1, 1)
-    embedding_dim: int = _num(128, 8)
-    dropout: float = _num(0.0, 0.0, 0.9)
+    embedding_dim: int = num(128, 8)
+    dropout: float = num(0.0, 0.0, 0.9)
 
 
 @dataclass
-class TrainConfig:
-    task: str = _choice("identity", ("identity", "attribute", "both"))
+class TrainConfig(Section):
+    SECTION = "train"
+
+    task: str = choice("identity", ("identity", "attribute", "both"))
     attribute: str = field(default="smiling", metadata={"doc": "binary target: a task label or 'gender'"})
-    margin: str = _choice("arcface", ("arcface", "cosface"))
-    margin_scale: float = _num(30.0, 1.0)
-    epochs: int = _num(30, 1, doc="central training (baseline, shadow models); clients use federation.local_epochs")
-    max_seconds: float = _num(0.0, 0.0, doc="stop training after this wall time (0 = no limit)")
-    batch_size: int = _num(64, 1)
-    optimizer: str = _choice("adam", ("adam", "sgd"))
-    lr: float = _num(0.002, 0.0, doc="peak learning rate of the one-cycle schedule")
-    momentum: float = _num(0.9, 0.0, 1.0)
-    weight_decay: float = _num(5e-4, 0.0)
+    margin: str = choice("arcface", ("arcface", "cosface"))
+    margin_scale: float = num(30.0, 1.0)
+    epochs: int = num(30, 1, doc="central training (baseline, shadow models); clients use federation.local_epochs")
+    max_seconds: float = num(0.0, 0.0, doc="stop training after this wall time (0 = no limit)")
+    batch_size: int = num(64, 1)
+    optimizer: str = choice("adam", ("adam", "sgd"))
+    lr: float = num(0.002, 0.0, doc="peak learning rate of the one-cycle schedule")
+    momentum: float = num(0.9, 0.0, 1.0)
+    weight_decay: float = num(5e-4, 0.0)
     augment: bool = True
-    attribute_weight: float = _num(1.0, 0.0, doc="task both: weight of the attribute loss against the identity "
+    attribute_weight: float = num(1.0, 0.0, doc="task both: weight of the attribute loss against the identity "
                                                  "margin loss (which is 10-20x larger at the start)")
 
 
 @dataclass
-class DPConfig:
-    mode: str = _choice("sample", ("sample", "off"))
-    target_epsilon: float = _num(8.0, 0.0, doc="epsilon for the whole run (inf or 0 = use noise_multiplier)",
+class DPConfig(Section):
+    SECTION = "dp"
+
+    mode: str = choice("sample", ("sample", "off"))
+    target_epsilon: float = num(8.0, 0.0, doc="epsilon for the whole run (inf or 0 = use noise_multiplier)",
                                  infinite=True)
-    noise_multiplier: float = _num(0.0, 0.0, doc="used when target_epsilon is 0 or inf")
-    max_grad_norm: float = _num(1.0, 1e-9)
-    delta: float = _num(1e-5, 0.0, 1.0)
-    accountant: str = _choice("rdp", ("rdp", "prv"))
-    grad_sample_mode: str = _choice("ghost", ("ghost", "hooks", "functorch"))
+    noise_multiplier: float = num(0.0, 0.0, doc="used when target_epsilon is 0 or inf")
+    max_grad_norm: float = num(1.0, 1e-9)
+    delta: float = num(1e-5, 0.0, 1.0)
+    accountant: str = choice("rdp", ("rdp", "prv"))
+    grad_sample_mode: str = choice("ghost", ("ghost", "hooks", "functorch"))
 
 
 @dataclass
-class FederationConfig:
-    rounds: int = _num(5, 1)
-    local_epochs: int = _num(2, 1)
-    fraction_train: float = _num(1.0, 0.0, 1.0, doc="fraction of clients sampled per round")
-    min_train_clients: int = _num(2, 1, doc="a round fails with fewer successful replies")
-    min_available_clients: int = _num(2, 1)
-    round_timeout: float = _num(3600.0, 1.0, doc="seconds to wait for a round's replies; a train message expires "
+class FederationConfig(Section):
+    SECTION = "federation"
+
+    rounds: int = num(5, 1)
+    local_epochs: int = num(2, 1)
+    fraction_train: float = num(1.0, 0.0, 1.0, doc="fraction of clients sampled per round")
+    min_train_clients: int = num(2, 1, doc="a round fails with fewer successful replies")
+    min_available_clients: int = num(2, 1)
+    round_timeout: float = num(3600.0, 1.0, doc="seconds to wait for a round's replies; a train message expires "
                                                  "with it, so a late reply is dropped")
-    max_update_mb: float = _num(0.0, 0.0, doc="a reply carrying more megabytes (10^6 bytes) is refused before it is "
+    max_update_mb: float = num(0.0, 0.0, doc="a reply carrying more megabytes (10^6 bytes) is refused before it is "
                                               "decoded (0 = twice a valid update, from the model or the HE "
                                               "ciphertext layout, plus 1 MB)")
-    client_cpus: float = _num(2.0, 0.1, doc="simulation only: CPUs per client (2 on 2 cores = one at a time)")
+    client_cpus: float = num(2.0, 0.1, doc="simulation only: CPUs per client (2 on 2 cores = one at a time)")
     save_client_models: bool = field(default=True, metadata={
         "doc": "plaintext runs: keep each client's latest post-round model in models/clients/ (what a curious "
                "server holds; `facefl audit` attacks them). HE runs have none"})
 
 
 @dataclass
-class PretrainConfig:
-    identities: int = _num(200, 0, doc="public SynthFaces identities for server-side pretraining (0 = none)")
-    images_per_identity: int = _num(10, 2)
-    epochs: int = _num(6, 1)
+class PretrainConfig(Section):
+    SECTION = "pretrain"
+
+    identities: int = num(200, 0, doc="public SynthFaces identities for server-side pretraining (0 = none)")
+    images_per_identity: int = num(10, 2)
+    epochs: int = num(6, 1)
 
 
 @dataclass
-class FairnessConfig:
-    method: str = _choice("none", ("none", "reweight", "fair_mixup"))
-    sensitive: str = _choice("gender", ("gender", "group"))
-    lam: float = _num(0.05, 0.0, doc="weight of the fair_mixup penalty (on SynthFaces 0.5 already nears a "
+class FairnessConfig(Section):
+    SECTION = "fairness"
+
+    method: str = choice("none", ("none", "reweight", "fair_mixup"))
+    sensitive: str = choice("gender", ("gender", "group"))
+    lam: float = num(0.05, 0.0, doc="weight of the fair_mixup penalty (on SynthFaces 0.5 already nears a "
                                      "constant classifier; 0.05 lowers DEO at equal accuracy)")
 
 
 @dataclass
-class HEConfig:
+class HEConfig(Section):
+    SECTION = "he"
+
     enabled: bool = field(default=False, metadata={"doc": "clients send CKKS-encrypted updates; the server only adds"})
     public_context: str = field(default="", metadata={"doc": "server: path to public-context.bin (facefl keys init)"})
-    encrypt_fraction: float = _num(1.0, 0.0, 1.0, doc="fraction of the shared values encrypted, most sensitive "
+    encrypt_fraction: float = num(1.0, 0.0, 1.0, doc="fraction of the shared values encrypted, most sensitive "
                                                        "first (Fisher information on public data); the rest is "
                                                        "sent in plaintext")
-    on_key_mismatch: str = _choice("exclude", ("exclude", "fail"),
+    on_key_mismatch: str = choice("exclude", ("exclude", "fail"),
                                    doc="a client encrypting with another key: leave it out of the round, or fail")
 
 
 @dataclass
-class MoteConfig:
+class MoteConfig(Section):
+    SECTION = "mote"
+
     enabled: bool = field(default=True, metadata={"doc": "enroll every client's identities as MOTE models after "
                                                          "the backbone rounds (identity and both tasks)"})
     balancing_factors: tuple[float, ...] = field(default=(0.0, 0.4, 0.5, 0.6, 1.0), metadata={
         "doc": "one gallery per factor b: the male share of the synthetic genuine samples"})
-    kde_population: str = _choice("members", ("members", "aux"),
+    kde_population: str = choice("members", ("members", "aux"),
                                   doc="embeddings the gender KDEs are fitted on: the client's own members or the "
                                       "aux population")
-    references: int = _num(1, 1, doc="reference images per enrolled identity (the rest of its images are never "
+    references: int = num(1, 1, doc="reference images per enrolled identity (the rest of its images are never "
                                      "enrolled; its probe-role images are the genuine probes)")
-    synthetic: int = _num(100, 5, doc="synthetic genuine samples per identity")
-    impostors: int = _num(400, 1, doc="real impostor embeddings per identity")
-    epochs: int = _num(100, 1, doc="at most; early stopping on validation loss")
-    dp_noise_multiplier: float = _num(0.0, 0.0, doc="DP-SGD noise of each MOTE model (needs dp_max_grad_norm)")
-    dp_max_grad_norm: float = _num(0.0, 0.0, doc="per-sample clipping norm of MOTE training (0 = off)")
+    synthetic: int = num(100, 5, doc="synthetic genuine samples per identity")
+    impostors: int = num(400, 1, doc="real impostor embeddings per identity")
+    epochs: int = num(100, 1, doc="at most; early stopping on validation loss")
+    dp_noise_multiplier: float = num(0.0, 0.0, doc="DP-SGD noise of each MOTE model (needs dp_max_grad_norm)")
+    dp_max_grad_norm: float = num(0.0, 0.0, doc="per-sample clipping norm of MOTE training (0 = off)")
     fp16: bool = field(default=False, metadata={"doc": "store galleries in float16 (half the bytes)"})
 
 
 @dataclass
 class Config:
-    seed: int = _num(0, 0)
+    seed: int = num(0, 0)
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitSettings = field(default_factory=SplitSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -169,9 +198,7 @@ class Config:
 
     def validate(self) -> Config:
         """Cross-field checks (single fields are checked while parsing)."""
-        fracs = {k: getattr(self.split, k) for k in ("member", "nonmember", "aux", "probe")}
-        if not math.isclose(sum(fracs.values()), 1.0, abs_tol=1e-6):
-            raise ConfigError(f"split.member + split.nonmember + split.aux + split.probe must sum to 1, got {fracs}")
+        self.split.validate()
         if self.data.source != "synthfaces" and not self.data.path:
             raise ConfigError(f"data.path: required for data.source={self.data.source!r} (a directory on disk)")
         if self.data.image_size % 16:

@@ -1,22 +1,12 @@
-"""The run's split manifest from its configuration."""
+"""The run's split manifest from its configuration: the one place server, clients, baseline and
+MOTE enrollment make it, so that they all hold the same roles and partition."""
 
 from __future__ import annotations
 
 from common.config import Config
 from common.data.dataset import FaceDataset
-from common.split.manifest import Manifest, SplitConfig, make_manifest
-
-
-def split_config(cfg: Config) -> SplitConfig:
-    s = cfg.split
-    return SplitConfig(identity_fractions=(s.member, s.nonmember, s.aux, s.probe),
-                       member_nonmember_fraction=s.member_nonmember_fraction,
-                       member_probe_fraction=s.member_probe_fraction, num_clients=s.num_clients,
-                       partition=s.partition, alpha=s.alpha, partition_attribute=s.partition_attribute,
-                       seed=cfg.seed)
+from common.split.manifest import Manifest, make_manifest
 
 
 def build_manifest(cfg: Config, ds: FaceDataset) -> Manifest:
-    return make_manifest(ds, split_config(cfg))
-
-
+    return make_manifest(ds, cfg.split, cfg.seed)

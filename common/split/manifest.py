@@ -16,22 +16,21 @@ them all as ``member``. Member samples are then partitioned over clients
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.config import SplitSettings
+from common.config.loader import parse_section
+from common.config.values import parse_value
 from common.data.dataset import AGE_BUCKET_NAMES, GENDER_NAMES, FaceDataset
 from common.runs.io import atomic_write_json, read_json
 from common.split.partition import (
-    PARTITIONS,
     assign_clients,
     identity_modes,
     seeded_rng,
@@ -41,108 +40,14 @@ from common.split.partition import (
 log = logging.getLogger(__name__)
 
 ROLES: tuple[str, ...] = ("member", "nonmember", "aux", "probe")
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the config section holds the split settings' own keys
 _MEMBER, _NONMEMBER, _AUX, _PROBE = range(len(ROLES))
 _IDENTITY_STREAM = 1
 _HOLDOUT_STREAM = 2
 
 
-def _coerce(value: Any, kind: type) -> Any:
-    """``kind(value)`` for numbers of that kind (numpy scalars, TOML ints given for floats), so that
-    equal configurations serialise to identical JSON; anything else is left for ``validate``."""
-    if isinstance(value, bool) or not isinstance(value, Integral if kind is int else Real):
-        return value
-    try:
-        return kind(value)
-    except OverflowError:  # an integer too large for a float: left for ``validate`` to name
-        return value
-
-
-_NUMERIC_FIELDS = {"int": int, "float": float}
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """How to assign roles and partition members. Validated on construction.
-
-    ``identity_fractions`` are the shares of identities per role, in ``ROLES`` order; a mapping
-    role -> fraction is accepted and stored as that tuple.
-    """
-
-    identity_fractions: tuple[float, float, float, float] = (0.6, 0.1, 0.2, 0.1)
-    member_nonmember_fraction: float = 0.15
-    member_probe_fraction: float = 0.15
-    num_clients: int = 4
-    partition: str = "iid"
-    alpha: float = 0.5
-    partition_attribute: str = "gender"
-    min_samples_per_client: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        fr = self.identity_fractions
-        if isinstance(fr, Mapping):
-            if set(fr) != set(ROLES):
-                raise ValueError(f"SplitConfig.identity_fractions: expected the keys {list(ROLES)}, got {list(fr)}")
-            fr = tuple(fr[r] for r in ROLES)
-        if isinstance(fr, (list, tuple)):
-            object.__setattr__(self, "identity_fractions", tuple(_coerce(x, float) for x in fr))
-        for f in dataclasses.fields(self):
-            if f.type in _NUMERIC_FIELDS:
-                object.__setattr__(self, f.name, _coerce(getattr(self, f.name), _NUMERIC_FIELDS[f.type]))
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field and what was expected."""
-        def fail(name: str, expected: str) -> ValueError:
-            return ValueError(f"SplitConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        fr = self.identity_fractions
-        if not (isinstance(fr, tuple) and len(fr) == len(ROLES)
-                and all(isinstance(x, float) and 0.0 <= x <= 1.0 for x in fr)):
-            raise fail("identity_fractions", f"{len(ROLES)} fractions in [0, 1] for the roles {ROLES}")
-        if not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
-            raise fail("identity_fractions", "fractions summing to 1")
-        if fr[_MEMBER] <= 0.0:
-            raise fail("identity_fractions", "a member fraction > 0")
-        for name in ("member_nonmember_fraction", "member_probe_fraction"):
-            if not (isinstance(getattr(self, name), float) and 0.0 <= getattr(self, name) < 1.0):
-                raise fail(name, "a number in [0, 1)")
-        if self.member_nonmember_fraction + self.member_probe_fraction >= 1.0:
-            raise fail("member_probe_fraction", "member_nonmember_fraction + member_probe_fraction < 1")
-        for name, low in (("num_clients", 1), ("min_samples_per_client", 0), ("seed", 0)):
-            if not (_is_int(getattr(self, name)) and getattr(self, name) >= low):
-                raise fail(name, f"an integer >= {low}")
-        if self.partition not in PARTITIONS:
-            raise fail("partition", f"one of {PARTITIONS}")
-        if not (isinstance(self.alpha, float) and math.isfinite(self.alpha) and self.alpha > 0.0):
-            raise fail("alpha", "a finite number > 0")
-        if not (isinstance(self.partition_attribute, str) and self.partition_attribute):
-            raise fail("partition_attribute", "'gender', 'group', 'age' or a task-label name")
-
-    def fractions(self) -> dict[str, float]:
-        """Identity fractions by role name."""
-        return dict(zip(ROLES, self.identity_fractions, strict=True))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["identity_fractions"] = self.fractions()
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> SplitConfig:
-        """Build from ``to_dict`` output or a config section; unknown keys are an error."""
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"SplitConfig: expected a mapping, got {type(raw).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"SplitConfig.{unknown[0]}: unknown key (expected some of {sorted(names)})")
-        return cls(**raw)
 
 
 def _apportion(total: int, fractions: np.ndarray) -> np.ndarray:
@@ -163,7 +68,7 @@ def _spread_roles(total: int, fractions: np.ndarray) -> np.ndarray:
     return labels[np.lexsort((labels, keys))]
 
 
-def _identity_roles(ds: FaceDataset, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
+def _identity_roles(ds: FaceDataset, split: SplitSettings, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted identities and their role index, stratified by (gender, group).
 
     Identities are laid out stratum by stratum (strata in random order, identities shuffled
@@ -174,11 +79,11 @@ def _identity_roles(ds: FaceDataset, cfg: SplitConfig) -> tuple[np.ndarray, np.n
     _, group = identity_modes(ds.identity, ds.group)
     _, stratum = np.unique(np.stack([gender, group], axis=1), axis=0, return_inverse=True)
     stratum = stratum.reshape(-1)
-    rng = seeded_rng(cfg.seed, _IDENTITY_STREAM)
+    rng = seeded_rng(seed, _IDENTITY_STREAM)
     stratum_rank = rng.permutation(int(stratum.max()) + 1)[stratum]
     order = np.lexsort((rng.permutation(ids.size), stratum_rank))
     roles = np.empty(ids.size, dtype=np.int64)
-    roles[order] = _spread_roles(ids.size, np.asarray(cfg.identity_fractions))
+    roles[order] = _spread_roles(ids.size, np.asarray([split.fractions()[r] for r in ROLES]))
     return ids, roles
 
 
@@ -187,7 +92,7 @@ def _systematic_round(x: np.ndarray, offset: float) -> np.ndarray:
     return np.diff(np.floor(np.cumsum(x) + offset), prepend=np.floor(offset)).astype(np.int64)
 
 
-def _hold_out(identity: np.ndarray, roles: np.ndarray, cfg: SplitConfig) -> None:
+def _hold_out(identity: np.ndarray, roles: np.ndarray, split: SplitSettings, seed: int) -> None:
     """Turn a random share of each member identity's samples into nonmember / probe, in place.
 
     Each identity holds out ``size * fraction`` rounded down or up, with the roundings carried
@@ -197,11 +102,11 @@ def _hold_out(identity: np.ndarray, roles: np.ndarray, cfg: SplitConfig) -> None
     with one image (UTKFace) keeps it.
     """
     pos = np.flatnonzero(roles == _MEMBER)
-    rng = seeded_rng(cfg.seed, _HOLDOUT_STREAM)
+    rng = seeded_rng(seed, _HOLDOUT_STREAM)
     order, grouped, rank, sizes = shuffled_groups(identity[pos], rng)
     perm = rng.permutation(sizes.size)
     n_held = []
-    for fraction in (cfg.member_nonmember_fraction, cfg.member_probe_fraction):
+    for fraction in (split.member_nonmember_fraction, split.member_probe_fraction):
         k = np.empty(sizes.size, dtype=np.int64)
         k[perm] = _systematic_round(sizes[perm] * fraction, rng.random())
         n_held.append(k)
@@ -217,7 +122,7 @@ def _attribute_values(ds: FaceDataset, name: str) -> np.ndarray:
     """Per-sample values of the partition attribute: a sensitive attribute or a task label."""
     columns = {"gender": ds.gender, "group": ds.group, "age": ds.age, **ds.labels}
     if name not in columns:
-        raise ValueError(f"SplitConfig.partition_attribute: expected one of {sorted(columns)} for data set "
+        raise ValueError(f"split.partition_attribute: expected one of {sorted(columns)} for data set "
                          f"{ds.source!r}, got {name!r}")
     return columns[name]
 
@@ -229,30 +134,35 @@ def _value_counts(values: np.ndarray, names: tuple[str, ...]) -> dict[str, int]:
     return {label.get(int(c), str(int(c))): int(n) for c, n in zip(codes, counts, strict=True)}
 
 
-def make_manifest(ds: FaceDataset, cfg: SplitConfig) -> Manifest:
+def make_manifest(ds: FaceDataset, split: SplitSettings, seed: int, min_samples_per_client: int = 1) -> Manifest:
     """Assign every sample of ``ds`` a role and every member sample a client.
 
-    Deterministic: the same data and configuration give a byte-identical manifest.
-    Raises ValueError when the data cannot feed ``cfg.num_clients`` clients.
+    Deterministic: the same data, split settings and seed give a byte-identical manifest.
+    Raises ValueError when the data cannot feed ``split.num_clients`` clients with at least
+    ``min_samples_per_client`` samples each.
     """
-    cfg.validate()
+    split.validate()
+    for name, value in (("seed", seed), ("min_samples_per_client", min_samples_per_client)):
+        if not (_is_int(value) and value >= 0):
+            raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     if len(ds) == 0:
         raise ValueError(f"make_manifest: data set {ds.source!r} is empty")
-    attribute = _attribute_values(ds, cfg.partition_attribute) if cfg.partition == "attribute" else None
-    ids, id_roles = _identity_roles(ds, cfg)
+    attribute = _attribute_values(ds, split.partition_attribute) if split.partition == "attribute" else None
+    ids, id_roles = _identity_roles(ds, split, seed)
     roles = id_roles[np.searchsorted(ids, ds.identity)]
-    _hold_out(ds.identity, roles, cfg)
+    _hold_out(ds.identity, roles, split, seed)
     members = np.flatnonzero(roles == _MEMBER)
     clients = assign_clients(ds.identity[members], None if attribute is None else attribute[members],
-                             scheme=cfg.partition, num_clients=cfg.num_clients, alpha=cfg.alpha,
-                             min_samples=cfg.min_samples_per_client, seed=cfg.seed)
+                             scheme=split.partition, num_clients=split.num_clients, alpha=split.alpha,
+                             min_samples=min_samples_per_client, seed=seed)
     sids = ds.sample_ids
-    client_pos = [members[clients == c] for c in range(cfg.num_clients)]
+    client_pos = [members[clients == c] for c in range(split.num_clients)]
     manifest = Manifest(
         source=ds.source,
         fingerprint=ds.fingerprint(),
         num_samples=len(ds),
-        config=cfg,
+        split=split,
+        seed=seed,
         samples={role: tuple(sids[roles == r].tolist()) for r, role in enumerate(ROLES)},
         identities={role: tuple(ids[id_roles == r].tolist()) for r, role in enumerate(ROLES)},
         clients=tuple(tuple(sids[p].tolist()) for p in client_pos),
@@ -265,7 +175,7 @@ def make_manifest(ds: FaceDataset, cfg: SplitConfig) -> Manifest:
         } for p in client_pos),
     )
     log.info("split of %s (%d samples): %s; %d clients (%s) with %s member samples", ds.source, len(ds),
-             manifest.counts()["samples"], cfg.num_clients, cfg.partition, [p.size for p in client_pos])
+             manifest.counts()["samples"], split.num_clients, split.partition, [p.size for p in client_pos])
     return manifest
 
 
@@ -277,7 +187,8 @@ class Manifest:
         source: data source name.
         fingerprint: ``FaceDataset.fingerprint()`` of the data it was made from.
         num_samples: number of samples in that data.
-        config: the split configuration (including the seed).
+        split: the split settings it was made with.
+        seed: the run seed it was made with.
         samples: role -> sample ids (data set order); every sample in exactly one role.
         identities: identity role -> identity codes (ascending). Member identities also own the
             nonmember / probe samples held out from them; aux and probe identities never
@@ -290,15 +201,12 @@ class Manifest:
     source: str
     fingerprint: str
     num_samples: int
-    config: SplitConfig
+    split: SplitSettings
+    seed: int
     samples: dict[str, tuple[str, ...]]
     identities: dict[str, tuple[int, ...]]
     clients: tuple[tuple[str, ...], ...]
     client_summary: tuple[dict[str, Any], ...]
-
-    @property
-    def seed(self) -> int:
-        return self.config.seed
 
     @property
     def num_clients(self) -> int:
@@ -332,25 +240,14 @@ class Manifest:
         self.check_data(ds)
         return ds.positions(self.clients[client])
 
-    @functools.cached_property
-    def _identity_lookup(self) -> dict[int, str]:
-        return {code: role for role in ROLES for code in self.identities[role]}
-
-    def identity_role(self, identity: int) -> str:
-        """Identity-level role of an identity code; KeyError if it is not in the data."""
-        try:
-            return self._identity_lookup[int(identity)]
-        except KeyError:
-            raise KeyError(f"identity {identity} is not in the manifest of {self.source!r}") from None
-
     def to_json(self) -> dict[str, Any]:
-        """The JSON document (``version`` 1); ``counts`` is derived and checked on load."""
+        """The JSON document (``version`` 2); ``counts`` is derived and checked on load."""
         return {
             "version": MANIFEST_VERSION,
             "source": self.source,
             "fingerprint": self.fingerprint,
             "num_samples": self.num_samples,
-            "config": self.config.to_dict(),
+            "config": {**dataclasses.asdict(self.split), "seed": self.seed},
             "counts": self.counts(),
             "samples": {r: list(self.samples[r]) for r in ROLES},
             "identities": {r: list(self.identities[r]) for r in ROLES},
@@ -393,7 +290,9 @@ class Manifest:
         if not _is_int(raw["num_samples"]) or raw["num_samples"] < 0:
             raise fail("num_samples", f"expected an integer >= 0, got {raw['num_samples']!r}")
         try:
-            config = SplitConfig.from_dict(raw["config"])
+            settings = dict(raw["config"])
+            seed = parse_value("seed", settings.pop("seed", None), int, {"min": 0})
+            split = parse_section(SplitSettings, settings).validate()
         except (TypeError, ValueError) as exc:
             raise fail("config", str(exc)) from None
 
@@ -404,8 +303,8 @@ class Manifest:
             raise fail("samples", f"{len(sample_role)} samples in all roles, expected num_samples={raw['num_samples']}")
 
         clients = raw["clients"]
-        if not (isinstance(clients, list) and len(clients) == config.num_clients):
-            raise fail("clients", f"expected a list of {config.num_clients} client lists (config.num_clients)")
+        if not (isinstance(clients, list) and len(clients) == split.num_clients):
+            raise fail("clients", f"expected a list of {split.num_clients} client lists (config.num_clients)")
         owner: dict[str, int] = {}
         for c, sids in enumerate(clients):
             if not isinstance(sids, list):
@@ -422,15 +321,16 @@ class Manifest:
             raise fail("clients", f"member sample id {unassigned[0]!r} is on no client")
 
         summary = raw["client_summary"]
-        if not (isinstance(summary, list) and len(summary) == config.num_clients
+        if not (isinstance(summary, list) and len(summary) == split.num_clients
                 and all(isinstance(s, dict) for s in summary)):
-            raise fail("client_summary", f"expected a list of {config.num_clients} objects")
+            raise fail("client_summary", f"expected a list of {split.num_clients} objects")
         for c, s in enumerate(summary):
             if s.get("samples") != len(clients[c]):
                 raise fail(f"client_summary[{c}].samples", f"expected {len(clients[c])}, got {s.get('samples')!r}")
 
         manifest = cls(
-            source=raw["source"], fingerprint=raw["fingerprint"], num_samples=raw["num_samples"], config=config,
+            source=raw["source"], fingerprint=raw["fingerprint"], num_samples=raw["num_samples"], split=split,
+            seed=seed,
             samples={r: tuple(raw["samples"][r]) for r in ROLES},
             identities={r: tuple(sorted(raw["identities"][r])) for r in ROLES},
             clients=tuple(tuple(c) for c in clients), client_summary=tuple(summary),
