@@ -2,8 +2,8 @@
 the TLS override compose.tls.yml.
 
 No Docker engine runs on the development machines, so nothing here builds or starts a container.
-What can be checked without one is what matters most: the image pins the Flower and torch
-versions this checkout is tested with and runs unprivileged; no key reaches the build context or
+What can be checked without one is what matters most: the image installs every dependency at the
+version pinned in requirements.lock, which is what this checkout is tested with, and runs unprivileged; no key reaches the build context or
 the server side; every flag in a service's command exists in the installed Flower binary (compose
 files in Flower's own repository change flags every few releases); the TLS variant is complete;
 the SuperNodes cover partitions 0..N-1 exactly once.
@@ -17,19 +17,25 @@ merged wrongly.
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import deploy_helpers as dh
 import flwr
 import pytest
 import torch
 import yaml
 from flwr.common.config import parse_config_args
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+from support.flower import BIN, flwr_env
 
 from client.he_client import SECRET_KEY_NODE_CONFIG
 from common.he.keys import KEY_INFO_FILE, PUBLIC_FILE, SECRET_FILE
@@ -39,6 +45,10 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
+LOCK = ROOT / "requirements.lock"
+SETUP = ROOT / "scripts" / "setup.sh"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 BASE = "compose.yml"
 TLS = "compose.tls.yml"
 VARIANTS = [(BASE,), (BASE, TLS)]
@@ -77,22 +87,130 @@ def args_of(instruction: str) -> list[str]:
     return [args for word, args in dockerfile_instructions() if word == instruction]
 
 
+# --------------------------------------------------------------------------- requirements.lock
+
+def locked() -> dict[str, str]:
+    """{canonical name: version} pinned in requirements.lock (written by scripts/lock.py)."""
+    out: dict[str, str] = {}
+    for line in LOCK.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version.strip() and not name.strip().endswith("]"), f"{LOCK}: {line!r} is not name==version"
+            out[canonicalize_name(name.strip())] = version.strip()
+    assert out, f"{LOCK}: no pins"
+    return out
+
+
+def installed_version(name: str) -> str | None:
+    """The installed public version (a local label such as torch's +cpu dropped), or None."""
+    try:
+        return Version(metadata.version(name)).public
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass
+class PipInstall:
+    """One `pip install` of a shell command, its options sorted out."""
+    where: str
+    targets: list[str] = field(default_factory=list)  # positional and -e arguments
+    requirement_files: list[str] = field(default_factory=list)
+    constraints: list[str] = field(default_factory=list)
+    indexes: list[str] = field(default_factory=list)  # --index-url and --extra-index-url
+    flags: set[str] = field(default_factory=set)
+
+    @property
+    def installs_dependencies(self) -> bool:
+        """False only for `pip install --no-deps .`: the project itself, nothing it depends on."""
+        return not (self.targets == ["."] and not self.requirement_files and "--no-deps" in self.flags)
+
+
+_VALUE_OPTIONS = {"-c": "constraints", "--constraint": "constraints", "-r": "requirement_files",
+                  "--requirement": "requirement_files", "-e": "targets", "--editable": "targets",
+                  "-i": "indexes", "--index-url": "indexes", "--extra-index-url": "indexes"}
+
+
+def pip_installs(command: str, where: str) -> list[PipInstall]:
+    """Every `pip install` (also `python -m pip install`, `pip3 install`) in a shell command line."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    segments: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|", "&"):
+            segments.append([])
+        else:
+            segments[-1].append(token)
+    out = []
+    for tokens in segments:
+        starts = [i for i in range(len(tokens) - 1)
+                  if PurePosixPath(tokens[i]).name in ("pip", "pip3") and tokens[i + 1] == "install"]
+        if not starts:
+            continue
+        install = PipInstall(where)
+        args = iter(tokens[starts[0] + 2:])
+        for arg in args:
+            option, eq, value = arg.partition("=")
+            if option in _VALUE_OPTIONS:
+                value = value if eq else next(args, "")
+                assert value, f"{where}: {option} without a value in {command!r}"
+                getattr(install, _VALUE_OPTIONS[option]).append(value)
+            elif re.fullmatch(r"-[cr]\S+", arg):  # -cFILE, -rFILE
+                getattr(install, _VALUE_OPTIONS[arg[:2]]).append(arg[2:])
+            elif arg.startswith("-"):
+                install.flags.add(option)
+            elif arg in (">", ">>", "<"):
+                break
+            else:
+                install.targets.append(arg)
+        out.append(install)
+    return out
+
+
+def dockerfile_pip_installs() -> list[PipInstall]:
+    return [inst for i, run in enumerate(args_of("RUN"))
+            for inst in pip_installs(run, f"{DOCKERFILE}: RUN #{i + 1}")]
+
+
+def setup_pip_installs() -> list[PipInstall]:
+    return [inst for n, line in enumerate(SETUP.read_text(encoding="utf-8").splitlines(), 1)
+            if not line.lstrip().startswith("#")
+            for inst in pip_installs(line, f"{SETUP}:{n}")]
+
+
 def test_dockerfile_pins_the_base_image_flwr_and_torch():
     (base,) = args_of("FROM")  # one stage
     major, minor = sys.version_info[:2]
     assert re.fullmatch(rf"python:{major}\.{minor}\.\d+-slim-bookworm", base), (
         f"{DOCKERFILE}: FROM {base!r}: expected an exact python:{major}.{minor}.N-slim-bookworm tag (the "
         f"Python of the tested .venv: tenseal ships cp{major}{minor} wheels)")
-    runs = " ".join(args_of("RUN"))
-    flwr_pins = re.findall(r"\bflwr(?:\[[\w,]+\])?==([\w.]+)", runs)
-    assert flwr_pins and set(flwr_pins) == {flwr.__version__}, (
-        f"{DOCKERFILE}: flwr must be pinned to the installed {flwr.__version__}, found {flwr_pins}")
+    lock = locked()
+    # The image's versions are the lock's (every dependency install is constrained by it, see
+    # test_lock_dockerfile_and_installed_versions_agree), and the lock's are the tested ones.
     torch_version = torch.__version__.split("+")[0]
-    torch_installs = [r for r in args_of("RUN") if re.search(r"\btorch==", r)]
-    assert torch_installs and all(f'"torch=={torch_version}"' in r for r in torch_installs), (
-        f"{DOCKERFILE}: every pip install naming torch must pin torch=={torch_version} (the tested version)")
-    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_installs[0], (
-        f"{DOCKERFILE}: the first torch install must use the CPU index (PyPI's torch is a multi-GB CUDA build)")
+    assert lock.get("flwr") == flwr.__version__, (
+        f"{LOCK}: flwr {lock.get('flwr')}, installed {flwr.__version__}: run .venv/bin/python scripts/lock.py")
+    assert lock.get("torch") == torch_version, (
+        f"{LOCK}: torch {lock.get('torch')}, installed {torch_version}: run .venv/bin/python scripts/lock.py")
+    # pip fails on a lock that pyproject.toml's ranges exclude; flwr needs its simulation extra (ray).
+    for dep in map(Requirement, PYPROJECT["project"]["dependencies"]):
+        name = canonicalize_name(dep.name)
+        assert name in lock and dep.specifier.contains(lock[name], prereleases=True), (
+            f"pyproject.toml requires {dep}, {LOCK.name} pins {name}=={lock.get(name)}")
+        if name == "flwr":
+            assert "simulation" in dep.extras, f"pyproject.toml: {dep}: the image needs flwr[simulation]"
+    # torch first, from the CPU index, at the lock's version: a PyPI torch is a multi-GB CUDA build.
+    deps = [inst for inst in dockerfile_pip_installs() if inst.installs_dependencies]
+    assert deps, f"{DOCKERFILE}: no pip install of dependencies"
+    first = deps[0]
+    assert first.targets in (["torch"], [f"torch=={torch_version}"]) and not first.requirement_files, (
+        f"{first.where}: the first dependency install must be torch alone, found {first.targets}")
+    assert first.indexes == [CPU_INDEX] and "requirements.lock" in first.constraints, (
+        f"{first.where}: torch must come from --index-url {CPU_INDEX} only, constrained by requirements.lock")
+    runs = " ".join(args_of("RUN"))
+    torch_pins = re.findall(r"\btorch\s*==\s*([\w.+]+)", runs)
+    assert set(torch_pins) <= {torch_version}, (
+        f"{DOCKERFILE}: torch pinned to {torch_pins}, the lock and the tested .venv have {torch_version}")
 
 
 def test_dockerfile_runs_unprivileged_without_runtime_installs():
@@ -112,15 +230,83 @@ def copy_sources() -> list[str]:
     return sources
 
 
+def package_folders() -> set[str]:
+    """The top-level packages pyproject.toml installs (``[tool.setuptools.packages.find] include``)."""
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    folders = {pattern.rstrip("*").rstrip(".") for pattern in include}
+    assert folders and all(re.fullmatch(r"\w+", f) for f in folders), f"pyproject.toml: packages {include}"
+    return folders
+
+
 def test_dockerfile_copies_only_the_package_sources():
     assert not args_of("ADD"), f"{DOCKERFILE}: use COPY (ADD fetches URLs and unpacks archives)"
-    allowed = {"pyproject.toml", "README.md", "common", "client", "server", "attacks"}
+    # Exactly: the build inputs, the lock, and every package `pip install .` installs (a missing one
+    # builds an image whose `facefl` entry point fails to import).
+    packages = package_folders()
+    expected = {"pyproject.toml", "README.md", "requirements.lock"} | packages
     sources = copy_sources()
-    assert sources and set(sources) <= allowed, f"{DOCKERFILE}: COPY sources {sources}, allowed: {sorted(allowed)}"
+    assert len(sources) == len(set(sources)) and set(sources) == expected, (
+        f"{DOCKERFILE}: COPY sources {sources}, expected exactly {sorted(expected)}")
+    for script, target in PYPROJECT["project"].get("scripts", {}).items():
+        assert target.split(".")[0].split(":")[0] in packages, (
+            f"pyproject.toml: console script {script} = {target!r} is not in a copied package {sorted(packages)}")
     ignore = dockerignore_patterns()
     for src in sources:
         assert (ROOT / src).exists(), f"{DOCKERFILE}: COPY {src}: not in the repository"
         assert not ignored(src, ignore), f"{DOCKERFILE}: COPY {src}: excluded by .dockerignore, the build would fail"
+
+
+def test_lock_dockerfile_and_installed_versions_agree():
+    lock = locked()
+    # The tested .venv is the lock (a local label such as torch's +cpu is ignored: ==X matches X+cpu).
+    wrong = {name: (version, installed_version(name)) for name, version in lock.items()
+             if installed_version(name) != Version(version).public}
+    assert not wrong, (f"{LOCK}: (locked, installed) differ for {wrong}: reinstall with bash scripts/setup.sh "
+                       "or regenerate with .venv/bin/python scripts/lock.py")
+    assert {"flwr", "torch", "opacus", "tenseal"} <= set(lock), f"{LOCK}: lacks {sorted({'flwr', 'torch', 'opacus', 'tenseal'} - set(lock))}"
+    # The Dockerfile: the lock is copied before, and constrains, every install of dependencies.
+    installs = [inst for inst in dockerfile_pip_installs() if inst.installs_dependencies]
+    assert installs, f"{DOCKERFILE}: no pip install of dependencies"
+    for inst in installs:
+        assert inst.constraints == ["requirements.lock"], (
+            f"{inst.where}: every pip install of dependencies needs -c requirements.lock, found {inst.constraints}")
+    workdir, copied_in = "/", None
+    for word, args in dockerfile_instructions():
+        if word == "WORKDIR":
+            workdir = str(PurePosixPath(workdir, args))
+        elif word == "COPY":
+            *srcs, dest = [a for a in args.split() if not a.startswith("--")]
+            if "requirements.lock" in srcs:
+                assert dest in (".", "./", "requirements.lock", "./requirements.lock"), (
+                    f"{DOCKERFILE}: COPY requirements.lock {dest}: copy it into the WORKDIR the installs run in")
+                copied_in = workdir
+        elif word == "RUN" and any(i.installs_dependencies for i in pip_installs(args, DOCKERFILE.name)):
+            assert copied_in == workdir, (
+                f"{DOCKERFILE}: RUN {args[:60]}...: requirements.lock is not copied into {workdir} before it")
+    # flwr's version comes from the lock only.
+    runs = " ".join(args_of("RUN"))
+    pins = re.findall(r"\bflwr(?:\[[^\]]*\])?\s*(?:===|==|~=|>=|<=|!=|<|>)\s*[\w.*]+", runs)
+    assert not pins, f"{DOCKERFILE}: pins flwr itself ({pins}); the version must come from requirements.lock"
+    # Image tags: the compose files and the Dockerfile's build command name the locked flwr.
+    tag_suffix = f"flwr{lock['flwr']}"
+    images = {str(svc.get("image")) for files in VARIANTS for svc in project(files)["services"].values()}
+    assert len(images) == 1 and next(iter(images)).endswith(tag_suffix), (
+        f"compose files: images {images}: one image, its tag ending in {tag_suffix} (the lock's flwr)")
+    build_tags = re.findall(r"\s-t\s+(\S+)", DOCKERFILE.read_text(encoding="utf-8"))
+    assert build_tags and all(t.endswith(tag_suffix) for t in build_tags), (
+        f"{DOCKERFILE}: the build command's tag {build_tags} must end in {tag_suffix}")
+    # scripts/setup.sh: torch first at the lock's version, every install constrained by the lock,
+    # and a lock change reinstalls (the lock is part of the stamp's hash).
+    setup = setup_pip_installs()
+    assert len(setup) >= 2 and setup[0].targets == [f"torch=={lock['torch']}"], (
+        f"{SETUP}: the first install must be torch=={lock['torch']}, found {[i.targets for i in setup]}")
+    assert any(t.startswith(".[dev]") for i in setup for t in i.targets), f"{SETUP}: installs no .[dev]"
+    for inst in setup:
+        assert inst.constraints == ["requirements.lock"], f"{inst.where}: install with -c requirements.lock"
+    stamp_lines = [ln for ln in SETUP.read_text(encoding="utf-8").splitlines()
+                   if re.match(r"\s*want=", ln) and "sha256sum" in ln]
+    assert len(stamp_lines) == 1 and "requirements.lock" in stamp_lines[0] and "pyproject.toml" in stamp_lines[0], (
+        f"{SETUP}: the install stamp must hash pyproject.toml and requirements.lock, found {stamp_lines}")
 
 
 # --------------------------------------------------------------------------- .dockerignore
@@ -181,13 +367,33 @@ def test_dockerignore_keeps_keys_outputs_and_environments_out():
 
 
 def test_only_python_sources_of_the_packages_reach_the_image():
+    """Python sources, and the data files pyproject.toml declares as package data (e.g. presets)."""
     patterns = dockerignore_patterns()
+    package_data = [_pattern_regex(f"{pkg.replace('.', '/')}/{glob}")
+                    for pkg, globs in PYPROJECT["tool"]["setuptools"].get("package-data", {}).items()
+                    for glob in globs]
     shipped = [f.relative_to(ROOT).as_posix() for src in copy_sources() if (ROOT / src).is_dir()
                for f in (ROOT / src).rglob("*") if f.is_file()]
     shipped = [p for p in shipped if not ignored(p, patterns)]
     assert any(p.endswith(".py") for p in shipped)
-    odd = [p for p in shipped if not p.endswith(".py")]
-    assert not odd, f"files that COPY would put into the image besides Python sources: {odd}"
+    odd = [p for p in shipped if not p.endswith(".py") and not any(rx.fullmatch(p) for rx in package_data)]
+    assert not odd, (f"files that COPY would put into the image besides Python sources and pyproject.toml's "
+                     f"package data: {odd}")
+
+
+def test_every_package_source_and_package_data_file_reaches_the_image():
+    """No .dockerignore rule meant for run outputs or keys may drop a source file (e.g. a rule for
+    ``runs/`` dropping ``common/runs/``), nor the package data pyproject.toml declares."""
+    patterns = dockerignore_patterns()
+    package_data = [_pattern_regex(f"{pkg.replace('.', '/')}/{glob}")
+                    for pkg, globs in PYPROJECT["tool"]["setuptools"].get("package-data", {}).items()
+                    for glob in globs]
+    needed = [f.relative_to(ROOT).as_posix() for src in copy_sources() if (ROOT / src).is_dir()
+              for f in (ROOT / src).rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+    needed = [p for p in needed if p.endswith(".py") or any(rx.fullmatch(p) for rx in package_data)]
+    assert any(p.startswith("common/runs/") for p in needed)
+    dropped = [p for p in needed if ignored(p, patterns)]
+    assert not dropped, f".dockerignore drops these sources from the build context: {dropped}"
 
 
 # --------------------------------------------------------------------------- compose files
@@ -277,8 +483,8 @@ def project(files: tuple[str, ...]) -> dict[str, Any]:
 def help_flags(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bool]]:
     """For each Flower binary used in a command: its options from the real ``--help``, mapped to
     whether they take a value. Both run at once (each costs a few seconds of imports)."""
-    env = dh.flwr_env(tmp_path_factory.mktemp("flwr-home"))  # --help writes to FLWR_HOME
-    procs = {b: subprocess.Popen([str(dh.BIN / b), "--help"], env=env, stdin=subprocess.DEVNULL,
+    env = flwr_env(tmp_path_factory.mktemp("flwr-home"))  # --help writes to FLWR_HOME
+    procs = {b: subprocess.Popen([str(BIN / b), "--help"], env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for b in (SUPERLINK, SUPERNODE)}
     out = {}
@@ -378,8 +584,11 @@ def test_services_images_and_isolation(help_flags):
         assert len(images) == 1, f"{label}: every service must run the one facefl image, found {images}"
         (image,) = images
         name, _, tag = str(image).rpartition(":")
-        assert name and "/" not in tag and tag != "latest" and tag.endswith(f"flwr{flwr.__version__}"), (
-            f"{label}: image {image!r}: expected an explicit tag ending in flwr{flwr.__version__}")
+        # The image gets the lock's flwr (Dockerfile), which is the tested one (test_lock_...).
+        flwr_version = locked()["flwr"]
+        assert flwr_version == flwr.__version__, f"{LOCK}: flwr {flwr_version}, installed {flwr.__version__}"
+        assert name and "/" not in tag and tag != "latest" and tag.endswith(f"flwr{flwr_version}"), (
+            f"{label}: image {image!r}: expected an explicit tag ending in flwr{flwr_version}")
         build = link.body.get("build", {})
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE, f"{label}: superlink build"
         assert (DOCKER / build["context"]).resolve() == ROOT, f"{label}: build context must be the repository root"
