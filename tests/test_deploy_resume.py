@@ -37,10 +37,18 @@ import time
 import uuid
 from pathlib import Path
 
-import deploy_helpers as dh
 import pytest
 from flower_messages import next_instruction
 from sim_runs import LEDGER_FULL, TINY, simulated_run
+from support.flower import (
+    Deployment,
+    require_completed,
+    run_info,
+    start_deployment,
+    submit_run,
+    wait_for_run,
+)
+from support.processes import cmdline, tagged, wait_for
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                          "ignore::FutureWarning")]
@@ -70,24 +78,24 @@ def deployments(tmp_path: Path):
     node configs name their state dirs; every process of each is stopped by PID at the end."""
     from common.runs.rundir import CLIENT_STATE_NODE_CONFIG
 
-    started: list[dh.Deployment] = []
+    started: list[Deployment] = []
     node_config = {i: f"partition-id={i} num-partitions={NODES} "
                       f"{CLIENT_STATE_NODE_CONFIG}='{tmp_path / 'client-state' / f'node-{i}'}'" for i in range(NODES)}
 
-    def start(name: str, **options) -> dh.Deployment:
+    def start(name: str, **options) -> Deployment:
         # the session's data cache (shared with the reference simulation); one torch thread per process
-        dep = dh.start_deployment(tmp_path / name, NODES, node_config=node_config,
-                                  cache=Path(os.environ["FACEFL_CACHE"]),
-                                  extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, **options)
+        dep = start_deployment(tmp_path / name, NODES, node_config=node_config,
+                               cache=Path(os.environ["FACEFL_CACHE"]),
+                               extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, **options)
         started.append(dep)
         return dep
 
     try:
         yield start
     finally:
-        left = set().union(*(dep.stop(timeout=10.0) | dh.tagged(dep.tag) for dep in started))
+        left = set().union(*(dep.stop(timeout=10.0) | tagged(dep.tag) for dep in started))
         assert not left, "processes left after teardown: " + "; ".join(
-            f"{pid} {dh.cmdline(pid)[:160]}" for pid in sorted(left))
+            f"{pid} {cmdline(pid)[:160]}" for pid in sorted(left))
 
 
 def _trained(state: Path, server_round: int) -> int:
@@ -108,7 +116,7 @@ def _records(run: Path) -> list[dict]:
     return RunDir(run).read_metrics()
 
 
-def _online(dep: dh.Deployment) -> set[int]:
+def _online(dep: Deployment) -> set[int]:
     return {int(n["node-id"]) for n in dep.nodes() if n.get("status") == "online"}
 
 
@@ -128,11 +136,11 @@ def test_run_resumes_after_the_server_machine_went_down(deployments, tmp_path, t
 
     # 1-2. Run until both clients trained round 2, then every process dies at once.
     first = deployments("first")
-    first_id = dh.submit_run(first, ROOT, {**OVERRIDES, "output-dir": str(out)})
-    dh.wait_for(lambda: _trained(state, KILL_ROUND) == NODES, timeout=240,
-                what=f"both clients trained round {KILL_ROUND}", procs=first.procs, interval=0.02)
+    first_id = submit_run(first, ROOT, {**OVERRIDES, "output-dir": str(out)})
+    wait_for(lambda: _trained(state, KILL_ROUND) == NODES, timeout=240,
+             what=f"both clients trained round {KILL_ROUND}", procs=first.procs, interval=0.02)
     left = first.kill()
-    assert not left, f"alive after SIGKILL: {[dh.cmdline(p) for p in left]}"
+    assert not left, f"alive after SIGKILL: {[cmdline(p) for p in left]}"
     log.info("first deployment killed after %.1f s", time.monotonic() - started)
     (run,) = [p for p in out.iterdir() if p.is_dir()]
     killed = _status(run)
@@ -144,19 +152,19 @@ def test_run_resumes_after_the_server_machine_went_down(deployments, tmp_path, t
     # 3. The machine is back: the SuperLink on its old database, new SuperNodes (new node ids) with the
     # same state dirs. The database may still list the dead nodes as online, so wait for the new ones.
     second = deployments("second", database=tmp_path / "first" / "state.db")
-    dh.wait_for(lambda: len(_online(second) - dead) == NODES, timeout=120, what="the new SuperNodes came online",
-                procs=second.procs, interval=0.5)
+    wait_for(lambda: len(_online(second) - dead) == NODES, timeout=120, what="the new SuperNodes came online",
+             procs=second.procs, interval=0.5)
     # An operator who forgot one of the original overrides (federation.rounds: the default, 5) is
     # refused, naming the key; the resume with the same overrides goes through. The reference
     # simulation runs meanwhile.
     resumed = {**OVERRIDES, "output-dir": str(tmp_path / "elsewhere"), RESUME_KEY: str(run)}
-    run_id = dh.submit_run(second, ROOT, resumed)
-    refused_id = dh.submit_run(second, ROOT, {k: v for k, v in resumed.items() if k != "federation.rounds"})
+    run_id = submit_run(second, ROOT, resumed)
+    refused_id = submit_run(second, ROOT, {k: v for k, v in resumed.items() if k != "federation.rounds"})
     log.info("resume submitted after %.1f s", time.monotonic() - started)
     reference, _ = simulated_run(tmp_path_factory, CONFIG)
-    dh.require_completed(second, run_id, dh.wait_for_run(second, run_id, timeout=240))
+    require_completed(second, run_id, wait_for_run(second, run_id, timeout=240))
     log.info("resumed run completed after %.1f s", time.monotonic() - started)
-    refused = dh.wait_for_run(second, refused_id, timeout=60)
+    refused = wait_for_run(second, refused_id, timeout=60)
     assert refused["status"] == "finished:failed", refused
     assert f"{RESUME_KEY}={run}" in refused["status-details"], refused
     assert "federation.rounds (5, run has 3)" in refused["status-details"], refused
@@ -198,9 +206,9 @@ def test_run_resumes_after_the_server_machine_went_down(deployments, tmp_path, t
         assert _same_bits(resumed_model, reference_model), name
 
     # The interrupted Flower run ends failed once its ServerApp's heartbeat expires (60 s after the kill).
-    dh.wait_for(lambda: dh.run_info(second, first_id)["status"] == "finished:failed", timeout=90,
-                what=f"the killed Flower run {first_id} is listed as failed", procs=second.procs, interval=3)
-    assert "No heartbeat" in dh.run_info(second, first_id)["status-details"]
+    wait_for(lambda: run_info(second, first_id)["status"] == "finished:failed", timeout=90,
+             what=f"the killed Flower run {first_id} is listed as failed", procs=second.procs, interval=3)
+    assert "No heartbeat" in run_info(second, first_id)["status-details"]
 
 
 # ---------------------------------------------------------------- the describe phase on Flower's SuperLink state

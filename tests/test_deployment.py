@@ -29,8 +29,24 @@ import ssl
 import time
 from pathlib import Path
 
-import deploy_helpers as dh
 import pytest
+from support.flower import (
+    Deployment,
+    require_completed,
+    start_deployment,
+    submit_run,
+    wait_for_run,
+)
+from support.keys import gen_certs, write_supernode_key
+from support.processes import (
+    LOOPBACK,
+    AuditEntry,
+    cmdline,
+    open_audit_env,
+    port_open,
+    read_open_audit,
+    tagged,
+)
 
 from common.nn.checkpoint import load_checkpoint
 
@@ -78,45 +94,45 @@ def deployment(tmp_path: Path, keys: Path):
 
     node_config = {i: f"partition-id={i} num-partitions={NODES} he-secret-context='{keys / SECRET_FILE}'"
                    for i in range(NODES)}
-    tls = dh.gen_certs(tmp_path / "certs")
+    tls = gen_certs(tmp_path / "certs")
     # One intra-op thread per process: several ClientApps train at once on two shared cores.
-    dep = dh.start_deployment(tmp_path, NODES, node_config=node_config, cache=tmp_path / "cache",
-                              extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-                              tls=tls, supernode_auth=True,
-                              superlink_env=dh.open_audit_env(tmp_path / SERVER_AUDIT, os.environ),
-                              node_env=dh.open_audit_env(tmp_path / NODE_AUDIT, os.environ))
+    dep = start_deployment(tmp_path, NODES, node_config=node_config, cache=tmp_path / "cache",
+                           extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                           tls=tls, supernode_auth=True,
+                           superlink_env=open_audit_env(tmp_path / SERVER_AUDIT, os.environ),
+                           node_env=open_audit_env(tmp_path / NODE_AUDIT, os.environ))
     try:
         yield dep
     finally:
         left = dep.stop(timeout=10.0)
-        stragglers = dh.tagged(dep.tag) | left
+        stragglers = tagged(dep.tag) | left
         assert not stragglers, "processes left after teardown: " + "; ".join(
-            f"{pid} {dh.cmdline(pid)[:160]}" for pid in sorted(stragglers))
+            f"{pid} {cmdline(pid)[:160]}" for pid in sorted(stragglers))
         for port in [dep.superlink_port]:
-            assert not dh.port_open(port), f"port {port} still open after teardown"
+            assert not port_open(port), f"port {port} still open after teardown"
 
 
 def peer_certificate(port: int, ca: Path) -> dict:
     """TLS handshake with the SuperLink, verifying its certificate against ``ca`` for 127.0.0.1."""
     ctx = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection((dh.LOOPBACK, port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname=dh.LOOPBACK) as tls:
+    with socket.create_connection((LOOPBACK, port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=LOOPBACK) as tls:
         return tls.getpeercert()
 
 
-def opened(entries: list[dh.AuditEntry], target: Path) -> list[dh.AuditEntry]:
+def opened(entries: list[AuditEntry], target: Path) -> list[AuditEntry]:
     """Entries that opened ``target``: by path, by resolved path, or by inode (a hard link), or
     that ran a command naming it."""
     real = os.path.realpath(target)
 
-    def same(e: dh.AuditEntry) -> bool:
+    def same(e: AuditEntry) -> bool:
         return e.kind == "open" and os.path.exists(e.detail) and os.path.samefile(e.detail, target)
 
     return [e for e in entries if str(target) in e.detail or real in e.detail or same(e)]
 
 
 @pytest.mark.timeout(900)
-def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path, keys: Path, capsys) -> None:
+def test_flwr_run_on_deployment_engine(deployment: Deployment, tmp_path: Path, keys: Path, capsys) -> None:
     from common.he.keys import PUBLIC_FILE, SECRET_FILE
     from workflow.cli import main
 
@@ -127,13 +143,13 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
 
     # The SuperLink's single port speaks TLS with the gen-certs.sh certificate for 127.0.0.1.
     cert = peer_certificate(deployment.superlink_port, deployment.tls.ca)
-    assert ("IP Address", dh.LOOPBACK) in cert["subjectAltName"], cert
+    assert ("IP Address", LOOPBACK) in cert["subjectAltName"], cert
     assert "insecure" not in (tmp_path / "flwr-home" / "config.toml").read_text()
 
     # Two SuperNodes that must be refused, started now and checked after the run (each exits
     # within seconds; the retry bounds only cap a wrong outcome): one signs with a key that was
     # never registered, one does not trust the CA.
-    rogue_key, _ = dh.write_supernode_key(tmp_path / "rogue" / "supernode")
+    rogue_key, _ = write_supernode_key(tmp_path / "rogue" / "supernode")
     bounded = ["--max-retries", "2", "--max-wait-time", "30"]
     unregistered = deployment.start_supernode("probe-unregistered", f"partition-id=0 num-partitions={NODES}",
                                               auth_key=rogue_key, probe=True, extra_args=bounded)
@@ -142,13 +158,13 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
 
     # A run whose ServerApp fails: `flwr run` still exits 0 (submit_run checks that), only
     # `flwr list` tells. Submitted first, it fails while the real run goes on.
-    bad_id = dh.submit_run(deployment, ROOT, {**OVERRIDES, "dp.mode": "bogus", "output-dir": str(tmp_path / "bad")})
-    run_id = dh.submit_run(deployment, ROOT, {**OVERRIDES, "output-dir": str(out), "he.enabled": True,
-                                              "he.public_context": str(keys / PUBLIC_FILE)})
-    info = dh.wait_for_run(deployment, run_id, timeout=600.0)
-    dh.require_completed(deployment, run_id, info)
+    bad_id = submit_run(deployment, ROOT, {**OVERRIDES, "dp.mode": "bogus", "output-dir": str(tmp_path / "bad")})
+    run_id = submit_run(deployment, ROOT, {**OVERRIDES, "output-dir": str(out), "he.enabled": True,
+                                           "he.public_context": str(keys / PUBLIC_FILE)})
+    info = wait_for_run(deployment, run_id, timeout=600.0)
+    require_completed(deployment, run_id, info)
     run_seconds = time.monotonic() - started
-    bad = dh.wait_for_run(deployment, bad_id, timeout=60.0)
+    bad = wait_for_run(deployment, bad_id, timeout=60.0)
     assert bad["status"] == "finished:failed", bad
     assert "dp.mode" in bad.get("status-details", ""), bad
 
@@ -209,13 +225,13 @@ def test_flwr_run_on_deployment_engine(deployment: dh.Deployment, tmp_path: Path
 
     # No server-side process ever opened the secret key, though the audit hook ran in each of them
     # (it saw the ServerApp open the public context); the ClientApps did open it.
-    server = dh.read_open_audit(tmp_path / SERVER_AUDIT)
+    server = read_open_audit(tmp_path / SERVER_AUDIT)
     assert {"flower-superlink", "flower-superexec", "flwr-serverapp"} <= {e.program for e in server}, \
         sorted({e.program for e in server})
     assert any(e.program == "flwr-serverapp" for e in opened(server, keys / PUBLIC_FILE)), "hook missed the ServerApp"
     leaks = opened(server, keys / SECRET_FILE)
     assert not leaks, f"server side opened the secret key: {leaks[:5]}"
-    node_side = dh.read_open_audit(tmp_path / NODE_AUDIT)
+    node_side = read_open_audit(tmp_path / NODE_AUDIT)
     assert any(e.program == "flwr-clientapp" for e in opened(node_side, keys / SECRET_FILE)), \
         "no ClientApp opened the secret key: the audit would not have seen the server do it either"
 

@@ -14,15 +14,16 @@ import subprocess
 import threading
 from pathlib import Path
 
-import deploy_helpers as dh
 import pytest
 from cryptography import x509
+from support.keys import GEN_CERTS, Tls
+from support.processes import LOOPBACK
 
 FILES = ["ca.crt", "ca.key", "server.key", "server.pem"]
 
 
 def gen(out: Path, *sans: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(dh.GEN_CERTS), str(out), *sans], check=False, text=True, capture_output=True,
+    return subprocess.run(["bash", str(GEN_CERTS), str(out), *sans], check=False, text=True, capture_output=True,
                           timeout=60, stdin=subprocess.DEVNULL, env=env)
 
 
@@ -33,13 +34,13 @@ def names(cert_path: Path) -> list[str]:
         [f"IP:{ip}" for ip in sans.get_values_for_type(x509.IPAddress)]
 
 
-def handshake(tls: dh.Tls, hostname: str) -> dict:
+def handshake(tls: Tls, hostname: str) -> dict:
     """Serve server.pem/server.key on a loopback port and connect to it, trusting only ca.crt and
     checking ``hostname`` against the certificate; the peer certificate the client saw."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(tls.cert, tls.key)
     client_ctx = ssl.create_default_context(cafile=str(tls.ca))
-    with socket.create_server((dh.LOOPBACK, 0)) as listener:
+    with socket.create_server((LOOPBACK, 0)) as listener:
         listener.settimeout(10)
 
         def accept() -> None:
@@ -76,7 +77,7 @@ def test_writes_a_ca_and_a_server_certificate_that_tls_accepts(tmp_path: Path) -
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     server.verify_directly_issued_by(ca)
 
-    tls = dh.Tls(out)
+    tls = Tls(out)
     for host in ("127.0.0.1", "localhost", "superlink", "coordinator.example.org"):
         assert handshake(tls, host)["subject"] == ((("commonName", "superlink"),),)
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -99,5 +100,5 @@ def test_refuses_to_overwrite_and_leaves_nothing_on_bad_input(tmp_path: Path) ->
 
     usage = gen(tmp_path / "unused", env={**os.environ, "DAYS": "0"})
     assert usage.returncode != 0 and "DAYS" in usage.stderr
-    no_dir = subprocess.run(["bash", str(dh.GEN_CERTS)], check=False, text=True, capture_output=True, timeout=60)
+    no_dir = subprocess.run(["bash", str(GEN_CERTS)], check=False, text=True, capture_output=True, timeout=60)
     assert no_dir.returncode != 0 and "usage:" in no_dir.stderr

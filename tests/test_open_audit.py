@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import deploy_helpers as dh
 import pytest
+from support.processes import OPEN_AUDIT_VAR, open_audit_env, read_open_audit
 
 SCRIPT = """
 import os, pathlib, subprocess, sys
@@ -28,10 +28,10 @@ def test_logs_every_open_and_exec_of_the_process_and_its_children(tmp_path: Path
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"k")
     log = tmp_path / "audit.log"
-    env = {**os.environ, **dh.open_audit_env(log, os.environ)}
+    env = {**os.environ, **open_audit_env(log, os.environ)}
     subprocess.run([sys.executable, "-c", SCRIPT, str(secret)], cwd=tmp_path, env=env, check=True, timeout=50)
 
-    entries = dh.read_open_audit(log)
+    entries = read_open_audit(log)
     opens = {(e.pid, e.detail) for e in entries if e.kind == "open"}
     parent = {pid for pid, path in opens if path == str(tmp_path / "relative.txt")}
     child = {pid for pid, path in opens if path == str(tmp_path / "child.txt")}
@@ -44,9 +44,9 @@ def test_logs_every_open_and_exec_of_the_process_and_its_children(tmp_path: Path
 
 @pytest.mark.timeout(60)
 def test_inert_without_the_variable(tmp_path: Path) -> None:
-    env = {**os.environ, **dh.open_audit_env(tmp_path / "audit.log", os.environ)}
-    del env[dh.OPEN_AUDIT_VAR]
+    env = {**os.environ, **open_audit_env(tmp_path / "audit.log", os.environ)}
+    del env[OPEN_AUDIT_VAR]
     subprocess.run([sys.executable, "-c", "open(__import__('sys').executable, 'rb').close()"], env=env,
                    check=True, timeout=50)
     assert not (tmp_path / "audit.log").exists()
-    assert dh.read_open_audit(tmp_path / "audit.log") == []
+    assert read_open_audit(tmp_path / "audit.log") == []

@@ -1,6 +1,5 @@
-"""Process management for deployment-engine tests: free ports, a throwaway FLWR_HOME, Flower
-processes started in their own sessions and stopped by PID (with their whole process tree),
-``flwr run`` and status polling.
+"""Flower deployment for deployment-engine tests: a throwaway FLWR_HOME, SuperLink and SuperNodes
+as real processes (``Deployment``, ``start_deployment``), ``flwr run`` and run status polling.
 
 Facts this relies on (Flower 1.41, verified; see docs/deploy.md):
 - ``flower-superlink`` is one HTTP server (Fleet, Control and Runtime APIs) on ``--host/--port``;
@@ -16,17 +15,7 @@ Facts this relies on (Flower 1.41, verified; see docs/deploy.md):
   ``--format json`` it exits 0 even when it could not submit: check ``"success"``.
 - Repeated ``-c`` options are merged shallowly (``-c 'a.x=1' -c 'a.y=2'`` silently drops
   ``a.x``): always pass every override in one ``-c`` string.
-- TLS: ``flower-superlink --ssl-ca-certfile --ssl-certfile --ssl-keyfile`` (certificates from
-  ``docker/gen-certs.sh``), ``flower-supernode --root-certificates CA``, ``root-certificates`` in
-  the CLI connection. A SuperNode that does not trust the CA gives up at once ("SSL/TLS handshake
-  error detected", "CERTIFICATE_VERIFY_FAILED"); the ``flwr`` CLI only says "Connection to the
-  SuperLink is unavailable" for a wrong CA, no CA or ``insecure = true``.
-- SuperNode authentication: ``flower-superlink --enable-supernode-auth`` (TLS only) accepts only
-  SuperNodes whose EC public key was registered with ``flwr supernode register KEY.pub CONNECTION``;
-  each SuperNode signs its requests with ``--auth-supernode-private-key KEY`` (OpenSSH format, a
-  NIST curve). An unregistered SuperNode exits: "[code: 2004] Failed to activate SuperNode.".
-
-Only Linux (``/proc``) is supported; no psutil.
+- TLS and SuperNode authentication: see ``support.keys``.
 """
 
 from __future__ import annotations
@@ -36,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,41 +32,27 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-LOOPBACK = "127.0.0.1"
-TAG_VAR = "FACEFL_DEPLOY_TAG"
+from .keys import Tls, write_supernode_key
+from .processes import (
+    LOOPBACK,
+    TAG_VAR,
+    Proc,
+    alive,
+    free_ports,
+    logs_of,
+    port_open,
+    start,
+    tagged,
+    terminate,
+    wait_for,
+)
+
 BIN = Path(sys.executable).parent  # the venv's bin/: flwr, flower-superlink, flower-supernode, ...
-ROOT = Path(__file__).resolve().parents[1]
-GEN_CERTS = ROOT / "docker" / "gen-certs.sh"
-OPEN_AUDIT_DIR = Path(__file__).resolve().parent / "open_audit"  # holds the test-only sitecustomize.py
-OPEN_AUDIT_VAR = "FACEFL_OPEN_AUDIT_LOG"
 
 
-# --------------------------------------------------------------------------- ports, env, config
-
-def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
-    """``count`` distinct ports that were free on ``host`` a moment ago (all sockets are held
-    open together so that the kernel cannot hand out the same port twice)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
+# --------------------------------------------------------------------------- env, config
 
 def flwr_env(flwr_home: Path, cache: Path | None = None, tag: str | None = None,
              extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -146,276 +120,7 @@ def run_config_arg(overrides: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
 
 
-# --------------------------------------------------------------------------- TLS, node keys, file audit
-
-@dataclass(frozen=True)
-class Tls:
-    """The files ``docker/gen-certs.sh`` writes into one directory."""
-
-    dir: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.dir / "ca.crt"
-
-    @property
-    def cert(self) -> Path:
-        return self.dir / "server.pem"
-
-    @property
-    def key(self) -> Path:
-        return self.dir / "server.key"
-
-
-def gen_certs(out: Path, *extra_sans: str, timeout: float = 60.0) -> Tls:
-    """Run the project's real ``docker/gen-certs.sh OUT [SAN ...]`` (CA + SuperLink certificate)."""
-    res = subprocess.run(["bash", str(GEN_CERTS), str(out), *extra_sans], check=False, text=True,
-                         capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if res.returncode != 0:
-        raise RuntimeError(f"{GEN_CERTS} {out} -> exit {res.returncode}\n{res.stderr}")
-    return Tls(out)
-
-
-def write_supernode_key(stem: Path) -> tuple[Path, Path]:
-    """A SuperNode authentication key pair: ``stem`` (private, 0600) and ``stem.pub``, EC P-384 in
-    OpenSSH format, what ``ssh-keygen -t ecdsa -b 384 -N "" -f stem`` writes and what
-    ``flower-supernode --auth-supernode-private-key`` / ``flwr supernode register`` read."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(stem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                  serialization.NoEncryption()))
-    pub = stem.with_name(stem.name + ".pub")
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                  serialization.PublicFormat.OpenSSH) + b"\n")
-    return stem, pub
-
-
-def open_audit_env(log: Path, env: Mapping[str, str]) -> dict[str, str]:
-    """Environment additions that make every Python process (and its children) log the files it
-    opens to ``log`` (``tests/open_audit/sitecustomize.py``)."""
-    path = env.get("PYTHONPATH", "")
-    return {"PYTHONPATH": str(OPEN_AUDIT_DIR) + (os.pathsep + path if path else ""), OPEN_AUDIT_VAR: str(log)}
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    pid: int
-    program: str
-    kind: str  # "open" or "exec"
-    detail: str  # the absolute path opened, or the command line
-
-
-def read_open_audit(log: Path) -> list[AuditEntry]:
-    """The entries of an audit log written by ``open_audit/sitecustomize.py`` (empty if none)."""
-    if not log.exists():
-        return []
-    entries = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        pid, program, kind, detail = line.split("\t", 3)
-        entries.append(AuditEntry(int(pid), program, kind, detail))
-    return entries
-
-
-# --------------------------------------------------------------------------- /proc
-
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgid) of a process, None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces and ')'
-    return fields[0], int(fields[1]), int(fields[2])
-
-
-def _pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (zombies hold no resources and are
-    reaped by their parent or init)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    st = _stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def descendants(root: int) -> set[int]:
-    """Every live descendant of ``root`` (by parent pid), not ``root`` itself."""
-    children: dict[int, list[int]] = {}
-    for pid in _pids():
-        st = _stat(pid)
-        if st is not None:
-            children.setdefault(st[1], []).append(pid)
-    out: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
-
-
-def tagged(tag: str) -> set[int]:
-    """Live processes whose environment holds ``FACEFL_DEPLOY_TAG=tag`` (every process a
-    deployment started, wherever it was reparented)."""
-    needle = f"{TAG_VAR}={tag}".encode() + b"\0"
-    me = os.getpid()
-    found = set()
-    for pid in _pids():
-        if pid == me:
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if needle in env and alive(pid):
-            found.add(pid)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
-
-
-def wait_gone(pids: Iterable[int], timeout: float) -> set[int]:
-    """Wait up to ``timeout`` s for the processes to end; return those still alive."""
-    pending = set(pids)
-    deadline = time.monotonic() + timeout
-    while True:
-        pending = {p for p in pending if alive(p)}
-        if not pending or time.monotonic() >= deadline:
-            return pending
-        time.sleep(0.1)
-
-
-def _signal_groups(pids: Iterable[int], sig: int) -> None:
-    """Send ``sig`` to each process and to its process group (never to our own group)."""
-    own = os.getpgrp()
-    groups = set()
-    for pid in pids:
-        st = _stat(pid)
-        if st is not None and st[2] not in (0, 1, own):
-            groups.add(st[2])
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
-            os.kill(pid, sig)
-    for pgid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
-
-
-def terminate(pids: Iterable[int], timeout: float = 10.0) -> set[int]:
-    """SIGTERM, wait up to ``timeout`` s, then SIGKILL the processes and their groups, wait
-    again; return whatever is still alive (should be empty)."""
-    pids = {p for p in pids if p != os.getpid()}
-    _signal_groups(pids, signal.SIGTERM)
-    left = wait_gone(pids, timeout)
-    if left:
-        _signal_groups(left, signal.SIGKILL)
-        left = wait_gone(left, timeout)
-    return left
-
-
-# --------------------------------------------------------------------------- processes
-
-@dataclass
-class Proc:
-    """A long-running process started in its own session, its log in a file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    _log: IO[bytes] = field(repr=False)
-    seen: set[int] = field(default_factory=set)  # descendants ever observed
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def wait_exit(self, timeout: float) -> int:
-        """Wait up to ``timeout`` s for the process to exit on its own; its exit code."""
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"{self.name} still running after {timeout:.0f} s\n{self.log_tail()}") from None
-
-    def remember_children(self) -> set[int]:
-        self.seen |= descendants(self.pid)
-        return self.seen
-
-    def stop(self, timeout: float = 10.0) -> set[int]:
-        """Stop the process and every descendant (by PID and process group): SIGTERM, wait
-        ``timeout`` s, SIGKILL, wait again. Returns what could not be stopped."""
-        tree = self.remember_children() | {self.pid}
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_groups([self.pid], signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):  # reported below as left over
-                    self.popen.wait(timeout)
-        # Flower's own children watch their parent and exit with it; whatever did not is ended here
-        left = terminate({p for p in tree if p != self.pid and alive(p)}, timeout)
-        if self.popen.poll() is None:
-            left.add(self.pid)
-        self._log.close()
-        return left
-
-
-def start(name: str, args: list[str], env: Mapping[str, str], cwd: Path, log_dir: Path) -> Proc:
-    """Start ``args`` in a new session (own process group), stdout+stderr to ``log_dir/name.log``."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in Proc.stop
-    try:
-        popen = subprocess.Popen(args, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-    except BaseException:
-        log.close()
-        raise
-    return Proc(name, popen, log_path, log)
-
-
-def wait_for(predicate, timeout: float, what: str, procs: Iterable[Proc] = (), interval: float = 0.2) -> None:
-    """Poll ``predicate`` until true; fail after ``timeout`` s, or at once if one of ``procs``
-    exits, with the logs of ``procs`` in the message."""
-    procs = list(procs)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        dead = [p for p in procs if p.popen.poll() is not None]
-        if dead or time.monotonic() >= deadline:
-            why = (", ".join(f"{p.name} exited with {p.popen.returncode}" for p in dead)
-                   or f"not within {timeout:.0f} s")
-            raise TimeoutError(f"{what}: {why}\n" + logs_of(procs))
-        time.sleep(interval)
-
-
-def logs_of(procs: Iterable[Proc], chars: int = 3000) -> str:
-    return "\n".join(f"----- {p.name} ({p.log_path}) -----\n{p.log_tail(chars)}" for p in procs)
-
+# --------------------------------------------------------------------------- deployment
 
 @dataclass
 class Deployment:
