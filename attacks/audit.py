@@ -27,11 +27,14 @@ population.
 
 Every attack gets ``attacks.metrics.attack_metrics``: AUC, accuracy and balanced accuracy at
 the best threshold, TPR at FPR 0.1% and 1%, seeded bootstrap 95% intervals, and per gender and
-group. Written to ``audit/report.json``, ``audit/scores.npz`` and ``audit/roc.png``.
+group. Written to ``audit/report.json`` (``common.runs.records.AuditReport``: each entry names its
+target's kind), ``audit/scores.npz`` and ``audit/roc.png``. Every attack, what it applies to and
+what it needs: ``attacks.registry``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.metrics import attack_metrics, log_log_roc_plot
+from attacks.metrics import DEFAULT_FPR_TARGETS, attack_metrics, log_log_roc_plot
 from attacks.mint import (
     CNNMINT,
     VanillaMINT,
@@ -54,6 +57,7 @@ from attacks.mint import (
 )
 from attacks.mote_audit import mote_attack_scores
 from attacks.reference_models import train_references
+from attacks.registry import MOTE_ATTACKS, REFERENCE_ATTACKS, Target, applicable_attacks, for_target
 from attacks.scores import (
     ShadowAttackModel,
     centroid_similarity,
@@ -73,8 +77,10 @@ from common.he.checkpoints import load_final_model
 from common.nn.build import load_model
 from common.nn.checkpoint import save_checkpoint
 from common.nn.face_model import FaceModel, ModelSpec
+from common.runs import layout
 from common.runs.io import atomic_save_npz, atomic_write_json, read_json
 from common.runs.load import load_run
+from common.runs.records import AttackEntry, AuditReport, TargetKind, tpr_label
 from common.runs.rundir import RunDir
 from common.split.manifest import Manifest
 from common.train.fairness import reweight, sensitive_attribute
@@ -82,33 +88,11 @@ from common.train.loop import embed, predict_attribute, target_labels
 
 log = logging.getLogger(__name__)
 
-MINT_ATTACKS = ("mint-vanilla", "mint-cnn")
-REFERENCE_ATTACKS = ("shadow", "lira-online", "lira-offline", "rmia")  # need reference (shadow) models
-ATTRIBUTE_ATTACKS = ("loss", *REFERENCE_ATTACKS, *MINT_ATTACKS)
-EMBEDDING_ATTACKS = ("centroid", *MINT_ATTACKS)
-MOTE_ATTACKS = ("mote-score", "mote-lira", "fd-mia-score", "fd-mia-lira")  # need a fair + skewed gallery pair
-
-
-@dataclass(frozen=True)
-class Target:
-    """What an attack aims at: its name in the report, its prefix in scores.npz, its ROC legend tag."""
-
-    name: str
-    key_prefix: str = ""
-    short: str = ""  # "" for the global model
-
-    def key(self, attack: str) -> str:
-        return self.key_prefix + attack.replace("-", "_")
-
-    def label(self, attack: str) -> str:
-        return f"{attack} ({self.short})" if self.short else attack
-
-
-GLOBAL = Target("global model (final)")
-FAIR = Target("fair global model (final)", "fair_", "fair model")
-PAIR = Target("biased + fair pair")
-WHITE_BOX = Target("global model (final), white-box")
-UPDATE_ATTACKS = ("loss", "lira-online")  # against each client's own post-round model
+GLOBAL = Target("global model (final)", TargetKind.GLOBAL)
+FAIR = Target("fair global model (final)", TargetKind.FAIR, "fair_", "fair model")
+PAIR = Target("biased + fair pair", TargetKind.PAIR)
+WHITE_BOX = Target("global model (final), white-box", TargetKind.WHITE_BOX)
+UPDATE_ATTACKS = for_target(TargetKind.CLIENT)  # against each client's own post-round model
 
 
 @dataclass
@@ -175,20 +159,20 @@ def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, 
     ``fair``: each model is trained with the fairness reweighting (Kamiran & Calders) computed on
     its own IN set: the twin of the plain reference on the same half (FD-MIA's reference pairs).
     """
-    cache = run.path / "audit" / ("references-fair" if fair else "references")
+    cache = run.reference_cache(fair)
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
     seeds = [int(np.random.SeedSequence([seed, 0x5EF, r]).generate_state(1)[0] & 0x7FFFFFFF)
              for r in range(in_mask.shape[0])]
-    initial = run.models / "initial.safetensors"
+    initial = run.initial_model
     key = hashlib.sha256(json.dumps({"ids": ds.sample_ids[population].tolist(), "mask": np.packbits(in_mask).tolist(),
                                      "seeds": seeds, "epochs": epochs, "spec": spec.to_dict(), "fair": fair, "vectorised": vectorised,
                                      "initial": hashlib.sha256(initial.read_bytes()).hexdigest() if initial.exists()
                                      else None,
                                      "sensitive": cfg.fairness.sensitive, "train": cfg.to_dict()["train"]},
                                     sort_keys=True).encode()).hexdigest()
-    index = cache / "index.json"
+    index = cache / layout.REFERENCE_INDEX
     if index.exists() and read_json(index).get("key") == key:
-        models = [load_model(cache / f"ref-{r:03d}.safetensors", spec)[0] for r in range(len(seeds))]
+        models = [load_model(cache / layout.reference_model_file(r), spec)[0] for r in range(len(seeds))]
         log.info("audit: %d reference models from %s", len(models), cache)
     else:
         weights = None
@@ -201,14 +185,14 @@ def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, 
                                   vectorised=vectorised, sample_weights=weights, init_state=_initial_state(run),
                                   progress=progress)
         for r, model in enumerate(models):
-            save_checkpoint(cache / f"ref-{r:03d}.safetensors", model.state_dict(), {"reference": r, "key": key})
+            save_checkpoint(cache / layout.reference_model_file(r), model.state_dict(), {"reference": r, "key": key})
         atomic_write_json(index, {"key": key, "references": len(seeds), "epochs": epochs, "seeds": seeds, "fair": fair})
     return np.stack([predict_attribute(m, ds.images[population]) for m in models], axis=1)
 
 
 def _initial_state(run: RunDir) -> dict[str, torch.Tensor] | None:
     """The run's public initial global model (seeded init + public pretraining), when recorded."""
-    path = run.models / "initial.safetensors"
+    path = run.initial_model
     return load_model(path)[0].state_dict() if path.exists() else None
 
 
@@ -335,19 +319,11 @@ def _fair_twin(run: RunDir, fair_dir: str | os.PathLike[str], cfg: Config, manif
     return fair, fair_cfg
 
 
-def applicable_attacks(cfg: Config, spec: ModelSpec) -> tuple[str, ...]:
-    """Every attack that applies to a run's model: by its outputs (attribute posterior,
-    identity embedding) and, for MOTE, whether the run enrolls."""
-    embedding = cfg.train.task in ("identity", "both")
-    found = (*(ATTRIBUTE_ATTACKS if spec.attribute_head else ()), *(EMBEDDING_ATTACKS if embedding else ()),
-             *(MOTE_ATTACKS if embedding else ()))
-    return tuple(dict.fromkeys(found))
-
-
 def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
               fair_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Audit the run's final model (and, with ``fair_dir``, the fair model and the FD-MIA pair);
-    writes audit/report.json, scores.npz and roc.png; returns the report."""
+    writes audit/report.json, scores.npz and roc.png; returns the report as written
+    (``AuditReport.to_dict()``)."""
     run = RunDir(run_dir)
     cfg, ds, manifest = load_run(run)
     model = load_final_model(run)
@@ -372,30 +348,33 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
     mote = _mote_set(run, cfg, ds, manifest, model, settings, wanted)
     if mote is not None:
         sets[MOTE_PREFIX] = mote
-    report = {"run": str(run.path), "fair_run": None if fair_dir is None else str(fair_dir), "task": cfg.train.task,
-              "dp": {"mode": cfg.dp.mode, "target_epsilon": cfg.dp.target_epsilon},
-              "audited": {"members": int(main.is_member.sum()), "nonmembers": int((~main.is_member).sum())},
-              "references": settings.references, "seed": settings.seed, "update_level": update_level,
-              "attacks": [entry for audited in sets.values() for entry in audited.metrics(ds, settings)]}
-    if mote is not None:
-        report["mote_audited"] = {"members": int(mote.is_member.sum()), "nonmembers": int((~mote.is_member).sum()),
-                                  "what": "enrollment references vs other member-role photos of the same people"}
-    out = run.path / "audit"
+    mote_audited = None if mote is None else {
+        "members": int(mote.is_member.sum()), "nonmembers": int((~mote.is_member).sum()),
+        "what": "enrollment references vs other member-role photos of the same people"}
+    report = AuditReport(
+        run=str(run.path), fair_run=None if fair_dir is None else str(fair_dir), task=cfg.train.task,
+        dp={"mode": cfg.dp.mode, "target_epsilon": cfg.dp.target_epsilon},
+        audited={"members": int(main.is_member.sum()), "nonmembers": int((~main.is_member).sum())},
+        references=settings.references, seed=settings.seed, update_level=update_level,
+        fpr_targets=tuple(DEFAULT_FPR_TARGETS),
+        attacks=[entry for audited in sets.values() for entry in audited.metrics(ds, settings)],
+        mote_audited=mote_audited)
     arrays: dict[str, np.ndarray] = {}
     for prefix, audited in sets.items():
         arrays.update({f"{prefix}sample_ids": ds.sample_ids[audited.positions], f"{prefix}is_member": audited.is_member,
                        **{t.key(n): s for (t, n), s in audited.scores.items()}})
-    atomic_save_npz(out / "scores.npz", **arrays)
+    atomic_save_npz(run.audit_scores_path, **arrays)
     log_log_roc_plot({t.label(n): (s[np.isfinite(s)], audited.is_member[np.isfinite(s)])
                       for audited in sets.values() for (t, n), s in audited.scores.items()},
-                     out / "roc.png", title=f"membership inference, {cfg.train.task} model")
-    atomic_write_json(out / "report.json", report)
-    return report
+                     run.audit_roc_path, title=f"membership inference, {cfg.train.task} model")
+    report.save(run.audit_report_path)
+    return report.to_dict()
 
 
 def _client_target(meta: dict[str, Any]) -> Target:
     p = int(meta["partition"])
-    return Target(f"client {p} update (round {meta['round']})", f"client{p}_", f"client {p}")
+    return Target(f"client {p} update (round {meta['round']})", TargetKind.CLIENT, f"client{p}_", f"client {p}",
+                  partition=p)
 
 
 def _own_members(is_member: np.ndarray, pos: np.ndarray, manifest: Manifest, ds: FaceDataset,
@@ -461,7 +440,7 @@ class AuditedSet:
     is_member: np.ndarray
     scores: dict[tuple[Target, str], np.ndarray]
 
-    def metrics(self, ds: FaceDataset, settings: AuditSettings) -> list[dict[str, Any]]:
+    def metrics(self, ds: FaceDataset, settings: AuditSettings) -> list[AttackEntry]:
         """One report entry per attack; NaN scores (MINT's training half, other clients'
         members) are left out."""
         groups = {"gender": _names(ds.gender[self.positions], GENDER_NAMES),
@@ -469,9 +448,9 @@ class AuditedSet:
         entries = []
         for (target, name), s in self.scores.items():
             ok = np.isfinite(s)
-            entries.append({"name": name, "target": target.name, **attack_metrics(
+            entries.append(AttackEntry.from_dict({"name": name, **target.entry_fields(), **attack_metrics(
                 s[ok], self.is_member[ok], {k: v[ok] for k, v in groups.items()}, seed=settings.seed,
-                n_boot=settings.n_boot)})
+                n_boot=settings.n_boot, fpr_targets=DEFAULT_FPR_TARGETS)}))
         return entries
 
 
@@ -485,12 +464,12 @@ def _mote_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest, mod
         return None
     found = mote_attack_scores(run.path, cfg, ds, manifest, model, settings.seed, settings.max_per_class)
     if found is None:
-        log.info("audit: no MOTE gallery pair (b = 0.5 and a skewed b) in %s", run.path / "mote")
+        log.info("audit: no MOTE gallery pair (b = 0.5 and a skewed b) in %s", run.mote)
         return None
     audited, by_target = found
     scores = {}
-    for i, (name, attacks) in enumerate(by_target.items()):
-        target = Target(name, f"{MOTE_PREFIX}{i}_", name)
+    for i, (found_target, attacks) in enumerate(by_target.items()):
+        target = dataclasses.replace(found_target, key_prefix=f"{MOTE_PREFIX}{i}_", short=found_target.name)
         scores.update({(target, attack): s for attack, s in attacks.items() if attack in wanted})
     return AuditedSet(audited.positions, audited.is_member, scores)
 
@@ -499,17 +478,22 @@ def _update_level_availability(run: RunDir, cfg: Config) -> dict[str, Any]:
     """Whether a curious server held per-client models in this run, and where they are."""
     if cfg.he.enabled:
         return {"available": False, "reason": "HE: the server held only the encrypted sum of the clients' updates"}
-    paths = sorted((run.path / "models" / "clients").glob("client-*.safetensors"))
+    paths = sorted(run.client_models.glob(layout.CLIENT_MODEL_GLOB))
     if not paths:
         return {"available": False, "reason": "no client models saved (federation.save_client_models = false)"}
     return {"available": True, "clients": len(paths), "paths": paths}
 
 
-def summary_rows(report: dict[str, Any]) -> list[tuple]:
+def summary_header(report: AuditReport) -> tuple[str, ...]:
+    """The printed table's header: one TPR column per target FPR of the report."""
+    return ("attack", "target", "AUC [95% CI]", "balanced acc.", *(tpr_label(k) for k in report.fpr_keys))
+
+
+def summary_rows(report: AuditReport) -> list[tuple]:
     rows = []
-    for a in report["attacks"]:
-        ci = a["ci95"] or {}
-        rows.append((a["name"], a["target"],
-                     f"{a['auc']:.3f} [{ci['auc'][0]:.3f}, {ci['auc'][1]:.3f}]" if ci else f"{a['auc']:.3f}",
-                     f"{a['balanced_accuracy']:.3f}", f"{a['tpr_at_fpr']['0.001']:.3f}", f"{a['tpr_at_fpr']['0.01']:.3f}"))
+    for a in report.attacks:
+        auc_ci = a.ci("auc")
+        rows.append((a.name, a.target,
+                     f"{a.auc:.3f} [{auc_ci[0]:.3f}, {auc_ci[1]:.3f}]" if auc_ci else f"{a.auc:.3f}",
+                     f"{a.balanced_accuracy:.3f}", *(f"{a.tpr_at_fpr[k]:.3f}" for k in report.fpr_keys)))
     return rows

@@ -18,6 +18,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from common.evaluation.mote import TemplateSet
 from common.mote.gallery import MoteGallery
+from common.runs.records import TEMPLATES
 
 MALE, FEMALE = 1, 0
 
@@ -87,7 +88,7 @@ def template_leakage(stolen: TemplateSet) -> dict[str, dict[str, float | int]]:
     keyed like the verification report's methods."""
     attack = GenderInference(stolen.aux_embeddings[stolen.aux_gender == MALE],
                              stolen.aux_embeddings[stolen.aux_gender == FEMALE])
-    out = {"templates": attack_accuracy(attack.predict_templates(stolen.templates), stolen.gender)}
-    for b, gallery in stolen.galleries.items():
-        out[f"MOTE b={b}"] = attack_accuracy(attack.predict_mote(gallery), stolen.gender)
+    out = {TEMPLATES: attack_accuracy(attack.predict_templates(stolen.templates), stolen.gender)}
+    for name, gallery in stolen.galleries.items():
+        out[name] = attack_accuracy(attack.predict_mote(gallery), stolen.gender)
     return out

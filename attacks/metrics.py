@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.report.plots import log_log_roc
+from common.runs.records import fpr_key
 
 DEFAULT_FPR_TARGETS: tuple[float, ...] = (0.001, 0.01)
 _BOOT_CHUNK_ELEMENTS = 1_000_000  # resampled scores held at once in the bootstrap
@@ -98,7 +99,7 @@ def _curve_metrics(scores: np.ndarray, members: np.ndarray, targets: Sequence[fl
 
 
 def _target_key(target: float) -> str:
-    return f"{target:g}"
+    return fpr_key(target)  # how report.json keys tpr_at_fpr
 
 
 def roc_points(scores: Any, is_member: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,20 +130,6 @@ def roc_auc(scores: Any, is_member: Any) -> float:
     """Area under the ROC (ties count one half): P(member score > non-member score)."""
     s, m = _check_inputs(scores, is_member)
     return float(_curve_metrics(s[None], m[None], ())["auc"][0])
-
-
-def best_threshold_accuracy(scores: Any, is_member: Any) -> tuple[float, float]:
-    """(accuracy, balanced accuracy) at the threshold that maximises balanced accuracy.
-
-    The threshold is chosen on the very scores it is evaluated on, so both numbers are an
-    optimistic upper bound for an attacker who must fix the threshold in advance; this is the
-    usual convention in the MIA literature. Balanced accuracy is maximised (rather than accuracy)
-    so that an unbalanced member/non-member ratio cannot be exploited by admitting everyone or
-    no one. Among equally good thresholds the highest is used.
-    """
-    s, m = _check_inputs(scores, is_member)
-    res = _curve_metrics(s[None], m[None], ())
-    return float(res["accuracy"][0]), float(res["balanced_accuracy"][0])
 
 
 def _point_metrics(s: np.ndarray, m: np.ndarray, targets: Sequence[float]) -> dict[str, Any]:
@@ -192,7 +179,10 @@ def attack_metrics(scores: Any, is_member: Any, groups: Mapping[str, Any] | None
     """Every reported number of one attack, JSON-ready.
 
     Keys: ``auc``, ``accuracy`` and ``balanced_accuracy`` (at the balanced-accuracy-maximising
-    threshold, an optimistic bound: see :func:`best_threshold_accuracy`), ``tpr_at_fpr``
+    threshold, which is chosen on the very scores it is evaluated on: an optimistic upper bound for an
+    attacker who must fix the threshold in advance, the usual convention in the MIA literature;
+    balanced accuracy rather than accuracy, so that an unbalanced member/non-member ratio cannot be
+    exploited by admitting everyone or no one; the highest among equally good thresholds), ``tpr_at_fpr``
     ({"0.001": ..., "0.01": ...}), ``n_members``, ``n_nonmembers``, ``ci95`` (the same metrics as
     [lo, hi], stratified bootstrap seeded by ``seed``; None when ``n_boot`` is 0), ``n_boot``,
     ``seed`` and ``per_group``: {attribute: {value: metrics without CI}}. Leakage can be unfair

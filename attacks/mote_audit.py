@@ -30,20 +30,22 @@ from pathlib import Path
 
 import numpy as np
 
+from attacks.registry import Target
 from attacks.scores import ShadowAttackModel, bivariate_normal_logpdf
 from common.config import Config
 from common.data.dataset import FaceDataset
-from common.mote.enrollment import gallery_file, mote_settings, references
+from common.mote.enrollment import references
 from common.mote.gallery import MoteGallery, enroll
 from common.mote.kde import GenderKDE
 from common.nn.face_model import FaceModel
+from common.runs.layout import gallery_file
+from common.runs.records import BALANCED_FACTOR, TargetKind
 from common.split.manifest import Manifest
 from common.train.loop import embed
 
 log = logging.getLogger(__name__)
 
-FAIR_B = 0.5
-SHADOW_SEED = 0x5EAD
+FAIR_B = BALANCED_FACTOR
 
 
 def gallery_pair(run_path: Path, cfg: Config) -> tuple[float, float] | None:
@@ -108,7 +110,7 @@ def shadow_logits(model: FaceModel, ds: FaceDataset, manifest: Manifest, cfg: Co
     logits = []
     for b in pair:
         gallery = enroll(emb[[row[p] for p in ref_pos.tolist()]], ds.identity[ref_pos], kde, emb, ds.identity[aux], b,
-                         seed, mote_settings(cfg))
+                         seed, cfg.mote)
         logits.append(own_logits(gallery, shadow_emb, ds.identity[shadow.positions]))
     log.info("MOTE audit: shadow enrollment of %d aux identities", usable.size)
     return np.column_stack(logits), shadow.is_member
@@ -131,9 +133,9 @@ def _features(pair: np.ndarray) -> np.ndarray:
 
 
 def mote_attack_scores(run_path: Path, cfg: Config, ds: FaceDataset, manifest: Manifest, model: FaceModel,
-                       seed: int, max_per_class: int) -> tuple[MoteAuditSet, dict[str, dict[str, np.ndarray]]] | None:
-    """Every MOTE attack's per-photo scores, keyed by target name then attack; None without a
-    fair + skewed gallery pair."""
+                       seed: int, max_per_class: int) -> tuple[MoteAuditSet, dict[Target, dict[str, np.ndarray]]] | None:
+    """Every MOTE attack's per-photo scores, keyed by target (each gallery, then the pair) then
+    attack; None without a fair + skewed gallery pair."""
     pair = gallery_pair(run_path, cfg)
     if pair is None:
         return None
@@ -143,13 +145,14 @@ def mote_attack_scores(run_path: Path, cfg: Config, ds: FaceDataset, manifest: M
     who = ds.identity[audited.positions]
     target = np.column_stack([own_logits(MoteGallery.load(run_path / gallery_file(b)), emb, who) for b in pair])
     shadow, shadow_in = shadow_logits(model, ds, manifest, cfg, pair, seed, max_per_class)
-    out: dict[str, dict[str, np.ndarray]] = {}
+    out: dict[Target, dict[str, np.ndarray]] = {}
     for col, b in enumerate(pair):
-        out[f"MOTE gallery b={b:.2f}"] = {
+        gallery = Target(f"MOTE gallery b={b:.2f}", TargetKind.MOTE_GALLERY, balancing_factor=b, fair=b == FAIR_B)
+        out[gallery] = {
             "mote-score": target[:, col],
             "mote-lira": _gaussian_ratio(shadow[:, [col]], shadow_in, target[:, [col]])}
     attack = ShadowAttackModel(seed=seed).fit(_features(shadow), shadow_in)
-    out[f"MOTE pair b={pair[0]:.2f} + b={pair[1]:.2f}"] = {
+    out[Target(f"MOTE pair b={pair[0]:.2f} + b={pair[1]:.2f}", TargetKind.MOTE_PAIR)] = {
         "fd-mia-score": attack.score(_features(target)),
         "fd-mia-lira": _gaussian_ratio(shadow, shadow_in, target)}
     return audited, out

@@ -1,15 +1,15 @@
-"""MOTE model templates: enrolment speed (batched vs one at a time), storage and decision time.
+"""MOTE model templates: enrollment speed (batched vs one at a time), storage and decision time.
 
 Data: synthetic Gaussian embeddings, not face images: identity centres on the unit sphere, shifted
 along one direction by gender, plus per-image noise, every embedding L2-normalised like the
 project's backbone output. A population of ``--population`` identities x 5 embeddings fits the
 gender KDEs (the full default bandwidth grid, 54 values, 5 folds) and is the impostor pool; the
-``--identities`` enrolled identities are disjoint from it and enrol from one reference each.
+``--identities`` enrolled identities are disjoint from it and enroll from one reference each.
 
-* Enrolment with the default ``MoteSettings`` (100 synthetic genuine, 400 + 100 impostors, batch
+* Enrollment with the default ``MoteConfig`` (100 synthetic genuine, 400 + 100 impostors, batch
   128, up to 100 epochs, early stopping): all identities in one batch, then one at a time; the
   two must give the same models (largest weight difference printed). A 2-identity, 1-epoch
-  enrolment runs first, untimed, so that first-call costs are not counted.
+  enrollment runs first, untimed, so that first-call costs are not counted.
 * Storage: parameter bytes per identity (KB = 1000 bytes) in float32 and float16, the same at
   d = 512 (the paper's embedding size, 297 KB), and the safetensors file size per identity.
 * Decision time: ``--probes`` probes against a gallery of ``--gallery`` models (the enrolled
@@ -17,7 +17,7 @@ gender KDEs (the full default bandwidth grid, 54 values, 5 folds) and is the imp
   (probe, identity) pair; and one probe against one claimed identity (median of 200 calls).
 
 Usage:  .venv/bin/python bench/mote.py [--identities 64] [--dim 128] [--probes 1000] [--gallery 200] [--threads 1]
-Targets: >= 20 identities/s batched enrolment, <= 10 microseconds per (probe, identity) pair.
+Targets: >= 20 identities/s batched enrollment, <= 10 microseconds per (probe, identity) pair.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from common.config import MoteConfig
 from common.evaluation.verification_fairness import verification_report
 from common.mote.gallery import MoteGallery, enroll
 from common.mote.kde import GenderKDE
-from common.mote.networks import MoteSettings, parameter_count
+from common.mote.networks import parameter_count
 from common.report.tables import format_table
 
 TARGET_IDS_PER_S = 20.0
@@ -73,7 +74,7 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def timed_enroll(args: tuple, seed: int, settings: MoteSettings) -> tuple[MoteGallery, float]:
+def timed_enroll(args: tuple, seed: int, settings: MoteConfig) -> tuple[MoteGallery, float]:
     start = time.perf_counter()
     gallery = enroll(*args, seed=seed, settings=settings)
     return gallery, time.perf_counter() - start
@@ -81,7 +82,7 @@ def timed_enroll(args: tuple, seed: int, settings: MoteSettings) -> tuple[MoteGa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--identities", type=int, default=64, help="identities to enrol (default 64)")
+    parser.add_argument("--identities", type=int, default=64, help="identities to enroll (default 64)")
     parser.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
     parser.add_argument("--population", type=int, default=300, help="KDE / impostor-pool identities (default 300)")
     parser.add_argument("--probes", type=int, default=1000, help="probes scored against the gallery (default 1000)")
@@ -112,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.identities} enrolled identities, 1 reference each, b = {args.balancing}\n")
 
     enroll_args = (enr_x[ref], enr_id[ref], kde, pop_x, pop_id, args.balancing)
-    enroll(enr_x[ref][:2], enr_id[ref][:2], *enroll_args[2:], seed=args.seed, settings=MoteSettings(epochs=1))
-    batched, batched_s = timed_enroll(enroll_args, args.seed, MoteSettings(enroll_batch=args.identities))
-    single, single_s = timed_enroll(enroll_args, args.seed, MoteSettings(enroll_batch=1))
+    enroll(enr_x[ref][:2], enr_id[ref][:2], *enroll_args[2:], seed=args.seed, settings=MoteConfig(epochs=1))
+    batched, batched_s = timed_enroll(enroll_args, args.seed, MoteConfig(enroll_batch=args.identities))
+    single, single_s = timed_enroll(enroll_args, args.seed, MoteConfig(enroll_batch=1))
     diff = max(float((batched.params[n] - single.params[n]).abs().max()) for n in batched.params)
     epochs = np.asarray(batched.info["epochs"])
 
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     n = args.identities
     rows = [
-        (f"enrolment, batched ({n} at once)", f"{n / batched_s:.1f} identities/s ({batched_s:.2f} s)",
+        (f"enrollment, batched ({n} at once)", f"{n / batched_s:.1f} identities/s ({batched_s:.2f} s)",
          f">= {TARGET_IDS_PER_S:.0f} identities/s"),
-        ("enrolment, one at a time", f"{n / single_s:.1f} identities/s ({single_s:.2f} s)",
+        ("enrollment, one at a time", f"{n / single_s:.1f} identities/s ({single_s:.2f} s)",
          "paper: 4-6.6 s per identity (GPU)"),
         ("batched speed-up", f"{single_s / batched_s:.2f}x", ""),
         ("epochs per identity (early stopping)", f"mean {epochs.mean():.1f}, min {epochs.min()}, max {epochs.max()}",
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(("measure", "value", "target / paper"), rows))
     ok_enrol = n / batched_s >= TARGET_IDS_PER_S
     ok_pair = per_pair_us <= TARGET_US_PER_PAIR
-    print(f"\nbatched enrolment {'meets' if ok_enrol else 'MISSES'} the target of >= {TARGET_IDS_PER_S:.0f} "
+    print(f"\nbatched enrollment {'meets' if ok_enrol else 'MISSES'} the target of >= {TARGET_IDS_PER_S:.0f} "
           f"identities/s; decision time {'meets' if ok_pair else 'MISSES'} the target of <= "
           f"{TARGET_US_PER_PAIR:.0f} us per pair")
     return 0

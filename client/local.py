@@ -26,6 +26,7 @@ from common.data.cache import build_dataset
 from common.data.dataset import FaceDataset
 from common.nn.build import build_identity_head, build_model, model_spec
 from common.nn.checkpoint import load_checkpoint, save_checkpoint
+from common.runs.layout import CLIENT_STATE_FILE, client_state_dir, client_state_file
 from common.split.build import build_manifest
 from common.train.dp import (
     History,
@@ -89,7 +90,6 @@ class SavedRound:
     released: list[str]
 
 
-_ROUND_FILE = re.compile(r"round-(\d+)\.safetensors")
 _RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -111,15 +111,15 @@ class StateStore:
         be a plain name, so that no server can make a client write outside ``root``."""
         if not _RUN_KEY.fullmatch(run_key) or ".." in run_key:
             raise ValueError(f"run key {run_key!r} from the server: expected a plain directory name")
-        return cls(Path(root) / run_key / f"client-{partition}", run_key, partition)
+        return cls(Path(root) / run_key / client_state_dir(partition), run_key, partition)
 
     def path(self, server_round: int) -> Path:
-        return self.directory / f"round-{server_round:03d}.safetensors"
+        return self.directory / client_state_file(server_round)
 
     def rounds(self) -> list[int]:
         if not self.directory.is_dir():
             return []
-        return sorted(int(m.group(1)) for f in self.directory.iterdir() if (m := _ROUND_FILE.fullmatch(f.name)))
+        return sorted(int(m.group(1)) for f in self.directory.iterdir() if (m := CLIENT_STATE_FILE.fullmatch(f.name)))
 
     def load(self, server_round: int) -> SavedRound:
         path = self.path(server_round)
@@ -197,14 +197,15 @@ def local_data(cfg: Config, partition: int) -> FaceDataset:
     return ds.subset(manifest.client_indices(ds, partition))
 
 
-def fairness_args(cfg: Config, data: FaceDataset) -> dict[str, object]:
-    """The trainer's arguments for the configured fairness intervention (none, reweight, fair_mixup)."""
+def fairness_terms(cfg: Config, data: FaceDataset) -> tuple[np.ndarray | None, tuple[float, np.ndarray] | None]:
+    """The trainer's ``sample_weight`` and ``mixup`` for the configured fairness intervention
+    (none, reweight, fair_mixup)."""
     sensitive = sensitive_attribute(data, cfg.fairness.sensitive)
     if cfg.fairness.method == "reweight":
-        return {"sample_weight": reweight(sensitive, target_labels(data, cfg.train.attribute))}
+        return reweight(sensitive, target_labels(data, cfg.train.attribute)), None
     if cfg.fairness.method == "fair_mixup":
-        return {"mixup": (cfg.fairness.lam, sensitive)}
-    return {}
+        return None, (cfg.fairness.lam, sensitive)
+    return None, None
 
 
 def local_train(cfg: Config, partition: int, server_round: int, global_state: dict[str, torch.Tensor],
@@ -234,10 +235,11 @@ def local_train(cfg: Config, partition: int, server_round: int, global_state: di
         state.noise_multiplier = noise_for(cfg.dp, q, planned)
         log.info("client %d: DP noise multiplier %.4f for %d planned steps at q=%.4f", partition,
                  state.noise_multiplier, planned, q)
+    sample_weight, mixup = fairness_terms(cfg, data)
     start = time.perf_counter()
     outcome = train(model, data, cfg.train, cfg.dp, seed=derived_seed(cfg.seed, server_round, partition),
                     epochs=cfg.federation.local_epochs, head=head, noise_multiplier=state.noise_multiplier,
-                    dp_history=state.dp_history, **fairness_args(cfg, data),
+                    dp_history=state.dp_history, sample_weight=sample_weight, mixup=mixup,
                     schedule=((server_round - 1) * steps_per_round, planned),
                     desc=f"client {partition} round {server_round}")
     new_state = ClientState(head=head.state_dict() if head is not None else None,

@@ -35,15 +35,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attacks.registry import for_target
 from common.report.html import fmt, with_ci
+from common.runs import layout
 from common.runs.io import atomic_write_bytes, atomic_write_text, read_json
-from common.runs.results import FAIR_GALLERY, RunResults
+from common.runs.records import BALANCED_GALLERY, TEMPLATES, AttackEntry, TargetKind, tpr_label
+from common.runs.results import RunResults
 
-BLACK_BOX = ("loss", "shadow", "lira-online", "lira-offline", "rmia", "centroid")
-MINT = ("mint-vanilla", "mint-cnn")
-GLOBAL, WHITE_BOX = "global model (final)", "global model (final), white-box"
-FAIR_MODEL, PAIR = "fair global model (final)", "biased + fair pair"
-MOTE_FAIR_TARGET = "MOTE gallery b=0.50"
 EPSILON_KEY = "dp.target_epsilon"
 
 
@@ -84,7 +82,7 @@ def load_sweeps(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
     runs: list[Run] = []
     described: list[str] = []
     for d in dirs:
-        index = read_json(d / "sweep.json")
+        index = read_json(d / layout.SWEEP_INDEX)
         entries = index.get("runs", {})
         finished = [(k, e) for k, e in entries.items() if e["state"] == "finished" and e.get("run_dir")]
         failed = [(k, e) for k, e in entries.items() if e["state"] != "finished"]
@@ -107,37 +105,45 @@ def copy_assets(sweep: Path, assets: Path, out: Path) -> list[str]:
     """Copy the sweep's sweep.csv and plots into ``assets/<sweep name>/`` (the run directories stay
     where they are) and return markdown that shows them, with paths relative to ``out``."""
     target = assets / sweep.name
-    if not (sweep / "sweep.csv").is_file():
-        return [f"No sweep.csv in `{sweep}` yet (written when a `facefl sweep` invocation ends).", ""]
-    files = [sweep / "sweep.csv", *sorted((sweep / "plots").glob("*.png"))]
+    if not (sweep / layout.SWEEP_CSV).is_file():
+        return [f"No {layout.SWEEP_CSV} in `{sweep}` yet (written when a `facefl sweep` invocation ends).", ""]
+    files = [sweep / layout.SWEEP_CSV, *sorted((sweep / layout.SWEEP_PLOTS).glob("*.png"))]
     for f in files:
         atomic_write_bytes(target / f.name, f.read_bytes())
     rel = Path(os.path.relpath(target, out.parent))
-    lines = [f"Per-run table: [`{rel / 'sweep.csv'}`]({rel / 'sweep.csv'}); plots (mean over seeds, band min to max):", ""]
+    table = rel / layout.SWEEP_CSV
+    lines = [f"Per-run table: [`{table}`]({table}); plots (mean over seeds, band min to max):", ""]
     return lines + [f"![{f.stem}]({rel / f.name})" for f in files[1:]] + [""]
 
 
-def _attack(r: Run, target: str | None, names: Sequence[str], prefix: bool = False) -> dict[str, Any] | None:
-    """The strongest (highest AUC) of the named attacks on the target (or target prefix)."""
-    found = [a for a in r.results.attacks(include_updates=False) if a["name"] in names
-             and (target is None or (a["target"].startswith(target) if prefix else a["target"] == target))]
-    return max(found, key=lambda a: a["auc"], default=None)
+def _attack(r: Run, kind: TargetKind, fair: bool | None = None) -> AttackEntry | None:
+    """The strongest (highest AUC) of the registry's attacks on a target of ``kind`` (with ``fair``:
+    only the fair gallery of a MOTE pair, or only the skewed one)."""
+    names = for_target(kind)
+    found = [a for a in r.results.attacks(include_updates=False) if a.kind == kind and a.name in names
+             and (fair is None or a.fair == fair)]
+    return max(found, key=lambda a: a.auc, default=None)
 
 
-def _auc_ci(a: dict[str, Any]) -> str:
-    return with_ci(a["auc"], (a.get("ci95") or {}).get("auc"))
+def _headline_fpr(a: AttackEntry) -> str:
+    """The lowest target FPR of the audit (the key of its headline TPR)."""
+    return min(a.tpr_at_fpr, key=float)
 
 
-def _auc(a: dict[str, Any]) -> str:
-    return f"{a['name']} {_auc_ci(a)}"
+def _auc_ci(a: AttackEntry) -> str:
+    return with_ci(a.auc, a.ci("auc"))
 
 
-def _tpr(a: dict[str, Any]) -> str:
-    return with_ci(a["tpr_at_fpr"]["0.001"], ((a.get("ci95") or {}).get("tpr_at_fpr") or {}).get("0.001"))
+def _auc(a: AttackEntry) -> str:
+    return f"{a.name} {_auc_ci(a)}"
 
 
-def _clear(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    ca, cb = (a.get("ci95") or {}).get("auc"), (b.get("ci95") or {}).get("auc")
+def _tpr(a: AttackEntry) -> str:
+    return with_ci(a.tpr_at_fpr[_headline_fpr(a)], a.tpr_ci(_headline_fpr(a)))
+
+
+def _clear(a: AttackEntry, b: AttackEntry) -> bool:
+    ca, cb = a.ci("auc"), b.ci("auc")
     return bool(ca and cb and ca[0] > cb[1])
 
 
@@ -164,15 +170,16 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return out + [""]
 
 
-def _compare(title: str, pairs: list[tuple[Run, str, dict[str, Any], dict[str, Any]]], a_name: str, b_name: str,
+def _compare(title: str, pairs: list[tuple[Run, str, AttackEntry, AttackEntry]], a_name: str, b_name: str,
              missing: str) -> Finding:
     """A beats B, per run: pairs of (run, what, A's strongest attack, B's strongest attack)."""
-    wins = sum(a["auc"] > b["auc"] for _, _, a, b in pairs)
+    wins = sum(a.auc > b.auc for _, _, a, b in pairs)
     clear = sum(_clear(a, b) for _, _, a, b in pairs)
-    rows = [(r.label, what, _auc(a), _tpr(a), _auc(b), _tpr(b), "yes" if a["auc"] > b["auc"] else "no",
+    rows = [(r.label, what, _auc(a), _tpr(a), _auc(b), _tpr(b), "yes" if a.auc > b.auc else "no",
              "yes" if _clear(a, b) else "no") for r, what, a, b in pairs]
-    body = _table(("run", "models", f"{a_name}: AUC [95% CI]", "TPR@0.1%FPR", f"{b_name}: AUC [95% CI]",
-                   "TPR@0.1%FPR", "A higher", "intervals apart"), rows) if pairs else [f"Not measured: {missing}", ""]
+    tpr = tpr_label(_headline_fpr(pairs[0][2])) if pairs else ""
+    body = _table(("run", "models", f"{a_name}: AUC [95% CI]", tpr, f"{b_name}: AUC [95% CI]",
+                   tpr, "A higher", "intervals apart"), rows) if pairs else [f"Not measured: {missing}", ""]
     return Finding(title, _verdict(wins, clear, len(pairs)),
                    f"{a_name} higher in {wins} of {len(pairs)} runs, intervals apart in {clear}", body)
 
@@ -180,12 +187,10 @@ def _compare(title: str, pairs: list[tuple[Run, str, dict[str, Any], dict[str, A
 def fd_mia(runs: list[Run]) -> Finding:
     pairs = []
     for r in runs:
-        fd, single = _attack(r, PAIR, ("fd-mia-score", "fd-mia-lira-online", "fd-mia-lira-offline")), \
-            _attack(r, FAIR_MODEL, BLACK_BOX)
+        fd, single = _attack(r, TargetKind.PAIR), _attack(r, TargetKind.FAIR)
         if fd and single:
             pairs.append((r, "attribute model + its fair twin", fd, single))
-        fd, single = _attack(r, "MOTE pair", ("fd-mia-score", "fd-mia-lira"), prefix=True), \
-            _attack(r, MOTE_FAIR_TARGET, ("mote-score", "mote-lira"))
+        fd, single = _attack(r, TargetKind.MOTE_PAIR), _attack(r, TargetKind.MOTE_GALLERY, fair=True)
         if fd and single:
             pairs.append((r, "MOTE galleries b=0.5 + skewed", fd, single))
     return _compare("FD-MIA beats single-model attacks on fair models", pairs, "FD-MIA (pair)",
@@ -196,7 +201,7 @@ def fd_mia(runs: list[Run]) -> Finding:
 
 def mint(runs: list[Run]) -> Finding:
     pairs = [(r, "final global model", m, b) for r in runs
-             if (m := _attack(r, WHITE_BOX, MINT)) and (b := _attack(r, GLOBAL, BLACK_BOX))]
+             if (m := _attack(r, TargetKind.WHITE_BOX)) and (b := _attack(r, TargetKind.GLOBAL))]
     return _compare("MINT (white-box) beats black-box MIA", pairs, "MINT", "best black-box attack",
                     "no audited run had both MINT and a black-box attack.")
 
@@ -226,10 +231,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True)) / (sx * sy)
 
 
-def _not_dp_trained(target: str) -> bool:
+def _not_dp_trained(kind: TargetKind) -> bool:
     """MOTE galleries are trained after the federation without DP-SGD (mote.dp_* off by default):
     the backbone's epsilon does not bound them, so they are controls, not evidence."""
-    return target.startswith("MOTE")
+    return kind.mote
 
 
 def dp_trend(runs: list[Run]) -> Finding:
@@ -248,25 +253,25 @@ def dp_trend(runs: list[Run]) -> Finding:
     for (sweep, others), members in series.items():
         if len({r.results.epsilon() for r in members}) < 2:
             continue
-        labels = dict.fromkeys((a["name"], a["target"]) for r in members for a in r.results.attacks(False))
-        for name, target in labels:
+        labels = {(a.name, a.target): a.kind for r in members for a in r.results.attacks(False)}
+        for (name, target), kind in labels.items():
             pts = sorted(((r.results.epsilon(), a) for r in members for a in r.results.attacks(False)
-                          if (a["name"], a["target"]) == (name, target)), key=lambda p: p[0])
+                          if (a.name, a.target) == (name, target)), key=lambda p: p[0])
             if len({e for e, _ in pts}) < 2:
                 continue
             (e_lo, lo), (e_hi, hi) = pts[0], pts[-1]
-            rho = spearman([e for e, _ in pts], [a["auc"] for _, a in pts])
+            rho = spearman([e for e, _ in pts], [a.auc for _, a in pts])
             row = (f"{sweep.name}: {others}", f"{name} @ {target}", fmt(e_lo), _auc_ci(lo), fmt(e_hi), _auc_ci(hi),
                    fmt(rho, 2), len(pts))
-            if _not_dp_trained(target):
+            if _not_dp_trained(kind):
                 controls.append(row)
                 continue
             n += 1
-            wins += hi["auc"] > lo["auc"]
+            wins += hi.auc > lo.auc
             clear += _clear(hi, lo)
-            if ((hi.get("ci95") or {}).get("auc") or [0.0])[0] > 0.5:
+            if (hi.ci("auc") or [0.0])[0] > 0.5:
                 signal += 1
-                signal_wins += hi["auc"] > lo["auc"]
+                signal_wins += hi.auc > lo.auc
                 signal_clear += _clear(hi, lo)
                 row = (row[0], f"**{row[1]}**", *row[2:])
             rows.append(row)
@@ -305,8 +310,10 @@ def _ba_ci(leak: dict[str, Any]) -> tuple[float, list[float]] | None:
 def gender_inference(runs: list[Run]) -> Finding:
     rows, ok, n = [], 0, 0
     for r in runs:
-        leak = (r.results.evaluation or {}).get("gender_inference", {})
-        t, m = _ba_ci(leak.get("templates", {})), _ba_ci(leak.get(FAIR_GALLERY, {}))
+        ev = r.results.evaluation
+        if ev is None:
+            continue
+        t, m = _ba_ci(ev.leakage(TEMPLATES)), _ba_ci(ev.leakage(BALANCED_GALLERY))
         if t is None or m is None:
             continue
         n += 1
@@ -315,10 +322,10 @@ def gender_inference(runs: list[Run]) -> Finding:
         rows.append((r.label, with_ci(*t), "yes" if templates_leak else "no", with_ci(*m),
                      "yes" if mote_near else "no"))
     verdict = _all_or_some(ok, n)
-    body = (_table(("run", "templates: BA [95% CI]", "templates leak (CI above 0.5)", f"{FAIR_GALLERY}: BA [95% CI]",
+    body = (_table(("run", "templates: BA [95% CI]", "templates leak (CI above 0.5)", f"{BALANCED_GALLERY}: BA [95% CI]",
                     "MOTE near 50% (CI contains 0.5)"), rows)
             + ["Intervals: normal approximation from the per-gender accuracies and counts.", ""]
-            if rows else ["Not measured: no run had mote/evaluation.json with the gender-inference attack.", ""])
+            if rows else [f"Not measured: no run had {layout.MOTE_EVALUATION} with the gender-inference attack.", ""])
     return Finding("MOTE's gender inference is near 50% while templates leak", verdict,
                    f"both hold in {ok} of {n} runs", body)
 
@@ -326,8 +333,10 @@ def gender_inference(runs: list[Run]) -> Finding:
 def mote_fairness(runs: list[Run]) -> Finding:
     rows, ok, n, vacuous = [], 0, 0, 0
     for r in runs:
-        methods = (r.results.evaluation or {}).get("methods", {})
-        t, m = methods.get("templates"), methods.get(FAIR_GALLERY)
+        ev = r.results.evaluation
+        if ev is None:
+            continue
+        t, m = ev.method(TEMPLATES), ev.method(BALANCED_GALLERY)
         if not t or not m:
             continue
         # A threshold that rejects every genuine pair (FNMR 1) has equal error rates for everybody: no evidence.
@@ -338,12 +347,12 @@ def mote_fairness(runs: list[Run]) -> Finding:
         ok += at_least and not degenerate
         rows.append((r.label, fmt(t["fdr"]), fmt(m["fdr"]), fmt(t["igarbe"]), fmt(m["igarbe"]), fmt(t["fnmr"]),
                      fmt(m["fnmr"]), "vacuous (FNMR 1)" if degenerate else "yes" if at_least else "no"))
-    body = (_table(("run", "FDR templates", f"FDR {FAIR_GALLERY}", "iGARBE templates", f"iGARBE {FAIR_GALLERY}",
-                    "FNMR templates", f"FNMR {FAIR_GALLERY}", "MOTE >= templates (both)"), rows)
+    body = (_table(("run", "FDR templates", f"FDR {BALANCED_GALLERY}", "iGARBE templates", f"iGARBE {BALANCED_GALLERY}",
+                    "FNMR templates", f"FNMR {BALANCED_GALLERY}", "MOTE >= templates (both)"), rows)
             + [("FDR and iGARBE (gender, one global threshold at FMR 1e-3): higher is fairer. No intervals: the "
                 "evaluation reports point values; compare seeds for the spread. Runs whose threshold rejects every "
                 "genuine pair of both galleries (FNMR 1) are equally 'fair' by construction and are not counted."), ""]
-            if rows else ["Not measured: no run had mote/evaluation.json.", ""])
+            if rows else [f"Not measured: no run had {layout.MOTE_EVALUATION}.", ""])
     return Finding("MOTE's fairness is at least the templates'", _all_or_some(ok, n),
                    f"MOTE b=0.5 at least as fair (FDR and iGARBE) in {ok} of {n} runs "
                    f"({vacuous} vacuous runs left out)", body)
@@ -352,7 +361,7 @@ def mote_fairness(runs: list[Run]) -> Finding:
 def render(findings: list[Finding], sweeps: list[str], command: str) -> str:
     lines = ["# Results: do the papers' findings hold on SynthFaces?", "",
              (f"Generated by `{command}` from the sweeps below; every number comes from a run directory's "
-              "audit/report.json or mote/evaluation.json. Intervals are the audit's stratified bootstrap 95% "
+              f"{layout.AUDIT_REPORT} or {layout.MOTE_EVALUATION}. Intervals are the audit's stratified bootstrap 95% "
               "intervals unless stated otherwise."), "",
              "| finding | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {f.title} | **{f.verdict}** | {f.headline} |" for f in findings]

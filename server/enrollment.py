@@ -20,7 +20,6 @@ from flwr.serverapp import Grid
 
 from common import wire
 from common.config import Config
-from common.mote.enrollment import gallery_file
 from common.mote.gallery import MoteGallery
 from common.runs.io import atomic_write_json
 from common.runs.rundir import RunDir
@@ -76,10 +75,10 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
     files = {}
     for b, parts in zip(factors, galleries, strict=True):
         merged = MoteGallery.concat(parts, cfg.seed, {"balancing_factor": b})
-        path = run.path / gallery_file(b)
+        path = run.gallery(b)
         merged.save(path, fp16=cfg.mote.fp16)
         files[f"{b:.2f}"] = path.name
     summary = {"identities": sum(len(c["identities"]) for c in clients), "clients": len(clients),
                "failures": failures, "seconds": time.perf_counter() - start, "galleries": files}
-    atomic_write_json(run.path / "mote" / "enrollment.json", {**summary, "per_client": clients})
+    atomic_write_json(run.mote_enrollment_path, {**summary, "per_client": clients})
     return summary

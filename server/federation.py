@@ -28,12 +28,13 @@ from common import wire
 from common.config import Config
 from common.data.cache import build_dataset
 from common.evaluation.global_model import GlobalEvaluator
-from common.he.checkpoints import ENCRYPTED_SUFFIX, save_encrypted
+from common.he.checkpoints import save_encrypted
 from common.he.keys import load_public_context
 from common.he.selection import EncryptionLayout
 from common.nn.build import build_model, model_spec
 from common.nn.checkpoint import load_checkpoint, save_checkpoint
 from common.nn.face_model import FaceModel
+from common.runs.layout import FINAL, round_name
 from common.runs.rundir import ResumePoint, RunDir
 from common.split.build import build_manifest
 from common.split.manifest import Manifest
@@ -41,7 +42,7 @@ from common.train.pretraining import Pretrained, pretrain
 from server.enrollment import enroll_phase
 from server.he_strategy import HEFedAvg, he_strategy
 from server.ledger import PrivacyLedger
-from server.strategy import FaceFedAvg, error_summary, sender
+from server.strategy import FaceFedAvg, StrategySettings, error_summary, sender
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +149,11 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
     partitions = describe_clients(grid, cfg, manifest)
     spec = model_spec(cfg)
     model = build_model(spec, cfg.seed)
-    common = {"seed": cfg.seed, "partitions": partitions, "fraction_train": cfg.federation.fraction_train,
-              "min_train_nodes": cfg.federation.min_train_clients,
-              "min_available_nodes": cfg.federation.min_available_clients,
-              "examples": {p: len(manifest.clients[p]) for p in partitions}}
+    settings = StrategySettings(cfg.seed, partitions, cfg.federation, {p: len(manifest.clients[p]) for p in partitions})
     meta = {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute}
     if started:
         assert point is not None and point.rounds_completed is not None
-        state = _restore(cfg, run, model, evaluator, point.rounds_completed, common)
+        state = _restore(cfg, run, model, evaluator, point.rounds_completed, settings)
         run.log_metrics("resume", after_round=state.rounds_completed, previous_status=point.previous_status,
                         partitions={str(p): n for p, n in partitions.items()},
                         interrupted=[{k: r[k] for k in ("interrupted_event", "round") if k in r}
@@ -164,7 +162,7 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
         if point is not None:
             run.log_metrics("resume", after_round=None, previous_status=point.previous_status,
                             interrupted=[{"interrupted_event": r["interrupted_event"]} for r in point.interrupted])
-        state = _start(cfg, run, model, evaluator, partitions, progress, common, meta)
+        state = _start(cfg, run, model, evaluator, settings, progress, meta)
     run.commit(state.rounds_completed)
     key = run.path.name
     strategy, ledger = state.strategy, state.ledger
@@ -190,9 +188,9 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
             _save_client_models(run, strategy.accepted, {**meta, "round": server_round})
         federated_seconds = time.perf_counter() - start  # send, local training, (de/en)cryption, aggregation
         # The round's checkpoint carries the ledger as of this round: a resumed run restores both from one file.
-        state.metrics = _checkpoint(run, strategy, global_record, model, evaluator, f"round-{server_round:03d}",
+        state.metrics = _checkpoint(run, strategy, global_record, model, evaluator, round_name(server_round),
                                     {**meta, "round": server_round, "privacy": ledger.to_json()})
-        ledger.save(run.path / "privacy.json")
+        ledger.save(run.privacy_path)
         clients = [{"partition": r.partition, **{k: v for k, v in r.metrics.items() if k != wire.PARTITION}}
                    for r in strategy.accepted]
         run.log_metrics("round", round=server_round, seconds=time.perf_counter() - start,
@@ -204,7 +202,7 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
         bar.set_postfix(eps=f"{ledger.max_epsilon():.2f}",
                         **({"auc": f"{state.metrics['verification_auc']:.3f}"} if state.metrics else {}))
         run.commit(server_round)  # the commit point: status.json is written last
-    _checkpoint(run, strategy, state.global_record, model, None, "final", {**meta, "round": cfg.federation.rounds})
+    _checkpoint(run, strategy, state.global_record, model, None, FINAL, {**meta, "round": cfg.federation.rounds})
     summary = {"rounds_completed": cfg.federation.rounds, "max_epsilon": ledger.max_epsilon(),
                "encrypted": cfg.he.enabled, **state.metrics}
     if cfg.mote.enabled and cfg.train.task in ("identity", "both"):
@@ -214,32 +212,33 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
     return summary
 
 
-def _start(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator, partitions: dict[int, int],
-           progress: bool, common: dict[str, Any], meta: dict[str, Any]) -> _ServerState:
+def _start(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator, settings: StrategySettings,
+           progress: bool, meta: dict[str, Any]) -> _ServerState:
     """The start phase: evaluate the seeded model, pretrain it on public data, save it as the
     initial global model, and build the strategy (for HE: the key, the selective-encryption mask)."""
-    run.log_metrics("start", partitions={str(p): n for p, n in partitions.items()}, initial=evaluator.evaluate(model))
+    run.log_metrics("start", partitions={str(p): n for p, n in settings.partitions.items()},
+                    initial=evaluator.evaluate(model))
     pretrained = pretrain(model, cfg, progress=progress)
     if pretrained is not None:
         run.log_metrics("pretrain", steps=pretrained.outcome.steps, seconds=pretrained.outcome.seconds,
                         **evaluator.evaluate(model))
     # The initial global model is public (seeded initialisation + public pretraining): the audit's
     # reference models start from it, as the target did.
-    save_checkpoint(run.models / "initial.safetensors", model.state_dict(), {**meta, "round": 0})
-    return _before_round_one(cfg, run, model, pretrained, common, {})
+    save_checkpoint(run.initial_model, model.state_dict(), {**meta, "round": 0})
+    return _before_round_one(cfg, run, model, pretrained, settings, {})
 
 
 def _before_round_one(cfg: Config, run: RunDir, model: FaceModel, pretrained: Pretrained | None,
-                      common: dict[str, Any], last_round: dict[int, int]) -> _ServerState:
+                      settings: StrategySettings, last_round: dict[int, int]) -> _ServerState:
     """The state before round 1 with ``model`` as the initial global model: a new strategy (for HE:
     the key and the selective-encryption mask) and an empty ledger."""
-    strategy = he_strategy(cfg, model, pretrained, run, **common) if cfg.he.enabled else FaceFedAvg(**common)
+    strategy = he_strategy(cfg, model, pretrained, run, settings) if cfg.he.enabled else FaceFedAvg(settings)
     ledger = PrivacyLedger(cfg.dp.accountant, cfg.dp.delta)
     return _ServerState(strategy, wire.state_to_record(model.state_dict()), ledger, last_round, {}, 0)
 
 
 def _restore(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator, rounds_completed: int,
-             common: dict[str, Any]) -> _ServerState:
+             settings: StrategySettings) -> _ServerState:
     """The server's state after the committed round ``rounds_completed``, from its checkpoint:
     the global model (or, under HE, the encrypted sum with the mask and total weight it was made
     with), the privacy ledger, and who last trained when (from the committed round events)."""
@@ -247,15 +246,15 @@ def _restore(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvalua
     last_round = {c["partition"]: e["round"] for e in run.read_metrics() if e.get("event") == "round"
                   for c in e["clients"]}
     if r == 0:
-        initial, _ = load_checkpoint(run.models / "initial.safetensors")
+        initial, _ = load_checkpoint(run.initial_model)
         pretrained = None
         if cfg.he.enabled and cfg.he.encrypt_fraction < 1:
             # The mask ranks parameters by Fisher information on the public data after pretraining;
             # no round used it yet, so it is derived again (pretraining is seeded) rather than stored.
             pretrained = pretrain(model, cfg)
         model.load_state_dict(initial)
-        return _before_round_one(cfg, run, model, pretrained, common, last_round)
-    path = run.models / f"round-{r:03d}{ENCRYPTED_SUFFIX if cfg.he.enabled else '.safetensors'}"
+        return _before_round_one(cfg, run, model, pretrained, settings, last_round)
+    path = run.round_checkpoint(r, encrypted=cfg.he.enabled)
     saved, meta = load_checkpoint(path)
     if meta.get("round") != r or "privacy" not in meta:
         raise RunFailed(f"{path}: checkpoint of round {meta.get('round')} without a privacy ledger; status.json "
@@ -265,14 +264,14 @@ def _restore(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvalua
         model.load_state_dict(saved)
         metrics = evaluator.evaluate(model) if r == cfg.federation.rounds else {}  # for the summary
         record = wire.state_to_record(model.state_dict())
-        return _ServerState(FaceFedAvg(**common), record, ledger, last_round, metrics, r)
+        return _ServerState(FaceFedAvg(settings), record, ledger, last_round, metrics, r)
     ctx, key_fingerprint = load_public_context(cfg.he.public_context)
     if meta.get("fingerprint") != key_fingerprint:
         raise RunFailed(f"{path}: encrypted under key {str(meta.get('fingerprint'))[:16]}..., but "
                         f"he.public_context {cfg.he.public_context} is key {key_fingerprint[:16]}...")
     layout = EncryptionLayout.for_state({k: v.numpy() for k, v in model.state_dict().items()}, saved["mask"].numpy())
-    strategy = HEFedAvg(ctx=ctx, key_fingerprint=key_fingerprint, layout=layout,
-                        on_key_mismatch=cfg.he.on_key_mismatch, **common)
+    strategy = HEFedAvg(settings, ctx=ctx, key_fingerprint=key_fingerprint, layout=layout,
+                        on_key_mismatch=cfg.he.on_key_mismatch)
     strategy.total_weight = int(meta["total_weight"])
     record = wire.numpy_to_record({k: saved[k].numpy() for k in ("plain", "ciphertext", "lengths")})
     return _ServerState(strategy, record, ledger, last_round, {}, r)
@@ -291,7 +290,7 @@ def _save_client_models(run: RunDir, replies: list, meta: dict[str, Any]) -> Non
     """What a curious plaintext server holds: each client's own post-round model (the latest)."""
     for reply in replies:
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in reply.arrays.items()}
-        save_checkpoint(run.models / "clients" / f"client-{reply.partition}.safetensors", state,
+        save_checkpoint(run.client_model(reply.partition), state,
                         {**meta, "partition": reply.partition, "num_examples": reply.num_examples})
 
 
@@ -299,9 +298,9 @@ def _checkpoint(run: RunDir, strategy: FaceFedAvg, record: ArrayRecord, model: F
                 evaluator: GlobalEvaluator | None, name: str, meta: dict[str, Any]) -> dict[str, float]:
     """Save the aggregate (encrypted when HE is on) and evaluate it when the server can read it."""
     if isinstance(strategy, HEFedAvg):
-        save_encrypted(run.models / f"{name}{ENCRYPTED_SUFFIX}", wire.record_to_numpy(record), strategy.layout.mask,
+        save_encrypted(run.checkpoint(name, encrypted=True), wire.record_to_numpy(record), strategy.layout.mask,
                        {**meta, "fingerprint": strategy.fingerprint, "total_weight": strategy.total_weight})
         return {}  # the server cannot evaluate what it cannot decrypt
     model.load_state_dict(wire.record_to_state(record))
-    save_checkpoint(run.models / f"{name}.safetensors", model.state_dict(), meta)
+    save_checkpoint(run.checkpoint(name), model.state_dict(), meta)
     return evaluator.evaluate(model) if evaluator is not None else {}

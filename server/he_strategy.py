@@ -31,7 +31,7 @@ from common.runs.io import atomic_write_json
 from common.runs.rundir import RunDir
 from common.train.pretraining import Pretrained
 from server.aggregation import weighted_average
-from server.strategy import ClientReply, FaceFedAvg, record
+from server.strategy import ClientReply, FaceFedAvg, StrategySettings, record
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ class EncryptedReply(ClientReply):
 class HEFedAvg(FaceFedAvg):
     """``FaceFedAvg`` whose aggregate is an encrypted weighted sum plus a plaintext mean."""
 
-    def __init__(self, *, ctx: ts.Context, key_fingerprint: str, layout: EncryptionLayout, on_key_mismatch: str,
-                 **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, settings: StrategySettings, *, ctx: ts.Context, key_fingerprint: str, layout: EncryptionLayout,
+                 on_key_mismatch: str) -> None:
+        super().__init__(settings)
         if ctx.has_secret_key():
             raise ValueError("HEFedAvg: the server's context must not hold the secret key")
         self.ctx = ctx
@@ -131,7 +131,8 @@ class HEFedAvg(FaceFedAvg):
         return wire.payload_to_record(plain, ct)
 
 
-def he_strategy(cfg: Config, model: FaceModel, pretrained: Pretrained | None, run: RunDir, **common) -> HEFedAvg:
+def he_strategy(cfg: Config, model: FaceModel, pretrained: Pretrained | None, run: RunDir,
+                settings: StrategySettings) -> HEFedAvg:
     """The HE strategy for this run; records in ``he.json`` what the server can and cannot see."""
     ctx, key_fingerprint = load_public_context(cfg.he.public_context)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -142,8 +143,9 @@ def he_strategy(cfg: Config, model: FaceModel, pretrained: Pretrained | None, ru
         sensitivity = fisher_diagonal(model, pretrained.head, pretrained.public, cfg)
         layout = EncryptionLayout.for_state(state, top_fraction_mask(layout, sensitivity, cfg.he.encrypt_fraction))
         criterion = "fisher-diagonal on public data"
-    strategy = HEFedAvg(ctx=ctx, key_fingerprint=key_fingerprint, layout=layout, on_key_mismatch=cfg.he.on_key_mismatch, **common)
-    atomic_write_json(run.path / "he.json", {
+    strategy = HEFedAvg(settings, ctx=ctx, key_fingerprint=key_fingerprint, layout=layout,
+                        on_key_mismatch=cfg.he.on_key_mismatch)
+    atomic_write_json(run.he_path, {
         "fingerprint": strategy.fingerprint, "encrypt_fraction": cfg.he.encrypt_fraction, "criterion": criterion,
         "values": int(layout.mask.size), "encrypted": layout.n_encrypted, "plaintext": layout.n_plain,
         "server_sees": "the plaintext share of each client's update, sample counts, metrics and privacy "

@@ -27,6 +27,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import (
@@ -158,21 +159,33 @@ class PlainReply(ClientReply):
         check_arrays(self.who, self.arrays, expected)
 
 
+@dataclass(frozen=True)
+class StrategySettings:
+    """What every strategy of a run is built with, from the start phase on (and again on resume).
+
+    ``partitions``: partition id -> node id (the describe phase); ``examples``: partition id ->
+    its member samples in the manifest, which replies must claim; ``federation``: sampling,
+    minimum replies, round timeout and reply size limit."""
+
+    seed: int
+    partitions: dict[int, int]
+    federation: FederationConfig
+    examples: dict[int, int] = field(default_factory=dict)
+
+
 class FaceFedAvg(FedAvg):
     """FedAvg over the shared model, sampling by partition id with a seeded generator."""
 
-    def __init__(self, *, seed: int, partitions: dict[int, int], fraction_train: float, min_train_nodes: int,
-                 min_available_nodes: int, examples: dict[int, int] | None = None) -> None:
-        """``examples``: partition id -> its member samples in the manifest, which replies must claim."""
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
-                         min_evaluate_nodes=0, min_available_nodes=min_available_nodes)
-        self.seed = seed
-        self.partitions = partitions  # partition id -> node id
-        self.examples = examples or {}
+    def __init__(self, settings: StrategySettings) -> None:
+        fed = settings.federation
+        super().__init__(fraction_train=fed.fraction_train, fraction_evaluate=0.0, min_train_nodes=fed.min_train_clients,
+                         min_evaluate_nodes=0, min_available_nodes=fed.min_available_clients)
+        self.seed = settings.seed
+        self.partitions = settings.partitions  # partition id -> node id
+        self.examples = settings.examples
+        self.federation = fed
         self.failures: list[str] = []
         self.accepted: list[ClientReply] = []
-        # The round's settings, read from the configuration configure_train sends to the clients.
-        self.federation = FederationConfig()
         self._global: dict[str, np.ndarray] = {}  # the global arrays of the round, to validate replies
         self._instructions: list[Message] = []  # the round's train messages (the grid sets their ids)
 
@@ -190,7 +203,6 @@ class FaceFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """One train message per sampled client, tagged with the round and expiring with it."""
-        self.federation = wire.config_from_record(config)[0].federation
         if wire.ARRAYS in (content := self.model_content(arrays)):
             self._global = wire.record_to_numpy(arrays)
         message_content = RecordDict({wire.CONFIG: config, **content})

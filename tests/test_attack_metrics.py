@@ -18,7 +18,6 @@ from sklearn.metrics import roc_auc_score
 
 from attacks.metrics import (
     attack_metrics,
-    best_threshold_accuracy,
     log_log_roc_plot,
     roc_auc,
     roc_points,
@@ -104,7 +103,8 @@ def test_auc_and_best_threshold_accuracy_match_brute_force(seed: int) -> None:
     assert roc_auc(scores, member) == pytest.approx(roc_auc_score(member, scores), abs=1e-12)
     n1, n0 = member.sum(), (~member).sum()
     best = max(_brute_force(scores, member), key=lambda r: ((r[2] + 1 - r[1]) / 2, r[0]))  # highest among ties
-    acc, bal = best_threshold_accuracy(scores, member)
+    metrics = attack_metrics(scores, member, None, seed=0, n_boot=0)
+    acc, bal = metrics["accuracy"], metrics["balanced_accuracy"]
     assert bal == pytest.approx((best[2] + 1 - best[1]) / 2)
     assert acc == pytest.approx((best[2] * n1 + (1 - best[1]) * n0) / (n1 + n0))
 
@@ -117,7 +117,8 @@ def test_auc_extremes_and_chance() -> None:
     assert roc_auc(np.ones(1000), member) == 0.5
     rng = np.random.default_rng(0)
     assert abs(roc_auc(rng.normal(size=20_000), rng.random(20_000) < 0.5) - 0.5) < 0.02
-    assert best_threshold_accuracy(separated, member) == (1.0, 1.0)
+    metrics = attack_metrics(separated, member, None, seed=0, n_boot=0)
+    assert (metrics["accuracy"], metrics["balanced_accuracy"]) == (1.0, 1.0)
     assert tpr_at_fpr(separated, member, 0.001) == 1.0
 
 

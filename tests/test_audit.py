@@ -184,7 +184,7 @@ def test_mint_learns_activation_patterns_and_is_tested_on_unseen_identities() ->
 
 
 def test_applicable_attacks_follow_the_models_outputs() -> None:
-    from attacks.audit import ATTRIBUTE_ATTACKS, MOTE_ATTACKS, applicable_attacks
+    from attacks.registry import ATTRIBUTE_ATTACKS, MOTE_ATTACKS, applicable_attacks
     from common.config import load_config
     from common.nn.build import model_spec
 

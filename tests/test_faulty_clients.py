@@ -45,11 +45,11 @@ def _plain_strategy(*overrides: str, server_round: int = 1):
     """A FaceFedAvg after configure_train sent ``GLOBAL`` with the run configuration ``overrides``."""
     from common import wire
     from common.config import load_config
-    from server.strategy import FaceFedAvg
+    from server.strategy import FaceFedAvg, StrategySettings
 
-    strategy = FaceFedAvg(seed=0, partitions=PARTITIONS, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2,
-                          examples=EXAMPLES)
-    config = wire.config_record(load_config(None, list(overrides)), server_round)
+    cfg = load_config(None, list(overrides))
+    strategy = FaceFedAvg(StrategySettings(0, PARTITIONS, cfg.federation, EXAMPLES))
+    config = wire.config_record(cfg, server_round)
     strategy.configure_train(server_round, wire.numpy_to_record(GLOBAL), config, grid=None)
     return strategy
 
@@ -193,15 +193,17 @@ def test_encrypted_reply_larger_than_its_layout_is_refused_before_parsing(server
     from flwr.app import ConfigRecord
 
     from common import wire
+    from common.config import FederationConfig
     from common.he.ckks import Ciphertexts, encrypt_weighted
     from common.he.selection import EncryptionLayout
     from server.he_strategy import HEFedAvg
+    from server.strategy import StrategySettings
 
     secret, public, fingerprint = he_keys
     state = {"w": np.zeros(3000, np.float32)}  # 2 ciphertexts of 2048 slots
     layout = EncryptionLayout.for_state(state)
-    strategy = HEFedAvg(ctx=public, key_fingerprint=fingerprint, layout=layout, on_key_mismatch="exclude", seed=0,
-                        partitions=PARTITIONS, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    strategy = HEFedAvg(StrategySettings(0, PARTITIONS, FederationConfig()), ctx=public, key_fingerprint=fingerprint,
+                        layout=layout, on_key_mismatch="exclude")
     caplog.set_level(logging.WARNING, logger="server.strategy")
 
     def reply(node: int, partition: int, n: int, pad: int = 0):
@@ -322,10 +324,11 @@ def _round(grid, state, nodes, strategy, server_round: int, wait: float, late: s
 
 @pytest.mark.timeout(120)
 def test_late_reply_is_dropped_and_never_reaches_the_next_round(link) -> None:
-    from server.strategy import FaceFedAvg
+    from common.config import FederationConfig
+    from server.strategy import FaceFedAvg, StrategySettings
 
     grid, state, nodes = link
-    strategy = FaceFedAvg(seed=0, partitions=nodes, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    strategy = FaceFedAvg(StrategySettings(0, nodes, FederationConfig(round_timeout=LINK_TIMEOUT)))
     # Round 1: client 1 replies 0.3 s after its message expired. The server waits longer than the
     # timeout here, so the SuperLink's own error for the expired message (sent from the SuperLink's
     # node id) comes back deterministically, and must still name client 1.

@@ -93,8 +93,9 @@ def _send(strategy, arrays: dict[str, np.ndarray]) -> None:
 
 def test_aggregate_train_is_independent_of_arrival_order(server_task) -> None:
     from common import wire
+    from common.config import FederationConfig
     from server.aggregation import weighted_average
-    from server.strategy import FaceFedAvg
+    from server.strategy import FaceFedAvg, StrategySettings
 
     rng = np.random.default_rng(1)
     expected = {"w": np.zeros((50, 20)), "b": np.zeros(7)}
@@ -107,7 +108,7 @@ def test_aggregate_train_is_independent_of_arrival_order(server_task) -> None:
     raw = [weighted_average([updates[p] for p in perm])["w"].tobytes() for perm in perms]
     assert len(set(raw)) > 1, "test data too benign: every summation order gave the same bits"
 
-    strategy = FaceFedAvg(seed=0, partitions=partitions, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    strategy = FaceFedAvg(StrategySettings(0, partitions, FederationConfig()))
     reference = weighted_average([updates[p] for p in sorted(partitions)])
     _send(strategy, expected)
     for perm in perms:
@@ -120,11 +121,12 @@ def test_aggregate_train_is_independent_of_arrival_order(server_task) -> None:
 
 
 def test_aggregate_train_rejects_bad_updates_and_keeps_the_rest(server_task) -> None:
-    from server.strategy import FaceFedAvg
+    from common.config import FederationConfig
+    from server.strategy import FaceFedAvg, StrategySettings
 
     expected = {"w": np.zeros(3)}
     partitions = {0: 10, 1: 11, 2: 12}
-    strategy = FaceFedAvg(seed=0, partitions=partitions, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    strategy = FaceFedAvg(StrategySettings(0, partitions, FederationConfig()))
     _send(strategy, expected)
     replies = [plain_reply(10, 0, 4, {"w": np.ones(3)}), plain_reply(11, 1, 4, {"w": np.array([1.0, np.nan, 1.0])}),
                plain_reply(12, 2, 12, {"w": np.full(3, 5.0)})]

@@ -73,11 +73,13 @@ def _he_reply(ctx, fp, layout, node, partition, n, arrays):
 
 
 def _strategy(contexts, layout, partitions, on_key_mismatch="exclude", min_train=2, examples=None):
+    from common.config import FederationConfig
     from server.he_strategy import HEFedAvg
+    from server.strategy import StrategySettings
 
-    return HEFedAvg(ctx=contexts["public"], key_fingerprint=contexts["fingerprint"], layout=layout,
-                    on_key_mismatch=on_key_mismatch, seed=0, partitions=partitions, fraction_train=1.0,
-                    min_train_nodes=min_train, min_available_nodes=2, examples=examples)
+    settings = StrategySettings(0, partitions, FederationConfig(min_train_clients=min_train), examples or {})
+    return HEFedAvg(settings, ctx=contexts["public"], key_fingerprint=contexts["fingerprint"], layout=layout,
+                    on_key_mismatch=on_key_mismatch)
 
 
 def _decrypt(contexts, strategy, record):

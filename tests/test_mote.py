@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from attacks.gender_inference import GenderInference, attack_accuracy
+from common.config import MoteConfig
 from common.mote.gallery import MoteGallery, enroll
 from common.mote.kde import (
     GenderKDE,
@@ -17,9 +18,9 @@ from common.mote.kde import (
     build_enrollment_set,
     split_counts,
 )
-from common.mote.networks import MoteSettings, StackedAdam, gradients, one_cycle_schedule, parameter_count, unflatten
+from common.mote.networks import StackedAdam, gradients, one_cycle_schedule, parameter_count, unflatten
 
-SMALL = MoteSettings(n_synthetic=40, n_impostors=60, n_synthetic_impostors=20, batch_size=32, epochs=10, patience=2,
+SMALL = MoteConfig(synthetic=40, impostors=60, synthetic_impostors=20, batch_size=32, epochs=10, patience=2,
                      min_delta=0.02)  # identities stop at different epochs: the stack shrinks mid-run
 
 
@@ -155,7 +156,7 @@ def test_stacked_adam_follows_torch_one_cycle_and_keeps_moments_of_kept_rows() -
     torch.testing.assert_close(adam.params.detach(), ref.detach()[keep], rtol=1e-5, atol=1e-6)
 
 
-def _enroll_toy(toy: dict, settings: MoteSettings, seed: int = 0,
+def _enroll_toy(toy: dict, settings: MoteConfig, seed: int = 0,
                 ids: tuple[int, ...] = (0, 1, 2, 5, 7)) -> MoteGallery:
     x, ident, pool = toy["x"], toy["ident"], toy["pool"]
     first = np.isin(ident, ids) & (np.arange(ident.size) % 6 == 0)
@@ -172,7 +173,7 @@ BATCH_TOLERANCE = 1e-5
 @pytest.mark.parametrize("dp", [False, True])
 def test_batched_training_equals_one_at_a_time(toy: dict, dp: bool) -> None:
     extra = {"dp_max_grad_norm": 1.0, "dp_noise_multiplier": 0.8} if dp else {}
-    runs = [_enroll_toy(toy, MoteSettings(**{**vars(SMALL), "enroll_batch": eb, **extra})) for eb in (5, 2, 1)]
+    runs = [_enroll_toy(toy, MoteConfig(**{**vars(SMALL), "enroll_batch": eb, **extra})) for eb in (5, 2, 1)]
     for other in runs[1:]:
         np.testing.assert_array_equal(other.identity_ids, runs[0].identity_ids)
         assert other.info["epochs"] == runs[0].info["epochs"]
@@ -180,16 +181,16 @@ def test_batched_training_equals_one_at_a_time(toy: dict, dp: bool) -> None:
             torch.testing.assert_close(other.params[name], t, rtol=0, atol=BATCH_TOLERANCE)
     assert len(set(runs[0].info["epochs"])) > 1  # identities left the stack at different epochs
     # Same seed, same models; another seed, other models.
-    again = _enroll_toy(toy, MoteSettings(**{**vars(SMALL), **extra}))
+    again = _enroll_toy(toy, MoteConfig(**{**vars(SMALL), **extra}))
     torch.testing.assert_close(again.params["w1"], runs[0].params["w1"], rtol=0, atol=0)
-    other_seed = _enroll_toy(toy, MoteSettings(**{**vars(SMALL), **extra}), seed=1)
+    other_seed = _enroll_toy(toy, MoteConfig(**{**vars(SMALL), **extra}), seed=1)
     assert not torch.allclose(other_seed.params["w1"], runs[0].params["w1"])
 
 
 def test_mote_accepts_its_identity_and_rejects_others(toy: dict) -> None:
     x, ident = toy["x"], toy["ident"]
     enrolled = (0, 1, 2, 5, 7)
-    settings = MoteSettings(n_synthetic=60, n_impostors=100, n_synthetic_impostors=40, epochs=30)
+    settings = MoteConfig(synthetic=60, impostors=100, synthetic_impostors=40, epochs=30)
     gallery = _enroll_toy(toy, settings, ids=enrolled)
     probes = np.isin(ident, enrolled) & (np.arange(ident.size) % 6 >= 2)  # never a reference
     scores = gallery.scores(x[probes])
@@ -203,7 +204,7 @@ def test_mote_accepts_its_identity_and_rejects_others(toy: dict) -> None:
 
 
 def test_gallery_save_load_round_trip(toy: dict, tmp_path) -> None:
-    gallery = _enroll_toy(toy, MoteSettings(**{**vars(SMALL), "epochs": 2}))
+    gallery = _enroll_toy(toy, MoteConfig(**{**vars(SMALL), "epochs": 2}))
     probes = toy["x"][:20]
     gallery.save(tmp_path / "g32.safetensors")
     back = MoteGallery.load(tmp_path / "g32.safetensors")

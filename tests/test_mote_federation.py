@@ -109,7 +109,8 @@ def test_evaluate_reports_mote_and_templates(mote_run, keys, capsys) -> None:
         assert 0 <= leak["balanced_accuracy"] <= 1 and leak["n_male"] + leak["n_female"] == report["enrolled"]
     assert (mote_run.path / "mote" / "roc.png").stat().st_size > 1000
 
-    from attacks.audit import MOTE_ATTACKS, AuditSettings, run_audit
+    from attacks.audit import AuditSettings, run_audit
+    from attacks.registry import MOTE_ATTACKS
 
     audit = run_audit(mote_run.path, AuditSettings(attacks=("centroid", *MOTE_ATTACKS), max_per_class=40, n_boot=0))
     assert audit["update_level"]["available"] is False and "encrypted sum" in audit["update_level"]["reason"]

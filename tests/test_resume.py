@@ -25,11 +25,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import deploy_helpers as dh
 import numpy as np
 import pytest
 import torch
 from sim_runs import LEDGER_FULL, simulated_run
+from support.flower import flwr_env
+from support.processes import TAG_VAR, Proc, cmdline, start, tagged, terminate, wait_for
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                          "ignore::FutureWarning")]
@@ -53,8 +54,8 @@ def _env(tmp: Path, state: Path) -> dict[str, str]:
     throwaway FLWR_HOME, the session's data cache, the clients' state root, a unique tag."""
     from common.runs.rundir import CLIENT_STATE_ENV
 
-    return dh.flwr_env(tmp / "flwr-home", Path(os.environ["FACEFL_CACHE"]),
-                       extra={CLIENT_STATE_ENV: str(state), "OMP_NUM_THREADS": "1"})
+    return flwr_env(tmp / "flwr-home", Path(os.environ["FACEFL_CACHE"]),
+                    extra={CLIENT_STATE_ENV: str(state), "OMP_NUM_THREADS": "1"})
 
 
 def _run_dir(out: Path) -> Path | None:
@@ -70,16 +71,16 @@ def _status(out: Path) -> dict:
         return {}
 
 
-def _finish(proc: dh.Proc, tag: str, timeout: float) -> int:
+def _finish(proc: Proc, tag: str, timeout: float) -> int:
     """Wait for ``proc`` to exit by itself (bounded), stop whatever it or its Ray left (found by
     the environment tag), return its exit code."""
     try:
         code = proc.popen.wait(timeout)
     except subprocess.TimeoutExpired:
         code = None
-    left = proc.stop() | dh.terminate(dh.tagged(tag))
+    left = proc.stop() | terminate(tagged(tag))
     assert code is not None, f"{proc.name} did not finish within {timeout:.0f} s\n{proc.log_tail()}"
-    assert not left, f"{proc.name} left processes behind: {[dh.cmdline(p) for p in left]}"
+    assert not left, f"{proc.name} left processes behind: {[cmdline(p) for p in left]}"
     return code
 
 
@@ -90,16 +91,16 @@ def _interrupted_run(tmp: Path, overrides: tuple[str, ...], kill_round: int, he_
     state = tmp / "client-state"
     env = _env(tmp, state)
     extra = ["--he-keys", str(he_keys)] if he_keys is not None else []
-    proc = dh.start("interrupted", _cli(["--out", str(tmp / "runs"), *extra], overrides), env, ROOT, tmp / "logs")
+    proc = start("interrupted", _cli(["--out", str(tmp / "runs"), *extra], overrides), env, ROOT, tmp / "logs")
     clients = int(dict(o.split("=") for o in overrides)["split.num_clients"])
     try:
-        dh.wait_for(lambda: len(list(state.glob(f"*/client-*/round-{kill_round:03d}.safetensors"))) == clients,
-                    timeout=400, what=f"both clients trained round {kill_round}", procs=[proc], interval=0.02)
+        wait_for(lambda: len(list(state.glob(f"*/client-*/round-{kill_round:03d}.safetensors"))) == clients,
+                 timeout=400, what=f"both clients trained round {kill_round}", procs=[proc], interval=0.02)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.popen.wait(30)
     finally:
-        left = proc.stop() | dh.terminate(dh.tagged(env[dh.TAG_VAR]))
-    assert not left, f"processes left after the kill: {[dh.cmdline(p) for p in left]}"
+        left = proc.stop() | terminate(tagged(env[TAG_VAR]))
+    assert not left, f"processes left after the kill: {[cmdline(p) for p in left]}"
     status = _status(tmp / "runs")
     assert status.get("status") == "running" and status.get("rounds_completed") == kill_round - 1, (
         f"the kill was meant to land after the clients trained round {kill_round} and before the server "
@@ -110,8 +111,8 @@ def _interrupted_run(tmp: Path, overrides: tuple[str, ...], kill_round: int, he_
 def _resume(tmp: Path, run: Path, he_keys: Path | None = None) -> None:
     extra = ["--he-keys", str(he_keys)] if he_keys is not None else []
     env = _env(tmp, tmp / "client-state")
-    proc = dh.start("resume", _cli(["--resume", str(run), *extra]), env, ROOT, tmp / "logs")
-    assert _finish(proc, env[dh.TAG_VAR], 400) == 0, proc.log_tail()
+    proc = start("resume", _cli(["--resume", str(run), *extra]), env, ROOT, tmp / "logs")
+    assert _finish(proc, env[TAG_VAR], 400) == 0, proc.log_tail()
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -139,11 +140,11 @@ def plain_runs(tmp_path_factory):
     at the same time as the one that gets killed (both mostly wait on Ray)."""
     ref_tmp, tmp = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("interrupted")
     env = _env(ref_tmp, ref_tmp / "client-state")
-    ref = dh.start("reference", _cli(["--out", str(ref_tmp / "runs")], FIVE_ROUNDS), env, ROOT, ref_tmp / "logs")
+    ref = start("reference", _cli(["--out", str(ref_tmp / "runs")], FIVE_ROUNDS), env, ROOT, ref_tmp / "logs")
     try:
         run = _interrupted_run(tmp, FIVE_ROUNDS, KILL_ROUND)
     finally:
-        code = _finish(ref, env[dh.TAG_VAR], 400)
+        code = _finish(ref, env[TAG_VAR], 400)
     assert code == 0, ref.log_tail()
     _resume(tmp, run)
     return _run_dir(ref_tmp / "runs"), run, tmp

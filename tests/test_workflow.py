@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_helpers import descendants, terminate, wait_gone
+from support.processes import descendants, terminate, wait_gone
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                          "ignore::FutureWarning")]

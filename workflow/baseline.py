@@ -20,6 +20,7 @@ from common.evaluation.global_model import GlobalEvaluator
 from common.evaluation.verification import pixel_verification_auc
 from common.nn.build import build_identity_head, build_model, model_spec
 from common.nn.checkpoint import save_checkpoint
+from common.runs.layout import BASELINE_IDENTITY, baseline_attribute
 from common.runs.rundir import RunDir
 from common.split.build import build_manifest
 from common.train.dp import noise_for, poisson_sample_rate, steps_per_epoch
@@ -77,7 +78,7 @@ def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...]
                     noise_multiplier=sigma, progress=progress, desc="identity backbone")
     seconds["identity"] = time.perf_counter() - start
     backbone_auc = evaluator.verification(model)
-    save_checkpoint(run.models / "identity.safetensors", model.state_dict(),
+    save_checkpoint(run.checkpoint(BASELINE_IDENTITY), model.state_dict(),
                     {"task": "identity", "spec": spec.to_dict(), "steps": outcome.steps})
     run.log_metrics("identity", pixel_auc=pixel_auc, backbone_auc=backbone_auc, steps=outcome.steps,
                     seconds=seconds["identity"], samples_per_second=outcome.samples_per_second)
@@ -92,7 +93,7 @@ def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...]
                         noise_multiplier=sigma, progress=progress, desc=f"{name} classifier")
         seconds[name] = time.perf_counter() - start
         accuracy[name] = float(evaluator.attribute(attr_model, name)["accuracy"])
-        save_checkpoint(run.models / f"attribute-{name}.safetensors", attr_model.state_dict(),
+        save_checkpoint(run.checkpoint(baseline_attribute(name)), attr_model.state_dict(),
                         {"task": "attribute", "attribute": name, "spec": attr_spec.to_dict(), "steps": outcome.steps})
         run.log_metrics("attribute", attribute=name, accuracy=accuracy[name], steps=outcome.steps, seconds=seconds[name])
     log.info("baseline written to %s", run.path)

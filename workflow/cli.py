@@ -41,6 +41,26 @@ def _images_per_identity(text: str) -> int | tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
 
 
+def _attack_names(text: str) -> tuple[str, ...]:
+    """``--attacks a,b``: names of the registry (``attacks.registry``); unknown ones are refused here,
+    before any work starts, with the list of known ones."""
+    from attacks.registry import check_names
+
+    try:
+        return check_names(x.strip() for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _attacks_help() -> str:
+    from attacks.registry import MOTE_ATTACKS, Output, selectable
+
+    attribute, embedding = selectable((Output.ATTRIBUTE,)), selectable((Output.EMBEDDING,))
+    return (f"attribute models: {', '.join(attribute)}; identity models: "
+            f"{', '.join(a for a in embedding if a not in MOTE_ATTACKS)}; MOTE gallery pairs: "
+            f"{', '.join(MOTE_ATTACKS)} (default: all that apply; FD-MIA on a --fair pair always runs)")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", type=Path, help="TOML configuration (defaults when omitted)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -97,9 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--fair", type=Path, metavar="FAIR_RUN_DIR",
                        help="the fair twin of an attribute run (same data and split, a fairness intervention): "
                             "adds the attacks on the fair model and FD-MIA on the pair")
-    audit.add_argument("--attacks", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()), default=None,
-                       metavar="NAME,...", help="attribute models: loss, shadow, lira-online, lira-offline, rmia; identity "
-                                                "models: centroid (default: all that apply)")
+    audit.add_argument("--attacks", type=_attack_names, default=None, metavar="NAME,...", help=_attacks_help())
     audit.add_argument("--references", type=int, default=16, help="LiRA / RMIA reference models (even, default 16)")
     audit.add_argument("--max-per-class", type=int, default=500, help="audited members and nonmembers, each")
     audit.add_argument("--seed", type=int, default=0)
@@ -260,28 +278,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from common.evaluation.mote import EVALUATION_FILE
     from common.report.tables import format_table
+    from common.runs.rundir import RunDir
     from workflow.pipeline import evaluate_run
 
     report, header, rows = evaluate_run(args.run_dir)
     print(format_table(header, rows))
-    print(f"{report['enrolled']} enrolled identities, {report['probes']} probe images; "
-          f"written to {args.run_dir / EVALUATION_FILE}")
+    print(f"{report.enrolled} enrolled identities, {report.probes} probe images; "
+          f"written to {RunDir(args.run_dir).mote_evaluation_path}")
     return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from attacks.audit import AuditSettings, run_audit, summary_rows
+    from attacks.audit import AuditSettings, run_audit, summary_header, summary_rows
     from common.report.tables import format_table
+    from common.runs.records import AuditReport
+    from common.runs.rundir import RunDir
 
-    report = run_audit(args.run_dir, AuditSettings(attacks=args.attacks, references=args.references,
-                                                   max_per_class=args.max_per_class, seed=args.seed,
-                                                   vectorised=args.vectorised, progress=not args.no_progress),
-                       fair_dir=args.fair)
-    print(format_table(("attack", "target", "AUC [95% CI]", "balanced acc.", "TPR@0.1%FPR", "TPR@1%FPR"), summary_rows(report)))
-    print(f"{report['audited']['members']} members vs {report['audited']['nonmembers']} nonmembers; "
-          f"written to {args.run_dir / 'audit'}")
+    report = AuditReport.from_dict(run_audit(
+        args.run_dir, AuditSettings(attacks=args.attacks, references=args.references, max_per_class=args.max_per_class,
+                                    seed=args.seed, vectorised=args.vectorised, progress=not args.no_progress),
+        fair_dir=args.fair))
+    print(format_table(summary_header(report), summary_rows(report)))
+    print(f"{report.audited['members']} members vs {report.audited['nonmembers']} nonmembers; "
+          f"written to {RunDir(args.run_dir).audit}")
     return 0
 
 
@@ -328,6 +348,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from common.report.tables import format_table
+    from common.runs.layout import SWEEP_PLOTS
     from workflow.pipeline import QUICK_REFERENCES
     from workflow.sweep import (
         DEFAULT_REFERENCES,
@@ -345,7 +366,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(format_table(("run", "state", "epsilon", "verif. AUC", "attr. acc", "strongest attack (AUC)", "error"),
                        summary_rows(result.rows)))
     print(f"{len(result.rows)} runs ({result.ran} worked on now, {len(result.failed)} failed); "
-          f"{result.csv}; {len(result.plots)} plots in {args.out / 'plots'}")
+          f"{result.csv}; {len(result.plots)} plots in {args.out / SWEEP_PLOTS}")
     return 1 if result.failed else 0
 
 

@@ -7,10 +7,7 @@ import os
 from pathlib import Path
 
 from common.evaluation.global_model import GlobalEvaluator
-from common.he.checkpoints import (
-    ENCRYPTED_SUFFIX,
-    decrypt_checkpoint,
-)
+from common.he.checkpoints import decrypt_checkpoint
 from common.he.keys import load_secret_context
 from common.nn.build import build_model
 from common.nn.checkpoint import save_checkpoint
@@ -27,16 +24,16 @@ def decrypt_run(run_dir: str | os.PathLike[str], secret_context: str | os.PathLi
     event per round is logged, the final model's last.
     """
     run = RunDir(run_dir)
-    source = run.models / f"final{ENCRYPTED_SUFFIX}"
+    source = run.final_encrypted
     ctx = load_secret_context(secret_context)
     state, meta = decrypt_checkpoint(source, ctx, secret_context)
     plain_meta = {k: v for k, v in meta.items() if k not in ("encrypted", "total_weight", "fingerprint")}
-    out = save_checkpoint(run.models / "final.safetensors", state, {**plain_meta, "decrypted_from": source.name})
+    out = save_checkpoint(run.final_model, state, {**plain_meta, "decrypted_from": source.name})
     cfg, ds, manifest = load_run(run)
     evaluator = GlobalEvaluator(cfg, ds, manifest)
     model = build_model(ModelSpec.from_dict(meta["spec"]), cfg.seed)
     for r in range(1, int(meta["round"])):
-        checkpoint = run.models / f"round-{r:03d}{ENCRYPTED_SUFFIX}"
+        checkpoint = run.round_checkpoint(r, encrypted=True)
         if checkpoint.exists():  # a run resumed from an older facefl may lack some
             model.load_state_dict(decrypt_checkpoint(checkpoint, ctx, secret_context)[0])
             run.log_metrics("decrypted", round=r, **evaluator.evaluate(model))

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import load_config
-from common.report.html import REPORT_FILE
+from common.config.loader import preset
 from common.runs.io import atomic_write_bytes
+from common.runs.layout import REPORT
 from workflow.pipeline import (
     QUICK_MAX_PER_CLASS,
     QUICK_OVERRIDES,
@@ -31,15 +32,7 @@ from workflow.pipeline import (
 
 # Both heads, so that every attack family applies; DP-SGD at the default target epsilon.
 DEMO_TASK = ("train.task=both", "dp.mode=sample", "dp.target_epsilon=8")
-# The full demo: sized to finish in well under 15 minutes on 2 shared cores (measured: README, "The demo").
-# At 32 px the smiling head learns nothing from the identity-dominated loss (accuracy 0.51); 300 public
-# identities for 30 epochs with the attribute loss weighted 2x reach 0.97 with verification AUC 0.87.
-FULL_OVERRIDES = ("data.image_size=32", "data.identities=200", "data.images_per_identity=10", "split.member=0.65",
-                  "split.aux=0.15", "model.width=16", "model.blocks=1,1", "model.embedding_dim=32",
-                  "train.batch_size=32", "pretrain.identities=300", "pretrain.images_per_identity=8",
-                  "pretrain.epochs=30", "train.attribute_weight=2", "split.num_clients=4", "federation.min_train_clients=4",
-                  "federation.min_available_clients=4", "federation.rounds=4", "federation.local_epochs=1",
-                  "federation.client_cpus=1", "mote.epochs=30", "mote.references=2", "mote.balancing_factors=0.0,0.5")
+FULL_OVERRIDES = tuple(preset("demo"))  # the full demo's sizes: common/config/presets/demo.toml
 # The audit's reference models dominate the demo's time (each trains rounds x local_epochs epochs on half of
 # the audited + aux samples): 8 of them on 2 x 150 audited + 300 aux samples.
 FULL_REFERENCES = 8
@@ -87,15 +80,16 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> DemoResul
     try:
         result = run_pipeline(cfg, directory, "run", settings, stages, he_secret=keys / SECRET_FILE)
     finally:  # also after a failed stage: the report says how far the run got
-        for run_report in directory.glob(f"run-*/{REPORT_FILE}"):
-            atomic_write_bytes(directory / REPORT_FILE, run_report.read_bytes())
-    return DemoResult(directory, directory / REPORT_FILE, result, stages.timings)
+        for run_report in directory.glob(f"run-*/{REPORT}"):
+            atomic_write_bytes(directory / REPORT, run_report.read_bytes())
+    return DemoResult(directory, directory / REPORT, result, stages.timings)
 
 
 def demo_summary(run_dir: Path) -> list[tuple[str, str]]:
     """The printed summary: (what, value) rows of the headline numbers, read from the run's files."""
     from common.report.html import fmt, with_ci
-    from common.runs.results import FAIR_GALLERY, RunResults
+    from common.runs.records import BALANCED_GALLERY, TEMPLATES, tpr_label
+    from common.runs.results import RunResults
 
     r = RunResults.load(run_dir)
     final, he = r.final_metrics(), r.he or {}
@@ -105,13 +99,13 @@ def demo_summary(run_dir: Path) -> list[tuple[str, str]]:
             (f"epsilon spent (largest client, delta {r.cfg('dp.delta')})", fmt(r.epsilon())),
             ("what the server saw", f"{he.get('encrypted', 'n/a')} of {he.get('values', 'n/a')} values only as an "
                                     "encrypted sum" if r.cfg("he.enabled") else "plaintext updates")]
-    methods, leak = (r.evaluation or {}).get("methods", {}), (r.evaluation or {}).get("gender_inference", {})
-    for name in ("templates", FAIR_GALLERY):
-        rows.append((f"{name}: verification AUC / gender-inference BA",
-                     f"{fmt(methods.get(name, {}).get('auc'))} / {fmt(leak.get(name, {}).get('balanced_accuracy'))}"))
-    for a in r.attacks(include_updates=False):
-        ci = a.get("ci95") or {}
-        rows.append((f"MIA {a['name']} @ {a['target']}: AUC / TPR@0.1%FPR",
-                     (f"{with_ci(a['auc'], ci.get('auc'))} / "
-                      f"{with_ci(a['tpr_at_fpr']['0.001'], ci.get('tpr_at_fpr', {}).get('0.001'))}")))
+    ev = r.evaluation
+    for name in (TEMPLATES, BALANCED_GALLERY):
+        auc, ba = (ev.method(name).get("auc"), ev.leakage(name).get("balanced_accuracy")) if ev else (None, None)
+        rows.append((f"{name}: verification AUC / gender-inference BA", f"{fmt(auc)} / {fmt(ba)}"))
+    if r.audit is not None:
+        low = r.audit.fpr_keys[0]  # the headline: TPR at the lowest target FPR
+        for a in r.attacks(include_updates=False):
+            rows.append((f"MIA {a.label}: AUC / {tpr_label(low)}",
+                         f"{with_ci(a.auc, a.ci('auc'))} / {with_ci(a.tpr_at_fpr[low], a.tpr_ci(low))}"))
     return rows

@@ -14,6 +14,7 @@ middle of an audit resumes with the audit, not with training.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import Config, load_config
+from common.config.loader import preset
+from common.runs.layout import FINAL_MODEL
+from common.runs.records import AuditReport, MoteEvaluation
 from common.runs.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -30,13 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# `--quick` (demo and sweep): a federation small enough for a test, like tests/sim_runs.py's TINY:
-# 32 px SynthFaces, an 8-channel backbone, 2 clients, 2 rounds, a 2-gallery MOTE enrollment.
-QUICK_OVERRIDES = ("data.image_size=32", "data.identities=40", "data.images_per_identity=8", "model.width=8",
-                   "model.blocks=1,1", "model.embedding_dim=16", "train.batch_size=8", "pretrain.identities=0",
-                   "split.num_clients=2", "federation.min_train_clients=2", "federation.min_available_clients=2",
-                   "federation.rounds=2", "federation.local_epochs=1", "federation.client_cpus=1", "mote.epochs=10",
-                   "mote.references=2", "mote.balancing_factors=0.0,0.5")
+QUICK_OVERRIDES = tuple(preset("quick"))  # `--quick` (demo and sweep): common/config/presets/quick.toml
 QUICK_REFERENCES = 4
 QUICK_MAX_PER_CLASS = 100
 
@@ -76,23 +74,21 @@ class Stages:
         self.say(f"{name}: done in {self.timings[name]:.1f} s")
 
 
-def evaluate_run(run_dir: Path) -> tuple[dict[str, Any], list[str], list[tuple]]:
+def evaluate_run(run_dir: Path) -> tuple[MoteEvaluation, list[str], list[tuple]]:
     """``facefl evaluate``: MOTE vs templates plus the gender-inference attack on both galleries;
     writes mote/evaluation.json and mote/roc.png; returns (report, table header, table rows)."""
     from attacks.gender_inference import template_leakage
     from common.evaluation.mote import evaluate_mote, save_evaluation
 
     report, stolen = evaluate_mote(run_dir)
-    report["gender_inference"] = template_leakage(stolen)
+    report = dataclasses.replace(report, gender_inference=template_leakage(stolen))
     header, rows = save_evaluation(run_dir, report)
     return report, header, rows
 
 
 def has_galleries(run: RunDir, cfg: Config) -> bool:
-    from common.mote.enrollment import gallery_file
-
     return (cfg.mote.enabled and cfg.train.task in ("identity", "both")
-            and all((run.path / gallery_file(b)).is_file() for b in cfg.mote.balancing_factors))
+            and all(run.gallery(b).is_file() for b in cfg.mote.balancing_factors))
 
 
 def complete_run(run_dir: Path, settings: AuditSettings, stages: Stages, he_secret: Path | None = None,
@@ -105,12 +101,10 @@ def complete_run(run_dir: Path, settings: AuditSettings, stages: Stages, he_secr
     """
     from attacks.audit import run_audit
     from common.report.html import write_report
-    from common.runs.io import read_json
 
     run = RunDir(run_dir)
     cfg = load_config(run.config_path)
-    final = run.path / "models" / "final.safetensors"
-    if cfg.he.enabled and not final.exists():
+    if cfg.he.enabled and not (run.path / FINAL_MODEL).exists():
         if he_secret is None:
             raise StageFailed("decrypt", ValueError(f"{run.path}: an HE run needs the secret context to decrypt its "
                                                     "final model (--he-keys)"))
@@ -118,11 +112,11 @@ def complete_run(run_dir: Path, settings: AuditSettings, stages: Stages, he_secr
 
         with stages.stage("decrypt the final model (key holder)"):
             decrypt_run(run.path, he_secret)
-    if has_galleries(run, cfg) and not (run.path / "mote" / "evaluation.json").exists():
+    if has_galleries(run, cfg) and not run.mote_evaluation_path.exists():
         with stages.stage("MOTE vs templates evaluation"):
             evaluate_run(run.path)
-    report_json = run.path / "audit" / "report.json"
-    if not report_json.exists() or (fair_dir is not None and read_json(report_json).get("fair_run") != str(fair_dir)):
+    report_json = run.audit_report_path
+    if not report_json.exists() or (fair_dir is not None and AuditReport.load(report_json).fair_run != str(fair_dir)):
         with stages.stage("membership audit" + (" with the fair twin (FD-MIA)" if fair_dir else "")):
             run_audit(run.path, settings, fair_dir=fair_dir)
     with stages.stage("report"):

@@ -28,6 +28,7 @@ from client.app import app as client_app
 from client.he_client import SECRET_KEY_ENV
 from common.config import Config
 from common.data.cache import cache_dir
+from common.runs.layout import CLIENT_STATE_DEFAULT
 from common.runs.rundir import CLIENT_STATE_ENV, RunDir
 from server.app import make_app
 
@@ -39,7 +40,7 @@ CLIENT_APP: ClientApp = client_app
 
 def client_state_root() -> Path:
     """Where simulated clients keep their state: $FACEFL_CLIENT_STATE, else under the data cache."""
-    return Path(os.environ.get(CLIENT_STATE_ENV) or cache_dir() / "client-state")
+    return Path(os.environ.get(CLIENT_STATE_ENV) or cache_dir() / CLIENT_STATE_DEFAULT)
 
 
 def simulate(cfg: Config, runs_root: str | Path, prefix: str = "run", progress: bool = True,

@@ -32,14 +32,16 @@ import math
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import ConfigError, load_config
+from common.runs import layout
 from common.runs.io import atomic_path, atomic_write_json, atomic_write_text, read_json
-from common.runs.results import RunResults, is_update_attack
+from common.runs.records import BALANCED_GALLERY, TEMPLATES
+from common.runs.results import RunResults
 from common.runs.rundir import RunDir
 from workflow.pipeline import (
     QUICK_MAX_PER_CLASS,
@@ -54,9 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "sweep.json"
-CSV_FILE = "sweep.csv"
-PLOTS_DIR = "plots"
 EPSILON_KEY = "dp.target_epsilon"
 FAIRNESS_KEY = "fairness.method"
 MAX_PER_CLASS = 500  # attacks.audit.AuditSettings' default, for full-size sweeps
@@ -178,7 +177,7 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
         raise ConfigError(f"{config}: configuration file not found")
     base_overrides = list(QUICK_OVERRIDES if quick else ())
     base_cfg = load_config(config, base_overrides)
-    index = SweepIndex(out / INDEX_FILE, _base(config, quick, references, he_keys))
+    index = SweepIndex(out / layout.SWEEP_INDEX, _base(config, quick, references, he_keys))
     if command:
         index.data["commands"].append(command)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,11 +210,11 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
         start = time.perf_counter()
         settings = _audit_settings(references, quick, seed, progress)
         try:
-            if previous and RunDir(previous).read_status().get("status") == "finished":
+            if previous and RunDir(previous).load_status().finished:
                 complete_run(Path(previous), settings, stages, secret)  # resume at the first missing stage
             else:
                 cfg = load_config(config, [*base_overrides, *he, *overrides])
-                result = run_pipeline(cfg, out / "runs", "run", settings, stages, he_secret=secret,
+                result = run_pipeline(cfg, out / layout.SWEEP_RUNS, "run", settings, stages, he_secret=secret,
                                       on_trained=functools.partial(_record_run_dir, index, entry))
                 if result.report is None:
                     raise RuntimeError(f"training {result.status['status']}: "
@@ -229,10 +228,11 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
         index.save()
     if FAIRNESS_KEY in grid:
         ran += _pair_fair_twins(index, grid[FAIRNESS_KEY], references, quick, secret, progress)
-    rows = sweep_rows(index.runs)
+    results = finished_results(index.runs)
+    rows = sweep_rows(index.runs, results)
     grid_keys = list(dict.fromkeys(k for e in index.runs.values() for k in e["combination"]))
-    csv_path = write_csv(out / CSV_FILE, rows, grid_keys)
-    plots = write_plots(out / PLOTS_DIR, rows, grid_keys)
+    csv_path = write_csv(out / layout.SWEEP_CSV, rows, grid_keys)
+    plots = write_plots(out / layout.SWEEP_PLOTS, rows, grid_keys, plotted_attacks(results.values()))
     return SweepResult(out, index.runs, rows, csv_path, plots, ran)
 
 
@@ -286,18 +286,37 @@ def _pair_fair_twins(index: SweepIndex, methods: tuple[str, ...], references: in
     return done
 
 
-def sweep_rows(entries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per entry: the grid values, seed, state, error, run dir and the run's headline numbers."""
+def finished_results(entries: dict[str, dict[str, Any]]) -> dict[str, RunResults]:
+    """The results of every finished entry whose run directory exists, by entry."""
+    return {eid: RunResults.load(e["run_dir"]) for eid, e in entries.items()
+            if e["state"] == "finished" and e.get("run_dir") and Path(e["run_dir"]).is_dir()}
+
+
+def sweep_rows(entries: dict[str, dict[str, Any]],
+               results: Mapping[str, RunResults] | None = None) -> list[dict[str, Any]]:
+    """One row per entry: the grid values, seed, state, error, run dir and the run's headline numbers
+    (``results``: the finished entries' results, when already loaded)."""
+    results = finished_results(entries) if results is None else results
     rows = []
     for eid, e in entries.items():
         row: dict[str, Any] = {"entry": eid, **e["combination"], "seed": e["seed"], "state": e["state"],
                                "error": e.get("error") or "", "run_dir": e.get("run_dir") or "",
                                "seconds": e.get("seconds"), "fair_twin": e.get("fair_twin") or ""}
-        if e["state"] == "finished" and e.get("run_dir") and Path(e["run_dir"]).is_dir():
-            row.update(RunResults.load(e["run_dir"]).headline())
+        if eid in results:
+            row.update(results[eid].headline())
             row["state"] = e["state"]  # headline's "status" is the training status; keep both
         rows.append(row)
     return rows
+
+
+def plotted_attacks(results: Iterable[RunResults]) -> dict[str, str]:
+    """{``name @ target``: the FPR key of its headline TPR (the lowest target FPR)} of every per-run
+    attack of the runs; attacks on one client's update are per client, in sweep.csv only."""
+    out: dict[str, str] = {}
+    for r in results:
+        for a in r.attacks(include_updates=False):
+            out.setdefault(a.label, r.audit.fpr_keys[0])
+    return out
 
 
 def summary_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -412,21 +431,20 @@ def plot_vs_epsilon(rows: list[dict[str, Any]], grid_keys: list[str], panels: Se
     return path
 
 
-def write_plots(directory: Path, rows: list[dict[str, Any]], grid_keys: list[str]) -> list[Path]:
-    """Utility, fairness and each attack (AUC, TPR@0.1%FPR) against epsilon."""
+def write_plots(directory: Path, rows: list[dict[str, Any]], grid_keys: list[str],
+                attacks: Mapping[str, str]) -> list[Path]:
+    """Utility, fairness and each of ``attacks`` ({``name @ target``: FPR key, see ``plotted_attacks``}:
+    AUC and TPR at that FPR) against epsilon."""
     made = [plot_vs_epsilon(rows, grid_keys, (("verification_auc", "verification AUC (probe identities)"),
                                    ("attribute_accuracy", "attribute accuracy (held out)")),
-                            directory / "utility_vs_epsilon.png", "utility"),
+                            directory / layout.SWEEP_UTILITY_PLOT, "utility"),
             plot_vs_epsilon(rows, grid_keys, (("attribute_deo_sum", "DEO |dTPR|+|dFPR| (lower = fairer)"),
                                    ("attribute_bias_amplification", "bias amplification"),
-                                   ("templates fdr", "FDR, templates (higher = fairer)"),
-                                   ("MOTE b=0.50 fdr", "FDR, MOTE b=0.5 (higher = fairer)")),
-                            directory / "fairness_vs_epsilon.png", "fairness")]
-    attacks = dict.fromkeys(k[len("auc: "):] for r in rows for k in r if k.startswith("auc: "))
-    for label in attacks:
-        if is_update_attack({"target": label.split(" @ ", 1)[1]}):
-            continue  # one client's update: per client, in sweep.csv only
+                                   (f"{TEMPLATES} fdr", f"FDR, {TEMPLATES} (higher = fairer)"),
+                                   (f"{BALANCED_GALLERY} fdr", f"FDR, {BALANCED_GALLERY} (higher = fairer)")),
+                            directory / layout.SWEEP_FAIRNESS_PLOT, "fairness")]
+    for label, fpr in attacks.items():
         made.append(plot_vs_epsilon(rows, grid_keys,
-                                    ((f"auc: {label}", "AUC"), (f"tpr@0.001: {label}", "TPR at 0.1% FPR")),
-                                    directory / f"attack-{slug(label)}.png", label))
+                                    ((f"auc: {label}", "AUC"), (f"tpr@{fpr}: {label}", f"TPR at {float(fpr) * 100:g}% FPR")),
+                                    directory / layout.sweep_attack_plot(slug(label)), label))
     return [p for p in made if p is not None]

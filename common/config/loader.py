@@ -11,7 +11,7 @@ from typing import Any
 
 import tomli_w
 
-from common.config.schema import Config
+from common.config.schema import Config, flatten
 from common.config.values import ConfigError, parse_value, show_value
 
 
@@ -69,6 +69,22 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. dp.target_epsilon=4")
         out[key.strip()] = value.strip()
     return out
+
+
+PRESETS = Path(__file__).parent / "presets"
+"""Named sets of overrides shipped with facefl (``quick.toml``: test-sized; ``demo.toml``: the demo)."""
+
+
+def preset(name: str) -> list[str]:
+    """The ``key=value`` overrides of ``presets/<name>.toml``, to put after a configuration file
+    (so that a preset's sizes win over the file's) and before command-line overrides."""
+    path = PRESETS / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise ConfigError(f"preset {name!r}: unknown (known: {known})")
+    flat: dict[str, Any] = {}
+    flatten(tomllib.loads(path.read_text(encoding="utf-8")), "", flat)
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flat.items()]
 
 
 def from_flat(flat: typing.Mapping[str, Any]) -> Config:

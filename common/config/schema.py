@@ -9,14 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.config.values import ConfigError, Section, choice, num
+from common.data.sources import SOURCES
+from common.nn.heads import MARGINS
 from common.split.partition import PARTITIONS
+from common.train.fairness import FAIRNESS_METHODS, SENSITIVE_ATTRIBUTES
 
 
 @dataclass
 class DataConfig(Section):
     SECTION = "data"
 
-    source: str = choice("synthfaces", ("synthfaces", "utkface", "celeba", "fairface", "lfw", "imagefolder"))
+    source: str = choice("synthfaces", SOURCES)
     path: str = field(default="", metadata={"doc": "root of a real data set on disk (not used by synthfaces)"})
     image_size: int = num(64, 32, 128)
     strict: bool = True
@@ -81,7 +84,7 @@ class TrainConfig(Section):
 
     task: str = choice("identity", ("identity", "attribute", "both"))
     attribute: str = field(default="smiling", metadata={"doc": "binary target: a task label or 'gender'"})
-    margin: str = choice("arcface", ("arcface", "cosface"))
+    margin: str = choice("arcface", MARGINS)
     margin_scale: float = num(30.0, 1.0)
     epochs: int = num(30, 1, doc="central training (baseline, shadow models); clients use federation.local_epochs")
     max_seconds: float = num(0.0, 0.0, doc="stop training after this wall time (0 = no limit)")
@@ -142,8 +145,8 @@ class PretrainConfig(Section):
 class FairnessConfig(Section):
     SECTION = "fairness"
 
-    method: str = choice("none", ("none", "reweight", "fair_mixup"))
-    sensitive: str = choice("gender", ("gender", "group"))
+    method: str = choice("none", FAIRNESS_METHODS)
+    sensitive: str = choice("gender", SENSITIVE_ATTRIBUTES)
     lam: float = num(0.05, 0.0, doc="weight of the fair_mixup penalty (on SynthFaces 0.5 already nears a "
                                      "constant classifier; 0.05 lowers DEO at equal accuracy)")
 
@@ -176,10 +179,39 @@ class MoteConfig(Section):
                                      "enrolled; its probe-role images are the genuine probes)")
     synthetic: int = num(100, 5, doc="synthetic genuine samples per identity")
     impostors: int = num(400, 1, doc="real impostor embeddings per identity")
+    synthetic_impostors: int = num(100, 0, doc="synthetic impostor samples per identity (drawn from the KDEs)")
+    val_fraction: float = num(0.2, 0.0, 1.0, doc="share of each identity's samples kept for early stopping")
     epochs: int = num(100, 1, doc="at most; early stopping on validation loss")
+    patience: int = num(5, 1, doc="epochs without a validation-loss improvement before an identity stops")
+    min_delta: float = num(0.0, 0.0, doc="smallest validation-loss decrease that counts as an improvement")
+    batch_size: int = num(128, 2, doc="even: half genuine, half impostor samples")
+    lr: float = num(1e-2, 0.0, doc="peak learning rate of the one-cycle schedule (Adam)")
+    weight_decay: float = num(1e-3, 0.0)
+    dropout: float = num(0.5, 0.0, 0.998, doc="the rate is quantised to 1/256")
+    enroll_batch: int = num(64, 1, doc="identities trained together (the result does not depend on it)")
     dp_noise_multiplier: float = num(0.0, 0.0, doc="DP-SGD noise of each MOTE model (needs dp_max_grad_norm)")
-    dp_max_grad_norm: float = num(0.0, 0.0, doc="per-sample clipping norm of MOTE training (0 = off)")
+    dp_max_grad_norm: float = num(0.0, 0.0, doc="per-sample clipping norm of MOTE training (0 = off; with a norm "
+                                                "set, dp_noise_multiplier 0 clips without noise: no DP guarantee)")
     fp16: bool = field(default=False, metadata={"doc": "store galleries in float16 (half the bytes)"})
+
+    def validate(self) -> MoteConfig:
+        """Cross-field checks of MOTE enrollment (single fields are checked on construction).
+
+        Defaults are the MOTE paper's where it gives them (network, optimiser, schedule, loss,
+        batch size, epoch limit); data counts, validation share and patience are this project's."""
+        if any(not 0 <= b <= 1 for b in self.balancing_factors):
+            raise ConfigError(f"mote.balancing_factors: expected values in [0, 1], got {self.balancing_factors}")
+        if self.batch_size % 2:
+            raise ConfigError(f"mote.batch_size: expected an even number (half genuine, half impostor), "
+                              f"got {self.batch_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"mote.val_fraction: expected a value in (0, 1), got {self.val_fraction}")
+        if round(self.val_fraction * self.synthetic) < 1:
+            raise ConfigError(f"mote.val_fraction: {self.val_fraction} of mote.synthetic = {self.synthetic} leaves no "
+                              "genuine validation sample for early stopping")
+        if self.dp_noise_multiplier > 0 and self.dp_max_grad_norm <= 0:
+            raise ConfigError("mote.dp_noise_multiplier: > 0 needs mote.dp_max_grad_norm > 0 (the clipping norm)")
+        return self
 
 
 @dataclass
@@ -217,10 +249,7 @@ class Config:
         if self.federation.min_train_clients > self.split.num_clients:
             raise ConfigError(f"federation.min_train_clients: expected at most split.num_clients = "
                               f"{self.split.num_clients}, got {self.federation.min_train_clients}")
-        if any(not 0 <= b <= 1 for b in self.mote.balancing_factors):
-            raise ConfigError(f"mote.balancing_factors: expected values in [0, 1], got {self.mote.balancing_factors}")
-        if self.mote.dp_noise_multiplier > 0 and self.mote.dp_max_grad_norm <= 0:
-            raise ConfigError("mote.dp_noise_multiplier: > 0 needs mote.dp_max_grad_norm > 0 (the clipping norm)")
+        self.mote.validate()
         if self.he.enabled and not self.he.public_context:
             raise ConfigError("he.public_context: required when he.enabled = true (the path of the server's "
                               "public-context.bin from `facefl keys init`)")
@@ -241,7 +270,7 @@ class Config:
     def to_flat(self) -> dict[str, Any]:
         """Dotted scalar keys (tuples as comma strings): the shape of Flower's run_config."""
         flat: dict[str, Any] = {}
-        _flatten(self.to_dict(), "", flat)
+        flatten(self.to_dict(), "", flat)
         return flat
 
 
@@ -253,11 +282,11 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-def _flatten(d: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
+def flatten(d: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            _flatten(v, key + ".", out)
+            flatten(v, key + ".", out)
         else:
             out[key] = ",".join(str(x) for x in v) if isinstance(v, list) else v
 

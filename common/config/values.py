@@ -120,6 +120,11 @@ class Section:
 
     SECTION: ClassVar[str] = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (tuples as lists), as TOML and JSON hold them."""
+        return {f.name: list(getattr(self, f.name)) if isinstance(getattr(self, f.name), tuple)
+                else getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
     def __post_init__(self) -> None:
         hints = _hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]

@@ -23,17 +23,15 @@ from sklearn.metrics import roc_curve
 from common.data.dataset import GENDER_NAMES
 from common.evaluation.verification_fairness import verification_report
 from common.he.checkpoints import load_final_model
-from common.mote.enrollment import gallery_file, references
+from common.mote.enrollment import references
 from common.mote.gallery import MoteGallery
 from common.report.plots import log_log_roc
-from common.runs.io import atomic_write_json
 from common.runs.load import load_run
+from common.runs.records import TEMPLATES, MoteEvaluation, mote_method
 from common.runs.rundir import RunDir
 from common.train.loop import embed
 
 TARGET_FMR = 1e-3
-EVALUATION_FILE = "mote/evaluation.json"
-ROC_FILE = "mote/roc.png"
 
 
 @dataclass
@@ -42,7 +40,7 @@ class TemplateSet:
 
     templates: np.ndarray  # (k, d) unit rows, one per enrolled identity
     gender: np.ndarray  # (k,) the enrolled identities' gender
-    galleries: dict[str, MoteGallery]  # balancing factor ("0.50") -> gallery
+    galleries: dict[str, MoteGallery]  # the evaluation's method name ("MOTE b=0.50") -> gallery
     aux_embeddings: np.ndarray
     aux_gender: np.ndarray
 
@@ -66,19 +64,19 @@ def _method_report(scores: np.ndarray, genuine: np.ndarray, probe_of: np.ndarray
     return out
 
 
-def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], TemplateSet]:
+def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[MoteEvaluation, TemplateSet]:
     """Verification of templates and of each MOTE gallery on the run's probes; ROC plot in mote/."""
     run = RunDir(run_dir)
     cfg, ds, manifest = load_run(run)
     model = load_final_model(run)
-    galleries = {f"{b:.2f}": MoteGallery.load(run.path / gallery_file(b)) for b in cfg.mote.balancing_factors}
+    galleries = {mote_method(b): MoteGallery.load(run.gallery(b)) for b in cfg.mote.balancing_factors}
     enrolled = next(iter(galleries.values())).identity_ids
     if any(not np.array_equal(g.identity_ids, enrolled) for g in galleries.values()):
-        raise ValueError(f"{run.path / 'mote'}: the galleries enroll different identities")
+        raise ValueError(f"{run.mote}: the galleries enroll different identities")
     refs = references(manifest, ds, cfg)
     missing = sorted(set(enrolled.tolist()) - set(refs))
     if missing:
-        raise ValueError(f"{run.path / 'mote'}: identities {missing[:5]} are enrolled but have no member images")
+        raise ValueError(f"{run.mote}: identities {missing[:5]} are enrolled but have no member images")
     probe_pos = np.flatnonzero(manifest.role_mask(ds, "probe"))
     ref_pos = np.concatenate([refs[i] for i in enrolled.tolist()])
     if np.isin(probe_pos, ref_pos).any():  # roles are disjoint by construction; never score a reference
@@ -90,20 +88,19 @@ def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Temp
     templates /= np.maximum(np.linalg.norm(templates, axis=1, keepdims=True), 1e-12)
 
     probe_identity = ds.identity[probe_pos]
-    scores = {"templates": probes.astype(np.float64) @ templates.T.astype(np.float64)}
-    scores.update({f"MOTE b={b}": g.scores(probes) for b, g in galleries.items()})
-    genuine, probe_of = _pairs(scores["templates"], probe_identity, enrolled)
+    scores = {TEMPLATES: probes.astype(np.float64) @ templates.T.astype(np.float64)}
+    scores.update({name: g.scores(probes) for name, g in galleries.items()})
+    genuine, probe_of = _pairs(scores[TEMPLATES], probe_identity, enrolled)
     if not genuine.any():
         raise ValueError("no probe image shows an enrolled identity: nothing to verify")
     gender, group = ds.gender[probe_pos], ds.group[probe_pos]
-    report: dict[str, Any] = {"target_fmr": TARGET_FMR, "enrolled": int(enrolled.size), "probes": int(probe_pos.size),
-                              "methods": {}}
+    report = MoteEvaluation(TARGET_FMR, int(enrolled.size), int(probe_pos.size), {})
     curves = {}
     for name, s in scores.items():
-        report["methods"][name] = _method_report(s, genuine, probe_of, gender, group, ds.group_names)
+        report.methods[name] = _method_report(s, genuine, probe_of, gender, group, ds.group_names)
         fmr, tmr, _ = roc_curve(genuine.ravel(), s.ravel())
-        curves[f"{name} (AUC {report['methods'][name]['auc']:.3f})"] = (fmr, tmr)
-    log_log_roc(curves, run.path / ROC_FILE, max(1e-5, 1.0 / int((~genuine).sum())),
+        curves[f"{name} (AUC {report.methods[name]['auc']:.3f})"] = (fmr, tmr)
+    log_log_roc(curves, run.mote_roc_path, max(1e-5, 1.0 / int((~genuine).sum())),
                 xlabel="false match rate", ylabel="true match rate (1 - FNMR)", title="MOTE vs templates")
 
     aux = np.flatnonzero(manifest.role_mask(ds, "aux") & (ds.gender >= 0))
@@ -112,15 +109,14 @@ def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Temp
                                embed(model, ds.images[aux]), ds.gender[aux].astype(np.int64))
 
 
-def save_evaluation(run_dir: str | os.PathLike[str], report: dict[str, Any]) -> tuple[list[str], list[tuple]]:
+def save_evaluation(run_dir: str | os.PathLike[str], report: MoteEvaluation) -> tuple[list[str], list[tuple]]:
     """Write ``mote/evaluation.json``; return the summary table (header, rows)."""
-    atomic_write_json(RunDir(run_dir).path / EVALUATION_FILE, report)
-    leak = report.get("gender_inference", {})
+    report.save(RunDir(run_dir).mote_evaluation_path)
     header = ["method", "AUC", "FNMR@FMR=1e-3", "FNMR female", "FNMR male", "FDR", "iGARBE", "IR",
               "gender inference BA"]
     rows = []
-    for name, r in report["methods"].items():
-        ba = leak.get(name, {}).get("balanced_accuracy")
+    for name, r in report.methods.items():
+        ba = report.leakage(name).get("balanced_accuracy")
         rows.append((name, f"{r['auc']:.4f}", f"{r['fnmr']:.4f}", f"{r['gender']['female']['fnmr']:.4f}",
                      f"{r['gender']['male']['fnmr']:.4f}", f"{r['fdr']:.4f}", f"{r['igarbe']:.4f}", f"{r['ir']:.3f}",
                      "-" if ba is None else f"{ba:.3f}"))

@@ -26,8 +26,6 @@ from common.nn.checkpoint import load_checkpoint, save_checkpoint
 from common.nn.face_model import FaceModel, ModelSpec
 from common.runs.rundir import RunDir
 
-ENCRYPTED_SUFFIX = ".he.safetensors"
-
 
 def save_encrypted(path: str | os.PathLike[str], payload: dict[str, np.ndarray], mask: np.ndarray,
                    metadata: dict[str, Any]) -> Path:
@@ -57,9 +55,9 @@ def decrypt_checkpoint(path: str | os.PathLike[str], ctx: ts.Context, secret_con
 
 def load_final_model(run: RunDir) -> FaceModel:
     """The run's plaintext final model; for an HE run that nobody decrypted yet, says how to."""
-    path = run.models / "final.safetensors"
+    path = run.final_model
     if not path.exists():
         hint = (" (the run is encrypted: a key holder must first run `facefl keys decrypt-model`)"
-                if (run.models / f"final{ENCRYPTED_SUFFIX}").exists() else "")
+                if run.final_encrypted.exists() else "")
         raise FileNotFoundError(f"{path}: no plaintext final model{hint}")
     return load_model(path)[0]

@@ -19,22 +19,9 @@ from common.config import Config
 from common.data.dataset import FaceDataset
 from common.mote.gallery import MoteGallery, enroll
 from common.mote.kde import GenderKDE
-from common.mote.networks import MoteSettings
 from common.split.build import build_manifest
 from common.split.manifest import Manifest
 from common.train.loop import embed
-
-
-def gallery_file(balancing_factor: float) -> str:
-    """Path of a gallery inside the run directory."""
-    return f"mote/gallery-b{balancing_factor:.2f}.safetensors"
-
-
-def mote_settings(cfg: Config) -> MoteSettings:
-    m = cfg.mote
-    return MoteSettings(n_synthetic=m.synthetic, n_impostors=m.impostors, epochs=m.epochs,
-                        dp_noise_multiplier=m.dp_noise_multiplier,
-                        dp_max_grad_norm=m.dp_max_grad_norm if m.dp_max_grad_norm > 0 else None)
 
 
 def enrolling_client(manifest: Manifest, ds: FaceDataset) -> dict[int, int]:
@@ -93,7 +80,7 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int) -
         return np.stack([emb[p] for p in pos.tolist()])
 
     kde = GenderKDE.fit(rows(kde_pos), ds.identity[kde_pos], ds.gender[kde_pos], seed=seed)
-    settings = mote_settings(cfg)
+    settings = cfg.mote
     galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, rows(own), ds.identity[own], b, seed, settings)
                  for b in cfg.mote.balancing_factors]
     info = {"client": client, "identities": sorted(refs), "references": {str(i): ds.sample_ids[p].tolist()

@@ -4,6 +4,7 @@ stored as safetensors and validated when built or loaded; ``enroll`` trains one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -13,24 +14,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.config import MoteConfig
 from common.mote.kde import (
     GenderKDE,
     ImpostorPool,
     build_enrollment_set,
 )
 from common.mote.networks import (
-    GALLERY_FORMAT,
-    GALLERY_VERSION,
+    HIDDEN,
     PARAM_NAMES,
-    MoteSettings,
     TrainResult,
-    _param_shapes,
     identity_streams,
-    log,
+    param_shapes,
     parameter_count,
     train_models,
 )
 from common.nn.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+GALLERY_FORMAT = "facefl-mote-gallery"
+GALLERY_VERSION = 1
 
 
 @dataclass
@@ -68,7 +72,7 @@ class MoteGallery:
                 raise ValueError(f"MOTE gallery parameter {name!r} is not a numeric array") from None
         w1 = tensors["w1"]
         dim = int(w1.shape[1]) if w1.ndim == 3 else 0
-        want = {n: (k, *shape) for n, shape in _param_shapes(dim).items()}
+        want = {n: (k, *shape) for n, shape in param_shapes(dim).items()}
         bad = [f"{n} {tuple(t.shape)} (expected {want[n]})" for n, t in tensors.items() if tuple(t.shape) != want[n]]
         if dim < 1 or bad:
             raise ValueError(f"MOTE gallery of {k} identities has misshapen parameters: {', '.join(bad)}")
@@ -127,7 +131,7 @@ class MoteGallery:
         x = torch.as_tensor(np.asarray(probes, dtype=np.float32)) if not torch.is_tensor(probes) else probes.float()
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MoteGallery: expected probes (n, {self.dim}), got {tuple(x.shape)}")
-        k, (h1, _) = len(self), MoteSettings.HIDDEN
+        k, (h1, _) = len(self), HIDDEN
         p = self.params
         if self._w1_flat is None:  # (d, k * h1): layer 1 of all identities as one GEMM
             self._w1_flat = p["w1"].permute(1, 0, 2).reshape(self.dim, k * h1).contiguous()
@@ -150,7 +154,7 @@ class MoteGallery:
         dtype = torch.float16 if fp16 else torch.float32
         meta = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "identity_ids": self.identity_ids.tolist(),
                 "balancing_factor": self.balancing_factor.tolist(), "embedding_dim": self.dim, "seed": int(self.seed),
-                "hidden": list(MoteSettings.HIDDEN), "dtype": str(dtype).removeprefix("torch."), "info": self.info}
+                "hidden": list(HIDDEN), "dtype": str(dtype).removeprefix("torch."), "info": self.info}
         save_checkpoint(path, {n: t.to(dtype) for n, t in self.params.items()}, meta)
 
     @classmethod
@@ -188,7 +192,7 @@ def _balancing_factors(balancing_factor: float | Sequence[float] | np.ndarray, k
 
 def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: GenderKDE, impostor_pool_emb: np.ndarray,
            impostor_pool_identity: np.ndarray, balancing_factor: float | Sequence[float] | np.ndarray, seed: int,
-           settings: MoteSettings | None = None) -> MoteGallery:
+           settings: MoteConfig | None = None) -> MoteGallery:
     """Enrol every identity of ``reference_identity`` (sorted ids) as a MOTE model template.
 
     Identity ids are non-negative integers: with ``seed`` they seed each identity's random
@@ -199,7 +203,7 @@ def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: Gende
     fairness knob: the male share of the synthetic samples). Identities are trained
     ``settings.enroll_batch`` at a time; the result does not depend on that grouping.
     """
-    settings = settings or MoteSettings()
+    settings = (settings or MoteConfig()).validate()
     ref = np.asarray(reference_emb, dtype=np.float32)
     ref_id = np.asarray(reference_identity)
     if ref.ndim != 2 or ref_id.shape != (ref.shape[0],):
@@ -219,8 +223,8 @@ def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: Gende
         for ident, bi in zip(ids[lo: lo + settings.enroll_batch], b[lo: lo + settings.enroll_batch]):
             data_rng, init_gen, train_gen = identity_streams(seed, int(ident))
             sets.append(build_enrollment_set(int(ident), ref[ref_id == ident], kde, pool, float(bi), data_rng,
-                                             n_synthetic=settings.n_synthetic, n_impostors=settings.n_impostors,
-                                             n_synthetic_impostors=settings.n_synthetic_impostors,
+                                             n_synthetic=settings.synthetic, n_impostors=settings.impostors,
+                                             n_synthetic_impostors=settings.synthetic_impostors,
                                              val_fraction=settings.val_fraction))
             init_gens.append(init_gen)
             train_gens.append(train_gen)
@@ -229,6 +233,6 @@ def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: Gende
     epochs = np.concatenate([r.epochs for r in parts])
     log.info("MOTE: enrolled %d identities in %.1f s (mean %.1f epochs)", ids.size, time.perf_counter() - start,
              epochs.mean())
-    info = {"settings": dataclasses.asdict(settings), "epochs": epochs.tolist(),
+    info = {"settings": settings.to_dict(), "epochs": epochs.tolist(),
             "val_loss": np.concatenate([r.val_loss for r in parts]).tolist()}
     return MoteGallery(ids, params, b, seed, info)

@@ -1,9 +1,9 @@
-"""Synthetic training data for MOTE model templates: gender KDEs and per-identity enrolment sets.
+"""Synthetic training data for MOTE model templates: gender KDEs and per-identity enrollment sets.
 
 MOTE (Groß, Heindorf & Terhörst, "A Responsible Face Recognition Approach for Small and Mid-Scale
 Systems Through Personalized Neural Networks") trains one small classifier per enrolled identity
 from a single reference embedding. The missing intra-class variation is borrowed from an
-enrolment population: its embeddings are centred on their identity centroid, so that only the
+enrollment population: its embeddings are centred on their identity centroid, so that only the
 variation around an identity remains, and one Gaussian KDE per gender models that variation.
 Drawing a fraction b of an identity's synthetic samples from the male KDE and 1 - b from the
 female one (the balancing factor) sets, per individual, which variation the classifier learns to
@@ -162,7 +162,7 @@ def build_enrollment_set(ident: int, reference: np.ndarray, kde: GenderKDE, pool
                          balancing_factor: float, rng: np.random.Generator, *, n_synthetic: int = 100,
                          n_impostors: int = 400, n_synthetic_impostors: int = 100,
                          val_fraction: float = 0.2) -> EnrollmentSet:
-    """The enrolment data of identity ``ident`` (MOTE, Sec. 3.2 and 3.3).
+    """The enrollment data of identity ``ident`` (MOTE, Sec. 3.2 and 3.3).
 
     * Genuine: the reference embedding(s) (always in training: they are the only real positives)
       plus ``n_synthetic`` samples c_i + offset around the reference centroid c_i, round(b * n)

@@ -35,91 +35,44 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.config import MoteConfig
 from common.mote.kde import (
     EnrollmentSet,
 )
 
 log = logging.getLogger(__name__)
 
-GALLERY_FORMAT = "facefl-mote-gallery"
-GALLERY_VERSION = 1
 PARAM_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 _SEED_TAG = 0x4D07E  # separates MOTE's per-identity streams from other uses of the same seed
 _ADAM_BETA2 = 0.999
 
 
-@dataclass
-class MoteSettings:
-    """Enrolment hyper-parameters (defaults: the MOTE paper's where it gives them).
+HIDDEN: tuple[int, int] = (128, 64)
+"""Hidden layer widths of every per-identity network (the MOTE paper's)."""
 
-    The paper gives the network, optimiser, schedule, loss, batch size and epoch limit; the data
-    counts, validation share and early-stopping patience are this project's choices.
 
-    An epoch is ``steps_per_epoch`` balanced batches: as many as the nominal training set
-    (synthetic genuine + impostors, minus the validation share) fills. It depends on the
-    settings only, so every identity in a batch follows the same learning-rate schedule.
-    ``dp_max_grad_norm`` None disables per-sample clipping (and so DP); with a clip norm set,
-    ``dp_noise_multiplier`` 0 clips without noise (no DP guarantee).
-    """
-
-    HIDDEN: ClassVar[tuple[int, int]] = (128, 64)
-
-    n_synthetic: int = 100
-    n_impostors: int = 400
-    n_synthetic_impostors: int = 100
-    val_fraction: float = 0.2
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 1e-2
-    weight_decay: float = 1e-3
-    dropout: float = 0.5
-    patience: int = 5
-    min_delta: float = 0.0
-    dp_noise_multiplier: float = 0.0
-    dp_max_grad_norm: float | None = None
-    enroll_batch: int = 64
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 2 or self.batch_size % 2:
-            raise ValueError(f"MoteSettings.batch_size must be even and >= 2 (half genuine, half impostor), "
-                             f"got {self.batch_size}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"MoteSettings.val_fraction must be in (0, 1), got {self.val_fraction}")
-        if round(self.val_fraction * self.n_synthetic) < 1:
-            raise ValueError(f"MoteSettings: val_fraction {self.val_fraction} of n_synthetic {self.n_synthetic} "
-                             "leaves no genuine validation sample for early stopping")
-        if self.epochs < 1 or self.patience < 1 or self.enroll_batch < 1:
-            raise ValueError("MoteSettings: epochs, patience and enroll_batch must be >= 1")
-        if not 0.0 <= self.dropout < 255.5 / 256:  # the rate is quantised to 1/256 (see _epoch_draws)
-            raise ValueError(f"MoteSettings.dropout must be in [0, 0.998], got {self.dropout}")
-        if self.dp_noise_multiplier < 0:
-            raise ValueError(f"MoteSettings.dp_noise_multiplier must be >= 0, got {self.dp_noise_multiplier}")
-        if self.dp_max_grad_norm is None and self.dp_noise_multiplier > 0:
-            raise ValueError("MoteSettings: dp_noise_multiplier > 0 needs dp_max_grad_norm (the clipping norm)")
-        if self.dp_max_grad_norm is not None and self.dp_max_grad_norm <= 0:
-            raise ValueError(f"MoteSettings.dp_max_grad_norm must be > 0, got {self.dp_max_grad_norm}")
-
-    @property
-    def steps_per_epoch(self) -> int:
-        nominal = (self.n_synthetic + self.n_impostors + self.n_synthetic_impostors) * (1 - self.val_fraction)
-        return max(1, math.ceil(nominal / self.batch_size))
+def steps_per_epoch(settings: MoteConfig) -> int:
+    """Balanced batches per epoch: as many as the nominal training set (synthetic genuine +
+    impostors, minus the validation share) fills. It depends on the settings only, so every
+    identity in a stack follows the same learning-rate schedule."""
+    nominal = (settings.synthetic + settings.impostors + settings.synthetic_impostors) * (1 - settings.val_fraction)
+    return max(1, math.ceil(nominal / settings.batch_size))
 
 
 def parameter_count(dim: int) -> int:
     """Parameters of one model template for ``dim``-dimensional embeddings (74,049 at d = 512)."""
-    h1, h2 = MoteSettings.HIDDEN
+    h1, h2 = HIDDEN
     return dim * h1 + h1 + h1 * h2 + h2 + h2 + 1
 
 
-def _param_shapes(dim: int) -> dict[str, tuple[int, ...]]:
+def param_shapes(dim: int) -> dict[str, tuple[int, ...]]:
     """Per-identity shapes; weights are stored (in, out) so that a layer is ``x @ w + b``."""
-    h1, h2 = MoteSettings.HIDDEN
+    h1, h2 = HIDDEN
     return {"w1": (dim, h1), "b1": (h1,), "w2": (h1, h2), "b2": (h2,), "w3": (h2,), "b3": ()}
 
 
@@ -139,10 +92,10 @@ def identity_streams(seed: int, ident: int) -> tuple[np.random.Generator, torch.
 
 def _init_params(gen: torch.Generator, dim: int) -> torch.Tensor:
     """Flat (P,) parameters with ``nn.Linear``'s default init: U(+-1/sqrt(fan_in)) for weight and bias."""
-    h1, h2 = MoteSettings.HIDDEN
+    h1, h2 = HIDDEN
     fan_in = {"w1": dim, "b1": dim, "w2": h1, "b2": h1, "w3": h2, "b3": h2}
     return torch.cat([(torch.rand(math.prod(shape), generator=gen) * 2 - 1) / math.sqrt(fan_in[name])
-                      for name, shape in _param_shapes(dim).items()])
+                      for name, shape in param_shapes(dim).items()])
 
 
 def _logits(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +210,7 @@ class StackedAdam:
 def unflatten(flat: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
     """Views of flat (k, P) parameters as the stacked tensors of each layer (PARAM_NAMES order)."""
     out, offset = {}, 0
-    for name, shape in _param_shapes(dim).items():
+    for name, shape in param_shapes(dim).items():
         size = math.prod(shape)
         out[name] = flat[:, offset: offset + size].view(flat.shape[0], *shape)
         offset += size
@@ -340,15 +293,15 @@ class _EpochDraws:
     noise: torch.Tensor | None  # (k, S, P) standard normal DP noise, None without noise
 
 
-def _epoch_draws(gens: Sequence[torch.Generator], settings: MoteSettings, hidden: int, n_params: int) -> _EpochDraws:
+def _epoch_draws(gens: Sequence[torch.Generator], settings: MoteConfig, hidden: int, n_params: int) -> _EpochDraws:
     """Draw each identity's epoch from its own generator, in a fixed order, so that a stream never
     depends on which identities share the batch. Dropout uses random bytes (8 per 64-bit draw,
     several times cheaper than uniform floats), which quantises the dropout rate to 1/256."""
-    k, steps, batch = len(gens), settings.steps_per_epoch, settings.batch_size
+    k, steps, batch = len(gens), steps_per_epoch(settings), settings.batch_size
     n_bytes = steps * batch * hidden
     picks = torch.empty(k, steps, batch)
     words = torch.empty(k, -(-n_bytes // 8), dtype=torch.int64)
-    with_noise = settings.dp_max_grad_norm is not None and settings.dp_noise_multiplier > 0
+    with_noise = settings.dp_max_grad_norm > 0 and settings.dp_noise_multiplier > 0
     noise = torch.empty(k, steps, n_params) if with_noise else None
     for i, gen in enumerate(gens):
         picks[i].uniform_(generator=gen)
@@ -369,10 +322,10 @@ class TrainResult:
 
 
 def train_models(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator],
-                 train_gens: Sequence[torch.Generator], settings: MoteSettings) -> TrainResult:
-    """Train one model template per enrolment set, all k at once (see the module docstring)."""
+                 train_gens: Sequence[torch.Generator], settings: MoteConfig) -> TrainResult:
+    """Train one model template per enrollment set, all k at once (see the module docstring)."""
     k, dim = len(sets), sets[0].genuine_train.shape[1]
-    h1, h2 = MoteSettings.HIDDEN
+    h1, h2 = HIDDEN
     n_params = parameter_count(dim)
     adam = StackedAdam(torch.stack([_init_params(gen, dim) for gen in init_gens]), settings.weight_decay)
     best = adam.params.clone()
@@ -386,18 +339,18 @@ def train_models(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Genera
     y = torch.cat([torch.ones(half), torch.zeros(half)])
     drop_threshold = round(settings.dropout * 256)
     keep_scale = 256 / (256 - drop_threshold)  # inverted dropout, as nn.Dropout
-    schedule = one_cycle_schedule(settings.lr, settings.epochs * settings.steps_per_epoch)
-    noise_scale = settings.dp_noise_multiplier * (settings.dp_max_grad_norm or 0.0) / settings.batch_size
+    schedule = one_cycle_schedule(settings.lr, settings.epochs * steps_per_epoch(settings))
+    noise_scale = settings.dp_noise_multiplier * settings.dp_max_grad_norm / settings.batch_size
     step = 0
     for _ in range(settings.epochs):
         draws = _epoch_draws(gens, settings, h1 + h2, n_params)
-        for s in range(settings.steps_per_epoch):
+        for s in range(steps_per_epoch(settings)):
             lr, beta1 = schedule[step]
             step += 1
             drop_bytes = draws.drop_bytes[:, s]
             mask = torch.ge(drop_bytes, drop_threshold, out=torch.empty(drop_bytes.shape)).mul_(keep_scale)
             grads = flatten(gradients(unflatten(adam.params, dim), data.batch(draws.picks[:, s]), y, mask[..., :h1],
-                                      mask[..., h1:], settings.dp_max_grad_norm), adam.padded_width)
+                                      mask[..., h1:], settings.dp_max_grad_norm or None), adam.padded_width)
             if draws.noise is not None:  # sum of clipped gradients + N(0, (sigma C)^2), over the batch size
                 grads[:, :n_params].add_(draws.noise[:, s], alpha=noise_scale)
             adam.step(grads, lr, beta1)

@@ -19,19 +19,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.runs import layout
 from common.runs.io import atomic_path, atomic_write_text
-from common.runs.results import (
-    FAIR_GALLERY,
-    FPR_KEYS,
-    RunResults,
-    attack_label,
-    is_update_attack,
-)
+from common.runs.records import BALANCED_GALLERY, MISSING, RunStatus, tpr_label
+from common.runs.results import RunResults
+from common.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
-UTILITY_PLOT = "utility.png"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("Setup and configuration", "Privacy ledger", "Utility", "Fairness", "Membership-inference attacks",
             "Per-group leakage", "MOTE vs templates", "What the server could see")
@@ -103,13 +98,13 @@ def _image(path: Path, alt: str) -> str:
 
 def _setup(r: RunResults) -> str:
     if r.config is None:
-        return _not_run("config.toml is missing: this is not a run directory")
-    status = r.status or {"status": "missing"}
+        return _not_run(f"{layout.CONFIG} is missing: this is not a run directory")
+    status = r.status or RunStatus(MISSING)
     m = r.manifest or {}
     counts = m.get("counts", {})
     rows = [
         ("run", r.path.name),
-        ("status", status.get("status", "missing") + (f" ({status['error']})" if status.get("error") else "")),
+        ("status", status.status + (f" ({status.error})" if status.error else "")),
         ("seed", r.cfg("seed")),
         ("task", f"{r.cfg('train.task')} (attribute: {r.cfg('train.attribute')})"),
         ("data", f"{r.cfg('data.source')}: {r.cfg('data.identities')} identities x {r.cfg('data.images_per_identity')} "
@@ -136,9 +131,9 @@ def _setup(r: RunResults) -> str:
             (i, c.get("identities"), c.get("samples"), ", ".join(f"{k} {v}" for k, v in c.get("gender", {}).items()),
              ", ".join(f"{k} {v}" for k, v in c.get("group", {}).items())) for i, c in enumerate(clients)]))
     else:
-        out.append(_not_run("manifest.json is missing: no per-client data summary"))
-    text = (r.path / "config.toml").read_text(encoding="utf-8")
-    out.append(f"<details><summary>resolved configuration (config.toml)</summary><pre>{_e(text)}</pre></details>")
+        out.append(_not_run(f"{layout.MANIFEST} is missing: no per-client data summary"))
+    text = (r.path / layout.CONFIG).read_text(encoding="utf-8")
+    out.append(f"<details><summary>resolved configuration ({layout.CONFIG})</summary><pre>{_e(text)}</pre></details>")
     return "".join(out)
 
 
@@ -146,7 +141,7 @@ def _privacy(r: RunResults) -> str:
     if r.config is not None and not r.dp_on():
         return _p("DP-SGD was off (dp.mode = off): the run has no differential-privacy guarantee (epsilon = ∞).")
     if r.privacy is None:
-        return _not_run("privacy.json is missing (no round finished)")
+        return _not_run(f"{layout.PRIVACY} is missing (no round finished)")
     p = r.privacy
     rows = [(k, c.get("epsilon"), c.get("epsilon_rdp"), c.get("epsilon_prv"), c.get("delta"), c.get("steps"),
              c.get("noise_multiplier"), c.get("sample_rate"), ", ".join(map(str, c.get("rounds", []))))
@@ -174,14 +169,14 @@ def _utility(r: RunResults) -> str:
             rows.append((f"round {e.get('round')}, decrypted by a key holder", "", "", "",
                          e.get("verification_auc"), e.get("attribute_accuracy", "n/a"), "", ""))
     if not rows:
-        return _not_run("metrics.jsonl has no round (training did not start)")
+        return _not_run(f"{layout.METRICS} has no round (training did not start)")
     out = [_table(("round", "clients", "failed", "train loss", "verification AUC", "attribute accuracy", "max epsilon",
                    "seconds"), rows)]
     if r.cfg("he.enabled"):
         out.append(_p("With HE the server cannot evaluate the global model between rounds; the decrypted final "
                       "model is evaluated by a key holder."))
     try:
-        plot = utility_plot(r, r.path / UTILITY_PLOT)
+        plot = utility_plot(r, r.path / layout.UTILITY_PLOT)
     except ValueError as exc:
         out.append(_not_run(f"utility plot: {exc}"))
     else:
@@ -249,60 +244,58 @@ def _fairness(r: RunResults) -> str:
     else:
         out.append(_not_run("attribute fairness: the final model was never evaluated (HE run not decrypted?)"))
     if r.evaluation is not None:
-        out.append(_p(f"Verification fairness at one global threshold (FMR {r.evaluation.get('target_fmr')}): FDR and "
+        out.append(_p(f"Verification fairness at one global threshold (FMR {r.evaluation.target_fmr}): FDR and "
                       "iGARBE are higher when fairer (1 = equal error rates), IR is 1 when fair."))
         out.append(_table(("method", "FNMR female", "FNMR male", "FDR (gender)", "iGARBE (gender)", "IR (gender)",
                            "FDR (group)", "iGARBE (group)", "IR (group)"), [
             (name, m["gender"]["female"]["fnmr"], m["gender"]["male"]["fnmr"], m.get("fdr"), m.get("igarbe"),
              m.get("ir"),
              m["group"].get("fdr"), m["group"].get("igarbe"), m["group"].get("ir"))
-            for name, m in r.evaluation.get("methods", {}).items()]))
+            for name, m in r.evaluation.methods.items()]))
     else:
-        out.append(_not_run("MOTE verification fairness: no mote/evaluation.json (`facefl evaluate` was not run)"))
+        out.append(_not_run(f"MOTE verification fairness: no {layout.MOTE_EVALUATION} (`facefl evaluate` was not run)"))
     return "".join(out)
 
 
 def _attacks(r: RunResults) -> str:
     if r.audit is None:
-        return _not_run("no audit/report.json (`facefl audit` was not run)")
+        return _not_run(f"no {layout.AUDIT_REPORT} (`facefl audit` was not run)")
     a = r.audit
     rows = []
     for x in r.attacks():
-        ci = x.get("ci95") or {}
-        tpr_ci = ci.get("tpr_at_fpr", {})
-        rows.append((x["name"], x["target"], with_ci(x["auc"], ci.get("auc")),
-                     with_ci(x["balanced_accuracy"], ci.get("balanced_accuracy")),
-                     *(with_ci(x["tpr_at_fpr"][k], tpr_ci.get(k)) for k in FPR_KEYS),
-                     f"{x['n_members']} / {x['n_nonmembers']}"))
-    audited = a.get("audited", {})
-    out = [_p(f"Audited {audited.get('members')} members vs {audited.get('nonmembers')} nonmembers of the global "
-              f"model; {a.get('references')} reference models; seed {a.get('seed')}. Intervals are stratified "
+        rows.append((x.name, x.target, with_ci(x.auc, x.ci("auc")),
+                     with_ci(x.balanced_accuracy, x.ci("balanced_accuracy")),
+                     *(with_ci(x.tpr_at_fpr[k], x.tpr_ci(k)) for k in a.fpr_keys),
+                     f"{x.n_members} / {x.n_nonmembers}"))
+    out = [_p(f"Audited {a.audited.get('members')} members vs {a.audited.get('nonmembers')} nonmembers of the global "
+              f"model; {a.references} reference models; seed {a.seed}. Intervals are stratified "
               "bootstrap 95% intervals; TPR at a target FPR never uses a threshold whose FPR exceeds the target.")]
-    if a.get("mote_audited"):
-        m = a["mote_audited"]
+    if a.mote_audited:
+        m = a.mote_audited
         out.append(_p(f"MOTE galleries: {m.get('members')} vs {m.get('nonmembers')} ({m.get('what')})."))
-    if a.get("fair_run"):
-        out.append(_p(f"Fair twin run (FD-MIA pair): {a['fair_run']}."))
-    out.append(_table(("attack", "target", "AUC [95% CI]", "balanced accuracy [95% CI]", "TPR@0.1%FPR [95% CI]",
-                       "TPR@1%FPR [95% CI]", "members / nonmembers"), rows))
-    out.append(_image(r.path / "audit" / "roc.png", "ROC of every attack (log-log)"))
+    if a.fair_run:
+        out.append(_p(f"Fair twin run (FD-MIA pair): {a.fair_run}."))
+    out.append(_table(("attack", "target", "AUC [95% CI]", "balanced accuracy [95% CI]",
+                       *(f"{tpr_label(k)} [95% CI]" for k in a.fpr_keys), "members / nonmembers"), rows))
+    out.append(_image(r.path / layout.AUDIT_ROC, "ROC of every attack (log-log)"))
     return "".join(out)
 
 
 def _per_group(r: RunResults) -> str:
     if r.audit is None:
-        return _not_run("no audit/report.json")
+        return _not_run(f"no {layout.AUDIT_REPORT}")
     rows = []
+    keys = r.audit.fpr_keys
     for x in r.attacks(include_updates=False):
-        for attr, groups in x.get("per_group", {}).items():
+        for attr, groups in x.per_group.items():
             for value, g in groups.items():
-                rows.append((attack_label(x), attr, value, g.get("auc"), *(g["tpr_at_fpr"][k] for k in FPR_KEYS),
+                rows.append((x.label, attr, value, g.get("auc"), *(g["tpr_at_fpr"][k] for k in keys),
                              g.get("n_members"), g.get("n_nonmembers")))
     if not rows:
         return _not_run("the audit report has no per-group breakdown")
     return (_p("Each attack's success within one gender or skin-tone group (no intervals: the groups are small; "
                "n/a where a group lacks members or nonmembers).")
-            + _table(("attack", "attribute", "group", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "members", "nonmembers"),
+            + _table(("attack", "attribute", "group", "AUC", *map(tpr_label, keys), "members", "nonmembers"),
                      rows))
 
 
@@ -310,26 +303,25 @@ def _mote(r: RunResults) -> str:
     if r.evaluation is None:
         if not r.cfg("mote.enabled") or r.cfg("train.task") == "attribute":
             return _not_run("MOTE enrollment was off for this run (mote.enabled = false or attribute task)")
-        return _not_run("no mote/evaluation.json (`facefl evaluate` was not run)")
+        return _not_run(f"no {layout.MOTE_EVALUATION} (`facefl evaluate` was not run)")
     ev = r.evaluation
-    leak = ev.get("gender_inference", {})
-    rows = [(name, m.get("auc"), m.get("fnmr"), m.get("fmr"), leak.get(name, {}).get("balanced_accuracy"),
-             leak.get(name, {}).get("male_accuracy"), leak.get(name, {}).get("female_accuracy"))
-            for name, m in ev.get("methods", {}).items()]
-    return (_p(f"{ev.get('enrolled')} enrolled identities, {ev.get('probes')} probe images. Verification at one global "
-               f"threshold with FMR <= {ev.get('target_fmr')}. Gender inference by a template thief (comparison "
+    rows = [(name, m.get("auc"), m.get("fnmr"), m.get("fmr"), ev.leakage(name).get("balanced_accuracy"),
+             ev.leakage(name).get("male_accuracy"), ev.leakage(name).get("female_accuracy"))
+            for name, m in ev.methods.items()]
+    return (_p(f"{ev.enrolled} enrolled identities, {ev.probes} probe images. Verification at one global "
+               f"threshold with FMR <= {ev.target_fmr}. Gender inference by a template thief (comparison "
                "scores against an auxiliary population): balanced accuracy 0.5 = no leakage. "
-               f"{FAIR_GALLERY} is the balanced gallery.")
+               f"{BALANCED_GALLERY} is the balanced gallery.")
             + _table(("method", "verification AUC", "FNMR@FMR=1e-3", "FMR at threshold", "gender inference BA",
                       "male acc.", "female acc."), rows)
-            + _image(r.path / "mote" / "roc.png", "MOTE vs templates verification ROC"))
+            + _image(r.path / layout.MOTE_ROC, "MOTE vs templates verification ROC"))
 
 
 def _server_view(r: RunResults) -> str:
     out = []
     if r.cfg("he.enabled"):
         he = r.he or {}
-        out.append(_p("Encrypted aggregation (CKKS) was ON: " + str(he.get("server_sees", "he.json is missing")) + "."))
+        out.append(_p("Encrypted aggregation (CKKS) was ON: " + str(he.get("server_sees", f"{layout.HE} is missing")) + "."))
         if he:
             out.append(_table(("item", "value"), [
                 ("values encrypted", f"{he.get('encrypted')} of {he.get('values')}"),
@@ -339,17 +331,18 @@ def _server_view(r: RunResults) -> str:
         out.append(_p("Encrypted aggregation was OFF: the server saw every client's update in plaintext."))
     else:
         out.append(_not_run("no configuration"))
-    level = (r.audit or {}).get("update_level")
+    level = r.audit.update_level if r.audit is not None else None
     if level is None:
         out.append(_not_run("update-level attacks (a curious server attacking each client's update): no audit"))
     elif not level.get("available"):
         out.append(_p(f"Update-level attacks: not possible ({level.get('reason')})."))
     else:
-        rows = [(x["target"], x["name"], x["auc"], *(x["tpr_at_fpr"][k] for k in FPR_KEYS), x["n_members"])
-                for x in r.attacks() if is_update_attack(x)]
+        keys = r.audit.fpr_keys
+        rows = [(x.target, x.name, x.auc, *(x.tpr_at_fpr[k] for k in keys), x.n_members)
+                for x in r.attacks() if x.per_client]
         out.append(_p(f"Update-level attacks on {level.get('clients')} clients' own post-round models (what a curious "
                       "server holds), each on that client's members against every audited nonmember:"))
-        out.append(_table(("target", "attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "members"), rows))
+        out.append(_table(("target", "attack", "AUC", *map(tpr_label, keys), "members"), rows))
     return "".join(out)
 
 
@@ -376,4 +369,4 @@ def render_report(r: RunResults) -> str:
 def write_report(run_dir: str | os.PathLike[str]) -> Path:
     """Write ``RUN_DIR/report.html`` (and ``utility.png``) atomically; return the report's path."""
     r = RunResults.load(run_dir)
-    return atomic_write_text(r.path / REPORT_FILE, render_report(r))
+    return atomic_write_text(RunDir(r.path).report_path, render_report(r))

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
-import json
-import logging
-import os
-from pathlib import Path
-
-import torch
-
 from common.config import Config, load_config
+from common.data.cache import build_dataset
 from common.data.dataset import FaceDataset
-from common.data.sources import load_source
-from common.split.manifest import Manifest
-from common.data.sources.synthfaces.generator import SynthConfig, generate
-from common.nn.checkpoint import check_state, load_checkpoint
-from common.nn.face_model import FaceModel, ModelSpec
-from common.nn.heads import CosineClassifier
 from common.runs.rundir import RunDir
+from common.split.manifest import Manifest
 
 
 def load_run(run: RunDir) -> tuple[Config, FaceDataset, Manifest]:

@@ -1,10 +1,11 @@
 """What one run directory says about its results, read without any of the models.
 
 The report (``common.report.html``), the sweep table (``workflow.sweep``) and ``scripts/make_results.py``
-all read the same files: config.toml, status.json, manifest.json, metrics.jsonl, privacy.json,
-he.json, mote/evaluation.json and audit/report.json. Every file is optional here, because a run
-can stop (or be stopped) after any phase; a file that exists but cannot be read is kept as a
-problem naming the file, so that a report says so instead of crashing.
+all read the same files (``common.runs.layout``): the configuration, status, manifest, metrics,
+privacy ledger, HE summary, MOTE evaluation and audit report, the last three through their typed
+records (``common.runs.records``). Every file is optional here, because a run can stop (or be
+stopped) after any phase; a file that exists but cannot be read is kept as a problem naming the
+file, so that a report says so instead of crashing.
 """
 
 from __future__ import annotations
@@ -16,23 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.runs import layout
 from common.runs.io import read_json
-from common.evaluation.mote import EVALUATION_FILE
+from common.runs.records import BALANCED_GALLERY, TEMPLATES, AttackEntry, AuditReport, MoteEvaluation, RunStatus
 from common.runs.rundir import RunDir
-
-AUDIT_FILE = "audit/report.json"
-FAIR_GALLERY = "MOTE b=0.50"  # the balanced MOTE gallery, the one MOTE's claims are about
-FPR_KEYS = ("0.001", "0.01")  # attacks.metrics.DEFAULT_FPR_TARGETS, as report.json keys them
-
-
-def attack_label(entry: dict[str, Any]) -> str:
-    """``name @ target``: one attack on one model, unique within an audit report."""
-    return f"{entry['name']} @ {entry['target']}"
-
-
-def is_update_attack(entry: dict[str, Any]) -> bool:
-    """Attacks on one client's own post-round model (plaintext runs): per client, not per run."""
-    return str(entry["target"]).startswith("client ")
 
 
 @dataclass
@@ -41,13 +29,13 @@ class RunResults:
 
     path: Path
     config: dict[str, Any] | None = None
-    status: dict[str, Any] | None = None
+    status: RunStatus | None = None
     manifest: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     privacy: dict[str, Any] | None = None
     he: dict[str, Any] | None = None
-    evaluation: dict[str, Any] | None = None
-    audit: dict[str, Any] | None = None
+    evaluation: MoteEvaluation | None = None
+    audit: AuditReport | None = None
     problems: list[str] = field(default_factory=list)
 
     @classmethod
@@ -55,11 +43,14 @@ class RunResults:
         res = cls(Path(run_dir))
         if not res.path.is_dir():
             raise FileNotFoundError(f"{res.path}: not a run directory")
-        res.config = res._read("config.toml", lambda p: tomllib.loads(p.read_text(encoding="utf-8")))
-        for name, attr in (("status.json", "status"), ("manifest.json", "manifest"), ("privacy.json", "privacy"),
-                           ("he.json", "he"), (EVALUATION_FILE, "evaluation"), (AUDIT_FILE, "audit")):
-            setattr(res, attr, res._read(name, read_json))
-        res.metrics = res._read("metrics.jsonl", lambda p: RunDir(p.parent).read_metrics()) or []
+        res.config = res._read(layout.CONFIG, lambda p: tomllib.loads(p.read_text(encoding="utf-8")))
+        res.status = res._read(layout.STATUS, RunStatus.load)
+        res.manifest = res._read(layout.MANIFEST, read_json)
+        res.privacy = res._read(layout.PRIVACY, read_json)
+        res.he = res._read(layout.HE, read_json)
+        res.evaluation = res._read(layout.MOTE_EVALUATION, MoteEvaluation.load)
+        res.audit = res._read(layout.AUDIT_REPORT, AuditReport.load)
+        res.metrics = res._read(layout.METRICS, lambda p: RunDir(p.parent).read_metrics()) or []
         return res
 
     def _read(self, name: str, reader: Any) -> Any:
@@ -104,31 +95,30 @@ class RunResults:
             return math.nan
         return float(self.privacy.get("max_epsilon", math.nan))
 
-    def attacks(self, include_updates: bool = True) -> list[dict[str, Any]]:
-        entries = (self.audit or {}).get("attacks", [])
-        return [a for a in entries if include_updates or not is_update_attack(a)]
+    def attacks(self, include_updates: bool = True) -> list[AttackEntry]:
+        """The audit's entries ([] without an audit); without ``include_updates``, the per-run ones only."""
+        return self.audit.entries(include_updates) if self.audit is not None else []
 
     def headline(self) -> dict[str, Any]:
         """Flat headline numbers of the run (one sweep.csv row without the grid columns)."""
         final = self.final_metrics()
         row: dict[str, Any] = {
-            "status": (self.status or {}).get("status", "missing"),
+            "status": self.status.status if self.status is not None else "missing",
             "epsilon": self.epsilon(),
             "verification_auc": final.get("verification_auc", math.nan),
             "attribute_accuracy": final.get("attribute_accuracy", math.nan),
             "attribute_deo_sum": final.get("attribute_deo_sum", math.nan),
             "attribute_bias_amplification": final.get("attribute_bias_amplification", math.nan),
         }
-        methods = (self.evaluation or {}).get("methods", {})
-        leak = (self.evaluation or {}).get("gender_inference", {})
-        for method in ("templates", FAIR_GALLERY):
+        ev = self.evaluation
+        for method in (TEMPLATES, BALANCED_GALLERY):
+            verification, leak = (ev.method(method), ev.leakage(method)) if ev is not None else ({}, {})
             for key in ("auc", "fnmr", "fdr", "igarbe"):
-                row[f"{method} {key}"] = methods.get(method, {}).get(key, math.nan)
-            row[f"{method} gender_inference_ba"] = leak.get(method, {}).get("balanced_accuracy", math.nan)
+                row[f"{method} {key}"] = verification.get(key, math.nan)
+            row[f"{method} gender_inference_ba"] = leak.get("balanced_accuracy", math.nan)
         for a in self.attacks():
-            label = attack_label(a)
-            row[f"auc: {label}"] = a["auc"]
-            for fpr in FPR_KEYS:
-                row[f"tpr@{fpr}: {label}"] = a["tpr_at_fpr"][fpr]
+            row[f"auc: {a.label}"] = a.auc
+            for fpr in self.audit.fpr_keys:
+                row[f"tpr@{fpr}: {a.label}"] = a.tpr_at_fpr[fpr]
         return row
 

@@ -1,7 +1,7 @@
 """The run directory: the contract between training, evaluation and the audit.
 
-``runs/<run-id>/`` holds config.toml, manifest.json, metrics.jsonl, models/ and the rest (see
-docs/architecture.md). Every file is written atomically; metrics are appended one JSON object
+``runs/<run-id>/`` holds config.toml, manifest.json, metrics.jsonl, models/ and the rest (every
+name: ``common.runs.layout``; status.json: ``common.runs.records.RunStatus``). Every file is written atomically; metrics are appended one JSON object
 per line and each line is flushed and fsynced, so a crash loses at most the line being written.
 
 Resuming (``facefl run --resume``): the server *commits* a round by writing status.json last,
@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Config, dump_toml
-from common.runs.io import atomic_write_json, atomic_write_text, read_json
+from common.runs import layout
+from common.runs.io import atomic_write_text
+from common.runs.records import FAILED, FINISHED, MISSING, RUNNING, RunStatus
 
 # A client's private state (identity head, DP accountant history) is persisted node-locally, never
 # in the run directory: under ``<root>/<run key>/client-<partition>/``, where the root is the node
@@ -83,35 +85,119 @@ class RunDir:
         atomic_write_text(run.config_path, dump_toml(cfg))
         return run
 
+    # Paths of the run directory's files (names: common.runs.layout).
     @property
     def config_path(self) -> Path:
-        return self.path / "config.toml"
+        return self.path / layout.CONFIG
 
     @property
     def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
+        return self.path / layout.MANIFEST
 
     @property
     def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def models(self) -> Path:
-        d = self.path / "models"
-        d.mkdir(exist_ok=True)
-        return d
+        return self.path / layout.METRICS
 
     @property
     def status_path(self) -> Path:
-        return self.path / "status.json"
+        return self.path / layout.STATUS
+
+    @property
+    def privacy_path(self) -> Path:
+        return self.path / layout.PRIVACY
+
+    @property
+    def he_path(self) -> Path:
+        return self.path / layout.HE
 
     @property
     def lock_path(self) -> Path:
-        return self.path / ".lock"
+        return self.path / layout.LOCK
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / layout.REPORT
+
+    @property
+    def utility_plot_path(self) -> Path:
+        return self.path / layout.UTILITY_PLOT
+
+    @property
+    def models(self) -> Path:
+        """The models/ folder (created on first use)."""
+        d = self.path / layout.MODELS
+        d.mkdir(exist_ok=True)
+        return d
+
+    def checkpoint(self, name: str, encrypted: bool = False) -> Path:
+        """A global-model checkpoint in models/ (``layout.INITIAL``, ``layout.FINAL``, a round name)."""
+        return self.models / layout.checkpoint_file(name, encrypted)
+
+    def round_checkpoint(self, server_round: int, encrypted: bool = False) -> Path:
+        return self.checkpoint(layout.round_name(server_round), encrypted)
+
+    @property
+    def initial_model(self) -> Path:
+        return self.checkpoint(layout.INITIAL)
+
+    @property
+    def final_model(self) -> Path:
+        return self.checkpoint(layout.FINAL)
+
+    @property
+    def final_encrypted(self) -> Path:
+        return self.checkpoint(layout.FINAL, encrypted=True)
+
+    @property
+    def client_models(self) -> Path:
+        """models/clients/: each client's latest post-round model (plaintext runs)."""
+        return self.path / layout.CLIENT_MODELS
+
+    def client_model(self, partition: int) -> Path:
+        return self.client_models / layout.client_model_file(partition)
+
+    @property
+    def mote(self) -> Path:
+        return self.path / layout.MOTE
+
+    def gallery(self, balancing_factor: float) -> Path:
+        return self.path / layout.gallery_file(balancing_factor)
+
+    @property
+    def mote_enrollment_path(self) -> Path:
+        return self.path / layout.MOTE_ENROLLMENT
+
+    @property
+    def mote_evaluation_path(self) -> Path:
+        return self.path / layout.MOTE_EVALUATION
+
+    @property
+    def mote_roc_path(self) -> Path:
+        return self.path / layout.MOTE_ROC
+
+    @property
+    def audit(self) -> Path:
+        return self.path / layout.AUDIT
+
+    @property
+    def audit_report_path(self) -> Path:
+        return self.path / layout.AUDIT_REPORT
+
+    @property
+    def audit_scores_path(self) -> Path:
+        return self.path / layout.AUDIT_SCORES
+
+    @property
+    def audit_roc_path(self) -> Path:
+        return self.path / layout.AUDIT_ROC
+
+    def reference_cache(self, fair: bool = False) -> Path:
+        """The audit's cache of reference models (of their fairness-reweighted twins with ``fair``)."""
+        return self.path / (layout.REFERENCES_FAIR if fair else layout.REFERENCES)
 
     def write_status(self, status: str, **info: Any) -> None:
         """Record the run's state (running / finished / failed): the CLI's source of truth."""
-        atomic_write_json(self.status_path, {"status": status, "time": round(time.time(), 3), **info})
+        RunStatus.now(status, **info).save(self.status_path)
 
     def commit(self, rounds_completed: int) -> None:
         """The commit point of the start phase (0) or of a round: everything written so far
@@ -122,8 +208,7 @@ class RunDir:
     def last_commit(self) -> dict[str, int]:
         """``rounds_completed`` and ``metrics_lines`` of the last commit ({} if none), to carry
         into a ``failed`` status so that a failed run stays resumable."""
-        status = self.read_status()
-        return {k: status[k] for k in ("rounds_completed", "metrics_lines")} if "metrics_lines" in status else {}
+        return self.load_status().last_commit()
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -140,22 +225,22 @@ class RunDir:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def check_resumable(self) -> dict[str, Any]:
+    def check_resumable(self) -> RunStatus:
         """The status of a run that ``--resume`` may continue; ResumeError naming the directory
         and the reason otherwise (not a run, never started, finished). Whether another process
         is still working on it is ``lock``'s to tell."""
         if not self.config_path.is_file():
             raise ResumeError(f"{self.path}: not a facefl run directory (no config.toml)")
-        status = self.read_status()
-        state = status.get("status")
-        if state == "missing":
+        status = self.load_status()
+        state = status.status
+        if state == MISSING:
             raise ResumeError(f"{self.status_path}: missing, the run never started; start a new run instead")
-        if state == "finished":
-            raise ResumeError(f"{self.path}: the run already finished (status.json: finished, "
-                              f"{status.get('rounds_completed')} rounds); there is nothing to resume")
-        if state not in ("running", "failed"):
+        if state == FINISHED:
+            raise ResumeError(f"{self.path}: the run already finished ({self.status_path.name}: finished, "
+                              f"{status.rounds_completed} rounds); there is nothing to resume")
+        if state not in (RUNNING, FAILED):
             raise ResumeError(f"{self.status_path}: status {state!r}, expected running or failed")
-        if "metrics_lines" not in status and int(status.get("rounds_completed", 0)) > 0:
+        if not status.committed and int(status.rounds_completed or 0) > 0:
             raise ResumeError(f"{self.status_path}: no commit record (metrics_lines); the run was written by a "
                               "facefl without resume support and cannot be resumed")
         return status
@@ -165,7 +250,7 @@ class RunDir:
         written after the last commit as interrupted (one atomic rewrite of metrics.jsonl), and
         return the resume point."""
         status = self.check_resumable()
-        committed = status.get("metrics_lines")
+        committed = status.metrics_lines
         lines = self.metrics_path.read_bytes().splitlines(keepends=True) if self.metrics_path.exists() else []
         keep = int(committed or 0)
         if len(lines) < keep or any(not ln.endswith(b"\n") for ln in lines[:keep]):
@@ -181,13 +266,17 @@ class RunDir:
         if len(lines) > keep:
             atomic_write_text(self.metrics_path, b"".join(lines[:keep]).decode("utf-8") + "".join(
                 json.dumps(r, sort_keys=True) + "\n" for r in interrupted))
-        return ResumePoint(status.get("rounds_completed") if committed is not None else None,
-                           str(status["status"]), interrupted)
+        return ResumePoint(status.rounds_completed if committed is not None else None, status.status, interrupted)
+
+    def load_status(self) -> RunStatus:
+        """status.json as a record; status "missing" when it was never written."""
+        if not self.status_path.exists():
+            return RunStatus.missing(self.status_path)
+        return RunStatus.load(self.status_path)
 
     def read_status(self) -> dict[str, Any]:
-        if not self.status_path.exists():
-            return {"status": "missing", "error": f"{self.status_path} was never written"}
-        return read_json(self.status_path)
+        """status.json as written (``load_status().to_dict()``)."""
+        return self.load_status().to_dict()
 
     def log_metrics(self, event: str, **values: Any) -> dict[str, Any]:
         """Append one event to metrics.jsonl (durably) and return it."""

@@ -15,6 +15,7 @@ from common.data.dataset import FaceDataset
 
 FAIRNESS_METHODS: tuple[str, ...] = ("none", "reweight", "fair_mixup")
 FAIR_MIXUP_MODES: tuple[str, ...] = ("eo", "dp")
+SENSITIVE_ATTRIBUTES: tuple[str, ...] = ("gender", "group")
 
 
 def reweight(sensitive: np.ndarray, labels: np.ndarray) -> np.ndarray:

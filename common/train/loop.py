@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +138,9 @@ def identity_classes(identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, seed: int, epochs: int,
-          **kwargs: Any) -> TrainOutcome:
+          head: CosineClassifier | None = None, noise_multiplier: float = 0.0, dp_history: History | None = None,
+          sample_weight: np.ndarray | None = None, mixup: tuple[float, np.ndarray] | None = None,
+          schedule: tuple[int, int] | None = None, progress: bool = False, desc: str = "train") -> TrainOutcome:
     """Train ``model`` in place; see ``_train`` for the arguments.
 
     Runs with torch's global RNG forked and seeded (dropout draws from it), and with modules the
@@ -152,7 +153,10 @@ def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, 
         for p in frozen:
             p.requires_grad_(False)
         try:
-            return _train(model, ds, cfg, dp, seed=seed, epochs=epochs, **kwargs)
+            return _train(model, ds, cfg, dp, seed=seed, epochs=epochs, head=head,
+                          noise_multiplier=noise_multiplier, dp_history=dp_history,
+                          sample_weight=sample_weight, mixup=mixup, schedule=schedule, progress=progress,
+                          desc=desc)
         finally:
             for p in frozen:
                 p.requires_grad_(True)

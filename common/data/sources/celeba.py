@@ -18,8 +18,6 @@ from common.data.sources.reader import (
     whitespace_rows,
 )
 
-# --- CelebA --------------------------------------------------------------------------------
-
 CELEBA_IMAGES = "img_align_celeba"
 CELEBA_ATTRS = "list_attr_celeba.txt"
 CELEBA_IDENTITIES = "identity_CelebA.txt"

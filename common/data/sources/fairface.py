@@ -19,8 +19,6 @@ from common.data.sources.reader import (
     require_dir,
 )
 
-# --- FairFace ------------------------------------------------------------------------------
-
 FAIRFACE_RACES: tuple[str, ...] = ("White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian",
                                    "Indian", "Middle Eastern")
 FAIRFACE_SPLITS: tuple[str, ...] = ("train", "val")

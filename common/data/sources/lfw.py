@@ -15,8 +15,6 @@ from common.data.sources.reader import (
     read_csv,
 )
 
-# --- LFW -----------------------------------------------------------------------------------
-
 LFW_FOLDERS: tuple[str, ...] = ("lfw", "lfw-deepfunneled", "lfw_funneled")
 LFW_GENDERS: dict[str, int] = {"female": 0, "f": 0, "male": 1, "m": 1, "": UNKNOWN}
 _LFW_LAYOUT = "lfw/<Person_Name>/<Person_Name>_0001.jpg (the folder holding lfw/, or lfw/ itself)"

@@ -164,8 +164,6 @@ class SourceReader:
         )
 
 
-# --- shared file helpers -------------------------------------------------------------------
-
 def clip(value: Any, limit: int = 120) -> str:
     """``repr(value)`` cut to ``limit`` characters: annotation files are untrusted, and a hostile
     5000-character cell must not turn an error message into a wall of text."""

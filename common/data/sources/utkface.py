@@ -13,8 +13,6 @@ from common.data.sources.reader import (
     list_images,
 )
 
-# --- UTKFace -------------------------------------------------------------------------------
-
 UTKFACE_RACES: tuple[str, ...] = ("White", "Black", "Asian", "Indian", "Others")
 _UTKFACE_LAYOUT = "a folder of <age>_<gender 0|1>_<race 0-4>_<datetime>.jpg images (UTKFace)"
 _UTKFACE_NAME = re.compile(r"(\d{1,3})_([01])_([0-4])_\d+", re.ASCII)
