@@ -19,7 +19,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.he_client import Encryption, decode_global, encode_update, secret_context
-from client.local import ClientState, StateStore, derived_seed, local_data, local_train
+from client.local import (
+    ALLOW_REPRODUCIBLE_NOISE_ENV,
+    ALLOW_REPRODUCIBLE_NOISE_NODE_CONFIG,
+    ClientState,
+    StateStore,
+    derived_seed,
+    local_data,
+    local_train,
+)
 from common import wire
 from common.config import Config
 from common.data.cache import build_dataset
@@ -38,7 +46,7 @@ app = ClientApp()
 def _load_state(context: Context) -> ClientState:
     head = wire.record_to_state(context.state[HEAD_KEY]) if HEAD_KEY in context.state.array_records else None
     if PRIVACY_KEY in context.state.config_records:
-        return ClientState.from_privacy_json(str(context.state[PRIVACY_KEY]["json"]), head)
+        return ClientState.from_local_json(str(context.state[PRIVACY_KEY]["json"]), head)
     return ClientState(head=head)
 
 
@@ -71,10 +79,17 @@ def _restore_state(msg: Message, context: Context, partition: int,
     return ClientState(), store
 
 
+def _allows_reproducible_noise(context: Context) -> bool:
+    """Whether this node's operator lets a run derive the client's DP noise from the run seed:
+    node config ``allow-reproducible-noise=true``, or the simulation engine's environment."""
+    value = context.node_config.get(ALLOW_REPRODUCIBLE_NOISE_NODE_CONFIG, os.environ.get(ALLOW_REPRODUCIBLE_NOISE_ENV))
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
 def _save_state(context: Context, state: ClientState) -> None:
     if state.head is not None:
         context.state[HEAD_KEY] = wire.state_to_record(state.head)
-    context.state[PRIVACY_KEY] = ConfigRecord({"json": state.privacy_json()})
+    context.state[PRIVACY_KEY] = ConfigRecord({"json": state.local_json()})
 
 
 def _global_model(msg: Message, context: Context, cfg: Config) -> tuple[dict[str, torch.Tensor], Encryption | None]:
@@ -93,10 +108,11 @@ def train(msg: Message, context: Context) -> Message:
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
     global_state, encryption = _global_model(msg, context, cfg)
     state, store = _restore_state(msg, context, partition, server_round)
-    new_state, client_state, report = local_train(cfg, partition, server_round, global_state, state, store)
+    new_state, client_state, report = local_train(cfg, partition, server_round, global_state, state, store,
+                                                  allow_reproducible_noise=_allows_reproducible_noise(context))
     _save_state(context, client_state)
-    content = RecordDict({wire.METRICS: wire.metric_record(report),
-                          wire.PRIVACY: ConfigRecord({"json": client_state.privacy_json()})})
+    privacy = client_state.privacy_json(cfg.dp.mode != "off" and cfg.dp.reproducible_noise)
+    content = RecordDict({wire.METRICS: wire.metric_record(report), wire.PRIVACY: ConfigRecord({"json": privacy})})
     if encryption is not None:
         for key, record in encode_update(encryption, new_state, int(report[wire.NUM_EXAMPLES])).items():
             content[key] = record

@@ -8,6 +8,7 @@ the process (a resumed run is a new Flower run whose ``context.state`` starts em
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,40 +24,64 @@ import torch
 
 from common.config import Config
 from common.data.cache import build_dataset
-from common.data.dataset import FaceDataset
+from common.data.dataset import GENDER_NAMES, FaceDataset
 from common.nn.build import build_identity_head, build_model, model_spec
 from common.nn.checkpoint import load_checkpoint, save_checkpoint
 from common.runs.layout import CLIENT_STATE_FILE, client_state_dir, client_state_file
 from common.split.build import build_manifest
 from common.train.dp import (
     History,
+    fresh_noise_seed,
     noise_for,
     poisson_sample_rate,
     spent_epsilon,
     steps_per_epoch,
     total_steps,
 )
-from common.train.fairness import reweight, sensitive_attribute
+from common.train.fairness import noisy_cell_counts, reweight, sensitive_attribute, weights_from_counts
 from common.train.loop import identity_classes, target_labels, train
 
 log = logging.getLogger(__name__)
 
+REWEIGHT_MECHANISM = "Gaussian histogram of (sensitive value, label) counts, L2 sensitivity 1, released once"
+ALLOW_REPRODUCIBLE_NOISE_NODE_CONFIG = "allow-reproducible-noise"
+ALLOW_REPRODUCIBLE_NOISE_ENV = "FACEFL_ALLOW_REPRODUCIBLE_NOISE"
+"""Set by the operator of a node (or by facefl's simulation engine) to let this client derive its DP
+noise from the run seed when a run asks for ``dp.reproducible_noise``."""
+
 
 @dataclass
 class ClientState:
-    """What a client keeps between rounds and never sends: its identity head and DP history."""
+    """What a client keeps between rounds: its identity head and DP history (never sent; the
+    history is reported), and under DP reweighting the noisy (sensitive, label) histogram its
+    weights come from, released once (``histogram_noise`` > 0: charged to ``dp_history``)."""
 
     head: dict[str, torch.Tensor] | None = None
     dp_history: History = field(default_factory=list)
     noise_multiplier: float = 0.0
+    reweight_counts: list[list[float]] | None = None
+    histogram_noise: float = 0.0
 
-    def privacy_json(self) -> str:
-        return json.dumps({"history": self.dp_history, "noise_multiplier": self.noise_multiplier})
+    def privacy_json(self, reproducible_noise: bool = False) -> str:
+        """What the client reports to the ledger: its accountant history, its noise multiplier,
+        whether its noise was reproducible from the run seed (then the server could predict it),
+        and the mechanism its reweighting histogram was released with (its cost is in the history)."""
+        d: dict[str, object] = {"history": self.dp_history, "noise_multiplier": self.noise_multiplier,
+                                "reproducible_noise": reproducible_noise}
+        if self.histogram_noise > 0:
+            d["reweighting"] = {"mechanism": REWEIGHT_MECHANISM, "noise_multiplier": self.histogram_noise}
+        return json.dumps(d)
+
+    def local_json(self) -> str:
+        """Everything but the head, for this node's own memory (never sent)."""
+        return json.dumps({"history": self.dp_history, "noise_multiplier": self.noise_multiplier,
+                           "reweight_counts": self.reweight_counts, "histogram_noise": self.histogram_noise})
 
     @classmethod
-    def from_privacy_json(cls, text: str, head: dict[str, torch.Tensor] | None) -> ClientState:
+    def from_local_json(cls, text: str, head: dict[str, torch.Tensor] | None) -> ClientState:
         d = json.loads(text)
-        return cls(head=head, dp_history=[tuple(h) for h in d["history"]], noise_multiplier=float(d["noise_multiplier"]))
+        return cls(head=head, dp_history=[tuple(h) for h in d["history"]], noise_multiplier=float(d["noise_multiplier"]),
+                   reweight_counts=d.get("reweight_counts"), histogram_noise=float(d.get("histogram_noise", 0.0)))
 
 
 def update_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -88,6 +113,7 @@ class SavedRound:
     server_round: int
     state: ClientState
     released: list[str]
+    noise_seed: int | None = None  # the round's secret DP noise seed (never sent; None: reproducible or no DP)
 
 
 _RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -130,8 +156,12 @@ class StateStore:
             raise ValueError(f"{path}: holds the state of {found}, expected {expected}")
         try:
             history: History = [(float(s), float(q), int(n)) for s, q, n in meta["history"]]
-            state = ClientState(head=head or None, dp_history=history, noise_multiplier=float(meta["noise_multiplier"]))
-            return SavedRound(server_round, state, [str(d) for d in meta["released"]])
+            state = ClientState(head=head or None, dp_history=history, noise_multiplier=float(meta["noise_multiplier"]),
+                                reweight_counts=meta.get("reweight_counts"),
+                                histogram_noise=float(meta.get("histogram_noise", 0.0)))
+            seed = meta.get("noise_seed")
+            return SavedRound(server_round, state, [str(d) for d in meta["released"]],
+                              None if seed is None else int(seed))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: malformed client state ({type(exc).__name__}: {exc})") from None
 
@@ -145,21 +175,28 @@ class StateStore:
         st = saved.state
         save_checkpoint(self.path(saved.server_round), st.head or {}, {
             "run_key": self.run_key, "partition": self.partition, "round": saved.server_round,
-            "history": st.dp_history, "noise_multiplier": st.noise_multiplier, "released": saved.released})
+            "history": st.dp_history, "noise_multiplier": st.noise_multiplier, "released": saved.released,
+            "noise_seed": saved.noise_seed, "reweight_counts": st.reweight_counts,
+            "histogram_noise": st.histogram_noise})
         before = [r for r in self.rounds() if r < saved.server_round]
         for r in before[:-1]:
             self.path(r).unlink(missing_ok=True)
 
-    def record_round(self, server_round: int, base_steps: int, trained: ClientState, digest: str) -> ClientState:
+    def noise_seed(self, server_round: int) -> int | None:
+        """The secret noise seed this client used when it trained ``server_round`` before, if it did."""
+        return self.load(server_round).noise_seed if server_round in self.rounds() else None
+
+    def record_round(self, server_round: int, base_steps: int, trained: ClientState, digest: str,
+                     noise_seed: int | None = None) -> ClientState:
         """Persist the state after training ``server_round`` and return the state whose DP
         history the client reports (and keeps).
 
         Why a re-run may replace a round instead of adding to it: when the server dies after
         this client trained round t but before it committed t, the resumed run sends round t
         again. The client then trains from the same state (its saved state before t), the same
-        global model and the same seed (derived from run seed, round and partition), and local
-        training is deterministic in these, Opacus' noise included (it is seeded; see
-        common/train/dp.py). So the re-run releases a bit-identical update: the same output
+        global model, the same seed (derived from run seed, round and partition) and the same
+        secret noise seed (kept here, ``noise_seed``), and local training is deterministic in
+        these, Opacus' noise included. So the re-run releases a bit-identical update: the same output
         of the same mechanism on the same randomness, which tells an observer nothing the first
         release did not, and costs no extra privacy. The round's steps are then counted once.
         That argument holds only if the update really is identical, which the SHA-256 of the
@@ -168,19 +205,18 @@ class StateStore:
         earlier round's history plus this run's steps, with a warning.
         """
         earlier = self.load(server_round) if server_round in self.rounds() else None
-        saved = SavedRound(server_round, trained, [digest])
+        saved = SavedRound(server_round, trained, [digest], noise_seed)
         if earlier is not None and digest in earlier.released:
-            kept = ClientState(trained.head, earlier.state.dp_history, trained.noise_multiplier)
-            saved = SavedRound(server_round, kept, earlier.released)
+            kept = dataclasses.replace(trained, dp_history=earlier.state.dp_history)
+            saved = SavedRound(server_round, kept, earlier.released, noise_seed)
         elif earlier is not None:
             steps = total_steps(trained.dp_history) - base_steps
             sigma, q = (trained.dp_history[-1][0], trained.dp_history[-1][1]) if trained.dp_history else (0.0, 0.0)
             log.warning("client %d: round %d was trained before and released a different update (digest %s..., now "
                         "%s...); both releases are charged: %d more DP steps", self.partition, server_round,
                         earlier.released[-1][:12], digest[:12], steps)
-            both = ClientState(trained.head, _append_steps(earlier.state.dp_history, sigma, q, steps),
-                               trained.noise_multiplier)
-            saved = SavedRound(server_round, both, [*earlier.released, digest])
+            both = dataclasses.replace(trained, dp_history=_append_steps(earlier.state.dp_history, sigma, q, steps))
+            saved = SavedRound(server_round, both, [*earlier.released, digest], noise_seed)
         self.save(saved)
         return saved.state
 
@@ -197,19 +233,59 @@ def local_data(cfg: Config, partition: int) -> FaceDataset:
     return ds.subset(manifest.client_indices(ds, partition))
 
 
-def fairness_terms(cfg: Config, data: FaceDataset) -> tuple[np.ndarray | None, tuple[float, np.ndarray] | None]:
+def release_reweight_histogram(cfg: Config, data: FaceDataset, state: ClientState, noise_seed: int) -> ClientState:
+    """Under DP-SGD, reweighting may not read the private data outside the accountant: the
+    (sensitive value, label) counts its weights come from are released once, with Gaussian noise
+    (``fairness.histogram_noise``), and that release is charged to the client's accountant history
+    as one step at sampling rate 1. The noise draws from the round's secret noise seed."""
+    sensitive = sensitive_attribute(data, cfg.fairness.sensitive)
+    n_sensitive = len(GENDER_NAMES) if cfg.fairness.sensitive == "gender" else len(data.group_names)
+    sigma = cfg.fairness.histogram_noise
+    counts = noisy_cell_counts(sensitive, target_labels(data, cfg.train.attribute), n_sensitive, sigma,
+                               np.random.default_rng([noise_seed, 0x4157]))
+    return dataclasses.replace(state, reweight_counts=counts.tolist(), histogram_noise=sigma,
+                               dp_history=[*state.dp_history, (sigma, 1.0, 1)])
+
+
+def fairness_terms(cfg: Config, data: FaceDataset,
+                   state: ClientState) -> tuple[np.ndarray | None, tuple[float, np.ndarray] | None]:
     """The trainer's ``sample_weight`` and ``mixup`` for the configured fairness intervention
-    (none, reweight, fair_mixup)."""
+    (none, reweight, fair_mixup). Under DP, reweighting takes its frequencies from the released
+    noisy histogram (``release_reweight_histogram``), so no sample's weight depends on another."""
     sensitive = sensitive_attribute(data, cfg.fairness.sensitive)
     if cfg.fairness.method == "reweight":
-        return reweight(sensitive, target_labels(data, cfg.train.attribute)), None
+        labels = target_labels(data, cfg.train.attribute)
+        if cfg.dp.mode != "off":
+            return weights_from_counts(sensitive, labels, np.asarray(state.reweight_counts)), None
+        return reweight(sensitive, labels), None
     if cfg.fairness.method == "fair_mixup":
         return None, (cfg.fairness.lam, sensitive)
     return None, None
 
 
+def noise_seed_for(cfg: Config, partition: int, server_round: int, store: StateStore | None,
+                   allow_reproducible: bool) -> int | None:
+    """The seed of this round's DP noise and sampling (None without DP).
+
+    By default a secret of this client: fresh OS entropy, or, when the round is trained again
+    after a server crash, the secret it used the first time (kept on this node), so that the re-run
+    releases the same update. ``dp.reproducible_noise`` derives it from the run seed instead, which
+    the server knows: a client refuses that unless its operator allowed it (``allow_reproducible``).
+    """
+    if cfg.dp.mode == "off":
+        return None
+    if cfg.dp.reproducible_noise:
+        if not allow_reproducible:
+            raise ValueError(f"client {partition}: dp.reproducible_noise = true would let the server, which sets "
+                             "the run seed, predict this client's DP noise; refused. For research runs, allow it on "
+                             f"this node with node config {ALLOW_REPRODUCIBLE_NOISE_NODE_CONFIG}=true")
+        return derived_seed(cfg.seed, server_round, partition, 0xD9)
+    earlier = store.noise_seed(server_round) if store is not None else None
+    return fresh_noise_seed() if earlier is None else earlier
+
+
 def local_train(cfg: Config, partition: int, server_round: int, global_state: dict[str, torch.Tensor],
-                state: ClientState, store: StateStore | None = None,
+                state: ClientState, store: StateStore | None = None, allow_reproducible_noise: bool = False,
                 ) -> tuple[dict[str, torch.Tensor], ClientState, dict[str, float | int]]:
     """Train the global model on this client's data for ``federation.local_epochs`` epochs.
 
@@ -218,8 +294,11 @@ def local_train(cfg: Config, partition: int, server_round: int, global_state: di
     accountant history carries over, so the reported epsilon composes over all rounds. With a
     ``store``, the new state is persisted (``StateStore.record_round``) before it is reported.
     """
-    base_steps = total_steps(state.dp_history)
     data = local_data(cfg, partition)
+    noise_seed = noise_seed_for(cfg, partition, server_round, store, allow_reproducible_noise)
+    if noise_seed is not None and cfg.fairness.method == "reweight" and state.reweight_counts is None:
+        state = release_reweight_histogram(cfg, data, state, noise_seed)
+    base_steps = total_steps(state.dp_history)
     spec = model_spec(cfg)
     model = build_model(spec, cfg.seed)
     model.load_state_dict(global_state)
@@ -232,20 +311,21 @@ def local_train(cfg: Config, partition: int, server_round: int, global_state: di
     steps_per_round = cfg.federation.local_epochs * steps_per_epoch(q)
     planned = cfg.federation.rounds * steps_per_round
     if cfg.dp.mode != "off" and state.noise_multiplier <= 0:
-        state.noise_multiplier = noise_for(cfg.dp, q, planned)
+        state.noise_multiplier = noise_for(cfg.dp, q, planned, spent=state.dp_history)
         log.info("client %d: DP noise multiplier %.4f for %d planned steps at q=%.4f", partition,
                  state.noise_multiplier, planned, q)
-    sample_weight, mixup = fairness_terms(cfg, data)
+    sample_weight, mixup = fairness_terms(cfg, data, state)
     start = time.perf_counter()
     outcome = train(model, data, cfg.train, cfg.dp, seed=derived_seed(cfg.seed, server_round, partition),
                     epochs=cfg.federation.local_epochs, head=head, noise_multiplier=state.noise_multiplier,
                     dp_history=state.dp_history, sample_weight=sample_weight, mixup=mixup,
-                    schedule=((server_round - 1) * steps_per_round, planned),
+                    schedule=((server_round - 1) * steps_per_round, planned), noise_seed=noise_seed,
                     desc=f"client {partition} round {server_round}")
-    new_state = ClientState(head=head.state_dict() if head is not None else None,
-                            dp_history=outcome.dp_history or [], noise_multiplier=state.noise_multiplier)
+    new_state = dataclasses.replace(state, head=head.state_dict() if head is not None else None,
+                                    dp_history=outcome.dp_history or [])
     if store is not None:
-        new_state = store.record_round(server_round, base_steps, new_state, update_digest(model.state_dict()))
+        secret = None if cfg.dp.reproducible_noise else noise_seed
+        new_state = store.record_round(server_round, base_steps, new_state, update_digest(model.state_dict()), secret)
     report: dict[str, float | int] = {
         "num-examples": len(data), "partition-id": partition, "train-loss": outcome.loss, "steps": outcome.steps,
         "seconds": time.perf_counter() - start, "samples-per-second": outcome.samples_per_second,

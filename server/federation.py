@@ -138,6 +138,10 @@ class _ServerState:
 
 
 def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumePoint | None) -> dict[str, Any]:
+    if cfg.dp.mode != "off" and cfg.dp.reproducible_noise:
+        log.warning("dp.reproducible_noise = true: every client's DP noise and sampling derive from the run seed, "
+                    "which this server knows, so the DP guarantee does not hold against the server (research "
+                    "simulations only; clients refuse it unless their operator allows it)")
     ds = build_dataset(cfg)
     started = point is not None and point.rounds_completed is not None
     if started:  # the audit's ground truth stays the one written at the start, checked against the data

@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 
 from client.app import app as client_app
 from client.he_client import SECRET_KEY_ENV
+from client.local import ALLOW_REPRODUCIBLE_NOISE_ENV
 from common.config import Config
 from common.data.cache import cache_dir
 from common.runs.layout import CLIENT_STATE_DEFAULT
@@ -84,7 +85,8 @@ def _simulate(cfg: Config, run: RunDir, progress: bool, he_secret: Path | None, 
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     state_root = client_state_root()
-    env = {CLIENT_STATE_ENV: str(state_root.resolve())}
+    # The simulation engine is the researcher's: its clients accept dp.reproducible_noise when a run asks.
+    env = {CLIENT_STATE_ENV: str(state_root.resolve()), ALLOW_REPRODUCIBLE_NOISE_ENV: "1"}
     if he_secret is not None:
         env[SECRET_KEY_ENV] = str(Path(he_secret).resolve())
     error = None

@@ -110,6 +110,11 @@ class DPConfig(Section):
     delta: float = num(1e-5, 0.0, 1.0)
     accountant: str = choice("rdp", ("rdp", "prv"))
     grad_sample_mode: str = choice("ghost", ("ghost", "hooks", "functorch"))
+    reproducible_noise: bool = field(default=False, metadata={
+        "doc": "research simulations only: derive every client's DP noise and Poisson sampling from the run seed "
+               "(reproducible runs, exact replays). The server knows the seed, so the DP guarantee then does not hold "
+               "against it. Default false: each client draws them from its own entropy. A client refuses it unless "
+               "its operator allows it (simulation: facefl does; a SuperNode: node config allow-reproducible-noise=true)"})
 
 
 @dataclass
@@ -149,6 +154,9 @@ class FairnessConfig(Section):
     sensitive: str = choice("gender", SENSITIVE_ATTRIBUTES)
     lam: float = num(0.05, 0.0, doc="weight of the fair_mixup penalty (on SynthFaces 0.5 already nears a "
                                      "constant classifier; 0.05 lowers DEO at equal accuracy)")
+    histogram_noise: float = num(10.0, 0.1, doc="reweight under DP-SGD: standard deviation of the Gaussian noise on "
+                                                "each (sensitive value, label) count the weights come from; the "
+                                                "histogram is released once per client and charged to its ledger")
 
 
 @dataclass

@@ -143,13 +143,23 @@ def _privacy(r: RunResults) -> str:
     if r.privacy is None:
         return _not_run(f"{layout.PRIVACY} is missing (no round finished)")
     p = r.privacy
-    rows = [(k, c.get("epsilon"), c.get("epsilon_rdp"), c.get("epsilon_prv"), c.get("delta"), c.get("steps"),
-             c.get("noise_multiplier"), c.get("sample_rate"), ", ".join(map(str, c.get("rounds", []))))
+    rows = [(k, c.get("unit"), c.get("epsilon"), c.get("epsilon_rdp"), c.get("epsilon_prv"), c.get("delta"),
+             c.get("steps"), c.get("noise_multiplier"), c.get("sample_rate"),
+             "yes" if c.get("reproducible_noise") else "no", ", ".join(map(str, c.get("rounds", []))))
             for k, c in p.get("clients", {}).items()]
-    return (_p(f"Accountant {p.get('accountant')}, delta {p.get('delta')}; {p.get('guarantee', '')}. "
-               f"Largest epsilon spent: {fmt(p.get('max_epsilon'))}.")
-            + _table(("client", "epsilon", "epsilon (RDP)", "epsilon (PRV)", "delta", "steps", "noise multiplier",
-                      "sample rate", "rounds"), rows))
+    warning = ('<p class="problem">Warning: dp.reproducible_noise = true. Every client\'s DP noise and sampling were '
+               'derived from the run seed, which the server knows: the epsilons below do not hold against the '
+               'server (a research setting for reproducible runs).</p>' if p.get("reproducible_noise") else "")
+    reweighted = sorted({c["reweighting"]["noise_multiplier"] for c in p.get("clients", {}).values()
+                         if isinstance(c.get("reweighting"), dict) and "noise_multiplier" in c["reweighting"]})
+    if reweighted:
+        warning += _p("Reweighting: each client's weights come from its (sensitive value, label) counts released "
+                      f"once with Gaussian noise (sigma {', '.join(map(str, reweighted))}); that release is in its "
+                      "accountant history and in the epsilons below.")
+    return (warning + _p(f"Accountant {p.get('accountant')}, delta {p.get('delta')}, unit: {p.get('unit', 'sample')}; "
+                         f"{p.get('guarantee', '')}. Largest epsilon spent: {fmt(p.get('max_epsilon'))}.")
+            + _table(("client", "unit", "epsilon", "epsilon (RDP)", "epsilon (PRV)", "delta", "steps",
+                      "noise multiplier", "sample rate", "reproducible noise", "rounds"), rows))
 
 
 def _utility(r: RunResults) -> str:

@@ -51,6 +51,45 @@ def reweight(sensitive: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return weights
 
 
+def cell_counts(sensitive: np.ndarray, labels: np.ndarray, n_sensitive: int, n_labels: int = 2) -> np.ndarray:
+    """Counts of the samples in each (sensitive value, label) cell, over the fixed public domain
+    0..n_sensitive-1 x 0..n_labels-1 (samples with an unknown value are not counted)."""
+    s, y = np.asarray(sensitive), np.asarray(labels)
+    known = (s >= 0) & (s < n_sensitive) & (y >= 0) & (y < n_labels)
+    counts = np.zeros((n_sensitive, n_labels))
+    np.add.at(counts, (s[known], y[known]), 1.0)
+    return counts
+
+
+def noisy_cell_counts(sensitive: np.ndarray, labels: np.ndarray, n_sensitive: int, sigma: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """``cell_counts`` plus Gaussian noise of standard deviation ``sigma`` in every cell: the
+    Gaussian mechanism on a histogram, whose L2 sensitivity to adding or removing one sample is 1,
+    so it costs one step at sampling rate 1 and noise multiplier ``sigma`` in an RDP accountant."""
+    counts = cell_counts(sensitive, labels, n_sensitive)
+    return counts + rng.normal(0.0, sigma, counts.shape)
+
+
+def weights_from_counts(sensitive: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Kamiran-Calders weights w(s, y) = P(s) P(y) / P(s, y) with the frequencies taken from
+    ``counts`` (e.g. a noisy histogram, clipped to >= 1 per cell) instead of from the samples.
+
+    Every weight is then a function of the sample's own (s, y) and of ``counts`` only: adding
+    or removing one sample leaves every other sample's weight unchanged, so DP-SGD's per-sample
+    sensitivity argument holds, and the histogram's own cost is accounted where it was released.
+    Under ``counts`` the weights have mean 1 (sum over cells of P(s) P(y) = 1). Samples with an
+    unknown value, or a value outside the counted domain, get weight 1.
+    """
+    s, y = np.asarray(sensitive), np.asarray(labels)
+    p = np.clip(np.asarray(counts, dtype=np.float64), 1.0, None)
+    p /= p.sum()
+    cell = p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True) / p
+    weights = np.ones(s.size, dtype=np.float64)
+    known = (s >= 0) & (s < p.shape[0]) & (y >= 0) & (y < p.shape[1])
+    weights[known] = cell[s[known], y[known]]
+    return weights
+
+
 def fair_mixup_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor,
                        generator: torch.Generator, mode: str = "eo") -> torch.Tensor:
     """Fair Mixup smoothness penalty on the path between the two sensitive groups.

@@ -1,8 +1,10 @@
 """The one training loop: central baselines, federated clients and attack shadow models.
 
 It trains a ``FaceModel`` and, for the identity task, a private ``CosineClassifier`` on one
-``FaceDataset``, with or without DP-SGD (Opacus, Poisson sampling). Everything random is drawn
-from generators seeded by the caller, so the same seed gives the same weights on CPU.
+``FaceDataset``, with or without DP-SGD (Opacus, Poisson sampling). Initialisation, augmentation
+and dropout draw from generators seeded by the caller (the same seed gives the same weights on
+CPU); DP-SGD's noise and sampling draw from fresh OS entropy unless the caller passes a noise
+seed (see ``common.train.dp``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from common.config import DPConfig, TrainConfig
 from common.data.dataset import FaceDataset
 from common.nn.face_model import FaceModel
 from common.nn.heads import CosineClassifier, margin_logits
-from common.train.dp import History, accountant_history, make_accountant
+from common.train.dp import History, accountant_history, dp_generators, make_accountant
 from common.train.fairness import fair_mixup_penalty
 
 log = logging.getLogger(__name__)
@@ -140,7 +142,8 @@ def identity_classes(identity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, seed: int, epochs: int,
           head: CosineClassifier | None = None, noise_multiplier: float = 0.0, dp_history: History | None = None,
           sample_weight: np.ndarray | None = None, mixup: tuple[float, np.ndarray] | None = None,
-          schedule: tuple[int, int] | None = None, progress: bool = False, desc: str = "train") -> TrainOutcome:
+          schedule: tuple[int, int] | None = None, noise_seed: int | None = None, progress: bool = False,
+          desc: str = "train") -> TrainOutcome:
     """Train ``model`` in place; see ``_train`` for the arguments.
 
     Runs with torch's global RNG forked and seeded (dropout draws from it), and with modules the
@@ -155,8 +158,8 @@ def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, 
         try:
             return _train(model, ds, cfg, dp, seed=seed, epochs=epochs, head=head,
                           noise_multiplier=noise_multiplier, dp_history=dp_history,
-                          sample_weight=sample_weight, mixup=mixup, schedule=schedule, progress=progress,
-                          desc=desc)
+                          sample_weight=sample_weight, mixup=mixup, schedule=schedule, noise_seed=noise_seed,
+                          progress=progress, desc=desc)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -165,7 +168,7 @@ def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, 
 def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, seed: int, epochs: int,
           head: CosineClassifier | None = None, noise_multiplier: float = 0.0, dp_history: History | None = None,
           sample_weight: np.ndarray | None = None, mixup: tuple[float, np.ndarray] | None = None,
-          schedule: tuple[int, int] | None = None,
+          schedule: tuple[int, int] | None = None, noise_seed: int | None = None,
           progress: bool = False, desc: str = "train") -> TrainOutcome:
     """Train ``model`` (and ``head``) in place for ``epochs`` epochs on ``ds``.
 
@@ -177,6 +180,10 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
         mixup: (lambda, sensitive attribute per sample) to add the Fair Mixup penalty (not with DP).
         schedule: (first step, total steps) of the run's learning-rate schedule; default: this call
             alone. Federated clients pass their position in the whole run.
+        noise_seed: seeds DP-SGD's noise and Poisson sampling (and nothing else). None: fresh
+            entropy from the operating system, which nobody else can predict; a value only for
+            reproducible research runs (``dp.reproducible_noise``) or a re-run that must release
+            the same update (the client keeps its secret seed on its own node).
     """
     use_id = cfg.task in ("identity", "both")
     use_attr = cfg.task in ("attribute", "both")
@@ -197,7 +204,12 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     mix_gen = torch.Generator().manual_seed(seed + 2)
     images = torch.from_numpy(ds.images).permute(0, 3, 1, 2).contiguous()
     batch = min(cfg.batch_size, len(ds))
-    loader = DataLoader(TensorDataset(images, y_id, y_attr, w, sens), batch_size=batch, shuffle=True, generator=gen)
+    private = dp.mode == "sample"
+    # Under DP the noise and the Poisson sampler draw from their own streams, seeded by noise_seed:
+    # the protection of every sample rests on them, so they never derive from ``seed``.
+    noise_gen, sampler_gen = dp_generators(noise_seed) if private else (None, gen)
+    loader = DataLoader(TensorDataset(images, y_id, y_attr, w, sens), batch_size=batch, shuffle=True,
+                        generator=sampler_gen)
 
     joint = _Joint(model, head if use_id else None)
     params = [p for p in joint.parameters() if p.requires_grad]
@@ -206,7 +218,6 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    private = dp.mode == "sample"
     engine = None
     module: nn.Module = joint
     if private:
@@ -217,7 +228,7 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
         wrapped = engine.make_private(
             module=joint, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
             max_grad_norm=dp.max_grad_norm, poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
-            noise_generator=torch.Generator().manual_seed(seed + 1), criterion=nn.CrossEntropyLoss())
+            noise_generator=noise_gen, criterion=nn.CrossEntropyLoss())
         # Ghost clipping also returns a wrapped criterion (3rd item); the loss is wrapped below instead.
         module, opt, loader = wrapped[0], wrapped[1], wrapped[-1]
     steps_total = epochs * len(loader)
