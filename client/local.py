@@ -39,6 +39,7 @@ from common.train.dp import (
     total_steps,
 )
 from common.train.fairness import noisy_cell_counts, reweight, sensitive_attribute, weights_from_counts
+from common.train.identity_dp import identity_sample_rate, identity_steps_per_epoch, num_identities
 from common.train.loop import identity_classes, target_labels, train
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,20 @@ class ClientState:
     noise_multiplier: float = 0.0
     reweight_counts: list[list[float]] | None = None
     histogram_noise: float = 0.0
+    # DP's unit ("sample" or "identity", common.train.identity_dp.DP_UNITS) and the largest number
+    # of images of one identity in the client's training data (a count only: the ledger's group-
+    # privacy bound of a sample-level epsilon). Both are set by ``local_train`` every round.
+    unit: str = "sample"
+    largest_identity_images: int = 0
 
     def privacy_json(self, reproducible_noise: bool = False) -> str:
-        """What the client reports to the ledger: its accountant history, its noise multiplier,
-        whether its noise was reproducible from the run seed (then the server could predict it),
-        and the mechanism its reweighting histogram was released with (its cost is in the history)."""
+        """What the client reports to the ledger: its accountant history, its noise multiplier, its
+        DP unit and the image count of its largest identity, whether its noise was reproducible from
+        the run seed (then the server could predict it), and the mechanism its reweighting histogram
+        was released with (its cost is in the history)."""
         d: dict[str, object] = {"history": self.dp_history, "noise_multiplier": self.noise_multiplier,
-                                "reproducible_noise": reproducible_noise}
+                                "reproducible_noise": reproducible_noise, "unit": self.unit,
+                                "largest_identity_images": self.largest_identity_images}
         if self.histogram_noise > 0:
             d["reweighting"] = {"mechanism": REWEIGHT_MECHANISM, "noise_multiplier": self.histogram_noise}
         return json.dumps(d)
@@ -284,6 +292,24 @@ def noise_seed_for(cfg: Config, partition: int, server_round: int, store: StateS
     return fresh_noise_seed() if earlier is None else earlier
 
 
+def dp_sampling(cfg: Config, data: FaceDataset) -> tuple[float, int]:
+    """The Poisson rate q of DP-SGD on ``data`` and its steps per epoch. ``dp.unit = sample``:
+    Opacus' rate over images, 1 / ceil(n / batch_size), and int(1 / q) steps; ``dp.unit =
+    identity``: the rate of each identity, min(1, batch_size / (dp.max_images_per_identity x
+    identities)), and ceil(1 / q) steps (``common.train.identity_dp``). The loop samples with the
+    same q, and the noise is calibrated for ``federation.rounds`` x ``local_epochs`` epochs of it."""
+    if cfg.dp.mode != "off" and cfg.dp.unit == "identity":
+        n, cap = num_identities(data.identity), cfg.dp.max_images_per_identity
+        return identity_sample_rate(n, cfg.train.batch_size, cap), identity_steps_per_epoch(n, cfg.train.batch_size, cap)
+    q = poisson_sample_rate(len(data), cfg.train.batch_size)
+    return q, steps_per_epoch(q)
+
+
+def largest_identity_images(data: FaceDataset) -> int:
+    """The largest number of images of one identity in ``data`` (0 when empty)."""
+    return int(np.unique(data.identity, return_counts=True)[1].max()) if len(data) else 0
+
+
 def local_train(cfg: Config, partition: int, server_round: int, global_state: dict[str, torch.Tensor],
                 state: ClientState, store: StateStore | None = None, allow_reproducible_noise: bool = False,
                 ) -> tuple[dict[str, torch.Tensor], ClientState, dict[str, float | int]]:
@@ -307,8 +333,8 @@ def local_train(cfg: Config, partition: int, server_round: int, global_state: di
         head = build_identity_head(spec, identity_classes(data.identity)[0].size, derived_seed(cfg.seed, 7, partition))
         if state.head is not None:
             head.load_state_dict(state.head)
-    q = poisson_sample_rate(len(data), cfg.train.batch_size)
-    steps_per_round = cfg.federation.local_epochs * steps_per_epoch(q)
+    q, per_epoch = dp_sampling(cfg, data)
+    steps_per_round = cfg.federation.local_epochs * per_epoch
     planned = cfg.federation.rounds * steps_per_round
     if cfg.dp.mode != "off" and state.noise_multiplier <= 0:
         state.noise_multiplier = noise_for(cfg.dp, q, planned, spent=state.dp_history)
@@ -322,7 +348,8 @@ def local_train(cfg: Config, partition: int, server_round: int, global_state: di
                     schedule=((server_round - 1) * steps_per_round, planned), noise_seed=noise_seed,
                     desc=f"client {partition} round {server_round}")
     new_state = dataclasses.replace(state, head=head.state_dict() if head is not None else None,
-                                    dp_history=outcome.dp_history or [])
+                                    dp_history=outcome.dp_history or [], unit=cfg.dp.unit,
+                                    largest_identity_images=largest_identity_images(data))
     if store is not None:
         secret = None if cfg.dp.reproducible_noise else noise_seed
         new_state = store.record_round(server_round, base_steps, new_state, update_digest(model.state_dict()), secret)

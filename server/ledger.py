@@ -6,6 +6,17 @@ with reweighting, the one Gaussian histogram its weights come from (``reweightin
 The server does not take a client's word for its epsilon: each client reports its accountant
 history (noise multiplier, sample rate, steps), and the ledger recomputes epsilon from it with
 both the RDP and the PRV accountant.
+
+The unit of each client's guarantee is what its DP-SGD protected (``dp.unit``, reported by the
+client; a report without one is sample-level): one image, or one person with all of their images
+(identity-level DP-SGD, ``common.train.identity_dp``). For a sample-level client the entry also
+says what its epsilon gives a person: with k = the largest number of images of one identity on
+that client (a count the client reports), group privacy turns (epsilon, delta) for one image into
+(k epsilon, k e^{(k-1) epsilon} delta) for any k images (Dwork and Roth, 2014, Theorem 2.2 and its
+approximate-DP form): ``epsilon_person_bound`` = k epsilon and ``delta_person_bound`` =
+min(1, k e^{(k-1) epsilon} delta). It is a loose upper bound, not the person-level epsilon, and
+for the epsilons of DP-SGD its delta is usually 1, i.e. vacuous: a person-level guarantee needs
+``dp.unit = identity``, whose entries carry the client's own (epsilon, delta) there.
 """
 
 from __future__ import annotations
@@ -17,12 +28,29 @@ from typing import Any
 
 from common.runs.io import atomic_write_json
 from common.train.dp import History, spent_epsilon, total_steps
+from common.train.identity_dp import group_privacy
 
 SAMPLE_UNIT = "sample (one image)"
+IDENTITY_UNIT = "identity (one person, all of their images)"
+UNITS = {"sample": SAMPLE_UNIT, "identity": IDENTITY_UNIT}
+"""What a client's ``unit`` (``dp.unit``) protects, as the ledger names it."""
 ADVERSARY = ("holds against the server and the other clients: each client's noise and sampling come from its own "
              "entropy")
 ADVERSARY_REPRODUCIBLE = ("does NOT hold against the server: dp.reproducible_noise derived the noise from the run "
                           "seed, which the server knows (research simulations only)")
+
+
+def person_bound(unit: str, epsilon: float, delta: float, largest_identity_images: int) -> dict[str, Any]:
+    """What a client's (epsilon, delta) guarantees one person (see the module docstring): its own
+    (epsilon, delta) under ``unit = identity``; under ``unit = sample`` the group-privacy bound over
+    k = ``largest_identity_images`` images (nothing when the client reported no k)."""
+    if unit == "identity":
+        return {"epsilon_person_bound": epsilon, "delta_person_bound": delta}
+    if largest_identity_images < 1:
+        return {}
+    eps_k, delta_k = group_privacy(epsilon, delta, largest_identity_images)
+    return {"largest_identity_images": largest_identity_images, "epsilon_person_bound": eps_k,
+            "delta_person_bound": delta_k}
 
 
 @dataclass
@@ -39,8 +67,11 @@ class PrivacyLedger:
         if server_round not in entry["rounds"]:
             entry["rounds"].append(server_round)
         sigma = float(d["noise_multiplier"])
+        unit = str(d.get("unit", "sample"))
+        if unit not in UNITS:
+            raise ValueError(f"client {partition}: unknown DP unit {unit!r} (expected one of {sorted(UNITS)})")
         entry.update({
-            "unit": SAMPLE_UNIT, "reproducible_noise": bool(d.get("reproducible_noise", False)),
+            "unit": UNITS[unit], "reproducible_noise": bool(d.get("reproducible_noise", False)),
             **({"reweighting": d["reweighting"]} if "reweighting" in d else {}),
             "noise_multiplier": sigma, "sample_rate": history[-1][1] if history else 0.0,
             "steps": total_steps(history), "delta": self.delta, "history": history,
@@ -48,6 +79,7 @@ class PrivacyLedger:
             "epsilon_prv": spent_epsilon("prv", history, self.delta) if history else 0.0,
         })
         entry["epsilon"] = entry[f"epsilon_{self.accountant}"]
+        entry.update(person_bound(unit, entry["epsilon"], self.delta, int(d.get("largest_identity_images", 0))))
         return entry
 
     def max_epsilon(self) -> float:
@@ -57,11 +89,19 @@ class PrivacyLedger:
         """True if any client derived its noise from the run seed: then the server could predict it."""
         return any(c.get("reproducible_noise", False) for c in self.clients.values())
 
+    def unit(self) -> str:
+        """The clients' unit; with none recorded sample-level, with different ones both named."""
+        units = sorted({c.get("unit", SAMPLE_UNIT) for c in self.clients.values()}) or [SAMPLE_UNIT]
+        return units[0] if len(units) == 1 else "mixed: " + "; ".join(units)
+
     def to_json(self) -> dict[str, Any]:
         reproducible = self.reproducible_noise()
+        unit = self.unit()
+        level = {SAMPLE_UNIT: "sample-level (one image)", IDENTITY_UNIT: "identity-level (one person, all of "
+                 "their images)"}.get(unit, "each client's own unit")
         return {"accountant": self.accountant, "delta": self.delta, "max_epsilon": self.max_epsilon(),
-                "unit": SAMPLE_UNIT, "reproducible_noise": reproducible,
-                "guarantee": ("sample-level (one image) (epsilon, delta) per client, composed over every round it "
+                "unit": unit, "reproducible_noise": reproducible,
+                "guarantee": (f"{level} (epsilon, delta) per client, composed over every round it "
                               "trained in; " + (ADVERSARY_REPRODUCIBLE if reproducible else ADVERSARY)),
                 "clients": {str(k): v for k, v in sorted(self.clients.items())}}
 

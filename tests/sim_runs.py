@@ -27,6 +27,13 @@ LEDGER_FULL = TINY + ("pretrain.identities=4", "pretrain.images_per_identity=2",
                       "data.identities=24", "data.images_per_identity=6", "federation.local_epochs=1",
                       "federation.rounds=3")
 
+# The same run for tests that replay or compare runs bit for bit (FedAvg replayed outside Flower,
+# same seed = same weights, resumed = uninterrupted, HE = plaintext): they need every client's DP
+# noise derived from the run seed, i.e. the research switch dp.reproducible_noise, which facefl's
+# simulation engine allows and a SuperNode only with node config allow-reproducible-noise=true. By
+# default a client's noise is its own secret (tests/test_dp_noise.py), and no two runs are equal.
+REPLAYABLE = LEDGER_FULL + ("dp.reproducible_noise=true",)
+
 # 3 clients, half of them sampled per round: with seed 0 client 0 trains in rounds 1 and 3,
 # client 1 in all three, client 2 only in round 2 (the tests read who trained from metrics.jsonl).
 LEDGER_PARTIAL = TINY + ("split.num_clients=3", "federation.fraction_train=0.5", "federation.min_train_clients=1",

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 from flower_messages import next_instruction
-from sim_runs import LEDGER_FULL, TINY, simulated_run
+from sim_runs import REPLAYABLE, TINY, simulated_run
 from support.flower import (
     Deployment,
     require_completed,
@@ -55,7 +55,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Depreca
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = LEDGER_FULL  # 3 rounds, 2 DP clients (Dirichlet split), every client in every round, pretraining
+CONFIG = REPLAYABLE  # bit-identical to a simulation (research noise switch); 3 rounds, 2 DP clients (Dirichlet split), every client in every round, pretraining
 NODES = 2
 ROUNDS = 3
 KILL_ROUND = 2
@@ -75,11 +75,13 @@ OVERRIDES = _overrides(CONFIG)
 @pytest.fixture()
 def deployments(tmp_path: Path):
     """``start(name, **start_deployment options)`` starts a deployment of NODES SuperNodes whose
-    node configs name their state dirs; every process of each is stopped by PID at the end."""
+    node configs name their state dirs and allow the research noise switch (CONFIG uses it); every
+    process of each is stopped by PID at the end."""
+    from client.local import ALLOW_REPRODUCIBLE_NOISE_NODE_CONFIG
     from common.runs.rundir import CLIENT_STATE_NODE_CONFIG
 
     started: list[Deployment] = []
-    node_config = {i: f"partition-id={i} num-partitions={NODES} "
+    node_config = {i: f"partition-id={i} num-partitions={NODES} {ALLOW_REPRODUCIBLE_NOISE_NODE_CONFIG}=true "
                       f"{CLIENT_STATE_NODE_CONFIG}='{tmp_path / 'client-state' / f'node-{i}'}'" for i in range(NODES)}
 
     def start(name: str, **options) -> Deployment:

@@ -19,7 +19,7 @@ import json
 import numpy as np
 import pytest
 from flower_messages import reply_message
-from sim_runs import LEDGER_FULL, simulated_run
+from sim_runs import REPLAYABLE, simulated_run
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                          "ignore::FutureWarning")]
@@ -249,8 +249,8 @@ def test_he_run_equals_plaintext_run_and_server_stores_only_ciphertexts(tmp_path
     from common.nn.checkpoint import load_checkpoint
     from workflow.decryption import decrypt_run
 
-    plain_run = simulated_run(tmp_path_factory, LEDGER_FULL)[0]
-    he_run = simulated_run(tmp_path_factory, LEDGER_FULL + ("he.enabled=true", f"he.public_context={keys[0] / PUBLIC_FILE}"),
+    plain_run = simulated_run(tmp_path_factory, REPLAYABLE)[0]
+    he_run = simulated_run(tmp_path_factory, REPLAYABLE + ("he.enabled=true", f"he.public_context={keys[0] / PUBLIC_FILE}"),
                            tag="he", he_secret=keys[0] / SECRET_FILE)[0]
     models = sorted(p.name for p in (he_run.path / "models").iterdir())
     # Only the initial model (seeded init + public pretraining, nothing private) is in plaintext.

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sim_runs import LEDGER_FULL, simulated_run
+from sim_runs import LEDGER_FULL, REPLAYABLE, simulated_run
 from support.flower import flwr_env
 from support.processes import TAG_VAR, Proc, cmdline, start, tagged, terminate, wait_for
 
@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Depreca
                                          "ignore::FutureWarning")]
 
 ROOT = Path(__file__).resolve().parents[1]
-FIVE_ROUNDS = LEDGER_FULL + ("federation.rounds=5",)  # 2 DP clients, every client in every round
+FIVE_ROUNDS = REPLAYABLE + ("federation.rounds=5",)  # 2 DP clients, every client in every round
 KILL_ROUND = 3
 
 
@@ -209,9 +209,9 @@ def test_killed_he_run_resumes(tmp_path_factory) -> None:
     tmp = tmp_path_factory.mktemp("he")
     keys = tmp / "keys"
     write_keys(keys, KeyParams())
-    run = _interrupted_run(tmp, LEDGER_FULL, kill_round=2, he_keys=keys)
+    run = _interrupted_run(tmp, REPLAYABLE, kill_round=2, he_keys=keys)
     _resume(tmp, run, he_keys=keys)
-    plain, _ = simulated_run(tmp_path_factory, LEDGER_FULL)
+    plain, _ = simulated_run(tmp_path_factory, REPLAYABLE)
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
     models = sorted(p.name for p in (run / "models").iterdir())
     assert models == ["final.he.safetensors", "final.safetensors", "initial.safetensors"] + [

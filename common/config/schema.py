@@ -13,6 +13,7 @@ from common.data.sources import SOURCES
 from common.nn.heads import MARGINS
 from common.split.partition import PARTITIONS
 from common.train.fairness import FAIRNESS_METHODS, SENSITIVE_ATTRIBUTES
+from common.train.identity_dp import DP_UNITS
 
 
 @dataclass
@@ -103,6 +104,15 @@ class DPConfig(Section):
     SECTION = "dp"
 
     mode: str = choice("sample", ("sample", "off"))
+    unit: str = choice("sample", DP_UNITS, doc="what one (epsilon, delta) protects: 'sample' = one image (a person "
+                                                "gets only group privacy over their images), 'identity' = one person "
+                                                "with all of their images (identity-level DP-SGD: Poisson sampling of "
+                                                "identities, each identity's summed gradient clipped; always "
+                                                "instantiates per-sample gradients, hooks or functorch, never ghost)")
+    max_images_per_identity: int = num(10, 1, doc="dp.unit = identity: at most this many images of a person train "
+                                                   "(the first in sample order); a fixed cap, chosen without looking "
+                                                   "at the data; identities are drawn with rate q = batch_size / "
+                                                   "(cap x identities), ceil(1/q) steps an epoch")
     target_epsilon: float = num(8.0, 0.0, doc="epsilon for the whole run (inf or 0 = use noise_multiplier)",
                                  infinite=True)
     noise_multiplier: float = num(0.0, 0.0, doc="used when target_epsilon is 0 or inf")
@@ -254,6 +264,10 @@ class Config:
         if self.fairness.method == "fair_mixup" and self.dp.mode != "off":
             raise ConfigError("fairness.method: 'fair_mixup' couples samples across a batch and cannot be "
                               "combined with DP-SGD's per-sample clipping; use 'reweight' with dp.mode = sample")
+        if self.fairness.method == "reweight" and self.dp.mode != "off" and self.dp.unit == "identity":
+            raise ConfigError("dp.unit: 'identity' cannot be combined with fairness.method = 'reweight' yet: the "
+                              "reweighting histogram is released and accounted with the sensitivity of one image, "
+                              "not of one person's images")
         if self.federation.min_train_clients > self.split.num_clients:
             raise ConfigError(f"federation.min_train_clients: expected at most split.num_clients = "
                               f"{self.split.num_clients}, got {self.federation.min_train_clients}")

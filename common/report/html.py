@@ -144,7 +144,7 @@ def _privacy(r: RunResults) -> str:
         return _not_run(f"{layout.PRIVACY} is missing (no round finished)")
     p = r.privacy
     rows = [(k, c.get("unit"), c.get("epsilon"), c.get("epsilon_rdp"), c.get("epsilon_prv"), c.get("delta"),
-             c.get("steps"), c.get("noise_multiplier"), c.get("sample_rate"),
+             _person(c), c.get("steps"), c.get("noise_multiplier"), c.get("sample_rate"),
              "yes" if c.get("reproducible_noise") else "no", ", ".join(map(str, c.get("rounds", []))))
             for k, c in p.get("clients", {}).items()]
     warning = ('<p class="problem">Warning: dp.reproducible_noise = true. Every client\'s DP noise and sampling were '
@@ -158,8 +158,19 @@ def _privacy(r: RunResults) -> str:
                       "accountant history and in the epsilons below.")
     return (warning + _p(f"Accountant {p.get('accountant')}, delta {p.get('delta')}, unit: {p.get('unit', 'sample')}; "
                          f"{p.get('guarantee', '')}. Largest epsilon spent: {fmt(p.get('max_epsilon'))}.")
-            + _table(("client", "unit", "epsilon", "epsilon (RDP)", "epsilon (PRV)", "delta", "steps",
-                      "noise multiplier", "sample rate", "reproducible noise", "rounds"), rows))
+            + _table(("client", "unit", "epsilon", "epsilon (RDP)", "epsilon (PRV)", "delta",
+                      "one person: (epsilon, delta)", "steps", "noise multiplier", "sample rate", "reproducible noise",
+                      "rounds"), rows))
+
+
+def _person(entry: dict[str, Any]) -> str:
+    """What a client's guarantee gives one person: its own under identity-level DP, else the
+    group-privacy bound over the most images one identity has (loose; delta 1 means nothing)."""
+    if "epsilon_person_bound" not in entry:
+        return "-"
+    bound = f"({fmt(entry['epsilon_person_bound'])}, {fmt(entry.get('delta_person_bound'))})"
+    k = entry.get("largest_identity_images")
+    return f"{bound} over {k} images" if k else bound
 
 
 def _utility(r: RunResults) -> str:

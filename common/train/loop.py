@@ -4,7 +4,9 @@ It trains a ``FaceModel`` and, for the identity task, a private ``CosineClassifi
 ``FaceDataset``, with or without DP-SGD (Opacus, Poisson sampling). Initialisation, augmentation
 and dropout draw from generators seeded by the caller (the same seed gives the same weights on
 CPU); DP-SGD's noise and sampling draw from fresh OS entropy unless the caller passes a noise
-seed (see ``common.train.dp``).
+seed (see ``common.train.dp``). ``dp.unit = sample`` runs Opacus' ``make_private`` (one image is
+the unit); ``dp.unit = identity`` samples, clips and noises whole identities on Opacus' per-sample
+gradients (``common.train.identity_dp``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from common.nn.face_model import FaceModel
 from common.nn.heads import CosineClassifier, margin_logits
 from common.train.dp import History, accountant_history, dp_generators, make_accountant
 from common.train.fairness import fair_mixup_penalty
+from common.train.identity_dp import IdentityPoissonLoader, make_private_by_identity
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,11 @@ def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: float = 0.08) -> torch.Tensor:
-    """Random horizontal flip and translation (seeded), applied per sample."""
+    """Random horizontal flip and translation (seeded), applied per sample. An empty batch (Poisson
+    sampling under DP-SGD can draw nobody) comes back as it is, drawing nothing."""
     n = x.shape[0]
+    if n == 0:
+        return x
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift * 2
@@ -208,8 +214,15 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     # Under DP the noise and the Poisson sampler draw from their own streams, seeded by noise_seed:
     # the protection of every sample rests on them, so they never derive from ``seed``.
     noise_gen, sampler_gen = dp_generators(noise_seed) if private else (None, gen)
-    loader = DataLoader(TensorDataset(images, y_id, y_attr, w, sens), batch_size=batch, shuffle=True,
-                        generator=sampler_gen)
+    # dp.unit = identity: whole identities are Poisson-sampled and clipped (common.train.identity_dp).
+    by_identity = private and dp.unit == "identity"
+    loader: DataLoader | IdentityPoissonLoader
+    if by_identity:
+        loader = IdentityPoissonLoader((images, y_id, y_attr, w, sens), ds.identity, batch_size=cfg.batch_size,
+                                       max_images_per_identity=dp.max_images_per_identity, generator=sampler_gen)
+    else:
+        loader = DataLoader(TensorDataset(images, y_id, y_attr, w, sens), batch_size=batch, shuffle=True,
+                            generator=sampler_gen)
 
     joint = _Joint(model, head if use_id else None)
     params = [p for p in joint.parameters() if p.requires_grad]
@@ -218,11 +231,17 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    engine = None
+    accountant = None
     module: nn.Module = joint
-    if private:
-        if noise_multiplier <= 0:
-            raise ValueError("train: DP mode 'sample' needs a noise multiplier > 0")
+    if private and noise_multiplier <= 0:
+        raise ValueError("train: DP-SGD (dp.mode = sample) needs a noise multiplier > 0")
+    if by_identity:
+        accountant = make_accountant(dp.accountant, dp_history)
+        module, opt = make_private_by_identity(
+            joint, opt, noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            expected_identities=loader.expected_identities, grad_sample_mode=dp.grad_sample_mode,
+            generator=noise_gen, step_hook=accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate))
+    elif private:
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
         engine.accountant = make_accountant(dp.accountant, dp_history)
         wrapped = engine.make_private(
@@ -231,6 +250,7 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
             noise_generator=noise_gen, criterion=nn.CrossEntropyLoss())
         # Ghost clipping also returns a wrapped criterion (3rd item); the loss is wrapped below instead.
         module, opt, loader = wrapped[0], wrapped[1], wrapped[-1]
+        accountant = engine.accountant
     steps_total = epochs * len(loader)
     first_step, run_steps = schedule or (0, steps_total)
     module.train()
@@ -240,16 +260,24 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     bar = tqdm(total=steps_total, desc=desc, disable=not progress, leave=False, unit="step")
     try:
         for xb, yb_id, yb_attr, wb, sb in _batches(loader, epochs, cfg.max_seconds, start):
-            x = to_tensor(xb)
-            if cfg.augment:
-                x = augment(x, gen)
-            cos, attr = module(x)
-            per_sample = task_loss(cos if use_id else None, attr if use_attr else None, yb_id, yb_attr, cfg) * wb
+            # No identity drawn: no forward or backward pass, but a noise-only step (as Opacus takes).
+            empty = by_identity and len(xb) == 0
+            per_sample = torch.zeros(0)
+            if not empty:
+                x = to_tensor(xb)
+                if cfg.augment:
+                    x = augment(x, gen)
+                cos, attr = module(x)
+                per_sample = task_loss(cos if use_id else None, attr if use_attr else None, yb_id, yb_attr, cfg) * wb
             opt.zero_grad(set_to_none=True)
             # Warm-up then anneal (for SGD and Adam alike): ArcFace from scratch diverges without it.
             for group in opt.param_groups:
                 group["lr"] = one_cycle_lr(first_step + steps, run_steps, cfg.lr)
-            if private and dp.grad_sample_mode == "ghost":
+            if by_identity:  # per-sample gradients of the summed loss; the optimiser groups and clips them
+                if not empty:
+                    per_sample.sum().backward()
+                opt.set_identities(yb_id)
+            elif private and dp.grad_sample_mode == "ghost":
                 DPTensorFastGradientClipping(module, opt, per_sample, "mean").backward()
             elif mixup is not None:
                 (per_sample.mean() + mixup[0] * fair_mixup_penalty(model, x, yb_attr, sb, mix_gen)).backward()
@@ -257,7 +285,7 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
                 per_sample.mean().backward()
             opt.step()
             steps += 1
-            samples += x.shape[0]
+            samples += len(xb)
             loss_sum += float(per_sample.detach().sum())
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(samples, 1):.3f}")
@@ -273,7 +301,7 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     if private:
         outcome.noise_multiplier = noise_multiplier
         outcome.sample_rate = float(loader.sample_rate)
-        outcome.dp_history = accountant_history(engine.accountant)
+        outcome.dp_history = accountant_history(accountant)
     log.debug("%s: %d steps, %.1f samples/s, loss %.4f", desc, steps, outcome.samples_per_second, outcome.loss)
     return outcome
 
