@@ -17,12 +17,15 @@ from common.config.values import ConfigError, parse_value, show_value
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {show_value(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+        known = ", ".join(sorted(names))
+        if not unknown[0]:  # a table given as a value whose keys include "" (hostile run configs do that)
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: an empty key name (known: {known})")
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {known})")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         typ = hints[name]
@@ -49,6 +52,9 @@ def _unflatten(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part!r} is a value, not a table")
+        if isinstance(value, dict):  # flat keys carry values; a table would replace a whole section
+            raise ConfigError(f"{key}: expected a value, got a table {show_value(value)} (flat keys name one value "
+                              "each, e.g. dp.target_epsilon)")
         node[parts[-1]] = value
     return nested
 

@@ -103,6 +103,26 @@ def test_flat_config_loads_or_names_the_key(mutations: dict[str, Any], scratch: 
         assert_sane(cfg, scratch.new())
 
 
+@pytest.mark.parametrize(("mutations", "start"), [
+    ({"dp": {"": 1}}, "dp: expected a value, got a table"),  # found by the fuzzer above (random seeds)
+    ({"dp": {"\xe6S": 1}}, "dp: expected a value, got a table"),
+    ({"dp": 10**5000}, "dp: expected a table, got <integer of 16610 bits>"),
+    ({"dp": 10**400}, "dp: expected a table, got 1000"),
+])
+def test_a_section_given_as_one_flat_value_is_refused_naming_it(mutations: dict[str, Any], start: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_flat({**Config().to_flat(), **mutations})
+    assert str(info.value).startswith(start) and len(str(info.value)) < 1000, str(info.value)[:300]
+    assert_names_a_key(str(info.value), mutations)
+
+
+def test_an_empty_key_in_a_toml_table_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text('[dp]\n"" = 1\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"job.toml: dp: an empty key name \(known: accountant"):
+        load_config(path)
+
+
 def _bad_values(typ: Any, meta: typing.Mapping[str, Any]) -> st.SearchStrategy[Any]:
     """Values the schema must refuse for a field of type ``typ`` with ``meta`` (range, choices)."""
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
