@@ -37,8 +37,9 @@ def show_value(raw: Any, limit: int = 80) -> str:
     """``repr(raw)`` cut to ``limit`` characters, for error messages about hostile values."""
     try:
         text = repr(raw)
-    except ValueError:  # an int of more than 4300 digits has no repr
-        text = f"<integer of {raw.bit_length()} bits>"
+    except ValueError:  # an int of more than 4300 digits has no repr, nor has a container holding one
+        text = (f"<integer of {raw.bit_length()} bits>" if isinstance(raw, int)
+                else f"<{type(raw).__name__} holding an integer too large to print>")
     return text if len(text) <= limit else text[:limit] + "..."
 
 

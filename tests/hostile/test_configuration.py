@@ -108,6 +108,7 @@ def test_flat_config_loads_or_names_the_key(mutations: dict[str, Any], scratch: 
     ({"dp": {"\xe6S": 1}}, "dp: expected a value, got a table"),
     ({"dp": 10**5000}, "dp: expected a table, got <integer of 16610 bits>"),
     ({"dp": 10**400}, "dp: expected a table, got 1000"),
+    ({"dp": {"x": 10**5000}}, "dp: expected a value, got a table <dict holding an integer too large to print>"),
 ])
 def test_a_section_given_as_one_flat_value_is_refused_naming_it(mutations: dict[str, Any], start: str) -> None:
     with pytest.raises(ConfigError) as info:
