@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole system on SynthFaces: federated training with DP-SGD and HE, MOTE, "
                                        "evaluation and audit; writes OUT/demo-<id>/report.html and prints a summary")
-    demo.add_argument("--quick", action="store_true", help="a tiny federation (about 3 minutes on 2 cores; the tests "
-                                                           "run it)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a tiny federation (about 30 s on 2 cores): a smoke test whose numbers sit at chance; "
+                           "the tests run it")
     demo.add_argument("--out", type=Path, default=Path("runs"), help="where demo-<id>/ is created (default: ./runs)")
 
     sweep = sub.add_parser("sweep", help="every combination of --grid values x seeds: train, decrypt (HE), evaluate "
