@@ -27,6 +27,7 @@ from client.local import (
     derived_seed,
     local_data,
     local_train,
+    mote_noise_seed,
 )
 from common import wire
 from common.config import Config
@@ -124,13 +125,17 @@ def train(msg: Message, context: Context) -> Message:
 @app.query("enroll")
 def enroll(msg: Message, context: Context) -> Message:
     """MOTE enrollment of this client's identities with the final global backbone (decrypted by
-    the client itself under HE); one gallery per balancing factor goes back to the server."""
+    the client itself under HE); one gallery per balancing factor goes back to the server. Under
+    MOTE DP the noise and record sampling are this client's secret, like its DP-SGD's, and the
+    reply's enrollment info carries the mechanism (``privacy``) for the server's ledger."""
     cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
     global_state, _ = _global_model(msg, context, cfg)
     model = build_model(model_spec(cfg), cfg.seed)
     model.load_state_dict(global_state)
-    galleries, info = enroll_client(cfg, build_dataset(cfg), model, partition, derived_seed(cfg.seed, 0xE4, partition))
+    noise_seed = mote_noise_seed(cfg, partition, _allows_reproducible_noise(context))
+    galleries, info = enroll_client(cfg, build_dataset(cfg), model, partition, derived_seed(cfg.seed, 0xE4, partition),
+                                    noise_seed)
     content = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, "identities": len(galleries[0])}),
                           wire.MOTE_INFO: ConfigRecord({"json": json.dumps(info)})})
     for i, gallery in enumerate(galleries):

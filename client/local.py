@@ -283,13 +283,28 @@ def noise_seed_for(cfg: Config, partition: int, server_round: int, store: StateS
     if cfg.dp.mode == "off":
         return None
     if cfg.dp.reproducible_noise:
-        if not allow_reproducible:
-            raise ValueError(f"client {partition}: dp.reproducible_noise = true would let the server, which sets "
-                             "the run seed, predict this client's DP noise; refused. For research runs, allow it on "
-                             f"this node with node config {ALLOW_REPRODUCIBLE_NOISE_NODE_CONFIG}=true")
+        _refuse_reproducible_unless(allow_reproducible, partition)
         return derived_seed(cfg.seed, server_round, partition, 0xD9)
     earlier = store.noise_seed(server_round) if store is not None else None
     return fresh_noise_seed() if earlier is None else earlier
+
+
+def mote_noise_seed(cfg: Config, partition: int, allow_reproducible: bool) -> int | None:
+    """The seed of this client's MOTE DP noise and record sampling (None without MOTE DP): fresh
+    OS entropy, or, under ``dp.reproducible_noise`` (if allowed), derived from the run seed."""
+    if not cfg.mote.dp_enabled():
+        return None
+    if cfg.dp.reproducible_noise:
+        _refuse_reproducible_unless(allow_reproducible, partition)
+        return derived_seed(cfg.seed, partition, 0xE5)
+    return fresh_noise_seed()
+
+
+def _refuse_reproducible_unless(allowed: bool, partition: int) -> None:
+    if not allowed:
+        raise ValueError(f"client {partition}: dp.reproducible_noise = true would let the server, which sets "
+                         "the run seed, predict this client's DP noise; refused. For research runs, allow it on "
+                         f"this node with node config {ALLOW_REPRODUCIBLE_NOISE_NODE_CONFIG}=true")
 
 
 def dp_sampling(cfg: Config, data: FaceDataset) -> tuple[float, int]:

@@ -23,6 +23,7 @@ from common.config import Config
 from common.mote.gallery import MoteGallery
 from common.runs.io import atomic_write_json
 from common.runs.rundir import RunDir
+from server.ledger import PrivacyLedger
 from server.strategy import (
     FaceFedAvg,
     client_name,
@@ -34,8 +35,10 @@ from server.strategy import (
 log = logging.getLogger(__name__)
 
 
-def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, global_record: ArrayRecord) -> dict[str, Any]:
-    """Run the enrollment, write the gallery; returns a summary for metrics.jsonl."""
+def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, global_record: ArrayRecord,
+                 ledger: PrivacyLedger) -> dict[str, Any]:
+    """Run the enrollment, write the gallery and, under MOTE DP, each client's MOTE entry of the
+    privacy ledger; returns a summary for metrics.jsonl."""
     start = time.perf_counter()
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, cfg.federation.rounds),
                           **strategy.model_content(global_record)})
@@ -47,6 +50,7 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
     galleries: list[list[MoteGallery]] = [[] for _ in factors]
     clients, failures, enrolled = [], [], set()
     answered = {sender(m, owners) for m in replies}
+    node_partition = {n: p for p, n in partitions.items()}
     failures += [f"{client_name(node, partitions)}: no reply within {cfg.federation.round_timeout:g} s"
                  for node in sorted(set(partitions.values()) - answered)]
     for who, msg in in_partition_order(replies, partitions, owners):
@@ -61,6 +65,10 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
                 raise ValueError(f"{who}: galleries of embedding size {sorted(dims)} or with differing identities")
             if taken := enrolled & set(got[0].identity_ids.tolist()):
                 raise ValueError(f"{who}: identities {sorted(taken)[:5]} were already enrolled by another client")
+            if cfg.mote.dp_enabled():
+                if not isinstance(info.get("privacy"), dict):
+                    raise ValueError(f"{who}: MOTE DP is on but the reply carries no privacy report")
+                ledger.record_mote(node_partition[sender(msg, owners)], info["privacy"])
         except (KeyError, TypeError, ValueError) as exc:
             failures.append(f"{who}: rejected enrollment: {exc}")
             continue
@@ -81,4 +89,7 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
     summary = {"identities": sum(len(c["identities"]) for c in clients), "clients": len(clients),
                "failures": failures, "seconds": time.perf_counter() - start, "galleries": files}
     atomic_write_json(run.mote_enrollment_path, {**summary, "per_client": clients})
+    if ledger.mote:
+        ledger.save(run.privacy_path)
+        summary["mote_max_epsilon"] = max(e["epsilon"] for e in ledger.mote.values())
     return summary

@@ -210,7 +210,7 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
     summary = {"rounds_completed": cfg.federation.rounds, "max_epsilon": ledger.max_epsilon(),
                "encrypted": cfg.he.enabled, **state.metrics}
     if cfg.mote.enabled and cfg.train.task in ("identity", "both"):
-        enrolled = enroll_phase(grid, cfg, run, strategy, state.global_record)
+        enrolled = enroll_phase(grid, cfg, run, strategy, state.global_record, ledger)
         run.log_metrics("enroll", **enrolled)
         summary["mote_identities"] = enrolled["identities"]
     return summary

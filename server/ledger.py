@@ -39,6 +39,12 @@ ADVERSARY = ("holds against the server and the other clients: each client's nois
 ADVERSARY_REPRODUCIBLE = ("does NOT hold against the server: dp.reproducible_noise derived the noise from the run "
                           "seed, which the server knows (research simulations only)")
 
+MOTE_GUARANTEE = ("(epsilon, delta) per impostor record of each client's enrollment population (one image, or one "
+                  "person with all of their images: 'unit'), composed over all of that client's galleries; the "
+                  "enrolled person's own reference images are the templates' subjects and are not protected. An image "
+                  "used both by DP-SGD of the backbone and as a MOTE impostor record is protected by the sum of the "
+                  "two epsilons (and of the two deltas)")
+
 
 def person_bound(unit: str, epsilon: float, delta: float, largest_identity_images: int) -> dict[str, Any]:
     """What a client's (epsilon, delta) guarantees one person (see the module docstring): its own
@@ -58,6 +64,7 @@ class PrivacyLedger:
     accountant: str
     delta: float
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
+    mote: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def record(self, partition: int, server_round: int, privacy_json: str) -> dict[str, Any]:
         """Update one client's entry from the history it reported after ``server_round``."""
@@ -82,6 +89,30 @@ class PrivacyLedger:
         entry.update(person_bound(unit, entry["epsilon"], self.delta, int(d.get("largest_identity_images", 0))))
         return entry
 
+    def record_mote(self, partition: int, reported: dict[str, Any]) -> dict[str, Any]:
+        """One client's MOTE enrollment under DP (``common.mote.private``): its mechanism as
+        reported, with both epsilons recomputed here from (sigma, q, steps of all galleries)."""
+        try:
+            sigma, q = float(reported["noise_multiplier"]), float(reported["sample_rate"])
+            per_gallery, galleries = int(reported["steps_per_gallery"]), int(reported["galleries"])
+            unit = str(reported["unit"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"client {partition}: malformed MOTE privacy report ({type(exc).__name__}: {exc})") from None
+        if unit not in UNITS or not (sigma > 0 and 0 < q <= 1 and per_gallery > 0 and galleries > 0):
+            raise ValueError(f"client {partition}: MOTE privacy report out of range (unit {unit!r}, sigma {sigma}, "
+                             f"q {q}, {per_gallery} steps x {galleries} galleries)")
+        history: History = [(sigma, q, per_gallery * galleries)]
+        one: History = [(sigma, q, per_gallery)]
+        entry = {**{k: v for k, v in reported.items() if k not in ("history", "delta", "unit_description")},
+                 "unit": reported.get("unit_description", unit), "delta": self.delta, "history": history,
+                 "steps": per_gallery * galleries,
+                 "epsilon_rdp": spent_epsilon("rdp", history, self.delta),
+                 "epsilon_prv": spent_epsilon("prv", history, self.delta),
+                 "epsilon_per_gallery": spent_epsilon(self.accountant, one, self.delta)}
+        entry["epsilon"] = entry[f"epsilon_{self.accountant}"]
+        self.mote[partition] = entry
+        return entry
+
     def max_epsilon(self) -> float:
         return max((c["epsilon"] for c in self.clients.values()), default=0.0)
 
@@ -103,7 +134,9 @@ class PrivacyLedger:
                 "unit": unit, "reproducible_noise": reproducible,
                 "guarantee": (f"{level} (epsilon, delta) per client, composed over every round it "
                               "trained in; " + (ADVERSARY_REPRODUCIBLE if reproducible else ADVERSARY)),
-                "clients": {str(k): v for k, v in sorted(self.clients.items())}}
+                "clients": {str(k): v for k, v in sorted(self.clients.items())},
+                **({"mote": {"guarantee": MOTE_GUARANTEE, "clients": {str(k): v for k, v in sorted(self.mote.items())}}}
+                   if self.mote else {})}
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, self.to_json())
@@ -114,6 +147,7 @@ class PrivacyLedger:
         try:
             clients = {int(k): {**v, "history": [(float(s), float(q), int(n)) for s, q, n in v["history"]]}
                        for k, v in d["clients"].items()}
-            return cls(str(d["accountant"]), float(d["delta"]), clients)
+            mote = {int(k): v for k, v in d.get("mote", {}).get("clients", {}).items()}
+            return cls(str(d["accountant"]), float(d["delta"]), clients, mote)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{where}: malformed privacy ledger ({type(exc).__name__}: {exc})") from None

@@ -217,6 +217,10 @@ def _round_rows(records: list[dict]) -> list[tuple]:
         if r.get("event") == "decrypted":
             rows.append(("final (decrypted)", "-", "-", "-", fmt(r, "verification_auc"), fmt(r, "attribute_accuracy"),
                          fmt(r, "attribute_deo_sum"), "-", "-"))
+        if r.get("event") == "enroll":
+            eps = f"{r['mote_max_epsilon']:.3f} (per record)" if "mote_max_epsilon" in r else "no MOTE DP"
+            rows.append(("MOTE enrollment", r["clients"], len(r["failures"]), "-", "-", "-", "-", eps,
+                         f"{r['seconds']:.0f}"))
         if r.get("event") != "round":
             continue
         rows.append((r["round"], len(r["clients"]), len(r["failures"]), f"{r['train_loss']:.4f}",
@@ -269,8 +273,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from workflow.decryption import decrypt_run
 
         decrypt_run(run.path, secret)
+    unit = "per person" if cfg.dp.unit == "identity" else "per image"
     print(format_table(("round", "clients", "failed", "train loss", "verif. AUC", "attr. acc", "DEO (|dTPR|+|dFPR|)",
-                        "max eps", "s"), _round_rows(run.read_metrics())))
+                        f"max eps ({unit})", "s"), _round_rows(run.read_metrics())))
     print(f"run directory: {run.path}")
     if status["status"] != "finished":
         print(f"facefl: error: run {status['status']}: {status.get('error', 'no reason recorded')}", file=sys.stderr)

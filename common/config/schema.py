@@ -190,9 +190,10 @@ class MoteConfig(Section):
                                                          "the backbone rounds (identity and both tasks)"})
     balancing_factors: tuple[float, ...] = field(default=(0.0, 0.4, 0.5, 0.6, 1.0), metadata={
         "doc": "one gallery per factor b: the male share of the synthetic genuine samples"})
-    kde_population: str = choice("members", ("members", "aux"),
-                                  doc="embeddings the gender KDEs are fitted on: the client's own members or the "
-                                      "aux population")
+    kde_population: str = choice("auto", ("auto", "members", "aux", "public"),
+                                  doc="embeddings the gender KDEs are fitted on: the client's own members, the aux "
+                                      "population or the public (pretraining) population; auto = members without "
+                                      "MOTE DP, public with it (the KDEs then cost no privacy)")
     references: int = num(1, 1, doc="reference images per enrolled identity (the rest of its images are never "
                                      "enrolled; its probe-role images are the genuine probes)")
     synthetic: int = num(100, 5, doc="synthetic genuine samples per identity")
@@ -207,9 +208,14 @@ class MoteConfig(Section):
     weight_decay: float = num(1e-3, 0.0)
     dropout: float = num(0.5, 0.0, 0.998, doc="the rate is quantised to 1/256")
     enroll_batch: int = num(64, 1, doc="identities trained together (the result does not depend on it)")
-    dp_noise_multiplier: float = num(0.0, 0.0, doc="DP-SGD noise of each MOTE model (needs dp_max_grad_norm)")
-    dp_max_grad_norm: float = num(0.0, 0.0, doc="per-sample clipping norm of MOTE training (0 = off; with a norm "
-                                                "set, dp_noise_multiplier 0 clips without noise: no DP guarantee)")
+    dp_target_epsilon: float = num(0.0, 0.0, infinite=True, doc=(
+        "MOTE DP-SGD: epsilon of a client's whole enrollment (all of its galleries) per impostor record (dp.unit: "
+        "one image or one person of the enrollment population); 0 or inf = use dp_noise_multiplier (0 = no MOTE DP). "
+        "Delta, accountant, unit and reproducible_noise come from the [dp] section"))
+    dp_noise_multiplier: float = num(0.0, 0.0, doc="MOTE DP-SGD noise multiplier when dp_target_epsilon is 0 or inf "
+                                                   "(0 = no MOTE DP)")
+    dp_max_grad_norm: float = num(1.0, 1e-9, doc="MOTE DP-SGD: clipping norm of each impostor record's gradient "
+                                                 "over all models of the gallery (and of each public row's)")
     fp16: bool = field(default=False, metadata={"doc": "store galleries in float16 (half the bytes)"})
 
     def validate(self) -> MoteConfig:
@@ -227,9 +233,17 @@ class MoteConfig(Section):
         if round(self.val_fraction * self.synthetic) < 1:
             raise ConfigError(f"mote.val_fraction: {self.val_fraction} of mote.synthetic = {self.synthetic} leaves no "
                               "genuine validation sample for early stopping")
-        if self.dp_noise_multiplier > 0 and self.dp_max_grad_norm <= 0:
-            raise ConfigError("mote.dp_noise_multiplier: > 0 needs mote.dp_max_grad_norm > 0 (the clipping norm)")
         return self
+
+    def dp_enabled(self) -> bool:
+        """True when MOTE trains with DP-SGD (a finite target epsilon, or a noise multiplier)."""
+        return 0 < self.dp_target_epsilon < math.inf or self.dp_noise_multiplier > 0
+
+    def kde_source(self) -> str:
+        """The population the gender KDEs are fitted on (``kde_population`` with auto resolved)."""
+        if self.kde_population == "auto":
+            return "public" if self.dp_enabled() else "members"
+        return self.kde_population
 
 
 @dataclass
@@ -272,6 +286,13 @@ class Config:
             raise ConfigError(f"federation.min_train_clients: expected at most split.num_clients = "
                               f"{self.split.num_clients}, got {self.federation.min_train_clients}")
         self.mote.validate()
+        if self.mote.enabled and self.mote.dp_enabled():
+            if self.mote.kde_source() != "public":
+                raise ConfigError(f"mote.kde_population: {self.mote.kde_population!r} fits the KDEs on private "
+                                  "embeddings outside MOTE's DP accountant; use 'public' or 'auto' with MOTE DP")
+            if self.pretrain.identities == 0:
+                raise ConfigError("mote.dp_target_epsilon: MOTE DP fits its KDEs and draws its validation impostors "
+                                  "from the public population; set pretrain.identities > 0")
         if self.he.enabled and not self.he.public_context:
             raise ConfigError("he.public_context: required when he.enabled = true (the path of the server's "
                               "public-context.bin from `facefl keys init`)")

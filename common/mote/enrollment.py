@@ -19,9 +19,12 @@ from common.config import Config
 from common.data.dataset import FaceDataset
 from common.mote.gallery import MoteGallery, enroll
 from common.mote.kde import GenderKDE
+from common.mote.private import ImpostorRecords, PrivateRun, plan
 from common.split.build import build_manifest
 from common.split.manifest import Manifest
+from common.train.dp import dp_generators
 from common.train.loop import embed
+from common.train.pretraining import public_population
 
 
 def enrolling_client(manifest: Manifest, ds: FaceDataset) -> dict[int, int]:
@@ -54,17 +57,30 @@ def references(manifest: Manifest, ds: FaceDataset, cfg: Config) -> dict[int, np
 
 
 def kde_population(manifest: Manifest, ds: FaceDataset, cfg: Config, client: int) -> np.ndarray:
-    """Positions of the images the gender KDEs are fitted on: the client's members or ``aux``."""
-    if cfg.mote.kde_population == "aux":
+    """Positions of the images the gender KDEs are fitted on: the client's members or ``aux``
+    (the ``public`` population is not in ``ds``: see ``public_embeddings``)."""
+    if cfg.mote.kde_source() == "aux":
         return np.flatnonzero(manifest.role_mask(ds, "aux"))
     return manifest.client_indices(ds, client)
 
 
-def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int) -> tuple[list[MoteGallery], dict[str, Any]]:
+def public_embeddings(cfg: Config, model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings, identities, genders) of the public population (``pretrain``). Its identity
+    codes are made negative so that they never collide with an enrolled identity's."""
+    public = public_population(cfg)
+    return embed(model, public.images), -1 - public.identity.astype(np.int64), public.gender
+
+
+def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
+                  noise_seed: int | None = None) -> tuple[list[MoteGallery], dict[str, Any]]:
     """Enroll this client's identities with the global backbone, one gallery per balancing factor.
 
-    Impostors are the client's other member identities (real embeddings and synthetic samples
-    around them): a client trains on nothing it does not hold, except the ``aux`` KDE option.
+    Without MOTE DP, impostors are the client's other member identities (real embeddings and
+    synthetic samples around them): a client trains on nothing it does not hold, except the
+    ``aux`` KDE option. With MOTE DP (``common.mote.private``) the client's member images other
+    than the references are the protected impostor records; the KDEs, the synthetic samples,
+    part of each batch's impostors and the validation impostors come from the public population;
+    ``noise_seed`` seeds the noise and the record sampling (None: fresh OS entropy).
     """
     manifest = build_manifest(cfg, ds)
     refs = client_references(manifest, ds, cfg, client)
@@ -72,22 +88,42 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int) -
         raise ValueError(f"client {client}: no identity to enroll")
     ref_pos = np.concatenate(list(refs.values()))
     own = manifest.client_indices(ds, client)
-    kde_pos = kde_population(manifest, ds, cfg, client)
+    source = cfg.mote.kde_source()
+    kde_pos = kde_population(manifest, ds, cfg, client) if source != "public" else np.zeros(0, dtype=np.int64)
     needed = np.unique(np.concatenate([ref_pos, own, kde_pos]))
     emb = dict(zip(needed.tolist(), embed(model, ds.images[needed]), strict=True))
 
     def rows(pos: np.ndarray) -> np.ndarray:
         return np.stack([emb[p] for p in pos.tolist()])
 
-    kde = GenderKDE.fit(rows(kde_pos), ds.identity[kde_pos], ds.gender[kde_pos], seed=seed)
+    public = public_embeddings(cfg, model) if source == "public" else None
+    if public is not None:
+        kde = GenderKDE.fit(*public, seed=seed)
+        kde_samples = int(public[0].shape[0])
+    else:
+        kde = GenderKDE.fit(rows(kde_pos), ds.identity[kde_pos], ds.gender[kde_pos], seed=seed)
+        kde_samples = int(kde_pos.size)
     settings = cfg.mote
-    galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, rows(own), ds.identity[own], b, seed, settings)
-                 for b in cfg.mote.balancing_factors]
+    factors = cfg.mote.balancing_factors
+    info: dict[str, Any] = {}
+    if settings.dp_enabled():
+        assert public is not None  # Config.validate: MOTE DP fits its KDEs on the public population
+        record_pos = own[~np.isin(own, ref_pos)]  # sample order; the references are the templates' subjects
+        records = ImpostorRecords.build(rows(record_pos), ds.identity[record_pos], cfg.dp.unit,
+                                        cfg.dp.max_images_per_identity)
+        mechanism = plan(records, settings, cfg.dp, len(factors))
+        private = PrivateRun(records, mechanism, *dp_generators(noise_seed))
+        galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, public[0], public[1], b, seed, settings, private)
+                     for b in factors]
+        info["privacy"] = mechanism.ledger(cfg.dp.reproducible_noise, [g.info["steps"] for g in galleries])
+    else:
+        galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, rows(own), ds.identity[own], b, seed, settings)
+                     for b in factors]
     info = {"client": client, "identities": sorted(refs), "references": {str(i): ds.sample_ids[p].tolist()
                                                                          for i, p in refs.items()},
-            "kde": {"population": cfg.mote.kde_population, "samples": int(kde_pos.size),
+            "kde": {"population": source, "samples": kde_samples,
                     "bandwidth_male": float(kde.male.bandwidth_), "bandwidth_female": float(kde.female.bandwidth_)},
             "settings": dataclasses.asdict(settings),
-            "epochs": {str(b): float(np.mean(g.info["epochs"])) for b, g in zip(cfg.mote.balancing_factors, galleries,
-                                                                                strict=True)}}
+            "epochs": {str(b): float(np.mean(g.info["epochs"])) for b, g in zip(factors, galleries, strict=True)},
+            **info}
     return galleries, info

@@ -24,11 +24,14 @@ from common.mote.networks import (
     HIDDEN,
     PARAM_NAMES,
     TrainResult,
+    fit,
     identity_streams,
     param_shapes,
     parameter_count,
+    public_stream,
     train_models,
 )
+from common.mote.private import PrivateRun
 from common.nn.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -192,16 +195,20 @@ def _balancing_factors(balancing_factor: float | Sequence[float] | np.ndarray, k
 
 def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: GenderKDE, impostor_pool_emb: np.ndarray,
            impostor_pool_identity: np.ndarray, balancing_factor: float | Sequence[float] | np.ndarray, seed: int,
-           settings: MoteConfig | None = None) -> MoteGallery:
+           settings: MoteConfig | None = None, private: PrivateRun | None = None) -> MoteGallery:
     """Enrol every identity of ``reference_identity`` (sorted ids) as a MOTE model template.
 
     Identity ids are non-negative integers: with ``seed`` they seed each identity's random
-    streams, so an identity's model does not depend on who else is enrolled with it. Impostors
-    come from the pool minus the identity itself (the pool may contain the enrolled people).
+    streams, so that without DP an identity's model does not depend on who else is enrolled with
+    it. Impostors come from the pool minus the identity itself (the pool may contain the enrolled
+    people).
 
     ``balancing_factor`` is one value for everybody or one per identity (MOTE's per-individual
     fairness knob: the male share of the synthetic samples). Identities are trained
     ``settings.enroll_batch`` at a time; the result does not depend on that grouping.
+
+    With ``private``, the pool is public data and the whole gallery is one DP-SGD mechanism over
+    ``private.records`` (``common.mote.private``): all identities train in one stack.
     """
     settings = (settings or MoteConfig()).validate()
     ref = np.asarray(reference_emb, dtype=np.float32)
@@ -218,9 +225,10 @@ def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: Gende
     pool = ImpostorPool(impostor_pool_emb, impostor_pool_identity)
     parts: list[TrainResult] = []
     start = time.perf_counter()
-    for lo in range(0, ids.size, settings.enroll_batch):
+    group = ids.size if private is not None else settings.enroll_batch
+    for lo in range(0, ids.size, group):
         sets, init_gens, train_gens = [], [], []
-        for ident, bi in zip(ids[lo: lo + settings.enroll_batch], b[lo: lo + settings.enroll_batch]):
+        for ident, bi in zip(ids[lo: lo + group], b[lo: lo + group]):
             data_rng, init_gen, train_gen = identity_streams(seed, int(ident))
             sets.append(build_enrollment_set(int(ident), ref[ref_id == ident], kde, pool, float(bi), data_rng,
                                              n_synthetic=settings.synthetic, n_impostors=settings.impostors,
@@ -228,11 +236,14 @@ def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: Gende
                                              val_fraction=settings.val_fraction))
             init_gens.append(init_gen)
             train_gens.append(train_gen)
-        parts.append(train_models(sets, init_gens, train_gens, settings))
+        if private is None:
+            parts.append(train_models(sets, init_gens, train_gens, settings))
+        else:
+            parts.append(fit(sets, init_gens, private.source(ids, settings, public_stream(seed, b)), settings))
     params = {n: torch.cat([r.params[n] for r in parts]) for n in PARAM_NAMES}
     epochs = np.concatenate([r.epochs for r in parts])
     log.info("MOTE: enrolled %d identities in %.1f s (mean %.1f epochs)", ids.size, time.perf_counter() - start,
              epochs.mean())
     info = {"settings": settings.to_dict(), "epochs": epochs.tolist(),
-            "val_loss": np.concatenate([r.val_loss for r in parts]).tolist()}
+            "val_loss": np.concatenate([r.val_loss for r in parts]).tolist(), "steps": sum(r.steps for r in parts)}
     return MoteGallery(ids, params, b, seed, info)

@@ -16,16 +16,11 @@ kernels whose result depends on k are avoided (see ``_logits`` and ``StackedAdam
 allow 1e-5. An identity whose validation loss stopped improving drops out of the stack with its
 best-validation weights, so the remaining ones train faster.
 
-Optional DP-SGD (per identity model): every sample's gradient is clipped to ``dp_max_grad_norm``
-C and Gaussian noise of standard deviation ``dp_noise_multiplier * C`` is added to the sum before
-dividing by the batch size. For this MLP a sample's gradient of a layer is the outer product of
-the layer's input and the back-propagated error, so its norm is computed exactly from those two
-vectors without materialising per-sample gradients (the trick behind ghost clipping). Accounting
-is per identity model: its data set is that identity's reference and synthetic samples plus the
-impostors it drew. Batches are fixed-size with replacement (balanced genuine/impostor), not
-Poisson-subsampled, so a Poisson-subsampling accountant at q = batch / train size is an
-approximation. A real pool embedding can appear in many identities' models; its privacy loss
-composes over those models.
+Under DP (``mote.dp_target_epsilon`` or ``mote.dp_noise_multiplier``) the identities of a gallery
+are not independent any more: one impostor record trains every model of the stack, so the stack is
+trained as one DP-SGD mechanism (``common.mote.private``). This module supplies the pieces both
+paths share: the hand-written backward pass (``backprop``), per-row gradient norms and Gram
+matrices, and the training loop with early stopping (``fit``).
 """
 
 from __future__ import annotations
@@ -35,6 +30,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -90,6 +86,13 @@ def identity_streams(seed: int, ident: int) -> tuple[np.random.Generator, torch.
     return np.random.default_rng(data), _torch_generator(init), _torch_generator(train)
 
 
+def public_stream(seed: int, balancing_factors: np.ndarray) -> torch.Generator:
+    """The generator of a private gallery's public draws (genuine and public rows, dropout): from
+    the run seed and the gallery's factors, as these draws protect nothing."""
+    factors = [round(float(f) * 1e6) for f in np.asarray(balancing_factors).ravel()]
+    return _torch_generator(np.random.SeedSequence([int(seed), _SEED_TAG, 0x9B, *factors]))
+
+
 def _init_params(gen: torch.Generator, dim: int) -> torch.Tensor:
     """Flat (P,) parameters with ``nn.Linear``'s default init: U(+-1/sqrt(fan_in)) for weight and bias."""
     h1, h2 = HIDDEN
@@ -115,15 +118,57 @@ def _positive(z: torch.Tensor) -> torch.Tensor:
     return torch.gt(z, 0, out=torch.empty_like(z))
 
 
-def gradients(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor,
-              max_grad_norm: float | None = None) -> dict[str, torch.Tensor]:
-    """Gradient of each identity's mean BCE-with-logits loss over its batch, by hand-written backprop.
+@dataclass(frozen=True)
+class Backprop:
+    """Activations and errors of one stacked forward and backward pass of the per-row BCE loss.
 
-    x (k, B, d), y (k, B) or (B,), m1/m2 scaled dropout masks (k, B, h). With ``max_grad_norm`` C
-    each sample's gradient is clipped to norm C before averaging (DP-SGD). A sample's gradient of
-    ``w`` is outer(layer input, error), so its squared norm is |input|^2 |error|^2, and the clipped
-    average is one weighted matrix product per layer: no per-sample gradient is materialised.
+    A row's gradient of a layer is outer(layer input, error) (plus the error for the bias), so
+    everything DP-SGD needs, each row's gradient norm, the inner products of two rows' gradients
+    and any weighted sum of them, follows from these tensors without materialising a per-row
+    gradient (the trick behind ghost clipping). Shapes: x (k, n, d), a1/d1 (k, n, h1), a2/d2
+    (k, n, h2), d3 (k, n).
     """
+
+    x: torch.Tensor
+    a1: torch.Tensor
+    a2: torch.Tensor
+    d1: torch.Tensor
+    d2: torch.Tensor
+    d3: torch.Tensor
+
+    def rows(self, index: slice) -> Backprop:
+        """The same pass restricted to the rows ``index`` of every model."""
+        return Backprop(*(t[:, index] for t in (self.x, self.a1, self.a2, self.d1, self.d2, self.d3)))
+
+    def sq_norms(self) -> torch.Tensor:
+        """(k, n): squared norm of each row's gradient, |input|^2 |error|^2 summed over layers."""
+        def sq(t: torch.Tensor) -> torch.Tensor:
+            return t.square().sum(-1)
+
+        return (sq(self.x) + 1) * sq(self.d1) + (sq(self.a1) + 1) * sq(self.d2) + (sq(self.a2) + 1) * self.d3.square()
+
+    def gram(self) -> torch.Tensor:
+        """(k, n, n): inner product of rows r's and s's gradients of each model (diagonal = ``sq_norms``):
+        <in_r (x) e_r, in_s (x) e_s> = <in_r, in_s> <e_r, e_s>, plus <e_r, e_s> for the bias."""
+        def inner(t: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(t, t.transpose(1, 2))
+
+        d3 = self.d3.unsqueeze(-1)
+        return ((inner(self.x) + 1) * inner(self.d1) + (inner(self.a1) + 1) * inner(self.d2)
+                + (inner(self.a2) + 1) * inner(d3))
+
+    def weighted_sum(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sum over rows of weight[i, r] times row r's gradient of model i, per layer (k, ...)."""
+        d3, d2, d1 = self.d3 * weight, self.d2 * weight.unsqueeze(-1), self.d1 * weight.unsqueeze(-1)
+        return {"w1": torch.bmm(self.x.transpose(1, 2), d1), "b1": d1.sum(1), "w2": torch.bmm(self.a1.transpose(1, 2), d2),
+                "b2": d2.sum(1), "w3": (self.a2 * d3.unsqueeze(-1)).sum(1), "b3": d3.sum(1)}
+
+
+def backprop(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m1: torch.Tensor,
+             m2: torch.Tensor) -> Backprop:
+    """Forward and backward pass of each row's BCE-with-logits loss, by hand.
+
+    x (k, n, d), y (k, n) or (n,), m1/m2 scaled dropout masks (k, n, h)."""
     z1 = torch.baddbmm(p["b1"].unsqueeze(1), x, p["w1"])
     g1 = _positive(z1).mul_(m1)  # ReLU derivative times dropout mask, shared by forward and backward
     a1 = z1 * g1
@@ -131,20 +176,26 @@ def gradients(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m1: 
     g2 = _positive(z2).mul_(m2)
     a2 = z2 * g2
     z3 = (a2 * p["w3"].unsqueeze(1)).sum(-1) + p["b3"].unsqueeze(1)
-    d3 = torch.sigmoid(z3) - y  # (k, B): each sample's dloss/dlogit
-    if max_grad_norm is None:
-        d3 = d3 / x.shape[1]  # the mean over the batch, carried through the (linear) backward pass
+    d3 = torch.sigmoid(z3) - y  # (k, n): each row's dloss/dlogit
     d2 = d3.unsqueeze(-1) * p["w3"].unsqueeze(1) * g2
     d1 = torch.bmm(d2, p["w2"].transpose(1, 2)).mul_(g1)
-    if max_grad_norm is not None:
-        def sq(t: torch.Tensor) -> torch.Tensor:
-            return t.square().sum(-1)
+    return Backprop(x, a1, a2, d1, d2, d3)
 
-        norm = ((sq(x) + 1) * sq(d1) + (sq(a1) + 1) * sq(d2) + (sq(a2) + 1) * d3.square()).sqrt()
-        weight = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0) / x.shape[1]
-        d3, d2, d1 = d3 * weight, d2 * weight.unsqueeze(-1), d1 * weight.unsqueeze(-1)
-    return {"w1": torch.bmm(x.transpose(1, 2), d1), "b1": d1.sum(1), "w2": torch.bmm(a1.transpose(1, 2), d2),
-            "b2": d2.sum(1), "w3": (a2 * d3.unsqueeze(-1)).sum(1), "b3": d3.sum(1)}
+
+def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """min(1, C / |g|): the factor that clips a gradient of squared norm ``sq_norms`` to norm C."""
+    return (max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+
+
+def gradients(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor,
+              max_grad_norm: float | None = None) -> dict[str, torch.Tensor]:
+    """Gradient of each identity's mean BCE-with-logits loss over its batch (k, B rows); with
+    ``max_grad_norm`` C each row's gradient is clipped to norm C before averaging."""
+    bp = backprop(p, x, y, m1, m2)
+    weight = torch.full_like(bp.d3, 1.0 / x.shape[1])
+    if max_grad_norm is not None:
+        weight = weight * clip_factors(bp.sq_norms(), max_grad_norm)
+    return bp.weighted_sum(weight)
 
 
 def one_cycle_schedule(lr: float, total_steps: int) -> list[tuple[float, float]]:
@@ -238,7 +289,7 @@ def _pad(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class _Stack:
+class Stack:
     """Training data of the identities still in training, zero-padded along the sample axis.
 
     ``train`` holds each identity's genuine rows at [0, n_gen) and its impostor rows at
@@ -254,7 +305,7 @@ class _Stack:
     gen_width: int
 
     @classmethod
-    def build(cls, sets: Sequence[EnrollmentSet]) -> _Stack:
+    def build(cls, sets: Sequence[EnrollmentSet]) -> Stack:
         for s in sets:
             if s.genuine_val.shape[0] == 0 or s.impostor_val.shape[0] == 0:
                 raise ValueError("MOTE early stopping needs genuine and impostor validation samples")
@@ -265,15 +316,14 @@ class _Stack:
         mask = torch.arange(imp_val.shape[1]) < n_imp_val.unsqueeze(1)
         return cls(torch.cat([gen, imp], dim=1), n_gen, n_imp, gen_val, imp_val, mask, gen.shape[1])
 
-    def select(self, keep: torch.Tensor) -> _Stack:
+    def select(self, keep: torch.Tensor) -> Stack:
         tensors = (getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "gen_width")
-        return _Stack(*(t[keep] for t in tensors), self.gen_width)
+        return Stack(*(t[keep] for t in tensors), self.gen_width)
 
-    def batch(self, picks: torch.Tensor) -> torch.Tensor:
-        """(k, B, d) rows for uniform draws (k, B): the first half genuine, the second impostors."""
-        half = picks.shape[1] // 2
-        gen = (picks[:, :half] * self.n_gen.unsqueeze(1)).long().clamp_max(self.n_gen.unsqueeze(1) - 1)
-        imp = (picks[:, half:] * self.n_imp.unsqueeze(1)).long().clamp_max(self.n_imp.unsqueeze(1) - 1)
+    def batch(self, picks: torch.Tensor, n_genuine: int) -> torch.Tensor:
+        """(k, B, d) rows for uniform draws (k, B): the first ``n_genuine`` genuine, the rest impostors."""
+        gen = (picks[:, :n_genuine] * self.n_gen.unsqueeze(1)).long().clamp_max(self.n_gen.unsqueeze(1) - 1)
+        imp = (picks[:, n_genuine:] * self.n_imp.unsqueeze(1)).long().clamp_max(self.n_imp.unsqueeze(1) - 1)
         rows = torch.arange(picks.shape[0]).unsqueeze(1)
         return self.train[rows, torch.cat([gen, imp + self.gen_width], dim=1)]
 
@@ -284,32 +334,66 @@ class _Stack:
         return (genuine + impostor) / 2
 
 
-@dataclass(frozen=True)
-class _EpochDraws:
-    """One epoch of random numbers of each identity still in training."""
+def dropout_masks(drop_bytes: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled (inverted) dropout masks of both hidden layers from uniform bytes (..., h1 + h2): a
+    unit is kept iff its byte >= round(256 rate), which quantises the rate to 1/256."""
+    threshold = round(rate * 256)
+    mask = torch.ge(drop_bytes, threshold, out=torch.empty(drop_bytes.shape)).mul_(256 / (256 - threshold))
+    return mask[..., : HIDDEN[0]], mask[..., HIDDEN[0]:]
 
-    picks: torch.Tensor  # (k, S, B) uniform in [0, 1): batch indices, genuine half then impostor half
-    drop_bytes: torch.Tensor  # (k, S, B, h1 + h2) uniform bytes: dropout keeps a unit iff byte >= threshold
-    noise: torch.Tensor | None  # (k, S, P) standard normal DP noise, None without noise
+
+def random_bytes(gen: torch.Generator, n: int) -> torch.Tensor:
+    """``n`` uniform bytes (8 per 64-bit draw, several times cheaper than uniform floats)."""
+    words = torch.empty(-(-n // 8), dtype=torch.int64).random_(-(2 ** 63), 2 ** 63 - 1, generator=gen)
+    return words.view(torch.uint8)[:n]
 
 
-def _epoch_draws(gens: Sequence[torch.Generator], settings: MoteConfig, hidden: int, n_params: int) -> _EpochDraws:
-    """Draw each identity's epoch from its own generator, in a fixed order, so that a stream never
-    depends on which identities share the batch. Dropout uses random bytes (8 per 64-bit draw,
-    several times cheaper than uniform floats), which quantises the dropout rate to 1/256."""
-    k, steps, batch = len(gens), steps_per_epoch(settings), settings.batch_size
-    n_bytes = steps * batch * hidden
-    picks = torch.empty(k, steps, batch)
-    words = torch.empty(k, -(-n_bytes // 8), dtype=torch.int64)
-    with_noise = settings.dp_max_grad_norm > 0 and settings.dp_noise_multiplier > 0
-    noise = torch.empty(k, steps, n_params) if with_noise else None
-    for i, gen in enumerate(gens):
-        picks[i].uniform_(generator=gen)
-        words[i].random_(-(2 ** 63), 2 ** 63 - 1, generator=gen)
-        if noise is not None:
-            noise[i].normal_(generator=gen)
-    drop_bytes = words.view(torch.uint8)[:, :n_bytes].view(k, steps, batch, hidden)
-    return _EpochDraws(picks, drop_bytes, noise)
+class StepSource(Protocol):
+    """Where a training step's gradient comes from: each identity on its own (``IndependentSteps``)
+    or the whole stack as one DP-SGD mechanism (``common.mote.private``)."""
+
+    steps_per_epoch: int
+
+    def start_epoch(self) -> None: ...
+
+    def grads(self, p: dict[str, torch.Tensor], data: Stack, step: int) -> torch.Tensor:
+        """(k, P) gradient of the identities in ``data`` at the epoch's ``step``-th step."""
+        ...
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Only the identities ``keep`` (a mask over the current ones) train on."""
+        ...
+
+
+class IndependentSteps:
+    """Each identity draws its batches and dropout from its own generator, a whole epoch at a time
+    in a fixed order, so that its stream never depends on which identities share the stack."""
+
+    def __init__(self, gens: Sequence[torch.Generator], settings: MoteConfig) -> None:
+        self.gens = list(gens)
+        self.settings = settings
+        self.steps_per_epoch = steps_per_epoch(settings)
+        half = settings.batch_size // 2
+        self._y = torch.cat([torch.ones(half), torch.zeros(half)])
+        self._picks = self._bytes = torch.empty(0)
+
+    def start_epoch(self) -> None:
+        k, steps, batch, hidden = len(self.gens), self.steps_per_epoch, self.settings.batch_size, sum(HIDDEN)
+        self._picks = torch.empty(k, steps, batch)
+        self._bytes = torch.empty(k, steps * batch * hidden, dtype=torch.uint8)
+        for i, gen in enumerate(self.gens):
+            self._picks[i].uniform_(generator=gen)
+            self._bytes[i] = random_bytes(gen, steps * batch * hidden)
+        self._bytes = self._bytes.view(k, steps, batch, hidden)
+
+    def grads(self, p: dict[str, torch.Tensor], data: Stack, step: int) -> torch.Tensor:
+        m1, m2 = dropout_masks(self._bytes[:, step], self.settings.dropout)
+        x = data.batch(self._picks[:, step], self.settings.batch_size // 2)
+        return flatten(gradients(p, x, self._y, m1, m2))
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.gens = [g for g, kept in zip(self.gens, keep.tolist()) if kept]
+        self._picks, self._bytes = self._picks[keep], self._bytes[keep]
 
 
 @dataclass(frozen=True)
@@ -319,41 +403,32 @@ class TrainResult:
     params: dict[str, torch.Tensor]
     epochs: np.ndarray
     val_loss: np.ndarray
+    steps: int = 0
 
 
-def train_models(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator],
-                 train_gens: Sequence[torch.Generator], settings: MoteConfig) -> TrainResult:
-    """Train one model template per enrollment set, all k at once (see the module docstring)."""
+def fit(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator], source: StepSource,
+        settings: MoteConfig) -> TrainResult:
+    """Train one model template per enrollment set, all k at once, with the gradients of
+    ``source``; Adam on a one-cycle schedule; an identity whose validation loss stopped improving
+    leaves the stack with its best-validation weights (see the module docstring)."""
     k, dim = len(sets), sets[0].genuine_train.shape[1]
-    h1, h2 = HIDDEN
     n_params = parameter_count(dim)
     adam = StackedAdam(torch.stack([_init_params(gen, dim) for gen in init_gens]), settings.weight_decay)
     best = adam.params.clone()
     best_loss = torch.full((k,), math.inf)
     bad = torch.zeros(k, dtype=torch.long)
     epochs = torch.zeros(k, dtype=torch.long)
-    data = _Stack.build(sets)
+    data = Stack.build(sets)
     active = torch.arange(k)
-    gens = list(train_gens)
-    half = settings.batch_size // 2
-    y = torch.cat([torch.ones(half), torch.zeros(half)])
-    drop_threshold = round(settings.dropout * 256)
-    keep_scale = 256 / (256 - drop_threshold)  # inverted dropout, as nn.Dropout
-    schedule = one_cycle_schedule(settings.lr, settings.epochs * steps_per_epoch(settings))
-    noise_scale = settings.dp_noise_multiplier * settings.dp_max_grad_norm / settings.batch_size
+    schedule = one_cycle_schedule(settings.lr, settings.epochs * source.steps_per_epoch)
     step = 0
     for _ in range(settings.epochs):
-        draws = _epoch_draws(gens, settings, h1 + h2, n_params)
-        for s in range(steps_per_epoch(settings)):
+        source.start_epoch()
+        for s in range(source.steps_per_epoch):
             lr, beta1 = schedule[step]
             step += 1
-            drop_bytes = draws.drop_bytes[:, s]
-            mask = torch.ge(drop_bytes, drop_threshold, out=torch.empty(drop_bytes.shape)).mul_(keep_scale)
-            grads = flatten(gradients(unflatten(adam.params, dim), data.batch(draws.picks[:, s]), y, mask[..., :h1],
-                                      mask[..., h1:], settings.dp_max_grad_norm or None), adam.padded_width)
-            if draws.noise is not None:  # sum of clipped gradients + N(0, (sigma C)^2), over the batch size
-                grads[:, :n_params].add_(draws.noise[:, s], alpha=noise_scale)
-            adam.step(grads, lr, beta1)
+            grads = source.grads(unflatten(adam.params, dim), data, s)
+            adam.step(F.pad(grads[:, :n_params], (0, adam.padded_width - n_params)), lr, beta1)
         epochs[active] += 1
         params = adam.params
         loss = data.val_loss(unflatten(params, dim))
@@ -365,10 +440,15 @@ def train_models(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Genera
         if not keep.all():
             adam.select(keep)
             data = data.select(keep)
-            gens = [g for g, kept in zip(gens, keep.tolist()) if kept]
+            source.select(keep)
             active = active[keep]
         if active.numel() == 0:
             break
-    return TrainResult({n: t.clone() for n, t in unflatten(best, dim).items()}, epochs.numpy(), best_loss.numpy())
+    return TrainResult({n: t.clone() for n, t in unflatten(best, dim).items()}, epochs.numpy(), best_loss.numpy(),
+                       step)
 
 
+def train_models(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator],
+                 train_gens: Sequence[torch.Generator], settings: MoteConfig) -> TrainResult:
+    """Train one model template per enrollment set, each identity independent of the others."""
+    return fit(sets, init_gens, IndependentSteps(train_gens, settings), settings)

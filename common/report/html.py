@@ -138,6 +138,10 @@ def _setup(r: RunResults) -> str:
 
 
 def _privacy(r: RunResults) -> str:
+    return _backbone_privacy(r) + _mote_privacy(r)
+
+
+def _backbone_privacy(r: RunResults) -> str:
     if r.config is not None and not r.dp_on():
         return _p("DP-SGD was off (dp.mode = off): the run has no differential-privacy guarantee (epsilon = ∞).")
     if r.privacy is None:
@@ -161,6 +165,28 @@ def _privacy(r: RunResults) -> str:
             + _table(("client", "unit", "epsilon", "epsilon (RDP)", "epsilon (PRV)", "delta",
                       "one person: (epsilon, delta)", "steps", "noise multiplier", "sample rate", "reproducible noise",
                       "rounds"), rows))
+
+
+def _mote_privacy(r: RunResults) -> str:
+    """The MOTE enrollment's own ledger (``privacy.json`` key ``mote``), when MOTE trained with DP."""
+    mote = (r.privacy or {}).get("mote")
+    if not r.cfg("mote.enabled") or r.cfg("train.task") == "attribute":
+        return ""
+    if not isinstance(mote, dict):
+        return _p("MOTE enrollment: no DP (mote.dp_target_epsilon and mote.dp_noise_multiplier are 0): the galleries "
+                  "carry no differential-privacy guarantee for the enrollment population.")
+    clients = mote.get("clients", {})
+    rows = [(k, c.get("unit"), c.get("epsilon"), c.get("epsilon_rdp"), c.get("epsilon_prv"), c.get("delta"),
+             c.get("epsilon_per_gallery"), c.get("galleries"), c.get("steps"), c.get("noise_multiplier"),
+             c.get("sample_rate"), c.get("records"), "yes" if c.get("reproducible_noise") else "no")
+            for k, c in clients.items()]
+    warning = ('<p class="problem">Warning: the MOTE noise was derived from the run seed (dp.reproducible_noise): '
+               'these epsilons do not hold against the server.</p>'
+               if any(c.get("reproducible_noise") for c in clients.values()) else "")
+    return (warning + _p(f"MOTE enrollment with DP-SGD: {mote.get('guarantee', '')}.")
+            + _table(("client", "unit", "epsilon", "epsilon (RDP)", "epsilon (PRV)", "delta", "epsilon of one gallery",
+                      "galleries", "steps (all galleries)", "noise multiplier", "sample rate", "records",
+                      "reproducible noise"), rows))
 
 
 def _person(entry: dict[str, Any]) -> str:

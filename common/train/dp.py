@@ -64,7 +64,8 @@ def spent_epsilon(kind: str, history: History, delta: float) -> float:
     """Epsilon spent by ``history`` at ``delta`` (0 when nothing was spent)."""
     if not history:
         return 0.0
-    return float(make_accountant(kind, history).get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q), -inf at q = 1, and handles it
+        return float(make_accountant(kind, history).get_epsilon(delta=delta))
 
 
 def total_steps(history: History) -> int:
