@@ -9,6 +9,7 @@ enrollment from the federation's data reports its mechanism.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
+from sim_runs import TINY, simulated_run
 
 from common.config import ConfigError, DPConfig, MoteConfig, load_config
 from common.mote.gallery import enroll
@@ -153,7 +155,7 @@ def _toy(seed: int = 0) -> dict:
             "pub": draw(pub_id), "pub_id": -1 - pub_id, "pub_gender": (pub_id % 2)}
 
 
-def _private_gallery(toy: dict, noise_seed: int, settings: MoteConfig):
+def _private_gallery(toy: dict, noise_seed: int | None, settings: MoteConfig):
     records = ImpostorRecords.build(toy["rec"], toy["rec_id"], "sample", 1)
     mech = plan(records, settings, _dp(), galleries=1)
     kde = GenderKDE.fit(toy["pub"], toy["pub_id"], toy["pub_gender"], bandwidths=[0.02, 0.05], seed=0)
@@ -177,6 +179,23 @@ def test_private_enrollment_noise_is_the_clients_secret_and_learns_at_large_epsi
     assert (scores.argmax(1) == np.arange(8)).mean() >= 0.75
 
 
+def test_the_mote_noise_seed_is_fresh_entropy_unless_the_operator_allows_reproducible_noise() -> None:
+    from client.local import mote_noise_seed
+
+    assert mote_noise_seed(load_config(None, []), 0, allow_reproducible=True) is None  # no MOTE DP, no seed
+    cfg = load_config(None, ["mote.dp_target_epsilon=4"])
+    assert mote_noise_seed(cfg, 0, False) != mote_noise_seed(cfg, 0, False)
+    research = load_config(None, ["mote.dp_target_epsilon=4", "dp.reproducible_noise=true"])
+    with pytest.raises(ValueError, match="allow-reproducible-noise"):
+        mote_noise_seed(research, 0, allow_reproducible=False)
+    assert mote_noise_seed(research, 0, True) == mote_noise_seed(research, 0, True) != mote_noise_seed(research, 1, True)
+    toy = _toy()
+    settings = MoteConfig(**{**vars(SMALL), "dp_noise_multiplier": 1.0})
+    fresh = [_private_gallery(toy, None, settings)[0].params["w1"] for _ in range(2)]
+    derived = _private_gallery(toy, mote_noise_seed(research, 0, True), settings)[0].params["w1"]
+    assert not torch.allclose(fresh[0], fresh[1]) and not torch.allclose(fresh[0], derived)
+
+
 def test_config_refuses_mote_dp_with_private_kdes_or_without_public_data() -> None:
     cfg = load_config(None, ["mote.dp_target_epsilon=4"])
     assert cfg.mote.dp_enabled() and cfg.mote.kde_source() == "public"
@@ -186,3 +205,34 @@ def test_config_refuses_mote_dp_with_private_kdes_or_without_public_data() -> No
         load_config(None, ["mote.dp_target_epsilon=4", "pretrain.identities=0"])
     assert not load_config(None, ["mote.dp_target_epsilon=inf"]).mote.dp_enabled()
     assert math.isinf(load_config(None, ["mote.dp_target_epsilon=inf"]).mote.dp_target_epsilon)
+
+
+# One backbone round without DP, then a private enrollment of persons (dp.unit = identity): the
+# wiring from the client's enroll query to the server's ledger and the report.
+MOTE_DP_RUN = tuple(o for o in TINY if o not in ("mote.enabled=false", "pretrain.identities=0")) + (
+    "split.num_clients=2", "federation.min_train_clients=2", "federation.min_available_clients=2",
+    "data.identities=40", "data.images_per_identity=8", "federation.local_epochs=1", "federation.rounds=1",
+    "dp.mode=off", "dp.unit=identity", "pretrain.identities=24", "pretrain.images_per_identity=4",
+    "pretrain.epochs=1", "mote.epochs=3", "mote.references=2", "mote.balancing_factors=0.0,0.5",
+    "mote.dp_target_epsilon=2")
+
+
+@pytest.mark.timeout(300)
+def test_a_federation_enrolls_under_mote_dp_and_the_server_ledgers_it(tmp_path_factory) -> None:
+    from common.report.html import write_report
+
+    run, _ = simulated_run(tmp_path_factory, MOTE_DP_RUN, tag="mote-dp")
+    mote = json.loads(run.privacy_path.read_text())["mote"]["clients"]
+    assert set(mote) == {"0", "1"}
+    for entry in mote.values():
+        assert 1.9 < entry["epsilon"] <= 2.0 + 1e-6
+        assert "person" in entry["unit"] and entry["galleries"] == 2 and not entry["reproducible_noise"]
+        want = _dp_accounting_epsilon(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+        assert entry["epsilon_rdp"] == pytest.approx(want, abs=1e-3)
+        assert all(0 < s <= entry["steps_per_gallery"] for s in entry["steps_taken"])
+    enrollment = json.loads(run.mote_enrollment_path.read_text())
+    assert [c["kde"]["population"] for c in enrollment["per_client"]] == ["public", "public"]
+    enrolled = [e for e in run.read_metrics() if e.get("event") == "enroll"][-1]
+    assert enrolled["mote_max_epsilon"] == max(e["epsilon"] for e in mote.values())
+    html = write_report(run.path).read_text(encoding="utf-8")
+    assert "MOTE enrollment with DP-SGD" in html and "impostor record" in html
