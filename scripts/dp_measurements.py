@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attacks.audit import AuditSettings, run_audit
 from attacks.metrics import attack_metrics
-from common.config import Config, load_config, preset
+from common.config import Config, load_config
+from common.config.loader import preset
 from common.mote.gallery import MoteGallery
 from common.nn.build import load_model
 from common.report.tables import format_table
@@ -55,12 +56,12 @@ def _final_auc(run: RunDir) -> float:
     return float([e for e in run.read_metrics() if e.get("event") == "round"][-1]["verification_auc"])
 
 
-def backbone(out: Path, seeds: int, extra: list[str]) -> list[dict[str, Any]]:
+def backbone(out: Path, base: str, seeds: int, extra: list[str]) -> list[dict[str, Any]]:
     rows = []
     grid = [("off", "sample", math.inf)] + [("sample", unit, eps) for unit in ("sample", "identity") for eps in EPSILONS]
     for seed in range(seeds):
         for mode, unit, eps in grid:
-            cfg = load_config(preset("demo"), ["mote.enabled=false", f"seed={seed}", f"dp.mode={mode}",
+            cfg = load_config(None, [*preset(base), "mote.enabled=false", f"seed={seed}", f"dp.mode={mode}",
                                                f"dp.unit={unit}", f"dp.target_epsilon={eps}", *extra])
             run = _run(cfg, out, f"bb-{mode}-{unit}-{eps:g}-s{seed}")
             privacy = json.loads(run.privacy_path.read_text()) if mode != "off" else {}
@@ -98,10 +99,10 @@ def impostor_membership(run: RunDir, b: float) -> dict[str, Any]:
             "scores": s.tolist(), "is_member": m.astype(int).tolist()}
 
 
-def mote(out: Path, extra: list[str]) -> list[dict[str, Any]]:
+def mote(out: Path, base: str, extra: list[str]) -> list[dict[str, Any]]:
     rows = []
     for eps in (math.inf, *reversed(EPSILONS)):
-        cfg = load_config(preset("demo"), ["dp.reproducible_noise=true", f"mote.dp_target_epsilon={eps}", *extra])
+        cfg = load_config(None, [*preset(base), "dp.reproducible_noise=true", f"mote.dp_target_epsilon={eps}", *extra])
         run = _run(cfg, out, f"mote-{eps:g}")
         evaluate_run(run.path)
         run_audit(run.path, AuditSettings(attacks=("mote-score", "mote-lira")))
@@ -131,7 +132,7 @@ def _table(kind: str, rows: list[dict[str, Any]]) -> str:
         score = r["attacks"].get("mote-score", {})
         out.append((f"{r['mote_target_epsilon']:g}", f"{r['mote_epsilon']:.2f}", r["balancing_factor"],
                     f"{r['verification_auc']:.4f}", f"{r['fnmr_at_fmr_1e-3']:.4f}",
-                    f"{score.get('auc', float('nan')):.3f}", f"{imp['auc']:.3f} {imp['ci95']['auc']}"))
+                    f"{score.get('auc', float('nan')):.3f}", "{:.3f} [{:.3f}, {:.3f}]".format(imp["auc"], *imp["ci95"]["auc"])))
     return format_table(("target eps", "eps (per record)", "b", "verif. AUC", "FNMR@FMR1e-3", "mote-score AUC",
                          "impostor-record AUC [95% CI]"), out)
 
@@ -140,11 +141,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=("backbone", "mote"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", default="demo", help="base configuration (a facefl preset; quick for a smoke test)")
     parser.add_argument("--seeds", type=int, default=1, help="backbone: seeds 0..K-1")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = backbone(args.out, args.seeds, args.extra) if args.kind == "backbone" else mote(args.out, args.extra)
+    rows = (backbone(args.out, args.preset, args.seeds, args.extra) if args.kind == "backbone"
+            else mote(args.out, args.preset, args.extra))
     atomic_write_json(args.out / "results.json", {"kind": args.kind, "argv": sys.argv, "rows": rows})
     print(_table(args.kind, rows))
 
