@@ -39,16 +39,19 @@ def reweight(sensitive: np.ndarray, labels: np.ndarray) -> np.ndarray:
     known = (sensitive >= 0) & (labels >= 0)
     if not known.any():
         return weights
-    s, y = sensitive[known], labels[known]
-    s_values, s_index = np.unique(s, return_inverse=True)
-    y_values, y_index = np.unique(y, return_inverse=True)
-    joint = np.zeros((s_values.size, y_values.size))
-    np.add.at(joint, (s_index, y_index), 1.0)
-    joint /= s.size
-    expected = joint.sum(axis=1, keepdims=True) * joint.sum(axis=0, keepdims=True)  # P(s) P(y)
-    w = expected[s_index, y_index] / joint[s_index, y_index]  # every sample's own cell is non-empty
+    s_index = np.unique(sensitive[known], return_inverse=True)[1]
+    y_index = np.unique(labels[known], return_inverse=True)[1]
+    joint = cell_counts(s_index, y_index, int(s_index.max()) + 1, int(y_index.max()) + 1)
+    w = kamiran_calders(joint)[s_index, y_index]  # every sample's own cell is non-empty
     weights[known] = w / w.mean()
     return weights
+
+
+def kamiran_calders(counts: np.ndarray) -> np.ndarray:
+    """The weight P(s) P(y) / P(s, y) of every (s, y) cell of a count table (inf where a cell is empty)."""
+    p = np.asarray(counts, dtype=np.float64) / np.sum(counts)
+    with np.errstate(divide="ignore"):
+        return p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True) / p
 
 
 def cell_counts(sensitive: np.ndarray, labels: np.ndarray, n_sensitive: int, n_labels: int = 2) -> np.ndarray:
@@ -81,11 +84,9 @@ def weights_from_counts(sensitive: np.ndarray, labels: np.ndarray, counts: np.nd
     unknown value, or a value outside the counted domain, get weight 1.
     """
     s, y = np.asarray(sensitive), np.asarray(labels)
-    p = np.clip(np.asarray(counts, dtype=np.float64), 1.0, None)
-    p /= p.sum()
-    cell = p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True) / p
+    cell = kamiran_calders(np.clip(np.asarray(counts, dtype=np.float64), 1.0, None))
     weights = np.ones(s.size, dtype=np.float64)
-    known = (s >= 0) & (s < p.shape[0]) & (y >= 0) & (y < p.shape[1])
+    known = (s >= 0) & (s < cell.shape[0]) & (y >= 0) & (y < cell.shape[1])
     weights[known] = cell[s[known], y[known]]
     return weights
 
