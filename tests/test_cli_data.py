@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -61,6 +62,12 @@ def test_synth_is_byte_identical_across_processes(tmp_path: Path, capsys: pytest
     files_a, files_b = _tree(a), _tree(b)
     assert {NPZ_NAME, CONFIG_NAME, f"{IMAGES_DIR}/attributes.csv"} <= set(files_a)
     assert sum(name.endswith(".png") for name in files_a) == 18
+    # The export uses plain names (<identity>/<index>.png) and a plain CSV that any CSV reader takes.
+    assert all(re.fullmatch(rf"{IMAGES_DIR}/\d{{5}}/\d{{3}}\.png", name) for name in files_a if name.endswith(".png"))
+    assert f"{IMAGES_DIR}/00005/002.png" in files_a
+    rows = list(csv.DictReader(io.StringIO(files_a[f"{IMAGES_DIR}/attributes.csv"].decode())))
+    assert len(rows) == 18 and list(rows[0]) == ["file", "gender", "group", "age", "smiling"]
+    assert json.loads(files_a[f"{IMAGES_DIR}/groups.json"])["group_names"] == ["light", "medium", "brown", "dark"]
     assert set(files_a) == set(files_b)
     for name in files_a:
         assert files_a[name] == files_b[name], name
@@ -146,9 +153,10 @@ def test_bad_arguments_exit_with_usage_naming_the_option(capsys: pytest.CaptureF
 def test_show_writes_an_rgb_contact_sheet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     assert _synth(data, "--seed", "3", "--no-export") == 0
+    capsys.readouterr()
     png = tmp_path / "sheets" / "faces.png"
     assert main(["data", "show", str(data), "--out", str(png), "--identities", "4", "--per-identity", "2"]) == 0
-    assert f"wrote {png}" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"wrote {png}: 4 identities, up to 2 images each\n"  # all asked for: no notes
     assert png.stat().st_size > 0
     with Image.open(png) as img:
         assert img.format == "PNG" and img.mode == "RGB"
@@ -164,6 +172,42 @@ def test_show_writes_an_rgb_contact_sheet(tmp_path: Path, capsys: pytest.Capture
         with Image.open(out) as img:
             assert img.mode == "RGB" and img.size[0] > 0
     capsys.readouterr()
+    # An export is decoded at the size it was written at (32 here), not resampled to the default 64.
+    assert open_data_dir(tmp_path / "exported" / IMAGES_DIR).image_size == 32
+
+
+def test_show_draws_what_exists_and_says_what_it_could_not(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    assert _synth(data) == 0  # 6 identities x 3 images
+    capsys.readouterr()
+    for source in (data, data / IMAGES_DIR):
+        png = tmp_path / f"{source.name}.png"
+        assert main(["data", "show", str(source), "--out", str(png), "--identities", "12", "--per-identity", "5"]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"wrote {png}: 6 identities, up to 3 images each",
+            "drew 6 of the 12 identities asked for: the data set has 6",
+            "drew fewer than the 5 images per identity asked for in 6 of the 6 rows: "
+            "those identities have only 3 images"]
+        face = 32 * -(-sheet.MIN_FACE // 32)
+        cell_w, cell_h = face + sheet.PAD, face + sheet.CAPTION_HEIGHT + sheet.PAD
+        with Image.open(png) as img:  # as wide as the rows drawn, not as the columns asked for
+            assert img.size == (sheet.PAD + 3 * cell_w, sheet.PAD + 6 * cell_h)
+            pixels = np.asarray(img)
+        for row in range(6):  # every row holds a face in each of its three cells
+            for col in range(3):
+                y, x = sheet.PAD + row * cell_h, sheet.PAD + col * cell_w
+                assert pixels[y:y + face, x:x + face].std() > 10, (row, col)
+
+
+def test_show_notes_identities_with_fewer_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds = FaceDataset(images=np.full((5, 16, 16, 3), 128, dtype=np.uint8), identity=[0, 0, 0, 1, 2],
+                     gender=[0] * 5, group=[-1] * 5, age=[-1] * 5, labels={}, sample_ids=list("abcde"), source="x")
+    layout = sheet.sheet_layout(ds, max_identities=2, per_identity=3)
+    assert [r.tolist() for r in layout.rows] == [[0, 1, 2], [3]] and layout.columns == 3
+    assert layout.shortfall() == ["drew fewer than the 3 images per identity asked for in 1 of the 2 rows: "
+                                  "those identities have only 1 image"]
+    assert sheet.sheet_layout(ds, max_identities=3, per_identity=1).shortfall() == []
 
 
 def test_show_errors_name_the_path_or_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,7 +217,7 @@ def test_show_errors_name_the_path_or_option(tmp_path: Path, capsys: pytest.Capt
     assert _synth(tmp_path / "d", "--no-export") == 0
     capsys.readouterr()
     assert main(["data", "show", str(tmp_path / "d"), "--out", str(tmp_path / "x.png"), "--per-identity", "0"]) == 2
-    assert "per_identity must be >= 1" in capsys.readouterr().err
+    assert "--identities and --per-identity must be >= 1, got 12, 0" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

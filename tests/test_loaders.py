@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ from common.data.sources import SOURCES, load_source, source_options
 from common.data.sources.celeba import load_celeba
 from common.data.sources.fairface import FAIRFACE_RACES, load_fairface
 from common.data.sources.imagefolder import (
+    ATTRIBUTES_CSV,
+    GROUPS_JSON,
     imagefolder_files,
     load_imagefolder,
     write_imagefolder,
@@ -377,6 +381,40 @@ def test_imagefolder_bad_group_names_comment_always_raises(tmp_path: Path, comme
         load_imagefolder(tmp_path, strict=False)
 
 
+def test_imagefolder_groups_json_fixes_the_group_codes(tmp_path: Path) -> None:
+    make_imagefolder(tmp_path)
+    (tmp_path / GROUPS_JSON).write_text('{"group_names": ["light", "unused", "dark"]}')
+    ds = load_imagefolder(tmp_path, image_size=SIZE)
+    assert ds.group_names == ("light", "unused", "dark") and ds.group.tolist() == [0, 0, 2, -1, 2]
+    _replace(tmp_path / ATTRIBUTES_CSV, "carl/c1.png,,dark", "carl/c1.png,,purple")
+    with pytest.raises(ValueError, match="unknown group 'purple'"):
+        load_imagefolder(tmp_path, image_size=SIZE)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('["light", "dark"]', "expected {\"group_names\""),
+    ('{"group_names": ["light"], "colours": []}', "expected {\"group_names\""),
+    ('{"group_names": ["light", "light"]}', "distinct"),
+    ('{"group_names": [" light"]}', "unpadded"),
+    ('{"group_names": [', "not valid JSON"),
+])
+def test_imagefolder_bad_groups_json_always_raises_naming_it(tmp_path: Path, text: str, message: str) -> None:
+    make_imagefolder(tmp_path)
+    (tmp_path / GROUPS_JSON).write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / GROUPS_JSON)) + ".*" + re.escape(message)):
+        load_imagefolder(tmp_path, strict=False)
+
+
+def test_imagefolder_groups_json_and_an_old_comment_must_agree(tmp_path: Path) -> None:
+    make_imagefolder(tmp_path)
+    _replace(tmp_path / ATTRIBUTES_CSV, "file,", '# group_names: ["light", "dark"]\nfile,')
+    (tmp_path / GROUPS_JSON).write_text('{"group_names": ["light", "dark"]}')
+    assert load_imagefolder(tmp_path, image_size=SIZE).group_names == ("light", "dark")
+    (tmp_path / GROUPS_JSON).write_text('{"group_names": ["dark", "light"]}')
+    with pytest.raises(ValueError, match="disagree with the '# group_names:' line"):
+        load_imagefolder(tmp_path, image_size=SIZE)
+
+
 def _replace(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text
@@ -428,6 +466,74 @@ def test_imagefolder_round_trip_preserves_everything(tmp_path: Path, kind: str) 
         np.testing.assert_array_equal(back.labels[name], values)
     if ds.identity_names:  # names survive (codes follow the sorted folder names)
         assert [back.identity_names[c] for c in back.identity] == [ds.identity_names[c] for c in ds.identity]
+    for code in np.unique(ds.identity):  # each identity's images come back in their original order
+        assert np.all(np.diff(order[ds.identity == code]) > 0)
+    # Sample ids are the plain file paths, in sorted order, so a re-load is deterministic wherever it lives.
+    assert back.sample_ids.tolist() == imagefolder_files(ds)
+    assert all(re.fullmatch(r"[A-Za-z0-9_]+/\d{3}\.png", sid) for sid in back.sample_ids), back.sample_ids
+    again = load_imagefolder(write_imagefolder(ds, tmp_path / "elsewhere"), image_size=ds.image_size)
+    assert again.sample_ids.tolist() == sorted(imagefolder_files(ds))
+    assert again.fingerprint() == load_imagefolder(out, image_size=ds.image_size).fingerprint()
+
+
+def test_imagefolder_export_has_plain_file_names(tmp_path: Path) -> None:
+    ds = _dataset()  # identities [3, 0, 3, 1, 0, 3, 1, 1, 0], sample ids "synth/<i>"
+    assert imagefolder_files(ds) == ["00003/000.png", "00000/000.png", "00003/001.png", "00001/000.png",
+                                     "00000/001.png", "00003/002.png", "00001/001.png", "00001/002.png",
+                                     "00000/002.png"]
+    root = write_imagefolder(ds, tmp_path / "export")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    images = [f for f in files if f not in (ATTRIBUTES_CSV, GROUPS_JSON)]
+    assert set(files) - set(images) == {ATTRIBUTES_CSV, GROUPS_JSON} and len(images) == len(ds)
+    assert all(re.fullmatch(r"\d{5}/\d{3}\.png", f) for f in images), images
+
+
+def test_imagefolder_export_index_widens_past_a_thousand_images() -> None:
+    n = 1001
+    ds = FaceDataset(images=np.zeros((n, 8, 8, 3), dtype=np.uint8), identity=[0] * n, gender=[-1] * n,
+                     group=[-1] * n, age=[-1] * n, labels={}, sample_ids=[f"s{i}" for i in range(n)], source="x")
+    files = imagefolder_files(ds)
+    assert files[0] == "00000/0000.png" and files[-1] == "00000/1000.png"
+    assert sorted(files) == files  # name order is still sample order
+
+
+def test_attributes_csv_is_a_plain_csv(tmp_path: Path) -> None:
+    ds = _dataset()
+    root = write_imagefolder(ds, tmp_path / "export")
+    text = (root / ATTRIBUTES_CSV).read_text(encoding="utf-8")
+    assert not any(line.startswith("#") for line in text.splitlines())
+    with open(root / ATTRIBUTES_CSV, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == ["file", "gender", "group", "age", "smiling", "young"]
+    assert len(rows) == len(ds) and [r["file"] for r in rows] == sorted(imagefolder_files(ds))
+    assert rows[0] == {"file": "00000/000.png", "gender": "male", "group": "tone-3", "age": "30-59",
+                       "smiling": "0", "young": "0"}
+    assert json.loads((root / GROUPS_JSON).read_text(encoding="utf-8")) == {
+        "group_names": ["tone-3", "tone-1", "tone-2", "tone-0"]}
+
+
+def test_imagefolder_still_reads_the_old_group_names_comment(tmp_path: Path) -> None:
+    ds = _dataset()
+    new = write_imagefolder(ds, tmp_path / "new")
+    old = write_imagefolder(ds, tmp_path / "old")
+    (old / GROUPS_JSON).unlink()
+    _replace(old / ATTRIBUTES_CSV, "file,", '# group_names: ["tone-3", "tone-1", "tone-2", "tone-0"]\nfile,')
+    back_old, back_new = (load_imagefolder(r, image_size=ds.image_size) for r in (old, new))
+    assert back_old.group_names == back_new.group_names == ds.group_names
+    assert back_old.fingerprint() == back_new.fingerprint()
+
+
+def test_write_imagefolder_refuses_identity_folders_that_would_collide(tmp_path: Path) -> None:
+    ds = _dataset()
+    for names, message in [(("Anna", "b", "c", "anna"), "differ only in letter case"),
+                           (("a", "b", "c", GROUPS_JSON), "cannot be a folder name")]:
+        named = FaceDataset(images=ds.images, identity=ds.identity, gender=ds.gender, group=ds.group, age=ds.age,
+                            labels=ds.labels, sample_ids=ds.sample_ids, source="x", group_names=ds.group_names,
+                            identity_names=names)
+        with pytest.raises(ValueError, match=message):
+            write_imagefolder(named, tmp_path / "export")
+        assert not (tmp_path / "export").exists()
 
 
 def test_write_imagefolder_is_byte_deterministic(tmp_path: Path) -> None:
@@ -439,9 +545,8 @@ def test_write_imagefolder_is_byte_deterministic(tmp_path: Path) -> None:
     first = snapshot(write_imagefolder(ds, tmp_path / "a"))
     second = snapshot(write_imagefolder(ds, tmp_path / "b"))
     assert first == second
-    assert "attributes.csv" in first and "00003/synth%2F0.png" in first
-    assert first["attributes.csv"].decode().splitlines()[:2] == [
-        '# group_names: ["tone-3", "tone-1", "tone-2", "tone-0"]', "file,gender,group,age,smiling,young"]
+    assert {"attributes.csv", "groups.json", "00003/000.png"} <= set(first)
+    assert first["attributes.csv"].decode().splitlines()[0] == "file,gender,group,age,smiling,young"
 
 
 def test_write_imagefolder_refuses_non_empty_target_and_bad_names(tmp_path: Path) -> None:

@@ -93,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = data.add_parser("show", help="write a labelled contact sheet of a data directory")
     show.add_argument("path", type=Path, help="data directory (from 'data synth'), npz file or ImageFolder root")
     show.add_argument("--out", type=Path, required=True, help="PNG to write")
-    show.add_argument("--identities", type=int, default=12)
-    show.add_argument("--per-identity", type=int, default=6)
+    show.add_argument("--identities", type=int, default=12, help="rows: the first N identities (default 12)")
+    show.add_argument("--per-identity", type=int, default=6,
+                      help="columns: the first K images of each identity (default 6)")
+    show.add_argument("--image-size", type=int, default=None,
+                      help="decode an ImageFolder at this size (default: the size 'data synth' wrote it at, else "
+                           "64); an npz keeps its own")
 
     run = sub.add_parser("run", help="run a federation on Flower's simulation engine")
     _add_config_args(run)
@@ -185,12 +189,17 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_show(args: argparse.Namespace) -> int:
-    from common.data.contact_sheet import contact_sheet
+    from common.data.contact_sheet import draw_sheet, sheet_layout
     from common.data.datadir import open_data_dir
 
-    ds = open_data_dir(args.path)
-    out = contact_sheet(ds, args.out, max_identities=args.identities, per_identity=args.per_identity)
-    print(f"wrote {out}")
+    if args.identities < 1 or args.per_identity < 1:  # before loading a possibly large data set
+        raise ValueError(f"--identities and --per-identity must be >= 1, got {args.identities}, {args.per_identity}")
+    ds = open_data_dir(args.path, image_size=args.image_size)
+    layout = sheet_layout(ds, max_identities=args.identities, per_identity=args.per_identity)
+    out = draw_sheet(ds, layout, args.out)
+    print(f"wrote {out}: {len(layout.rows)} identities, up to {layout.columns} images each")
+    for note in layout.shortfall():
+        print(note)
     return 0
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from common.data.dataset import FaceDataset
 from common.data.sources.imagefolder import load_imagefolder, write_imagefolder
 from common.data.sources.synthfaces.generator import SynthConfig, generate
-from common.runs.io import atomic_write_json
+from common.runs.io import atomic_write_json, read_json
 
 NPZ_NAME = "synthfaces.npz"
 CONFIG_NAME = "synthfaces.json"
 IMAGES_DIR = "images"
+DEFAULT_IMAGE_SIZE = 64
 
 
 def write_synth_dir(cfg: SynthConfig, out: str | Path, export_images: bool = True, overwrite: bool = False,
@@ -39,15 +40,33 @@ def write_synth_dir(cfg: SynthConfig, out: str | Path, export_images: bool = Tru
     return ds
 
 
-def open_data_dir(path: str | Path, image_size: int = 64) -> FaceDataset:
-    """Read a data directory: its npz cache, an ImageFolder export inside it, or an ImageFolder root."""
+def open_data_dir(path: str | Path, image_size: int | None = None) -> FaceDataset:
+    """Read a data directory: its npz cache, an ImageFolder export inside it, or an ImageFolder root.
+
+    ``image_size`` applies to ImageFolders (an npz keeps its own). By default it is the size in
+    the synthfaces.json beside a ``data synth`` export, so that the export is shown as written
+    rather than resampled, and ``DEFAULT_IMAGE_SIZE`` for any other ImageFolder.
+    """
     p = Path(path)
     if p.is_file():
         return FaceDataset.load_npz(p)
     if (p / NPZ_NAME).is_file():
         return FaceDataset.load_npz(p / NPZ_NAME)
-    if (p / IMAGES_DIR).is_dir():
-        return load_imagefolder(p / IMAGES_DIR, image_size=image_size)
-    if p.is_dir():
-        return load_imagefolder(p, image_size=image_size)
-    raise FileNotFoundError(f"{p}: no data directory, npz file or ImageFolder here")
+    folder = p / IMAGES_DIR if (p / IMAGES_DIR).is_dir() else p
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{p}: no data directory, npz file or ImageFolder here")
+    if image_size is None:
+        image_size = _export_image_size(folder) or DEFAULT_IMAGE_SIZE
+    return load_imagefolder(folder, image_size=image_size)
+
+
+def _export_image_size(folder: Path) -> int | None:
+    """The SynthFaces image size of ``<data dir>/images`` from its synthfaces.json, if it is one."""
+    config = folder.parent / CONFIG_NAME
+    if folder.name != IMAGES_DIR or not config.is_file():
+        return None
+    meta = read_json(config)
+    size = meta.get("image_size") if isinstance(meta, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{config}: image_size must be a positive integer, got {size!r}")
+    return size
