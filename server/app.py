@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import Config, from_flat, load_config
 from common.runs.rundir import ResumeError, RunDir
 from server.federation import run_federation
+from server.preflight import check_inputs
 
 OUTPUT_KEY = "output-dir"
 RESUME_KEY = "resume-dir"
@@ -57,6 +58,8 @@ def make_app(cfg: Config | None = None, run_dir: Path | None = None, progress: b
             return
         config, out = config_from_run_config(context.run_config)
         resumed = resume_dir_of(context.run_config, config)
+        if resumed is None:
+            check_inputs(config)  # before a run directory exists and before any node is awaited
         run = resumed if resumed is not None else RunDir.create(out, "run", config)
         run_federation(grid, config, run, progress=progress, resume=resumed is not None)
 

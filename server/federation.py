@@ -51,11 +51,22 @@ class RunFailed(RuntimeError):
     """The federation cannot go on; the message says which round and which clients."""
 
 
-def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
+def _wait_for_nodes(grid: Grid, count: int, timeout: float, report_every: float = 10.0) -> list[int]:
+    """The node ids once ``count`` SuperNodes are connected; while waiting, say how many there
+    are, how many are needed and for how much longer, so that a federation started with too
+    few SuperNodes (e.g. ``flwr run`` with the local default of 2) is not a silent hour."""
+    start = time.monotonic()
+    said = 3.0 - report_every  # the first report after 3 s: nodes that connect at once stay silent
     while len(nodes := sorted(grid.get_node_ids())) < count:
-        if time.monotonic() > deadline:
-            raise RunFailed(f"only {len(nodes)} of {count} SuperNodes connected within {timeout:.0f} s")
+        waited = time.monotonic() - start
+        if waited > timeout:
+            raise RunFailed(f"only {len(nodes)} of {count} SuperNodes connected within {timeout:.0f} s "
+                            f"(split.num_clients = {count}: start that many SuperNodes, e.g. flwr run . --federation-"
+                            f"config 'num-supernodes={count}')")
+        if waited - said >= report_every:
+            log.warning("waiting for SuperNodes: %d of %d connected (split.num_clients = %d); waiting up to %.0f s "
+                        "more", len(nodes), count, count, timeout - waited)
+            said = waited
         time.sleep(0.5)
     return nodes
 

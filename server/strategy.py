@@ -177,8 +177,11 @@ class FaceFedAvg(FedAvg):
     """FedAvg over the shared model, sampling by partition id with a seeded generator."""
 
     def __init__(self, settings: StrategySettings) -> None:
+        """The global model is evaluated by the server (``common.evaluation.global_model``) and the
+        clients do not evaluate it: ``configure_evaluate`` sends nothing. (Passing
+        ``fraction_evaluate=0`` instead would make Flower warn on every run.)"""
         fed = settings.federation
-        super().__init__(fraction_train=fed.fraction_train, fraction_evaluate=0.0, min_train_nodes=fed.min_train_clients,
+        super().__init__(fraction_train=fed.fraction_train, min_train_nodes=fed.min_train_clients,
                          min_evaluate_nodes=0, min_available_nodes=fed.min_available_clients)
         self.seed = settings.seed
         self.partitions = settings.partitions  # partition id -> node id
@@ -199,6 +202,11 @@ class FaceFedAvg(FedAvg):
     def model_content(self, arrays: ArrayRecord) -> dict[str, ArrayRecord | ConfigRecord]:
         """The records that carry the global model ``arrays`` to a client."""
         return {wire.ARRAYS: arrays}
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates the global model itself."""
+        return []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -297,6 +297,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from common.runs.rundir import RunDir
     from workflow.pipeline import evaluate_run
 
+    RunDir(args.run_dir).check_finished()
     report, header, rows = evaluate_run(args.run_dir)
     print(format_table(header, rows))
     print(f"{report.enrolled} enrolled identities, {report.probes} probe images; "
@@ -310,6 +311,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from common.runs.records import AuditReport
     from common.runs.rundir import RunDir
 
+    RunDir(args.run_dir).check_finished()
     report = AuditReport.from_dict(run_audit(
         args.run_dir, AuditSettings(attacks=args.attacks, references=args.references, max_per_class=args.max_per_class,
                                     seed=args.seed, vectorised=args.vectorised, progress=not args.no_progress),
@@ -341,7 +343,7 @@ def _cmd_keys_decrypt(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from common.report.tables import format_table
-    from workflow.demo import demo_summary, run_demo
+    from workflow.demo import demo_headline, demo_summary, run_demo
     from workflow.pipeline import StageFailed
 
     try:
@@ -350,7 +352,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"facefl: error: demo stage {exc} (see the report in {args.out})", file=sys.stderr)
         return 1
     run = result.pipeline.run
-    print(format_table(("result", "value"), demo_summary(run.path)))
+    print(format_table(("result", "value ([a, b]: 95% bootstrap interval; AUC 0.5 = chance)"),
+                       demo_summary(run.path)))
+    print(demo_headline(run.path))
+    if args.quick:
+        print("demo --quick is a smoke test: a federation too small to learn, whose numbers sit at chance and mean "
+              "nothing; run `facefl demo` for results")
     print(format_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in result.timings.items()]
                        + [("total", f"{sum(result.timings.values()):.1f}")]))
     print(f"report: {result.report}\nrun directory: {run.path}")
@@ -386,10 +393,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    """Write the report of any run, finished or not (it shows what the run has); exit 1 when the
+    run did not finish or its directory is damaged, naming why."""
     from common.report.html import write_report
+    from common.runs import layout
+    from common.runs.results import RunResults
 
+    results = RunResults.load(args.run_dir)
     print(f"wrote {write_report(args.run_dir)}")
-    return 0
+    status = results.status
+    unfinished = {"failed": f"the run failed: {status.error if status else ''}",
+                  "running": "the run has not finished (still running, or killed: `facefl run --resume` continues it)",
+                  "missing": f"the run never started (no {layout.STATUS})"}
+    state = status.status if status is not None else ("missing" if not results.problem_with(layout.STATUS) else "")
+    reasons = [*results.problems, *([unfinished.get(state, f"status {state!r}")] if state and state != "finished"
+                                    else [])]
+    for reason in reasons:
+        print(f"facefl: error: {reason}", file=sys.stderr)
+    return 1 if reasons else 0
 
 
 _COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("audit", None): _cmd_audit, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
@@ -412,6 +433,7 @@ def _quiet_libraries(verbose: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.no_progress = args.no_progress or not sys.stderr.isatty()  # piped: one line per stage, no \r bars
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries(args.verbose)

@@ -86,7 +86,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> DemoResul
 
 
 def demo_summary(run_dir: Path) -> list[tuple[str, str]]:
-    """The printed summary: (what, value) rows of the headline numbers, read from the run's files."""
+    """The printed summary: (what, value) rows of the headline numbers, read from the run's files.
+    Intervals are 95% bootstrap intervals; a TPR is shown only at an FPR the nonmembers resolve."""
     from common.report.html import fmt, with_ci
     from common.runs.records import BALANCED_GALLERY, TEMPLATES, tpr_label
     from common.runs.results import RunResults
@@ -96,16 +97,39 @@ def demo_summary(run_dir: Path) -> list[tuple[str, str]]:
     rows = [("verification AUC (decrypted final model)", fmt(final.get("verification_auc"))),
             (f"{r.cfg('train.attribute')} accuracy / DEO / bias amplification",
              " / ".join(fmt(final.get(f"attribute_{k}")) for k in ("accuracy", "deo_sum", "bias_amplification"))),
-            (f"epsilon spent (largest client, delta {r.cfg('dp.delta')})", fmt(r.epsilon())),
+            (f"epsilon spent (largest client, per {_unit(r)}, delta {r.cfg('dp.delta')})", fmt(r.epsilon())),
             ("what the server saw", f"{he.get('encrypted', 'n/a')} of {he.get('values', 'n/a')} values only as an "
                                     "encrypted sum" if r.cfg("he.enabled") else "plaintext updates")]
     ev = r.evaluation
     for name in (TEMPLATES, BALANCED_GALLERY):
         auc, ba = (ev.method(name).get("auc"), ev.leakage(name).get("balanced_accuracy")) if ev else (None, None)
         rows.append((f"{name}: verification AUC / gender-inference BA", f"{fmt(auc)} / {fmt(ba)}"))
-    if r.audit is not None:
-        low = r.audit.fpr_keys[0]  # the headline: TPR at the lowest target FPR
-        for a in r.attacks(include_updates=False):
-            rows.append((f"MIA {a.label}: AUC / {tpr_label(low)}",
-                         f"{with_ci(a.auc, a.ci('auc'))} / {with_ci(a.tpr_at_fpr[low], a.tpr_ci(low))}"))
+    for a in r.attacks(include_updates=False):
+        shown = [k for k in r.audit.fpr_keys if a.resolves(k)]
+        tpr = (f"{tpr_label(shown[0])} {with_ci(a.tpr_at_fpr[shown[0]], a.tpr_ci(shown[0]))}" if shown else
+               f"TPR at low FPR: not resolvable with {a.n_nonmembers} nonmembers")
+        rows.append((f"MIA {a.label}: AUC [95% CI]", f"{with_ci(a.auc, a.ci('auc'))}; {tpr}"))
     return rows
+
+
+def _unit(r) -> str:
+    return "person" if r.cfg("dp.unit") == "identity" else "image"
+
+
+def demo_headline(run_dir: Path) -> str:
+    """One sentence: which audited target leaks most (by the lower end of its AUC interval) and
+    whether that is distinguishable from chance, next to the run's privacy budget."""
+    from common.report.html import fmt, with_ci
+    from common.runs.results import RunResults
+
+    r = RunResults.load(run_dir)
+    attacks = [a for a in r.attacks(include_updates=False) if a.ci("auc")]
+    budget = (f"DP-SGD spent epsilon {fmt(r.epsilon())} per {_unit(r)} on the backbone" if r.dp_on()
+              else "the backbone was trained without DP")
+    if not attacks:
+        return f"No audit to summarise; {budget}."
+    top = max(attacks, key=lambda a: a.ci("auc")[0])
+    verdict = ("clearly above chance (AUC 0.5)" if top.ci("auc")[0] > 0.5
+               else "not distinguishable from chance (its interval covers AUC 0.5)")
+    return (f"Headline: the strongest membership signal is {top.label}, AUC {with_ci(top.auc, top.ci('auc'))}, "
+            f"{verdict}; {budget}.")

@@ -55,11 +55,15 @@ class Stages:
     timings: dict[str, float] = field(default_factory=dict)
 
     def say(self, text: str) -> None:
+        """One line on stderr (above any live bar): with or without bars, each stage says when it
+        starts and ends."""
         log.info(text)
         if self.progress:
             from tqdm.auto import tqdm
 
             tqdm.write(f"[facefl] {text}", file=sys.stderr)
+        else:
+            print(f"[facefl] {text}", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -72,6 +76,16 @@ class Stages:
             raise StageFailed(name, exc) from exc
         self.timings[name] = time.perf_counter() - start
         self.say(f"{name}: done in {self.timings[name]:.1f} s")
+
+    def split(self, name: str, part: str, seconds: float) -> None:
+        """Report ``seconds`` of stage ``name`` as a stage of their own, ``part``, listed before it
+        (e.g. the server's public pretraining inside the federated training stage)."""
+        if seconds <= 0 or name not in self.timings:
+            return
+        total = self.timings.pop(name)
+        rest = {k: v for k, v in self.timings.items()}
+        self.timings.clear()
+        self.timings.update({**rest, part: seconds, name: total - seconds})
 
 
 def evaluate_run(run_dir: Path) -> tuple[MoteEvaluation, list[str], list[tuple]]:
@@ -138,8 +152,11 @@ def run_pipeline(cfg: Config, runs_root: Path, prefix: str, settings: AuditSetti
     from common.report.html import write_report
     from workflow.simulation import simulate
 
-    with stages.stage(f"federated training ({cfg.federation.rounds} rounds, {cfg.split.num_clients} clients)"):
+    name = f"federated training ({cfg.federation.rounds} rounds, {cfg.split.num_clients} clients)"
+    with stages.stage(name):
         run, status = simulate(cfg, runs_root, prefix=prefix, progress=stages.progress, he_secret=he_secret)
+    stages.split(name, "public pretraining (server, public data only)",
+                 sum(e.get("seconds", 0.0) for e in run.read_metrics() if e.get("event") == "pretrain"))
     if on_trained is not None:
         on_trained(run)
     if status["status"] != "finished":

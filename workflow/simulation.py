@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from common.data.cache import cache_dir
 from common.runs.layout import CLIENT_STATE_DEFAULT
 from common.runs.rundir import CLIENT_STATE_ENV, RunDir
 from server.app import make_app
+from server.preflight import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ def simulate(cfg: Config, runs_root: str | Path, prefix: str = "run", progress: 
     ``he_secret``: the clients' secret context for HE runs. The engine gives simulated nodes no
     configuration of their own, so it reaches them through ``FACEFL_HE_SECRET_CONTEXT``.
     """
+    check_inputs(cfg)  # data and split problems fail here, in seconds, before a run directory or Ray exists
     run = RunDir.create(runs_root, prefix, cfg)
     return run, _simulate(cfg, run, progress, he_secret, resume=False)
 
@@ -78,7 +81,13 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 def _simulate(cfg: Config, run: RunDir, progress: bool, he_secret: Path | None, resume: bool) -> dict[str, Any]:
-    from flwr.simulation import run_simulation
+    # The engine behind both `flwr run` (flwr.simulation.app) and the deprecated Python wrapper
+    # run_simulation, which only adds a deprecation warning; flwr is pinned (requirements.lock).
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.logger import update_console_handler
+    from flwr.supercore.telemetry import EventType
+
+    update_console_handler(colored=sys.stderr.isatty())  # Flower's log lines carry ANSI colours by default
 
     server_app = make_app(cfg, run.path, progress, resume)
     backend = {"client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
@@ -86,15 +95,17 @@ def _simulate(cfg: Config, run: RunDir, progress: bool, he_secret: Path | None, 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     state_root = client_state_root()
     # The simulation engine is the researcher's: its clients accept dp.reproducible_noise when a run asks.
-    env = {CLIENT_STATE_ENV: str(state_root.resolve()), ALLOW_REPRODUCIBLE_NOISE_ENV: "1"}
+    env = {CLIENT_STATE_ENV: str(state_root.resolve()), ALLOW_REPRODUCIBLE_NOISE_ENV: "1",
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # keep Ray's future behaviour, and its warning away
+           **({} if sys.stderr.isatty() else {"RAY_COLOR_PREFIX": "0"})}  # no ANSI codes in a log file
     if he_secret is not None:
         env[SECRET_KEY_ENV] = str(Path(he_secret).resolve())
     error = None
     with warnings.catch_warnings(), _environment(env):
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            run_simulation(server_app=server_app, client_app=CLIENT_APP,
-                           num_supernodes=cfg.split.num_clients, backend_config=backend)
+            _run_simulation(num_supernodes=cfg.split.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                            server_app=server_app, client_app=CLIENT_APP, backend_config=backend)
         except Exception as exc:  # the reason is in status.json; the traceback goes to the log
             log.debug("simulation raised", exc_info=True)
             error = exc

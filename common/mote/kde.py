@@ -86,19 +86,29 @@ class GenderKDE:
         grid = np.asarray(DEFAULT_BANDWIDTHS if bandwidths is None else bandwidths, dtype=np.float64).ravel()
         if grid.size == 0 or (grid <= 0).any():
             raise ValueError("GenderKDE.fit: bandwidths must be a non-empty list of positive values")
+        usable = cls.check_population(identity, gender, cv_folds if grid.size > 1 else 1)
         _, centroids, inverse = _identity_centroids(x, identity)
         offsets = x - centroids[inverse]
-        singleton = np.bincount(inverse)[inverse] < 2
-        need = cv_folds if grid.size > 1 else 1
         kdes = {}
         for code, name in GENDER_NAMES.items():
-            rows = offsets[(gender == code) & ~singleton]
-            if rows.shape[0] < need:
-                raise ValueError(f"GenderKDE.fit: the {name} KDE needs at least {need} centred embeddings "
-                                 f"(identities with >= 2 embeddings, gender {code}), got {rows.shape[0]}")
+            rows = offsets[(gender == code) & usable]
             kdes[name] = _fit_one(rows, grid, cv_folds, seed)
             log.info("%s KDE: %d offsets, bandwidth %.4g", name, rows.shape[0], kdes[name].bandwidth_)
         return cls(male=kdes["male"], female=kdes["female"])
+
+    @staticmethod
+    def check_population(identity: np.ndarray, gender: np.ndarray, need: int = 5) -> np.ndarray:
+        """The rows whose centred offset says something (their identity has >= 2 rows), after
+        checking that each gender has at least ``need`` of them (the folds of the bandwidth
+        search); a ValueError naming the gender otherwise. Callers run it before long work."""
+        _, inverse = np.unique(np.asarray(identity), return_inverse=True)
+        usable = np.bincount(inverse)[inverse] >= 2
+        for code, name in GENDER_NAMES.items():
+            count = int((usable & (np.asarray(gender) == code)).sum())
+            if count < need:
+                raise ValueError(f"GenderKDE: the {name} KDE needs at least {need} centred embeddings (images of "
+                                 f"{name} identities with >= 2 images), got {count}")
+        return usable
 
     @property
     def dim(self) -> int:

@@ -98,7 +98,7 @@ def _image(path: Path, alt: str) -> str:
 
 def _setup(r: RunResults) -> str:
     if r.config is None:
-        return _not_run(f"{layout.CONFIG} is missing: this is not a run directory")
+        return _not_run(r.problem_with(layout.CONFIG) or f"{layout.CONFIG} is missing: this is not a run directory")
     status = r.status or RunStatus(MISSING)
     m = r.manifest or {}
     counts = m.get("counts", {})
@@ -131,7 +131,7 @@ def _setup(r: RunResults) -> str:
             (i, c.get("identities"), c.get("samples"), ", ".join(f"{k} {v}" for k, v in c.get("gender", {}).items()),
              ", ".join(f"{k} {v}" for k, v in c.get("group", {}).items())) for i, c in enumerate(clients)]))
     else:
-        out.append(_not_run(f"{layout.MANIFEST} is missing: no per-client data summary"))
+        out.append(_not_run(r.problem_with(layout.MANIFEST) or f"{layout.MANIFEST} is missing: no per-client data summary"))
     text = (r.path / layout.CONFIG).read_text(encoding="utf-8")
     out.append(f"<details><summary>resolved configuration ({layout.CONFIG})</summary><pre>{_e(text)}</pre></details>")
     return "".join(out)
@@ -145,7 +145,7 @@ def _backbone_privacy(r: RunResults) -> str:
     if r.config is not None and not r.dp_on():
         return _p("DP-SGD was off (dp.mode = off): the run has no differential-privacy guarantee (epsilon = ∞).")
     if r.privacy is None:
-        return _not_run(f"{layout.PRIVACY} is missing (no round finished)")
+        return _not_run(r.problem_with(layout.PRIVACY) or f"{layout.PRIVACY} is missing (no round finished)")
     p = r.privacy
     rows = [(k, c.get("unit"), c.get("epsilon"), c.get("epsilon_rdp"), c.get("epsilon_prv"), c.get("delta"),
              _person(c), c.get("steps"), c.get("noise_multiplier"), c.get("sample_rate"),
@@ -216,7 +216,7 @@ def _utility(r: RunResults) -> str:
             rows.append((f"round {e.get('round')}, decrypted by a key holder", "", "", "",
                          e.get("verification_auc"), e.get("attribute_accuracy", "n/a"), "", ""))
     if not rows:
-        return _not_run(f"{layout.METRICS} has no round (training did not start)")
+        return _not_run(r.problem_with(layout.METRICS) or f"{layout.METRICS} has no round (training did not start)")
     out = [_table(("round", "clients", "failed", "train loss", "verification AUC", "attribute accuracy", "max epsilon",
                    "seconds"), rows)]
     if r.cfg("he.enabled"):

@@ -197,6 +197,10 @@ class TargetKind(StrEnum):
         return self in (TargetKind.MOTE_GALLERY, TargetKind.MOTE_PAIR)
 
 
+MIN_FALSE_POSITIVES = 10
+"""Nonmembers above the threshold needed before a TPR at a target FPR means anything."""
+
+
 def fpr_key(target: float) -> str:
     """How a target FPR keys ``tpr_at_fpr`` in the report: 0.001 -> "0.001"."""
     return f"{target:g}"
@@ -276,6 +280,12 @@ class AttackEntry:
     def tpr_ci(self, fpr: str) -> list[float] | None:
         """The bootstrap 95% interval of ``tpr_at_fpr[fpr]``; None without one."""
         return ((self.ci95 or {}).get("tpr_at_fpr") or {}).get(fpr)
+
+    def resolves(self, fpr: str) -> bool:
+        """Whether the audited nonmembers can resolve TPR at FPR ``fpr``: the threshold must sit
+        above at least ``MIN_FALSE_POSITIVES`` nonmembers, or the "FPR" is one or two samples and
+        the TPR is noise (TPR at 0.1% FPR needs 10,000 nonmembers)."""
+        return self.n_nonmembers * float(fpr) >= MIN_FALSE_POSITIVES
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ class RunResults:
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str]) -> RunResults:
         res = cls(Path(run_dir))
-        if not res.path.is_dir():
-            raise FileNotFoundError(f"{res.path}: not a run directory")
+        if not (res.path / layout.CONFIG).is_file():
+            raise FileNotFoundError(f"{res.path}: not a facefl run directory (no {layout.CONFIG})")
         res.config = res._read(layout.CONFIG, lambda p: tomllib.loads(p.read_text(encoding="utf-8")))
         res.status = res._read(layout.STATUS, RunStatus.load)
         res.manifest = res._read(layout.MANIFEST, read_json)
@@ -51,7 +51,28 @@ class RunResults:
         res.evaluation = res._read(layout.MOTE_EVALUATION, MoteEvaluation.load)
         res.audit = res._read(layout.AUDIT_REPORT, AuditReport.load)
         res.metrics = res._read(layout.METRICS, lambda p: RunDir(p.parent).read_metrics()) or []
+        res._check_complete()
         return res
+
+    def _check_complete(self) -> None:
+        """Record as a problem every file the status says was written but is not there, so that
+        nobody reads "training did not start" in the report of a damaged run."""
+        done = int((self.status.rounds_completed if self.status is not None else None) or 0)
+        if done == 0:
+            return
+        expected = [layout.MANIFEST, layout.METRICS, *([layout.PRIVACY] if self.dp_on() else [])]
+        for name in expected:
+            if not (self.path / name).exists():
+                self.problems.append(f"{self.path / name}: missing although {layout.STATUS} records {done} completed "
+                                     "rounds: the run directory is damaged")
+        if (self.path / layout.METRICS).is_file() and not self.events("round") and not self.problem_with(layout.METRICS):
+            self.problems.append(f"{self.path / layout.METRICS}: no round recorded although {layout.STATUS} records "
+                                 f"{done}: the run directory is damaged")
+
+    def problem_with(self, name: str) -> str | None:
+        """The recorded problem of the run file ``name`` (unreadable or missing), if there is one."""
+        target = str(self.path / name)
+        return next((p for p in self.problems if p.startswith(target + ":")), None)
 
     def _read(self, name: str, reader: Any) -> Any:
         path = self.path / name

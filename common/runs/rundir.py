@@ -46,6 +46,11 @@ class ResumeError(ValueError):
     """The directory cannot be resumed; the message names it and says why."""
 
 
+class RunNotFinished(ValueError):
+    """The directory is not a finished run (not a run, failed, still running or killed); the
+    message names it and says why."""
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """Where a run resumes: after ``rounds_completed`` (None: not even the start phase, i.e.
@@ -224,6 +229,25 @@ class RunDir:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def check_finished(self) -> RunStatus:
+        """The status of a finished run, for the phases that read its results (evaluate, audit);
+        RunNotFinished naming the directory and the reason otherwise."""
+        if not self.config_path.is_file():
+            raise RunNotFinished(f"{self.path}: not a facefl run directory (no {layout.CONFIG})")
+        try:
+            status = self.load_status()
+        except ValueError as exc:
+            raise RunNotFinished(f"{self.status_path}: unreadable ({exc}): the run directory is damaged") from None
+        if status.status == FAILED:
+            raise RunNotFinished(f"{self.path}: the run failed: {status.error or 'no reason recorded'}; fix the cause "
+                                 f"and resume it with `facefl run --resume {self.path}`")
+        if status.status == MISSING:
+            raise RunNotFinished(f"{self.path}: the run never started ({layout.STATUS} was never written)")
+        if not status.finished:
+            raise RunNotFinished(f"{self.path}: the run has not finished ({layout.STATUS}: {status.status}); it is "
+                                 f"still running, or was killed (then resume it with `facefl run --resume {self.path}`)")
+        return status
 
     def check_resumable(self) -> RunStatus:
         """The status of a run that ``--resume`` may continue; ResumeError naming the directory
