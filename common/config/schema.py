@@ -207,7 +207,8 @@ class MoteConfig(Section):
     lr: float = num(1e-2, 0.0, doc="peak learning rate of the one-cycle schedule (Adam)")
     weight_decay: float = num(1e-3, 0.0)
     dropout: float = num(0.5, 0.0, 0.998, doc="the rate is quantised to 1/256")
-    enroll_batch: int = num(64, 1, doc="identities trained together (the result does not depend on it)")
+    enroll_batch: int = num(64, 1, doc="identities trained together without MOTE DP (the result does not depend on "
+                                        "it); under MOTE DP a client's identities form one stack, one mechanism")
     dp_target_epsilon: float = num(0.0, 0.0, infinite=True, doc=(
         "MOTE DP-SGD: epsilon of a client's whole enrollment (all of its galleries) per impostor record (dp.unit: "
         "one image or one person of the enrollment population); 0 or inf = use dp_noise_multiplier (0 = no MOTE DP). "
