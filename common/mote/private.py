@@ -203,7 +203,9 @@ class PrivateSteps:
         bp = backprop(p, x, y, *dropout_masks(drop, self.settings.dropout))
         C = self.mech.max_grad_norm
         weight = torch.empty(k, x.shape[1])
-        weight[:, : half + n_pub] = clip_factors(bp.rows(slice(0, half + n_pub)).sq_norms(), C)
+        # A record's norm C is shared by its k models (about C / sqrt(k) each): public rows are
+        # clipped to that share per model, or they would outweigh the impostors k^(1/2) to 1.
+        weight[:, : half + n_pub] = clip_factors(bp.rows(slice(0, half + n_pub)).sq_norms(), C / math.sqrt(k))
         if n:
             record = self.record[rows]
             same = (record.unsqueeze(0) == record.unsqueeze(1)).float()
