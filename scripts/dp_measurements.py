@@ -11,7 +11,8 @@ verification AUC and FNMR at FMR 1e-3 (``facefl evaluate``), the audit's MOTE at
 ``mote-lira``: does a photo belong to a template's references, which MOTE's DP does not protect),
 and the membership of impostor records, which it does: the photos a client's gallery used as
 impostors against held-out photos of the same people, scored by minus the mean logit of the
-client's other models (trained impostors score lower). Writes ``results.json`` (every number, its
+client's other models (trained impostors score lower); and, as the DP-free alternative, galleries
+trained on public impostors only (``mote.impostor_population = public``). Writes ``results.json`` (every number, its
 run directory and the raw scores of the impostor test) in ``--out`` and prints a table.
 """
 
@@ -101,9 +102,11 @@ def impostor_membership(run: RunDir, b: float) -> dict[str, Any]:
 
 def mote(out: Path, base: str, extra: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for eps in (math.inf, *reversed(EPSILONS)):
-        cfg = load_config(None, [*preset(base), "dp.reproducible_noise=true", f"mote.dp_target_epsilon={eps}", *extra])
-        run = _run(cfg, out, f"mote-{eps:g}")
+    series = [(eps, "members") for eps in (math.inf, *reversed(EPSILONS))] + [(math.inf, "public")]
+    for eps, impostors in series:
+        cfg = load_config(None, [*preset(base), "dp.reproducible_noise=true", f"mote.dp_target_epsilon={eps}",
+                                 f"mote.impostor_population={impostors}", *extra])
+        run = _run(cfg, out, f"mote-{eps:g}-{impostors}")
         evaluate_run(run.path)
         run_audit(run.path, AuditSettings(attacks=("mote-score", "mote-lira")))
         evaluation = MoteEvaluation.load(run.mote_evaluation_path)
@@ -113,7 +116,7 @@ def mote(out: Path, base: str, extra: list[str]) -> list[dict[str, Any]]:
             method = evaluation.method(mote_method(b))
             attacks = {a.name: {"auc": a.auc, "ci95": a.ci("auc"), "tpr_at_fpr": a.tpr_at_fpr}
                        for a in audit.attacks if a.balancing_factor == b}
-            rows.append({"mote_target_epsilon": eps, "balancing_factor": b,
+            rows.append({"mote_target_epsilon": eps, "impostors": impostors, "balancing_factor": b,
                          "mote_epsilon": max((c["epsilon"] for c in ledger.values()), default=math.inf),
                          "verification_auc": method.get("auc"), "fnmr_at_fmr_1e-3": method.get("fnmr"),
                          "attacks": attacks, "impostor_membership": impostor_membership(run, b), "run": str(run.path)})
@@ -130,10 +133,10 @@ def _table(kind: str, rows: list[dict[str, Any]]) -> str:
     for r in rows:
         imp = r["impostor_membership"]
         score = r["attacks"].get("mote-score", {})
-        out.append((f"{r['mote_target_epsilon']:g}", f"{r['mote_epsilon']:.2f}", r["balancing_factor"],
+        out.append((r["impostors"], f"{r['mote_target_epsilon']:g}", f"{r['mote_epsilon']:.2f}", r["balancing_factor"],
                     f"{r['verification_auc']:.4f}", f"{r['fnmr_at_fmr_1e-3']:.4f}",
                     f"{score.get('auc', float('nan')):.3f}", "{:.3f} [{:.3f}, {:.3f}]".format(imp["auc"], *imp["ci95"]["auc"])))
-    return format_table(("target eps", "eps (per record)", "b", "verif. AUC", "FNMR@FMR1e-3", "mote-score AUC",
+    return format_table(("impostors", "target eps", "eps (per record)", "b", "verif. AUC", "FNMR@FMR1e-3", "mote-score AUC",
                          "impostor-record AUC [95% CI]"), out)
 
 

@@ -196,6 +196,35 @@ def test_the_mote_noise_seed_is_fresh_entropy_unless_the_operator_allows_reprodu
     assert not torch.allclose(fresh[0], fresh[1]) and not torch.allclose(fresh[0], derived)
 
 
+@pytest.mark.parametrize("population", ["public", "members"])
+def test_public_impostors_use_no_private_image_but_the_references(population: str) -> None:
+    """With mote.impostor_population = public, replacing every non-reference image of the client
+    changes no weight of its galleries; with the paper's member impostors it does (the control)."""
+    import dataclasses
+
+    from common.data.cache import build_dataset
+    from common.mote.enrollment import client_references, enroll_client
+    from common.nn.build import build_model, model_spec
+    from common.split.build import build_manifest
+
+    cfg = load_config(None, [*TINY[:-2], "split.num_clients=2", "data.identities=24", "data.images_per_identity=6",
+                             "pretrain.identities=12", "pretrain.images_per_identity=4", "mote.epochs=2",
+                             "mote.balancing_factors=0.5", "mote.synthetic=20", "mote.impostors=40",
+                             "mote.synthetic_impostors=20", "mote.batch_size=16", f"mote.impostor_population={population}"])
+    ds = build_dataset(cfg)
+    model = build_model(model_spec(cfg), 0)
+    manifest = build_manifest(cfg, ds)
+    refs = np.concatenate(list(client_references(manifest, ds, cfg, 0).values()))
+    others = np.setdiff1d(manifest.client_indices(ds, 0), refs)
+    images = ds.images.copy()
+    images[others] = 255 - images[others]
+    a, info = enroll_client(cfg, ds, model, 0, seed=0)
+    b, _ = enroll_client(cfg, dataclasses.replace(ds, images=images), model, 0, seed=0)
+    same = all(torch.equal(a[0].params[n], b[0].params[n]) for n in a[0].params)
+    assert same == (population == "public")
+    assert info["impostors"] == population and info["kde"]["population"] == ("public" if same else "members")
+
+
 def test_config_refuses_mote_dp_with_private_kdes_or_without_public_data() -> None:
     cfg = load_config(None, ["mote.dp_target_epsilon=4"])
     assert cfg.mote.dp_enabled() and cfg.mote.kde_source() == "public"
@@ -203,6 +232,10 @@ def test_config_refuses_mote_dp_with_private_kdes_or_without_public_data() -> No
         load_config(None, ["mote.dp_target_epsilon=4", "mote.kde_population=members"])
     with pytest.raises(ConfigError, match="pretrain.identities"):
         load_config(None, ["mote.dp_target_epsilon=4", "pretrain.identities=0"])
+    with pytest.raises(ConfigError, match="nothing to protect"):
+        load_config(None, ["mote.dp_target_epsilon=4", "mote.impostor_population=public"])
+    with pytest.raises(ConfigError, match="mote.impostor_population"):
+        load_config(None, ["mote.impostor_population=public", "pretrain.identities=0"])
     assert not load_config(None, ["mote.dp_target_epsilon=inf"]).mote.dp_enabled()
     assert math.isinf(load_config(None, ["mote.dp_target_epsilon=inf"]).mote.dp_target_epsilon)
 

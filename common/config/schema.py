@@ -192,8 +192,13 @@ class MoteConfig(Section):
         "doc": "one gallery per factor b: the male share of the synthetic genuine samples"})
     kde_population: str = choice("auto", ("auto", "members", "aux", "public"),
                                   doc="embeddings the gender KDEs are fitted on: the client's own members, the aux "
-                                      "population or the public (pretraining) population; auto = members without "
-                                      "MOTE DP, public with it (the KDEs then cost no privacy)")
+                                      "population or the public (pretraining) population; auto = public with MOTE DP "
+                                      "or public impostors (then the KDEs cost no privacy), else members")
+    impostor_population: str = choice("members", ("members", "public"), doc=(
+        "whose embeddings each model learns to reject: the client's own members (the MOTE paper's recipe; under "
+        "MOTE DP these are the protected impostor records) or the public pretraining population (no private "
+        "impostor at all, so the enrollment population costs no privacy; the references stay the templates' "
+        "subjects)"))
     references: int = num(1, 1, doc="reference images per enrolled identity (the rest of its images are never "
                                      "enrolled; its probe-role images are the genuine probes)")
     synthetic: int = num(100, 5, doc="synthetic genuine samples per identity")
@@ -243,7 +248,7 @@ class MoteConfig(Section):
     def kde_source(self) -> str:
         """The population the gender KDEs are fitted on (``kde_population`` with auto resolved)."""
         if self.kde_population == "auto":
-            return "public" if self.dp_enabled() else "members"
+            return "public" if self.dp_enabled() or self.impostor_population == "public" else "members"
         return self.kde_population
 
 
@@ -294,6 +299,12 @@ class Config:
             if self.pretrain.identities == 0:
                 raise ConfigError("mote.dp_target_epsilon: MOTE DP fits its KDEs and draws its validation impostors "
                                   "from the public population; set pretrain.identities > 0")
+            if self.mote.impostor_population == "public":
+                raise ConfigError("mote.dp_target_epsilon: with mote.impostor_population = 'public' MOTE trains on no "
+                                  "private impostor record, so its DP has nothing to protect; set it to 0")
+        if self.mote.enabled and self.mote.impostor_population == "public" and self.pretrain.identities == 0:
+            raise ConfigError("mote.impostor_population: 'public' draws the impostors from the public population; "
+                              "set pretrain.identities > 0")
         if self.he.enabled and not self.he.public_context:
             raise ConfigError("he.public_context: required when he.enabled = true (the path of the server's "
                               "public-context.bin from `facefl keys init`)")

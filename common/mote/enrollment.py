@@ -77,12 +77,15 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
 
     Without MOTE DP, impostors are the client's other member identities (real embeddings and
     synthetic samples around them): a client trains on nothing it does not hold, except the
-    ``aux`` KDE option. With MOTE DP (``common.mote.private``) the client's member images other
+    ``aux`` KDE option. With ``mote.impostor_population = public`` the impostors are the public
+    population's, and (with the default KDE population) the galleries are a function of the
+    references and public data only. With MOTE DP (``common.mote.private``) the client's member images other
     than the references are the protected impostor records; the KDEs, the synthetic samples,
     part of each batch's impostors and the validation impostors come from the public population;
     ``noise_seed`` seeds the noise and the record sampling (None: fresh OS entropy).
     """
     manifest = build_manifest(cfg, ds)
+    settings = cfg.mote
     refs = client_references(manifest, ds, cfg, client)
     if not refs:
         raise ValueError(f"client {client}: no identity to enroll")
@@ -96,15 +99,14 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
     def rows(pos: np.ndarray) -> np.ndarray:
         return np.stack([emb[p] for p in pos.tolist()])
 
-    public = public_embeddings(cfg, model) if source == "public" else None
+    public = public_embeddings(cfg, model) if "public" in (source, settings.impostor_population) else None
     if public is not None:
         kde = GenderKDE.fit(*public, seed=seed)
         kde_samples = int(public[0].shape[0])
     else:
         kde = GenderKDE.fit(rows(kde_pos), ds.identity[kde_pos], ds.gender[kde_pos], seed=seed)
         kde_samples = int(kde_pos.size)
-    settings = cfg.mote
-    factors = cfg.mote.balancing_factors
+    factors = settings.balancing_factors
     info: dict[str, Any] = {}
     if settings.dp_enabled():
         assert public is not None  # Config.validate: MOTE DP fits its KDEs on the public population
@@ -116,11 +118,16 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
         galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, public[0], public[1], b, seed, settings, private)
                      for b in factors]
         info["privacy"] = mechanism.ledger(cfg.dp.reproducible_noise, [g.info["steps"] for g in galleries])
+    elif settings.impostor_population == "public":
+        assert public is not None  # computed whenever the impostors are public
+        galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, public[0], public[1], b, seed, settings)
+                     for b in factors]
     else:
         galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, rows(own), ds.identity[own], b, seed, settings)
                      for b in factors]
     info = {"client": client, "identities": sorted(refs), "references": {str(i): ds.sample_ids[p].tolist()
                                                                          for i, p in refs.items()},
+            "impostors": "public" if settings.impostor_population == "public" else "members",
             "kde": {"population": source, "samples": kde_samples,
                     "bandwidth_male": float(kde.male.bandwidth_), "bandwidth_female": float(kde.female.bandwidth_)},
             "settings": dataclasses.asdict(settings),

@@ -173,6 +173,9 @@ def _mote_privacy(r: RunResults) -> str:
     if not r.cfg("mote.enabled") or r.cfg("train.task") == "attribute":
         return ""
     if not isinstance(mote, dict):
+        if r.cfg("mote.impostor_population") == "public":
+            return _p("MOTE enrollment used public impostors (mote.impostor_population = public): the galleries were "
+                      "trained on no private image besides each template's own references, which no DP protects.")
         return _p("MOTE enrollment: no DP (mote.dp_target_epsilon and mote.dp_noise_multiplier are 0): the galleries "
                   "carry no differential-privacy guarantee for the enrollment population.")
     clients = mote.get("clients", {})
