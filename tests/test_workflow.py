@@ -22,6 +22,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,16 +58,28 @@ def _pngs(page: str) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, Path, str]:
-    """(demo directory, run directory, printed output) of one `facefl demo --quick`."""
-    from workflow.cli import main
-
+    """(demo directory, run directory, log) of one `facefl demo --quick` whose stdout and stderr
+    go to a file, as in `facefl demo > demo.log 2>&1` (so progress bars are off by themselves)."""
     out = tmp_path_factory.mktemp("demo")
-    buf = io.StringIO()
-    with _stops_its_processes(), contextlib.redirect_stdout(buf):
-        assert main(["--no-progress", "demo", "--quick", "--out", str(out)]) == 0
+    log = out / "demo.log"
+    with _stops_its_processes(), open(log, "wb") as fh:
+        done = subprocess.run([sys.executable, "-m", "workflow.cli", "demo", "--quick", "--out", str(out)],
+                              stdout=fh, stderr=subprocess.STDOUT, timeout=900, check=False)
+    printed = log.read_text(encoding="utf-8")
+    assert done.returncode == 0, printed[-3000:]
     (directory,) = out.glob("demo-*")
     (run,) = directory.glob("run-*")
-    return directory, run, buf.getvalue()
+    return directory, run, printed
+
+
+@pytest.mark.timeout(600)
+def test_a_demo_log_has_one_line_per_stage_and_no_terminal_codes(demo) -> None:
+    _, _, printed = demo
+    assert "\x1b" not in printed and "\r" not in printed  # no ANSI colours, no carriage-return bars
+    for stage in ("federated training (2 rounds, 2 clients)", "membership audit", "report"):
+        assert f"[facefl] {stage} ..." in printed and f"[facefl] {stage}: done in" in printed
+    assert "DEPRECATED" not in printed and "fraction_evaluate" not in printed and "RAY_ACCEL" not in printed
+    assert "95% bootstrap interval" in printed and "Headline: " in printed and "smoke test" in printed
 
 
 @pytest.mark.timeout(600)

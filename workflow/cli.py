@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common import threads
+
 if TYPE_CHECKING:
     from common.config import Config
     from common.runs.rundir import RunDir
@@ -432,6 +434,11 @@ def _quiet_libraries(verbose: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        threads.configure()  # before anything imports torch
+    except ValueError as exc:
+        print(f"facefl: error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     args.no_progress = args.no_progress or not sys.stderr.isatty()  # piped: one line per stage, no \r bars
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
