@@ -7,7 +7,7 @@ batch 64) in separate processes, ``--steps`` timed steps after a warm-up, and co
 
 * torch's default (one spinning OpenMP thread per core), OpenMP's passive wait policy
   (``OMP_WAIT_POLICY=PASSIVE``: idle threads sleep instead of spinning; facefl's default, set by
-  ``common.threads`` before torch loads), and one thread per process;
+  ``workflow.threads`` before torch loads), and one thread per process;
 * each with one process alone and with two processes at once.
 
 Usage:  .venv/bin/python bench/threads.py [--steps 15]

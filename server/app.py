@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import Config, from_flat, load_config
+from common.report.tables import round_table
 from common.runs.rundir import ResumeError, RunDir
 from server.federation import run_federation
 from server.preflight import check_inputs
@@ -62,6 +63,8 @@ def make_app(cfg: Config | None = None, run_dir: Path | None = None, progress: b
             check_inputs(config)  # before a run directory exists and before any node is awaited
         run = resumed if resumed is not None else RunDir.create(out, "run", config)
         run_federation(grid, config, run, progress=progress, resume=resumed is not None)
+        # `flwr run --stream` shows the ServerApp's output: end with what `facefl run` prints.
+        print(f"{round_table(run.read_metrics(), config.dp.unit)}\nrun directory: {run.path}", flush=True)
 
     return server_app
 

@@ -1,11 +1,11 @@
-"""facefl's threading defaults (common.threads): OpenMP's passive wait unless the user chose,
+"""facefl's threading defaults (workflow.threads): OpenMP's passive wait unless the user chose,
 FACEFL_THREADS as the thread count, a bad value named; bench/threads.py measures why."""
 
 from __future__ import annotations
 
 import pytest
 
-from common import threads
+from workflow import threads
 
 
 @pytest.fixture()

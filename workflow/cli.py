@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import threads
+from workflow import threads
 
 if TYPE_CHECKING:
     from common.config import Config
@@ -217,29 +217,6 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _round_rows(records: list[dict]) -> list[tuple]:
-    def fmt(r: dict, key: str) -> str:
-        return f"{r[key]:.4f}" if key in r else ("enc." if r.get("encrypted") else "-")
-
-    rows = []
-    for r in records:
-        if r.get("event") == "pretrain":
-            rows.append(("public", "-", "-", "-", f"{r['verification_auc']:.4f}", "-", "-", "0 (public)", f"{r['seconds']:.0f}"))
-        if r.get("event") == "decrypted":
-            rows.append(("final (decrypted)", "-", "-", "-", fmt(r, "verification_auc"), fmt(r, "attribute_accuracy"),
-                         fmt(r, "attribute_deo_sum"), "-", "-"))
-        if r.get("event") == "enroll":
-            eps = f"{r['mote_max_epsilon']:.3f} (per record)" if "mote_max_epsilon" in r else "no MOTE DP"
-            rows.append(("MOTE enrollment", r["clients"], len(r["failures"]), "-", "-", "-", "-", eps,
-                         f"{r['seconds']:.0f}"))
-        if r.get("event") != "round":
-            continue
-        rows.append((r["round"], len(r["clients"]), len(r["failures"]), f"{r['train_loss']:.4f}",
-                     fmt(r, "verification_auc"), fmt(r, "attribute_accuracy"), fmt(r, "attribute_deo_sum"),
-                     f"{r['max_epsilon']:.3f}", f"{r['seconds']:.0f}"))
-    return rows
-
-
 def _resume_config(args: argparse.Namespace) -> tuple[RunDir, Config]:
     """The configuration of the run ``--resume`` continues: its own config.toml, nothing else."""
     from common.config import load_config
@@ -267,7 +244,7 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunDir, Config]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from common.config import load_config
     from common.he.keys import SECRET_FILE, he_overrides
-    from common.report.tables import format_table
+    from common.report.tables import round_table
     from workflow.simulation import resume, simulate
 
     secret = args.he_keys / SECRET_FILE if args.he_keys is not None else None
@@ -284,9 +261,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from workflow.decryption import decrypt_run
 
         decrypt_run(run.path, secret)
-    unit = "per person" if cfg.dp.unit == "identity" else "per image"
-    print(format_table(("round", "clients", "failed", "train loss", "verif. AUC", "attr. acc", "DEO (|dTPR|+|dFPR|)",
-                        f"max eps ({unit})", "s"), _round_rows(run.read_metrics())))
+    print(round_table(run.read_metrics(), cfg.dp.unit))
     print(f"run directory: {run.path}")
     if status["status"] != "finished":
         print(f"facefl: error: run {status['status']}: {status.get('error', 'no reason recorded')}", file=sys.stderr)
