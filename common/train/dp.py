@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 
 import numpy as np
 import torch
@@ -24,6 +25,13 @@ from opacus.accountants.utils import get_noise_multiplier
 from common.config import DPConfig
 
 History = list[tuple[float, float, int]]
+
+# Two warnings every DP-SGD call raises that say nothing about a facefl run: Opacus' "Secure RNG
+# turned off" (facefl seeds its generators from OS entropy instead, see the module docstring) and
+# torch's "Full backward hook is firing" from inside Opacus' ghost clipping. Left on, they fill
+# every client's log in every round.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 def fresh_noise_seed() -> int:
