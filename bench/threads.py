@@ -5,9 +5,11 @@ torch's default is one intra-op thread per core. Two processes that both keep th
 12x slower on 2 cores). This bench trains the default backbone (no DP, identity task, 64 px,
 batch 64) in separate processes, ``--steps`` timed steps after a warm-up, and compares:
 
-* torch's default (one spinning OpenMP thread per core), OpenMP's passive wait policy
-  (``OMP_WAIT_POLICY=PASSIVE``: idle threads sleep instead of spinning; facefl's default, set by
-  ``workflow.threads`` before torch loads), and one thread per process;
+* torch's default (one OpenMP thread per core; an idle thread spins before it sleeps);
+* facefl's default (``common.train.threads``): each process registers and takes cores //
+  (live facefl processes) threads, rebalanced every epoch (here: every step);
+* a shorter spin (``GOMP_SPINCOUNT=1000``), OpenMP's passive wait and one thread per process,
+  the fixed alternatives;
 * each with one process alone and with two processes at once.
 
 Usage:  .venv/bin/python bench/threads.py [--steps 15]
@@ -33,6 +35,10 @@ WORKER = r"""
 import json, sys, time
 sys.path.insert(0, {root!r})
 import torch
+from common.train import threads
+if {facefl}:
+    threads.register()
+    time.sleep(2)  # both processes of a pair are registered before either one balances
 from common.config import load_config
 from common.data.cache import build_dataset
 from common.nn.build import build_identity_head, build_model, model_spec
@@ -46,6 +52,7 @@ opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-3)
 x, y = to_tensor(ds.images[:64]), torch.as_tensor(labels[:64])
 
 def step():
+    threads.balance()
     opt.zero_grad()
     loss = torch.nn.functional.cross_entropy(head(model.embed(x)), y)
     loss.backward()
@@ -60,14 +67,15 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "threads": torch.get_
 """
 
 
-SETTINGS = {"torch default": {}, "passive wait (facefl default)": {"OMP_WAIT_POLICY": "PASSIVE"},
+SETTINGS = {"torch default": {}, "facefl default": {}, "short spin": {"GOMP_SPINCOUNT": "1000"},
+            "passive wait": {"OMP_WAIT_POLICY": "PASSIVE"},
             "one thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
 
 
-def run(processes: int, env_extra: dict[str, str], steps: int) -> list[dict]:
+def run(processes: int, env_extra: dict[str, str], steps: int, facefl: bool) -> list[dict]:
     """Start ``processes`` workers at once; each one's timed seconds and thread count."""
-    code = WORKER.format(root=str(ROOT), steps=steps)
-    clean = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "FACEFL_THREADS")
+    code = WORKER.format(root=str(ROOT), steps=steps, facefl=facefl)
+    clean = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FACEFL_THREADS")
     env = {**{k: v for k, v in os.environ.items() if k not in clean}, **env_extra}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
              for _ in range(processes)]
@@ -83,7 +91,7 @@ def main() -> None:
     for name, env in SETTINGS.items():
         for processes in (1, 2):
             start = time.perf_counter()
-            results = run(processes, env, args.steps)
+            results = run(processes, env, args.steps, facefl=name == "facefl default")
             rate[name, processes] = args.steps / max(r["seconds"] for r in results)
             rows.append((name, processes, results[0]["threads"], f"{rate[name, processes]:.2f}",
                          f"{rate[name, processes] / rate['torch default', 1]:.2f}x",

@@ -1,34 +1,57 @@
-"""facefl's threading defaults (workflow.threads): OpenMP's passive wait unless the user chose,
-FACEFL_THREADS as the thread count, a bad value named; bench/threads.py measures why."""
+"""Threads shared between facefl processes (common.train.threads): a registered process alone
+keeps every core, two registered processes split them, a count the user set wins, a bad
+FACEFL_THREADS is named, and unregistered processes (tests, Ray workers) are left alone."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
-from workflow import threads
+from common.train import threads
 
 
 @pytest.fixture()
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for key in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", threads.THREADS_ENV):
+def registry(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(threads, "registry", lambda: tmp_path / "processes")
+    monkeypatch.setattr(threads, "_registered", None)
+    for key in ("OMP_NUM_THREADS", threads.THREADS_ENV):
         monkeypatch.delenv(key, raising=False)
-    return monkeypatch
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    return tmp_path / "processes"
 
 
-def test_passive_wait_by_default_and_the_users_choice_kept(clean_env: pytest.MonkeyPatch) -> None:
-    import os
+def test_unregistered_processes_are_left_alone(registry) -> None:
+    assert threads.wanted_threads() is None
 
-    threads.configure()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_NUM_THREADS" not in os.environ
-    clean_env.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    clean_env.setenv(threads.THREADS_ENV, "3")
-    threads.configure()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
-    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "3"
+
+def test_registered_processes_split_the_cores_and_dead_ones_are_forgotten(registry) -> None:
+    threads.register()
+    assert threads.wanted_threads() == 4
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (registry / str(other.pid)).touch()
+        assert threads.live_processes() == 2 and threads.wanted_threads() == 2
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+    time.sleep(0.1)
+    assert threads.wanted_threads() == 4 and not (registry / str(other.pid)).exists()
+
+
+def test_a_count_the_user_set_wins(registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads.register()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.wanted_threads() is None
+    monkeypatch.setenv(threads.THREADS_ENV, "3")
+    assert threads.wanted_threads() == 3
 
 
 @pytest.mark.parametrize("bad", ["0", "two", "-1"])
-def test_a_bad_thread_count_is_named(clean_env: pytest.MonkeyPatch, bad: str) -> None:
-    clean_env.setenv(threads.THREADS_ENV, bad)
+def test_a_bad_thread_count_is_named(registry, monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv(threads.THREADS_ENV, bad)
     with pytest.raises(ValueError, match="FACEFL_THREADS"):
-        threads.configure()
+        threads.wanted_threads()

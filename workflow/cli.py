@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workflow import threads
+from common.train import threads
 
 if TYPE_CHECKING:
     from common.config import Config
@@ -410,7 +410,8 @@ def _quiet_libraries(verbose: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        threads.configure()  # before anything imports torch
+        threads.register()
+        threads.wanted_threads()  # a bad FACEFL_THREADS fails here, not in the first epoch
     except ValueError as exc:
         print(f"facefl: error: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ from common.config import MoteConfig
 from common.mote.kde import (
     EnrollmentSet,
 )
+from common.train import threads
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +424,7 @@ def fit(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator], sou
     schedule = one_cycle_schedule(settings.lr, settings.epochs * source.steps_per_epoch)
     step = 0
     for _ in range(settings.epochs):
+        threads.balance()
         source.start_epoch()
         for s in range(source.steps_per_epoch):
             lr, beta1 = schedule[step]

@@ -29,6 +29,7 @@ from common.config import DPConfig, TrainConfig
 from common.data.dataset import FaceDataset
 from common.nn.face_model import FaceModel
 from common.nn.heads import CosineClassifier, margin_logits
+from common.train import threads
 from common.train.dp import History, accountant_history, dp_generators, make_accountant
 from common.train.fairness import fair_mixup_penalty
 from common.train.identity_dp import IdentityPoissonLoader, make_private_by_identity
@@ -118,6 +119,7 @@ class _Joint(nn.Module):
 def _batches(loader: DataLoader, epochs: int, max_seconds: float, start: float):
     """Batches of ``epochs`` passes, stopping early once ``max_seconds`` have elapsed (0 = never)."""
     for _ in range(epochs):
+        threads.balance()  # share the cores with the other facefl processes running now
         for batch in loader:
             if max_seconds and time.perf_counter() - start > max_seconds:
                 return

@@ -1,0 +1,82 @@
+"""Torch threads shared fairly between the facefl processes of one machine.
+
+torch gives every process one intra-op thread per core, and idle OpenMP threads spin. Two facefl
+processes at once (a run and an audit, two sweeps) then run twice the cores' worth of spinning
+threads and starve each other: on 2 cores each ran at 0.21-0.26x of its speed alone
+(``bench/threads.py``, bench/README.md). Spinning less, or fewer threads, cost a process alone
+25-50%. So the count follows the load instead: every ``facefl`` command registers its process in
+a per-user directory of this machine, and ``balance`` (called by the CLI and at every training
+epoch) gives each live registered process cores // processes threads. A process that did not
+register (a test, a Ray worker: the simulation gives those one thread each) is left alone, and so
+is a count the user set: ``FACEFL_THREADS=N``, or OMP_NUM_THREADS.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import tempfile
+from pathlib import Path
+
+THREADS_ENV = "FACEFL_THREADS"
+_registered: Path | None = None
+
+
+def registry() -> Path:
+    """Where the live facefl processes of this user on this machine are listed (one file each)."""
+    return Path(tempfile.gettempdir()) / f"facefl-{os.getuid()}" / "processes"
+
+
+def register() -> None:
+    """List this process in ``registry`` until it exits."""
+    global _registered
+    if _registered is not None:
+        return
+    folder = registry()
+    folder.mkdir(parents=True, exist_ok=True)
+    _registered = folder / str(os.getpid())
+    _registered.touch()
+    atexit.register(_registered.unlink, missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_processes() -> int:
+    """Registered processes still running (files of dead ones are removed)."""
+    count = 0
+    for entry in registry().glob("*"):
+        if entry.name.isdigit() and _alive(int(entry.name)):
+            count += 1
+        else:
+            entry.unlink(missing_ok=True)
+    return count
+
+
+def wanted_threads() -> int | None:
+    """The thread count this process should use now; None to leave torch's as it is."""
+    fixed = os.environ.get(THREADS_ENV, "").strip()
+    if fixed:
+        if not fixed.isdigit() or int(fixed) < 1:
+            raise ValueError(f"{THREADS_ENV}={fixed!r}: expected a positive integer (torch threads per process)")
+        return int(fixed)
+    if _registered is None or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 1) // max(1, live_processes()))
+
+
+def balance() -> None:
+    """Set torch's intra-op threads to ``wanted_threads`` (cheap: a directory listing)."""
+    threads = wanted_threads()
+    if threads is not None:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
