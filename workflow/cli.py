@@ -333,8 +333,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                        demo_summary(run.path)))
     print(demo_headline(run.path))
     if args.quick:
-        print("demo --quick is a smoke test: a federation too small to learn; its verification and attribute numbers sit at "
-              "nothing; run `facefl demo` for results")
+        print("demo --quick is a smoke test: a federation too small to learn; its verification and attribute numbers "
+              "sit at chance and mean nothing; run `facefl demo` for results")
     print(format_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in result.timings.items()]
                        + [("total", f"{sum(result.timings.values()):.1f}")]))
     print(f"report: {result.report}\nrun directory: {run.path}")

@@ -131,5 +131,6 @@ def demo_headline(run_dir: Path) -> str:
     top = max(attacks, key=lambda a: a.ci("auc")[0])
     verdict = ("clearly above chance (AUC 0.5)" if top.ci("auc")[0] > 0.5
                else "not distinguishable from chance (its interval covers AUC 0.5)")
+    subject = (" (a template's references are its subject: no DP in facefl protects them)" if top.kind.mote else "")
     return (f"Headline: the strongest membership signal is {top.label}, AUC {with_ci(top.auc, top.ci('auc'))}, "
-            f"{verdict}; {budget}.")
+            f"{verdict}{subject}; {budget}.")
