@@ -39,7 +39,8 @@ def register() -> None:
     atexit.register(_registered.unlink, missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id exists (possibly another user's, possibly a zombie)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -53,7 +54,7 @@ def live_processes() -> int:
     """Registered processes still running (files of dead ones are removed)."""
     count = 0
     for entry in registry().glob("*"):
-        if entry.name.isdigit() and _alive(int(entry.name)):
+        if entry.name.isdigit() and process_exists(int(entry.name)):
             count += 1
         else:
             entry.unlink(missing_ok=True)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from common.train.threads import process_exists
+
 LOOPBACK = "127.0.0.1"
 TAG_VAR = "FACEFL_DEPLOY_TAG"
 OPEN_AUDIT_DIR = Path(__file__).resolve().parents[1] / "open_audit"  # holds the test-only sitecustomize.py
@@ -69,12 +71,8 @@ def _pids() -> list[int]:
 def alive(pid: int) -> bool:
     """True while the process exists and is not a zombie (zombies hold no resources and are
     reaped by their parent or init)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_exists(pid):
         return False
-    except PermissionError:
-        return True
     st = _stat(pid)
     return st is not None and st[0] not in ("Z", "X")
 
