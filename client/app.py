@@ -28,6 +28,7 @@ from client.local import (
     local_data,
     local_train,
     mote_noise_seed,
+    update_digest,
 )
 from common import wire
 from common.config import Config
@@ -63,8 +64,7 @@ def _restore_state(msg: Message, context: Context, partition: int,
     run = msg.content.config_records.get(wire.RUN_RECORD)
     if run is None:  # a server that sends no run key: state lives in memory only
         return _load_state(context), None
-    root = str(context.node_config.get(CLIENT_STATE_NODE_CONFIG) or os.environ.get(CLIENT_STATE_ENV, ""))
-    store = StateStore.for_client(root, str(run[wire.RUN_KEY]), partition) if root else None
+    store = _state_store(msg, context, partition)
     if PRIVACY_KEY in context.state.config_records:
         return _load_state(context), store
     saved = store.latest_before(server_round) if store is not None else None
@@ -78,6 +78,16 @@ def _restore_state(msg: Message, context: Context, partition: int,
                          f"{run[wire.RUN_KEY]}, but this node holds no state of that round or later ({where}); it cannot "
                          "go on without the identity head and DP history of those rounds")
     return ClientState(), store
+
+
+def _state_store(msg: Message, context: Context, partition: int) -> StateStore | None:
+    """This client's node-local store for the message's run; None without a run key or a state
+    directory (node config ``state-dir``, or the simulation's environment)."""
+    run = msg.content.config_records.get(wire.RUN_RECORD)
+    root = str(context.node_config.get(CLIENT_STATE_NODE_CONFIG) or os.environ.get(CLIENT_STATE_ENV, ""))
+    if run is None or not root:
+        return None
+    return StateStore.for_client(root, str(run[wire.RUN_KEY]), partition)
 
 
 def _allows_reproducible_noise(context: Context) -> bool:
@@ -133,9 +143,14 @@ def enroll(msg: Message, context: Context) -> Message:
     global_state, _ = _global_model(msg, context, cfg)
     model = build_model(model_spec(cfg), cfg.seed)
     model.load_state_dict(global_state)
-    noise_seed = mote_noise_seed(cfg, partition, _allows_reproducible_noise(context))
+    store = _state_store(msg, context, partition)
+    noise_seed = mote_noise_seed(cfg, partition, _allows_reproducible_noise(context),
+                                 store.mote_seed() if store is not None else None)
     galleries, info = enroll_client(cfg, build_dataset(cfg), model, partition, derived_seed(cfg.seed, 0xE4, partition),
                                     noise_seed)
+    if "privacy" in info and store is not None and noise_seed is not None:
+        digest = update_digest({f"{i}/{name}": t for i, g in enumerate(galleries) for name, t in g.params.items()})
+        info["privacy"]["releases"] = store.record_mote_release(noise_seed, digest)
     content = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, "identities": len(galleries[0])}),
                           wire.MOTE_INFO: ConfigRecord({"json": json.dumps(info)})})
     for i, gallery in enumerate(galleries):

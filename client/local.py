@@ -27,7 +27,8 @@ from common.data.cache import build_dataset
 from common.data.dataset import GENDER_NAMES, FaceDataset
 from common.nn.build import build_identity_head, build_model, model_spec
 from common.nn.checkpoint import load_checkpoint, save_checkpoint
-from common.runs.layout import CLIENT_STATE_FILE, client_state_dir, client_state_file
+from common.runs.io import atomic_write_json, read_json
+from common.runs.layout import CLIENT_MOTE_FILE, CLIENT_STATE_FILE, client_state_dir, client_state_file
 from common.split.build import build_manifest
 from common.train.dp import (
     History,
@@ -190,6 +191,26 @@ class StateStore:
         for r in before[:-1]:
             self.path(r).unlink(missing_ok=True)
 
+    def mote_seed(self) -> int | None:
+        """The secret MOTE noise seed this client used when it enrolled in this run before, if it did."""
+        path = self.directory / CLIENT_MOTE_FILE
+        return int(read_json(path)["noise_seed"]) if path.is_file() else None
+
+    def record_mote_release(self, noise_seed: int, digest: str) -> int:
+        """Persist the MOTE seed and the digest of the galleries just released; returns how many
+        different releases this client made in this run. An enrollment re-sent after a server
+        crash reuses the seed (``mote_seed``), so it releases the same galleries, which tell
+        nothing new and cost nothing (the digest shows it); a different release is a second use
+        of the mechanism, and the ledger charges every one."""
+        path = self.directory / CLIENT_MOTE_FILE
+        released = [str(d) for d in read_json(path)["released"]] if path.is_file() else []
+        if digest not in released:
+            released.append(digest)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"run_key": self.run_key, "partition": self.partition, "noise_seed": noise_seed,
+                                 "released": released})
+        return len(released)
+
     def noise_seed(self, server_round: int) -> int | None:
         """The secret noise seed this client used when it trained ``server_round`` before, if it did."""
         return self.load(server_round).noise_seed if server_round in self.rounds() else None
@@ -289,15 +310,16 @@ def noise_seed_for(cfg: Config, partition: int, server_round: int, store: StateS
     return fresh_noise_seed() if earlier is None else earlier
 
 
-def mote_noise_seed(cfg: Config, partition: int, allow_reproducible: bool) -> int | None:
-    """The seed of this client's MOTE DP noise and record sampling (None without MOTE DP): fresh
-    OS entropy, or, under ``dp.reproducible_noise`` (if allowed), derived from the run seed."""
+def mote_noise_seed(cfg: Config, partition: int, allow_reproducible: bool, earlier: int | None = None) -> int | None:
+    """The seed of this client's MOTE DP noise and record sampling (None without MOTE DP): the
+    secret it used for this run before (``earlier``), else fresh OS entropy; under
+    ``dp.reproducible_noise`` (if allowed), derived from the run seed."""
     if not cfg.mote.dp_enabled():
         return None
     if cfg.dp.reproducible_noise:
         _refuse_reproducible_unless(allow_reproducible, partition)
         return derived_seed(cfg.seed, partition, 0xE5)
-    return fresh_noise_seed()
+    return fresh_noise_seed() if earlier is None else earlier
 
 
 def _refuse_reproducible_unless(allowed: bool, partition: int) -> None:

@@ -48,6 +48,12 @@ RUN_KEY = "run-key"
 LAST_ROUND = "last-round"
 
 
+def run_record(run_key: str, last_round: int) -> ConfigRecord:
+    """Which run a message belongs to (the client's key for its node-local state) and the last
+    round the server accepted this client's update in."""
+    return ConfigRecord({RUN_KEY: run_key, LAST_ROUND: last_round})
+
+
 def config_record(cfg: Config, server_round: int) -> ConfigRecord:
     rec = ConfigRecord(cfg.to_flat())
     rec[ROUND] = server_round

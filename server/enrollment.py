@@ -41,6 +41,7 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
     privacy ledger; returns a summary for metrics.jsonl."""
     start = time.perf_counter()
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, cfg.federation.rounds),
+                          wire.RUN_RECORD: wire.run_record(run.path.name, cfg.federation.rounds),
                           **strategy.model_content(global_record)})
     partitions = strategy.partitions
     messages = [Message(content, node, "query.enroll") for _, node in sorted(partitions.items())]

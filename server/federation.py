@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
@@ -296,8 +296,7 @@ def _with_run_record(msg: Message, run_key: str, last_round: int) -> Message:
     """Tell the client which run this is (its key for node-local state) and the last round the
     server accepted its update in (the state it must restore when it has none in memory).
     Changes ``msg`` in place: the strategy matches replies to the very Message objects it made."""
-    msg.content = RecordDict({**dict(msg.content.items()),
-                              wire.RUN_RECORD: ConfigRecord({wire.RUN_KEY: run_key, wire.LAST_ROUND: last_round})})
+    msg.content = RecordDict({**dict(msg.content.items()), wire.RUN_RECORD: wire.run_record(run_key, last_round)})
     return msg
 
 

@@ -91,21 +91,24 @@ class PrivacyLedger:
 
     def record_mote(self, partition: int, reported: dict[str, Any]) -> dict[str, Any]:
         """One client's MOTE enrollment under DP (``common.mote.private``): its mechanism as
-        reported, with both epsilons recomputed here from (sigma, q, steps of all galleries)."""
+        reported, with both epsilons recomputed here from (sigma, q, steps of all galleries, times
+        the different releases the client made: an enrollment re-sent after a crash that released
+        other galleries is charged again)."""
         try:
             sigma, q = float(reported["noise_multiplier"]), float(reported["sample_rate"])
             per_gallery, galleries = int(reported["steps_per_gallery"]), int(reported["galleries"])
+            releases = int(reported.get("releases", 1))
             unit = str(reported["unit"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"client {partition}: malformed MOTE privacy report ({type(exc).__name__}: {exc})") from None
-        if unit not in UNITS or not (sigma > 0 and 0 < q <= 1 and per_gallery > 0 and galleries > 0):
+        if unit not in UNITS or not (sigma > 0 and 0 < q <= 1 and per_gallery > 0 and galleries > 0 and releases > 0):
             raise ValueError(f"client {partition}: MOTE privacy report out of range (unit {unit!r}, sigma {sigma}, "
-                             f"q {q}, {per_gallery} steps x {galleries} galleries)")
-        history: History = [(sigma, q, per_gallery * galleries)]
+                             f"q {q}, {per_gallery} steps x {galleries} galleries x {releases} releases)")
+        history: History = [(sigma, q, per_gallery * galleries * releases)]
         one: History = [(sigma, q, per_gallery)]
         entry = {**{k: v for k, v in reported.items() if k not in ("history", "delta", "unit_description")},
                  "unit": reported.get("unit_description", unit), "delta": self.delta, "history": history,
-                 "steps": per_gallery * galleries,
+                 "releases": releases, "steps": per_gallery * galleries * releases,
                  "epsilon_rdp": spent_epsilon("rdp", history, self.delta),
                  "epsilon_prv": spent_epsilon("prv", history, self.delta),
                  "epsilon_per_gallery": spent_epsilon(self.accountant, one, self.delta)}

@@ -135,6 +135,9 @@ def test_ledger_epsilon_equals_dp_accounting_and_the_target(unit: str) -> None:
     assert entry["epsilon_per_gallery"] < entry["epsilon"]
     assert entry["epsilon_prv"] == pytest.approx(entry["epsilon_rdp"], rel=0.3)
     assert ("impostor record" in entry["unit"]) and ("person" in entry["unit"]) == (unit == "identity")
+    twice = ledger.record_mote(1, {**mech.ledger(False, [7, 9]), "releases": 2})
+    assert twice["steps"] == 2 * steps and twice["epsilon_rdp"] == pytest.approx(
+        _dp_accounting_epsilon(mech.noise_multiplier, mech.sample_rate, 2 * steps), abs=1e-3)
     back = PrivacyLedger.from_json(ledger.to_json(), "privacy.json")
     assert back.mote[0]["epsilon"] == entry["epsilon"] and "impostor record" in ledger.to_json()["mote"]["guarantee"]
 
@@ -225,6 +228,19 @@ def test_public_impostors_use_no_private_image_but_the_references(population: st
     assert info["impostors"] == population and info["kde"]["population"] == ("public" if same else "members")
 
 
+def test_a_re_sent_enrollment_reuses_the_secret_and_a_different_release_is_counted(tmp_path) -> None:
+    from client.local import StateStore, mote_noise_seed
+
+    store = StateStore.for_client(tmp_path, "run-1", 0)
+    assert store.mote_seed() is None
+    cfg = load_config(None, ["mote.dp_target_epsilon=4"])
+    seed = mote_noise_seed(cfg, 0, False, store.mote_seed())
+    assert store.record_mote_release(seed, "a" * 64) == 1
+    assert mote_noise_seed(cfg, 0, False, store.mote_seed()) == seed  # the enrollment is sent again
+    assert store.record_mote_release(seed, "a" * 64) == 1  # same galleries: nothing new released
+    assert store.record_mote_release(seed, "b" * 64) == 2  # other galleries: a second release
+
+
 def test_config_refuses_mote_dp_with_private_kdes_or_without_public_data() -> None:
     cfg = load_config(None, ["mote.dp_target_epsilon=4"])
     assert cfg.mote.dp_enabled() and cfg.mote.kde_source() == "public"
@@ -263,6 +279,7 @@ def test_a_federation_enrolls_under_mote_dp_and_the_server_ledgers_it(tmp_path_f
         want = _dp_accounting_epsilon(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
         assert entry["epsilon_rdp"] == pytest.approx(want, abs=1e-3)
         assert all(0 < s <= entry["steps_per_gallery"] for s in entry["steps_taken"])
+        assert entry["releases"] == 1  # recorded in the client's state directory
     enrollment = json.loads(run.mote_enrollment_path.read_text())
     assert [c["kde"]["population"] for c in enrollment["per_client"]] == ["public", "public"]
     enrolled = [e for e in run.read_metrics() if e.get("event") == "enroll"][-1]

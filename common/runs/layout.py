@@ -111,6 +111,7 @@ def reference_model_file(index: int) -> str:
 # ------------------------------------------------------------------ node-local client state
 CLIENT_STATE_DEFAULT = "client-state"  # the simulation's state root, under the data cache
 CLIENT_STATE_FILE = re.compile(r"round-(\d+)" + re.escape(CHECKPOINT_SUFFIX))
+CLIENT_MOTE_FILE = "mote.json"  # a client's MOTE DP noise seed and the digests of its releases
 
 
 def client_state_dir(partition: int) -> str:
