@@ -14,11 +14,23 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _single_torch_thread() -> None:
-    """Other processes share the 2 cores: avoid oversubscribing them with intra-op threads."""
+def _single_torch_thread() -> Iterator[None]:
+    """Other processes share the 2 cores: avoid oversubscribing them with intra-op threads. Tests
+    that call the ``facefl`` entry point in this process register it as a facefl process, whose
+    thread count would then follow the load (``common.train.threads``): FACEFL_THREADS pins it to
+    the same one thread, which the bit-for-bit replays of client training in this process need."""
     import torch
 
+    from common.train.threads import THREADS_ENV
+
     torch.set_num_threads(1)
+    old = os.environ.get(THREADS_ENV)
+    os.environ[THREADS_ENV] = "1"
+    yield
+    if old is None:
+        os.environ.pop(THREADS_ENV, None)
+    else:
+        os.environ[THREADS_ENV] = old
 
 
 @pytest.fixture(scope="session", autouse=True)

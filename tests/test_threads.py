@@ -18,6 +18,7 @@ from common.train import threads
 def registry(tmp_path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(threads, "registry", lambda: tmp_path / "processes")
     monkeypatch.setattr(threads, "_registered", None)
+    monkeypatch.setattr(threads, "_assigned", None)
     for key in ("OMP_NUM_THREADS", threads.THREADS_ENV):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
@@ -55,3 +56,18 @@ def test_a_bad_thread_count_is_named(registry, monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv(threads.THREADS_ENV, bad)
     with pytest.raises(ValueError, match="FACEFL_THREADS"):
         threads.wanted_threads()
+
+
+def test_balance_follows_the_load_but_a_count_the_program_set_wins(registry) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        threads.register()
+        threads.balance()
+        assert torch.get_num_threads() == 4  # alone: every (pretended) core
+        torch.set_num_threads(1)  # e.g. a test that replays single-threaded training
+        threads.balance()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

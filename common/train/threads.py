@@ -2,13 +2,13 @@
 
 torch gives every process one intra-op thread per core, and idle OpenMP threads spin. Two facefl
 processes at once (a run and an audit, two sweeps) then run twice the cores' worth of spinning
-threads and starve each other: on 2 cores each ran at 0.21-0.26x of its speed alone
+threads and starve each other: on 2 cores each ran at 0.20-0.26x of its speed alone
 (``bench/threads.py``, bench/README.md). Spinning less, or fewer threads, cost a process alone
-25-50%. So the count follows the load instead: every ``facefl`` command registers its process in
-a per-user directory of this machine, and ``balance`` (called by the CLI and at every training
-epoch) gives each live registered process cores // processes threads. A process that did not
-register (a test, a Ray worker: the simulation gives those one thread each) is left alone, and so
-is a count the user set: ``FACEFL_THREADS=N``, or OMP_NUM_THREADS.
+13-50%. So the count follows the load instead: every ``facefl`` command registers its process in
+a per-user directory of this machine, and ``balance`` (called at every training epoch) gives each
+live registered process cores // processes threads. A process that did not register (a test, a
+Ray worker: the simulation gives those one thread each) is left alone, and so is a count the user
+set (``FACEFL_THREADS=N``, or OMP_NUM_THREADS) or the program set itself since the last balance.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 THREADS_ENV = "FACEFL_THREADS"
 _registered: Path | None = None
+_assigned: int | None = None  # the count ``balance`` set last
 
 
 def registry() -> Path:
@@ -74,10 +75,17 @@ def wanted_threads() -> int | None:
 
 
 def balance() -> None:
-    """Set torch's intra-op threads to ``wanted_threads`` (cheap: a directory listing)."""
+    """Set torch's intra-op threads to ``wanted_threads`` (cheap: a directory listing), unless
+    the program set its own count since the last balance (``torch.set_num_threads``): that wins."""
+    global _assigned
     threads = wanted_threads()
-    if threads is not None:
-        import torch
+    if threads is None:
+        return
+    import torch
 
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    current = torch.get_num_threads()
+    if _assigned is not None and current != _assigned:
+        return
+    if current != threads:
+        torch.set_num_threads(threads)
+    _assigned = threads
