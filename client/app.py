@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import update_console_handler
 
 from client.he_client import Encryption, decode_global, encode_update, secret_context
 from client.local import (
@@ -38,6 +40,9 @@ from common.nn.build import build_model, model_spec
 from common.runs.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
 
 log = logging.getLogger(__name__)
+# This process's Flower log lines (a Ray worker's pipe in simulation, a SuperNode's log or
+# terminal in deployment) carry ANSI colours only where they reach a terminal.
+update_console_handler(colored=sys.stderr.isatty())
 
 HEAD_KEY = "identity-head"
 PRIVACY_KEY = "privacy"

@@ -83,8 +83,8 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 def _simulate(cfg: Config, run: RunDir, progress: bool, he_secret: Path | None, resume: bool) -> dict[str, Any]:
     # The engine behind both `flwr run` (flwr.simulation.app) and the deprecated Python wrapper
     # run_simulation, which only adds a deprecation warning; flwr is pinned (requirements.lock).
+    from flwr.common.logger import update_console_handler
     from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.logger import update_console_handler
     from flwr.supercore.telemetry import EventType
 
     update_console_handler(colored=sys.stderr.isatty())  # Flower's log lines carry ANSI colours by default
