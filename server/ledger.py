@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.mote.private import RECORD_UNITS
 from common.runs.io import atomic_write_json
 from common.train.dp import History, spent_epsilon, total_steps
 from common.train.identity_dp import group_privacy
@@ -101,13 +102,12 @@ class PrivacyLedger:
             unit = str(reported["unit"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"client {partition}: malformed MOTE privacy report ({type(exc).__name__}: {exc})") from None
-        if unit not in UNITS or not (sigma > 0 and 0 < q <= 1 and per_gallery > 0 and galleries > 0 and releases > 0):
+        if unit not in RECORD_UNITS or not (sigma > 0 and 0 < q <= 1 and per_gallery > 0 and galleries > 0 and releases > 0):
             raise ValueError(f"client {partition}: MOTE privacy report out of range (unit {unit!r}, sigma {sigma}, "
                              f"q {q}, {per_gallery} steps x {galleries} galleries x {releases} releases)")
         history: History = [(sigma, q, per_gallery * galleries * releases)]
         one: History = [(sigma, q, per_gallery)]
-        entry = {**{k: v for k, v in reported.items() if k not in ("history", "delta", "unit_description")},
-                 "unit": reported.get("unit_description", unit), "delta": self.delta, "history": history,
+        entry = {**reported, "unit": RECORD_UNITS[unit], "delta": self.delta, "history": history,
                  "releases": releases, "steps": per_gallery * galleries * releases,
                  "epsilon_rdp": spent_epsilon("rdp", history, self.delta),
                  "epsilon_prv": spent_epsilon("prv", history, self.delta),

@@ -18,7 +18,7 @@ from common.mote.enrollment import client_references, enrolling_client, kde_popu
 from common.mote.kde import GenderKDE
 from common.split.build import build_manifest
 from common.split.manifest import Manifest
-from common.train.pretraining import public_population
+from common.train.pretraining import public_labels
 
 
 def check_inputs(cfg: Config) -> Manifest:
@@ -40,8 +40,7 @@ def _check_enrollment(cfg: Config, ds: FaceDataset, manifest: Manifest) -> None:
     owner = enrolling_client(manifest, ds)
     source = cfg.mote.kde_source()
     if source == "public":
-        public = public_population(cfg)
-        GenderKDE.check_population(public.identity, public.gender)
+        GenderKDE.check_population(*public_labels(cfg))
     for client in range(manifest.num_clients):
         refs = client_references(manifest, ds, cfg, client, owner)
         if not refs:

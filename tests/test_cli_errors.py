@@ -89,3 +89,15 @@ def test_report_of_a_damaged_run_names_the_damage_and_exits_non_zero(tmp_path, c
     page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
     assert "training did not start" not in page and "no round finished" not in page
     assert page.count("the run directory is damaged") >= 2
+
+
+def test_the_preflight_reads_the_public_labels_without_rendering_the_population() -> None:
+    import numpy as np
+
+    from common.train.pretraining import public_labels, public_population
+
+    cfg = load_config(None, ["data.image_size=32", "pretrain.identities=12", "pretrain.images_per_identity=3"])
+    public = public_population(cfg)
+    identity, gender = public_labels(cfg)
+    np.testing.assert_array_equal(identity, public.identity)
+    np.testing.assert_array_equal(gender, public.gender)

@@ -320,6 +320,7 @@ def _cmd_keys_decrypt(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from common.report.tables import format_table
+    from common.runs.results import RunResults
     from workflow.demo import demo_headline, demo_summary, run_demo
     from workflow.pipeline import StageFailed
 
@@ -329,9 +330,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"facefl: error: demo stage {exc} (see the report in {args.out})", file=sys.stderr)
         return 1
     run = result.pipeline.run
-    print(format_table(("result", "value ([a, b]: 95% bootstrap interval; AUC 0.5 = chance)"),
-                       demo_summary(run.path)))
-    print(demo_headline(run.path))
+    results = RunResults.load(run.path)
+    print(format_table(("result", "value ([a, b]: 95% bootstrap interval; AUC 0.5 = chance)"), demo_summary(results)))
+    print(demo_headline(results))
     if args.quick:
         print("demo --quick is a smoke test: a federation too small to learn; its verification and attribute numbers "
               "sit at chance and mean nothing; run `facefl demo` for results")
@@ -375,16 +376,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from common.report.html import write_report
     from common.runs import layout
     from common.runs.results import RunResults
+    from common.runs.rundir import RunDir, RunNotFinished
 
     results = RunResults.load(args.run_dir)
-    print(f"wrote {write_report(args.run_dir)}")
-    status = results.status
-    unfinished = {"failed": f"the run failed: {status.error if status else ''}",
-                  "running": "the run has not finished (still running, or killed: `facefl run --resume` continues it)",
-                  "missing": f"the run never started (no {layout.STATUS})"}
-    state = status.status if status is not None else ("missing" if not results.problem_with(layout.STATUS) else "")
-    reasons = [*results.problems, *([unfinished.get(state, f"status {state!r}")] if state and state != "finished"
-                                    else [])]
+    print(f"wrote {write_report(results)}")
+    reasons = list(results.problems)
+    if not results.problem_with(layout.STATUS):  # an unreadable status.json is among the problems already
+        try:
+            RunDir(results.path).check_finished()
+        except RunNotFinished as exc:
+            reasons.append(str(exc))
     for reason in reasons:
         print(f"facefl: error: {reason}", file=sys.stderr)
     return 1 if reasons else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.config import load_config
 from common.config.loader import preset
@@ -29,6 +30,9 @@ from workflow.pipeline import (
     Stages,
     run_pipeline,
 )
+
+if TYPE_CHECKING:
+    from common.runs.results import RunResults
 
 # Both heads, so that every attack family applies; DP-SGD at the default target epsilon.
 DEMO_TASK = ("train.task=both", "dp.mode=sample", "dp.target_epsilon=8")
@@ -85,19 +89,19 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> DemoResul
     return DemoResult(directory, directory / REPORT, result, stages.timings)
 
 
-def demo_summary(run_dir: Path) -> list[tuple[str, str]]:
+def demo_summary(r: RunResults) -> list[tuple[str, str]]:
     """The printed summary: (what, value) rows of the headline numbers, read from the run's files.
     Intervals are 95% bootstrap intervals; a TPR is shown only at an FPR the nonmembers resolve."""
     from common.report.html import fmt, with_ci
+    from common.report.tables import per_unit
     from common.runs.records import BALANCED_GALLERY, TEMPLATES, tpr_label
-    from common.runs.results import RunResults
 
-    r = RunResults.load(run_dir)
     final, he = r.final_metrics(), r.he or {}
     rows = [("verification AUC (decrypted final model)", fmt(final.get("verification_auc"))),
             (f"{r.cfg('train.attribute')} accuracy / DEO / bias amplification",
              " / ".join(fmt(final.get(f"attribute_{k}")) for k in ("accuracy", "deo_sum", "bias_amplification"))),
-            (f"epsilon spent (largest client, per {_unit(r)}, delta {r.cfg('dp.delta')})", fmt(r.epsilon())),
+            (f"epsilon spent (largest client, {per_unit(r.cfg('dp.unit'))}, delta {r.cfg('dp.delta')})",
+             fmt(r.epsilon())),
             ("what the server saw", f"{he.get('encrypted', 'n/a')} of {he.get('values', 'n/a')} values only as an "
                                     "encrypted sum" if r.cfg("he.enabled") else "plaintext updates")]
     ev = r.evaluation
@@ -112,19 +116,14 @@ def demo_summary(run_dir: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def _unit(r) -> str:
-    return "person" if r.cfg("dp.unit") == "identity" else "image"
-
-
-def demo_headline(run_dir: Path) -> str:
+def demo_headline(r: RunResults) -> str:
     """One sentence: which audited target leaks most (by the lower end of its AUC interval) and
     whether that is distinguishable from chance, next to the run's privacy budget."""
     from common.report.html import fmt, with_ci
-    from common.runs.results import RunResults
+    from common.report.tables import per_unit
 
-    r = RunResults.load(run_dir)
     attacks = [a for a in r.attacks(include_updates=False) if a.ci("auc")]
-    budget = (f"DP-SGD spent epsilon {fmt(r.epsilon())} per {_unit(r)} on the backbone" if r.dp_on()
+    budget = (f"DP-SGD spent epsilon {fmt(r.epsilon())} {per_unit(r.cfg('dp.unit'))} on the backbone" if r.dp_on()
               else "the backbone was trained without DP")
     if not attacks:
         return f"No audit to summarise; {budget}."

@@ -82,10 +82,9 @@ class Stages:
         (e.g. the server's public pretraining inside the federated training stage)."""
         if seconds <= 0 or name not in self.timings:
             return
-        total = self.timings.pop(name)
-        rest = {k: v for k, v in self.timings.items()}
-        self.timings.clear()
-        self.timings.update({**rest, part: seconds, name: total - seconds})
+        total = self.timings.pop(name)  # the stage just ended: it is last, and ``part`` goes before it
+        self.timings[part] = seconds
+        self.timings[name] = total - seconds
 
 
 def evaluate_run(run_dir: Path) -> tuple[MoteEvaluation, list[str], list[tuple]]:

@@ -100,37 +100,29 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
         return np.stack([emb[p] for p in pos.tolist()])
 
     public = public_embeddings(cfg, model) if "public" in (source, settings.impostor_population) else None
-    if public is not None:
-        kde = GenderKDE.fit(*public, seed=seed)
-        kde_samples = int(public[0].shape[0])
-    else:
-        kde = GenderKDE.fit(rows(kde_pos), ds.identity[kde_pos], ds.gender[kde_pos], seed=seed)
-        kde_samples = int(kde_pos.size)
+    kde_data = public if source == "public" else (rows(kde_pos), ds.identity[kde_pos], ds.gender[kde_pos])
+    kde = GenderKDE.fit(*kde_data, seed=seed)
     factors = settings.balancing_factors
-    info: dict[str, Any] = {}
+    private, extra = None, {}
     if settings.dp_enabled():
-        assert public is not None  # Config.validate: MOTE DP fits its KDEs on the public population
         record_pos = own[~np.isin(own, ref_pos)]  # sample order; the references are the templates' subjects
         records = ImpostorRecords.build(rows(record_pos), ds.identity[record_pos], cfg.dp.unit,
                                         cfg.dp.max_images_per_identity)
-        mechanism = plan(records, settings, cfg.dp, len(factors))
-        private = PrivateRun(records, mechanism, *dp_generators(noise_seed))
-        galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, public[0], public[1], b, seed, settings, private)
-                     for b in factors]
-        info["privacy"] = mechanism.ledger(cfg.dp.reproducible_noise, [g.info["steps"] for g in galleries])
-    elif settings.impostor_population == "public":
-        assert public is not None  # computed whenever the impostors are public
-        galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, public[0], public[1], b, seed, settings)
-                     for b in factors]
+        private = PrivateRun(records, plan(records, settings, cfg.dp, len(factors)), *dp_generators(noise_seed))
+    if private is not None or settings.impostor_population == "public":
+        assert public is not None  # computed for public impostors, and MOTE DP fits its KDEs on public data
+        pool = public[:2]
     else:
-        galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, rows(own), ds.identity[own], b, seed, settings)
-                     for b in factors]
+        pool = rows(own), ds.identity[own]
+    galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, *pool, b, seed, settings, private) for b in factors]
+    if private is not None:
+        extra["privacy"] = private.mechanism.ledger(cfg.dp.reproducible_noise, [g.info["steps"] for g in galleries])
     info = {"client": client, "identities": sorted(refs), "references": {str(i): ds.sample_ids[p].tolist()
                                                                          for i, p in refs.items()},
-            "impostors": "public" if settings.impostor_population == "public" else "members",
-            "kde": {"population": source, "samples": kde_samples,
+            "impostors": settings.impostor_population,
+            "kde": {"population": source, "samples": int(kde_data[0].shape[0]),
                     "bandwidth_male": float(kde.male.bandwidth_), "bandwidth_female": float(kde.female.bandwidth_)},
             "settings": dataclasses.asdict(settings),
             "epochs": {str(b): float(np.mean(g.info["epochs"])) for b, g in zip(factors, galleries, strict=True)},
-            **info}
+            **extra}
     return galleries, info

@@ -23,13 +23,13 @@ from common.mote.kde import (
 from common.mote.networks import (
     HIDDEN,
     PARAM_NAMES,
+    IndependentSteps,
     TrainResult,
     fit,
     identity_streams,
     param_shapes,
     parameter_count,
     public_stream,
-    train_models,
 )
 from common.mote.private import PrivateRun
 from common.nn.checkpoint import load_checkpoint, save_checkpoint
@@ -236,10 +236,9 @@ def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: Gende
                                              val_fraction=settings.val_fraction))
             init_gens.append(init_gen)
             train_gens.append(train_gen)
-        if private is None:
-            parts.append(train_models(sets, init_gens, train_gens, settings))
-        else:
-            parts.append(fit(sets, init_gens, private.source(ids, settings, public_stream(seed, b)), settings))
+        source = (IndependentSteps(train_gens, settings) if private is None
+                  else private.source(ids, settings, public_stream(seed, b)))
+        parts.append(fit(sets, init_gens, source, settings))
     params = {n: torch.cat([r.params[n] for r in parts]) for n in PARAM_NAMES}
     epochs = np.concatenate([r.epochs for r in parts])
     log.info("MOTE: enrolled %d identities in %.1f s (mean %.1f epochs)", ids.size, time.perf_counter() - start,

@@ -355,8 +355,6 @@ class StepSource(Protocol):
 
     steps_per_epoch: int
 
-    def start_epoch(self) -> None: ...
-
     def grads(self, p: dict[str, torch.Tensor], data: Stack, step: int) -> torch.Tensor:
         """(k, P) gradient of the identities in ``data`` at the epoch's ``step``-th step."""
         ...
@@ -368,7 +366,8 @@ class StepSource(Protocol):
 
 class IndependentSteps:
     """Each identity draws its batches and dropout from its own generator, a whole epoch at a time
-    in a fixed order, so that its stream never depends on which identities share the stack."""
+    (at the epoch's first step) in a fixed order, so that its stream never depends on which
+    identities share the stack."""
 
     def __init__(self, gens: Sequence[torch.Generator], settings: MoteConfig) -> None:
         self.gens = list(gens)
@@ -378,7 +377,7 @@ class IndependentSteps:
         self._y = torch.cat([torch.ones(half), torch.zeros(half)])
         self._picks = self._bytes = torch.empty(0)
 
-    def start_epoch(self) -> None:
+    def _draw_epoch(self) -> None:
         k, steps, batch, hidden = len(self.gens), self.steps_per_epoch, self.settings.batch_size, sum(HIDDEN)
         self._picks = torch.empty(k, steps, batch)
         self._bytes = torch.empty(k, steps * batch * hidden, dtype=torch.uint8)
@@ -388,6 +387,8 @@ class IndependentSteps:
         self._bytes = self._bytes.view(k, steps, batch, hidden)
 
     def grads(self, p: dict[str, torch.Tensor], data: Stack, step: int) -> torch.Tensor:
+        if step == 0:
+            self._draw_epoch()
         m1, m2 = dropout_masks(self._bytes[:, step], self.settings.dropout)
         x = data.batch(self._picks[:, step], self.settings.batch_size // 2)
         return flatten(gradients(p, x, self._y, m1, m2))
@@ -413,7 +414,6 @@ def fit(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator], sou
     ``source``; Adam on a one-cycle schedule; an identity whose validation loss stopped improving
     leaves the stack with its best-validation weights (see the module docstring)."""
     k, dim = len(sets), sets[0].genuine_train.shape[1]
-    n_params = parameter_count(dim)
     adam = StackedAdam(torch.stack([_init_params(gen, dim) for gen in init_gens]), settings.weight_decay)
     best = adam.params.clone()
     best_loss = torch.full((k,), math.inf)
@@ -425,12 +425,10 @@ def fit(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator], sou
     step = 0
     for _ in range(settings.epochs):
         threads.balance()
-        source.start_epoch()
         for s in range(source.steps_per_epoch):
             lr, beta1 = schedule[step]
             step += 1
-            grads = source.grads(unflatten(adam.params, dim), data, s)
-            adam.step(F.pad(grads[:, :n_params], (0, adam.padded_width - n_params)), lr, beta1)
+            adam.step(source.grads(unflatten(adam.params, dim), data, s), lr, beta1)
         epochs[active] += 1
         params = adam.params
         loss = data.val_loss(unflatten(params, dim))
@@ -449,8 +447,3 @@ def fit(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator], sou
     return TrainResult({n: t.clone() for n, t in unflatten(best, dim).items()}, epochs.numpy(), best_loss.numpy(),
                        step)
 
-
-def train_models(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator],
-                 train_gens: Sequence[torch.Generator], settings: MoteConfig) -> TrainResult:
-    """Train one model template per enrollment set, each identity independent of the others."""
-    return fit(sets, init_gens, IndependentSteps(train_gens, settings), settings)

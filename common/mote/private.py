@@ -54,7 +54,7 @@ from common.mote.networks import (
     flatten,
     random_bytes,
 )
-from common.train.dp import History, calibrate_noise, spent_epsilon
+from common.train.dp import calibrate_noise
 
 RECORD_UNITS = {"sample": "impostor record = one image (embedding) of the enrollment population",
                 "identity": "impostor record = one person of the enrollment population, all of their images"}
@@ -111,18 +111,12 @@ class MoteMechanism:
     def steps_per_gallery(self) -> int:
         return self.epochs * self.steps_per_epoch
 
-    def history(self) -> History:
-        """Every step the client's galleries may take, as an accountant history."""
-        return [(self.noise_multiplier, self.sample_rate, self.steps_per_gallery * self.galleries)]
-
     def ledger(self, reproducible_noise: bool, steps_taken: Sequence[int]) -> dict[str, Any]:
-        """What the client reports; the server recomputes the epsilons from ``history``."""
-        return {"unit": self.unit, "unit_description": RECORD_UNITS[self.unit],
-                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
+        """What the client reports; the server derives the history, delta and epsilons from it."""
+        return {"unit": self.unit, "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
                 "sample_rate": self.sample_rate, "steps_per_gallery": self.steps_per_gallery,
                 "galleries": self.galleries, "records": self.records, "public_rows_per_step": self.public_rows,
-                "steps_taken": list(map(int, steps_taken)), "delta": self.delta, "history": self.history(),
-                "reproducible_noise": reproducible_noise}
+                "steps_taken": list(map(int, steps_taken)), "reproducible_noise": reproducible_noise}
 
 
 def plan(records: ImpostorRecords, settings: MoteConfig, dp: DPConfig, galleries: int) -> MoteMechanism:
@@ -147,11 +141,6 @@ def plan(records: ImpostorRecords, settings: MoteConfig, dp: DPConfig, galleries
         sigma = settings.dp_noise_multiplier
     return MoteMechanism(records.unit, float(sigma), settings.dp_max_grad_norm, q, per_epoch, settings.epochs,
                          galleries, records.count, public_rows, dp.delta)
-
-
-def epsilons(history: History, delta: float) -> dict[str, float]:
-    """Epsilon of ``history`` with both accountants."""
-    return {"epsilon_rdp": spent_epsilon("rdp", history, delta), "epsilon_prv": spent_epsilon("prv", history, delta)}
 
 
 def record_weights(bp_records: Backprop, same: torch.Tensor, own: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -181,10 +170,6 @@ class PrivateSteps:
         self.settings = settings
         self.noise_gen, self.sampler_gen, self.public_gen = noise_gen, sampler_gen, public_gen
         self.steps_per_epoch = mechanism.steps_per_epoch
-        self.sampled_rows: list[int] = []
-
-    def start_epoch(self) -> None:
-        pass
 
     def sample(self) -> torch.Tensor:
         """Row indices of this step's records: each record in with probability q, all its rows or none."""
@@ -194,7 +179,6 @@ class PrivateSteps:
     def grads(self, p: dict[str, torch.Tensor], data: Stack, step: int) -> torch.Tensor:
         k, half, n_pub = self.identities.numel(), self.settings.batch_size // 2, self.mech.public_rows
         rows = self.sample()
-        self.sampled_rows.append(int(rows.numel()))
         n = rows.numel()
         x_pub = data.batch(torch.rand(k, half + n_pub, generator=self.public_gen), half)
         x = torch.cat([x_pub, self.rows[rows].unsqueeze(0).expand(k, n, -1)], dim=1)

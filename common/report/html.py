@@ -416,7 +416,8 @@ def render_report(r: RunResults) -> str:
     return "".join(parts)
 
 
-def write_report(run_dir: str | os.PathLike[str]) -> Path:
-    """Write ``RUN_DIR/report.html`` (and ``utility.png``) atomically; return the report's path."""
-    r = RunResults.load(run_dir)
+def write_report(run: str | os.PathLike[str] | RunResults) -> Path:
+    """Write ``RUN_DIR/report.html`` (and ``utility.png``) atomically; return the report's path.
+    ``run`` is the directory, or its results already loaded."""
+    r = run if isinstance(run, RunResults) else RunResults.load(run)
     return atomic_write_text(RunDir(r.path).report_path, render_report(r))

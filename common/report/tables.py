@@ -18,9 +18,13 @@ def round_table(records: list[dict], dp_unit: str) -> str:
     """The table ``facefl run`` and a ServerApp under ``flwr run`` print at the end: one row per
     metrics.jsonl event of public pretraining, a round, the key holder's decryption and the MOTE
     enrollment, epsilons named by their unit."""
-    unit = "per person" if dp_unit == "identity" else "per image"
     return format_table(("round", "clients", "failed", "train loss", "verif. AUC", "attr. acc", "DEO (|dTPR|+|dFPR|)",
-                         f"max eps ({unit})", "s"), _round_rows(records))
+                         f"max eps ({per_unit(dp_unit)})", "s"), _round_rows(records))
+
+
+def per_unit(dp_unit: str) -> str:
+    """What one epsilon of DP-SGD protects, as printed next to it: "per image" or "per person"."""
+    return "per person" if dp_unit == "identity" else "per image"
 
 
 def _round_rows(records: list[dict]) -> list[tuple]:

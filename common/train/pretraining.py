@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from common.config import Config
 from common.data.dataset import FaceDataset
-from common.data.sources.synthfaces.generator import SynthConfig, generate
+from common.data.sources.synthfaces.generator import SynthConfig, generate, sample_identity
 from common.nn.build import build_identity_head
 from common.nn.face_model import FaceModel
 from common.nn.heads import CosineClassifier
@@ -25,10 +27,24 @@ from common.train.loop import TrainOutcome, identity_classes, train
 PUBLIC_SEED_OFFSET = 1_000_003
 
 
-def public_population(cfg: Config) -> FaceDataset:
+def _public_config(cfg: Config) -> SynthConfig:
     p = cfg.pretrain
-    return generate(SynthConfig(num_identities=p.identities, images_per_identity=p.images_per_identity,
-                                image_size=cfg.data.image_size, seed=cfg.seed + PUBLIC_SEED_OFFSET))
+    return SynthConfig(num_identities=p.identities, images_per_identity=p.images_per_identity,
+                       image_size=cfg.data.image_size, seed=cfg.seed + PUBLIC_SEED_OFFSET)
+
+
+def public_population(cfg: Config) -> FaceDataset:
+    return generate(_public_config(cfg))
+
+
+def public_labels(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(identity, gender) of every public image, as ``public_population`` has them, without
+    rendering one (seconds saved where only the labels are checked, before a run)."""
+    synth = _public_config(cfg)
+    people = [sample_identity(synth, k) for k in range(synth.num_identities)]
+    counts = [person.num_images for person in people]
+    return (np.repeat([person.index for person in people], counts),
+            np.repeat([person.gender for person in people], counts))
 
 
 @dataclass
