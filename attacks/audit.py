@@ -46,8 +46,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from attacks.metrics import DEFAULT_FPR_TARGETS, attack_metrics, log_log_roc_plot
+from attacks.canary_audit import canary_audit
+from attacks.empirical_epsilon import roc_epsilon_lower_bound
+from attacks.federated_references import TargetRecipe, federated_model, reference_clients
+from attacks.metrics import DEFAULT_FPR_TARGETS, RocCurve, attack_metrics, paired_difference, roc_figures
 from attacks.mint import (
     CNNMINT,
     VanillaMINT,
@@ -66,6 +70,7 @@ from attacks.scores import (
     fd_mia_features,
     lira_offline,
     lira_online,
+    log_true_prob,
     posterior_features,
     rmia_scores,
     sample_loss,
@@ -80,13 +85,16 @@ from common.nn.face_model import FaceModel, ModelSpec
 from common.runs import layout
 from common.runs.io import atomic_save_npz, atomic_write_json, read_json
 from common.runs.load import load_run
-from common.runs.records import AttackEntry, AuditReport, TargetKind, tpr_label
+from common.runs.records import AttackEntry, AuditReport, TargetKind, tpr_label, tpr_text
 from common.runs.rundir import RunDir
+from common.split.canaries import canary_mask
 from common.split.manifest import Manifest
 from common.train.fairness import reweight, sensitive_attribute
-from common.train.loop import embed, predict_attribute, target_labels
+from common.train.loop import attribute_logits, embed, target_labels
 
 log = logging.getLogger(__name__)
+
+REFERENCE_RECIPES = ("target", "central")
 
 GLOBAL = Target("global model (final)", TargetKind.GLOBAL)
 FAIR = Target("fair global model (final)", TargetKind.FAIR, "fair_", "fair model")
@@ -99,7 +107,8 @@ UPDATE_ATTACKS = for_target(TargetKind.CLIENT)  # against each client's own post
 class AuditSettings:
     attacks: tuple[str, ...] | None = None  # None: every attack that applies to the task
     references: int = 16
-    max_per_class: int = 500
+    max_per_class: int = 5000  # audited members and as many nonmembers: TPR at 0.1% FPR needs >= 10,000 nonmembers
+    recipe: str = "target"  # how references train: "target" (the run's own recipe) or "central" (``REFERENCE_RECIPES``)
     seed: int = 0
     n_boot: int = 1000
     vectorised: bool = False  # stacked-weight training of the references; slower on CPU (bench/attacks.py)
@@ -136,11 +145,16 @@ class References:
     n_audited: int
     labels: np.ndarray  # (n_pop,) binary labels
     in_mask: np.ndarray  # (R, n_pop)
-    outputs: Callable[[], np.ndarray]  # -> (n_pop, R) P(label = 1)
+    outputs: Callable[[], np.ndarray]  # -> (n_pop, R) attribute logits
 
     @cached_property
-    def probs(self) -> np.ndarray:
+    def logits(self) -> np.ndarray:
         return self.outputs()
+
+    @cached_property
+    def phi(self) -> np.ndarray:
+        """(n_pop, R) every reference's exact scaled confidence of every population sample."""
+        return _phi(self.logits, self.labels)
 
     @property
     def audited(self) -> slice:
@@ -151,43 +165,62 @@ class References:
         return slice(self.n_audited, None)
 
 
-def reference_probs(run: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, population: np.ndarray,
-                    labels: np.ndarray, in_mask: np.ndarray, seed: int, fair: bool = False,
-                    vectorised: bool = False, progress: bool = False) -> np.ndarray:
-    """Reference models' P(label = 1) on the population (n, R); trained once and cached.
+def _reference_seeds(seed: int, references: int) -> list[int]:
+    return [int(np.random.SeedSequence([seed, 0x5EF, r]).generate_state(1)[0] & 0x7FFFFFFF) for r in range(references)]
 
-    ``fair``: each model is trained with the fairness reweighting (Kamiran & Calders) computed on
-    its own IN set: the twin of the plain reference on the same half (FD-MIA's reference pairs).
+
+def reference_logits(run: RunDir, source: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset,
+                     population: np.ndarray, labels: np.ndarray, in_mask: np.ndarray, settings: AuditSettings,
+                     fair: bool = False) -> np.ndarray:
+    """Reference models' attribute logits on the population (n, R); trained once and cached in the
+    audited ``run``'s directory.
+
+    ``settings.recipe``: ``target`` replays the recipe ``source`` recorded (the target; for FD-MIA's
+    twins, the fair run with its own intervention) on each reference's half
+    (``attacks.federated_references``); ``central``
+    trains each reference centrally without DP with the target's local recipe
+    (``attacks.reference_models``), and ``fair`` then reweights it (Kamiran & Calders) on its own
+    IN set: the twin of the plain reference on the same half (FD-MIA's reference pairs).
     """
     cache = run.reference_cache(fair)
-    epochs = cfg.federation.rounds * cfg.federation.local_epochs
-    seeds = [int(np.random.SeedSequence([seed, 0x5EF, r]).generate_state(1)[0] & 0x7FFFFFFF)
-             for r in range(in_mask.shape[0])]
-    initial = run.initial_model
-    key = hashlib.sha256(json.dumps({"ids": ds.sample_ids[population].tolist(), "mask": np.packbits(in_mask).tolist(),
-                                     "seeds": seeds, "epochs": epochs, "spec": spec.to_dict(), "fair": fair, "vectorised": vectorised,
-                                     "initial": hashlib.sha256(initial.read_bytes()).hexdigest() if initial.exists()
-                                     else None,
-                                     "sensitive": cfg.fairness.sensitive, "train": cfg.to_dict()["train"]},
-                                    sort_keys=True).encode()).hexdigest()
+    seeds = _reference_seeds(settings.seed, in_mask.shape[0])
+    recipe = TargetRecipe.of_run(source, cfg) if settings.recipe == "target" else None
+    initial = source.initial_model
+    key = hashlib.sha256(json.dumps({
+        "ids": ds.sample_ids[population].tolist(), "mask": np.packbits(in_mask).tolist(), "seeds": seeds,
+        "spec": spec.to_dict(), "fair": fair, "recipe": settings.recipe, "vectorised": settings.vectorised,
+        "initial": hashlib.sha256(initial.read_bytes()).hexdigest() if initial.exists() else None,
+        "config": cfg.to_dict(), "target": recipe.key() if recipe is not None else None}, sort_keys=True).encode()).hexdigest()
     index = cache / layout.REFERENCE_INDEX
     if index.exists() and read_json(index).get("key") == key:
         models = [load_model(cache / layout.reference_model_file(r), spec)[0] for r in range(len(seeds))]
         log.info("audit: %d reference models from %s", len(models), cache)
     else:
-        weights = None
-        if fair:
-            sens = sensitive_attribute(ds.subset(population), cfg.fairness.sensitive)
-            weights = np.ones(in_mask.shape)
-            for r, row in enumerate(in_mask):
-                weights[r, row] = reweight(sens[row], labels[row])
-        models = train_references(spec, ds.images[population], labels, in_mask, cfg.train, epochs, seeds,
-                                  vectorised=vectorised, sample_weights=weights, init_state=_initial_state(run),
-                                  progress=progress)
+        models = _train_references(source, cfg, spec, ds, population, labels, in_mask, seeds, settings, recipe, fair)
         for r, model in enumerate(models):
             save_checkpoint(cache / layout.reference_model_file(r), model.state_dict(), {"reference": r, "key": key})
-        atomic_write_json(index, {"key": key, "references": len(seeds), "epochs": epochs, "seeds": seeds, "fair": fair})
-    return np.stack([predict_attribute(m, ds.images[population]) for m in models], axis=1)
+        atomic_write_json(index, {"key": key, "references": len(seeds), "recipe": settings.recipe, "seeds": seeds,
+                                  "fair": fair})
+    return np.stack([attribute_logits(m, ds.images[population]) for m in models], axis=1)
+
+
+def _train_references(source: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, population: np.ndarray,
+                      labels: np.ndarray, in_mask: np.ndarray, seeds: list[int], settings: AuditSettings,
+                      recipe: TargetRecipe | None, fair: bool) -> list[FaceModel]:
+    if recipe is not None:
+        return [federated_model(recipe, reference_clients(cfg, ds.subset(population[row]), seed), seed)
+                for row, seed in tqdm(list(zip(in_mask, seeds, strict=True)), desc="reference federations",
+                                      unit="model", disable=not settings.progress)]
+    weights = None
+    if fair:
+        sens = sensitive_attribute(ds.subset(population), cfg.fairness.sensitive)
+        weights = np.ones(in_mask.shape)
+        for r, row in enumerate(in_mask):
+            weights[r, row] = reweight(sens[row], labels[row])
+    epochs = cfg.federation.rounds * cfg.federation.local_epochs
+    return train_references(spec, ds.images[population], labels, in_mask, cfg.train, epochs, seeds,
+                            vectorised=settings.vectorised, sample_weights=weights, init_state=_initial_state(source),
+                            progress=settings.progress)
 
 
 def _initial_state(run: RunDir) -> dict[str, torch.Tensor] | None:
@@ -196,28 +229,29 @@ def _initial_state(run: RunDir) -> dict[str, torch.Tensor] | None:
     return load_model(path)[0].state_dict() if path.exists() else None
 
 
-def _true_prob(p1: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Probability of the true label from P(label = 1), any leading shape."""
-    y = labels.reshape(labels.shape + (1,) * (p1.ndim - 1))
-    return np.where(y == 1, p1, 1.0 - p1)
+def _phi(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """LiRA's exact scaled confidence of every column of (n, R) binary logits."""
+    return np.stack([scaled_confidence(logits[:, r], labels) for r in range(logits.shape[1])], axis=1)
 
 
-def _phi(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """LiRA's scaled confidence of every column of (n, R) probabilities."""
-    return np.stack([scaled_confidence(probs[:, r], labels) for r in range(probs.shape[1])], axis=1)
+def _log_p(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """log p_y of every column of (n, R) binary logits, or of (n,) logits."""
+    if logits.ndim == 1:
+        return log_true_prob(logits, labels)
+    return np.stack([log_true_prob(logits[:, r], labels) for r in range(logits.shape[1])], axis=1)
 
 
-def single_model_scores(p_target: np.ndarray, refs: References, wanted: tuple[str, ...],
+def single_model_scores(z_target: np.ndarray, refs: References, wanted: tuple[str, ...],
                         settings: AuditSettings) -> dict[str, np.ndarray]:
-    """Black-box attacks on one binary model, from its P(label = 1) on the population."""
+    """Black-box attacks on one binary model, from its attribute logits on the population."""
     a, x = refs.audited, refs.aux
     y, y_aux = refs.labels[a], refs.labels[x]
     out: dict[str, np.ndarray] = {}
     if "loss" in wanted:
-        out["loss"] = -sample_loss(p_target[a], y)
+        out["loss"] = -sample_loss(z_target[a], y)
     if not set(wanted) & set(REFERENCE_ATTACKS):
         return out
-    phi_t, phi_r, inside = scaled_confidence(p_target[a], y), _phi(refs.probs[a], y), refs.in_mask[:, a].T
+    phi_t, phi_r, inside = scaled_confidence(z_target[a], y), refs.phi[a], refs.in_mask[:, a].T
     # Per-example variances need many references; with fewer than 64 LiRA's fixed (global)
     # variance is the stronger test (Carlini et al. 2022, Sec. VI).
     global_variance = settings.references < 64
@@ -226,45 +260,45 @@ def single_model_scores(p_target: np.ndarray, refs: References, wanted: tuple[st
     if "lira-offline" in wanted:
         out["lira-offline"] = lira_offline(phi_t, phi_r, inside, global_variance=global_variance)
     if "rmia" in wanted:
-        out["rmia"] = rmia_scores(_true_prob(p_target[a], y), _true_prob(refs.probs[a], y),
-                                  _true_prob(p_target[x], y_aux), _true_prob(refs.probs[x], y_aux))
+        out["rmia"] = rmia_scores(_log_p(z_target[a], y), _log_p(refs.logits[a], y),
+                                  _log_p(z_target[x], y_aux), _log_p(refs.logits[x], y_aux))
     if "shadow" in wanted:
-        # The reference models double as shadow models (central training with the target's local
-        # recipe): the attack model learns from their outputs on the aux samples, whose
-        # membership in each is known, and never sees an audited sample's label.
-        feats = np.concatenate([posterior_features(refs.probs[x, r], y_aux) for r in range(refs.probs.shape[1])])
+        # The reference models double as shadow models (trained by the same recipe): the attack
+        # model learns from their outputs on the aux samples, whose membership in each is known,
+        # and never sees an audited sample's label.
+        feats = np.concatenate([posterior_features(refs.logits[x, r], y_aux) for r in range(refs.logits.shape[1])])
         model = ShadowAttackModel(seed=settings.seed).fit(feats, refs.in_mask[:, x].ravel())
-        out["shadow"] = model.score(posterior_features(p_target[a], y))
+        out["shadow"] = model.score(posterior_features(z_target[a], y))
     return out
 
 
-def fd_mia_scores(p_bias: np.ndarray, p_fair: np.ndarray, refs: References, refs_fair: References,
+def fd_mia_scores(z_bias: np.ndarray, z_fair: np.ndarray, refs: References, refs_fair: References,
                   settings: AuditSettings) -> dict[str, np.ndarray]:
     """FD-MIA (Tian et al. 2024) on a biased / fair model pair: score-based (an attack model on
     both models' outputs, learnt from reference pairs on aux) and LiRA-based (bivariate Gaussian
     over both scaled scores, full covariance, from the same reference pairs)."""
     a, x = refs.audited, refs.aux
     y, y_aux = refs.labels[a], refs.labels[x]
-    feats = np.concatenate([fd_mia_features(refs.probs[x, r], refs_fair.probs[x, r], y_aux)
-                            for r in range(refs.probs.shape[1])])
+    feats = np.concatenate([fd_mia_features(refs.logits[x, r], refs_fair.logits[x, r], y_aux)
+                            for r in range(refs.logits.shape[1])])
     attack = ShadowAttackModel(seed=settings.seed).fit(feats, refs.in_mask[:, x].ravel())
-    pair_t = np.column_stack([scaled_confidence(p_bias[a], y), scaled_confidence(p_fair[a], y)])
-    pair_r = np.stack([_phi(refs.probs[a], y), _phi(refs_fair.probs[a], y)], axis=2)
+    pair_t = np.column_stack([scaled_confidence(z_bias[a], y), scaled_confidence(z_fair[a], y)])
+    pair_r = np.stack([refs.phi[a], refs_fair.phi[a]], axis=2)
     inside = refs.in_mask[:, a].T
     global_cov = settings.references < 64
-    return {"fd-mia-score": attack.score(fd_mia_features(p_bias[a], p_fair[a], y)),
+    return {"fd-mia-score": attack.score(fd_mia_features(z_bias[a], z_fair[a], y)),
             "fd-mia-lira-online": fd_lira_online(pair_t, pair_r, inside, global_covariance=global_cov),
             "fd-mia-lira-offline": fd_lira_offline(pair_t, pair_r, inside, global_covariance=global_cov)}
 
 
-def _embedding_audit_set(ds: FaceDataset, manifest: Manifest,
-                         settings: AuditSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _embedding_audit_set(ds: FaceDataset, manifest: Manifest, settings: AuditSettings,
+                         usable: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(audited positions, is_member, the attacker's known photos) for the centroid statistic.
 
     The attacker holds every member- and nonmember-role photo of the audited people (the model's
     embeddings of them, and who is who); photos whose identity has no other are not audited.
     """
-    photos = manifest.role_mask(ds, "member") | manifest.role_mask(ds, "nonmember")
+    photos = (manifest.role_mask(ds, "member") | manifest.role_mask(ds, "nonmember")) & usable
     ids, counts = np.unique(ds.identity[photos], return_counts=True)
     eligible = photos & np.isin(ds.identity, ids[counts >= 2])
     pos, is_member = audited_samples(manifest, ds, settings, eligible)
@@ -324,6 +358,8 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
     """Audit the run's final model (and, with ``fair_dir``, the fair model and the FD-MIA pair);
     writes audit/report.json, scores.npz and roc.png; returns the report as written
     (``AuditReport.to_dict()``)."""
+    if settings.recipe not in REFERENCE_RECIPES:
+        raise ValueError(f"reference recipe: expected one of {', '.join(REFERENCE_RECIPES)}, got {settings.recipe!r}")
     run = RunDir(run_dir)
     cfg, ds, manifest = load_run(run)
     model = load_final_model(run)
@@ -335,19 +371,22 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
                          f"available: {', '.join(applicable)}")
     if fair_dir is not None and not model.spec.attribute_head:
         raise ValueError("--fair: FD-MIA needs attribute models (train.task = attribute or both)")
+    usable = ~canary_mask(run, ds)  # the canaries are the one-run audit's, never ordinary audited samples
     update_level = _update_level_availability(run, cfg)
     clients = [load_model(path, model.spec) for path in update_level.pop("paths", [])]
     sets: dict[str, AuditedSet] = {}  # scores.npz key prefix -> audited samples with their scores
     if model.spec.attribute_head:
-        sets[""] = _attribute_set(run, cfg, ds, manifest, model, clients, settings, wanted, fair_dir)
+        sets[""] = _attribute_set(run, cfg, ds, manifest, model, clients, settings, wanted, fair_dir, usable)
     if cfg.train.task in ("identity", "both"):
-        sets["embedding_" if sets else ""] = _embedding_set(ds, manifest, model, clients, settings, wanted)
+        sets["embedding_" if sets else ""] = _embedding_set(ds, manifest, model, clients, settings, wanted, usable)
     main = next(iter(sets.values()))
     main.scores.update({(WHITE_BOX, name): s for name, s in mint_scores(
         model, ds, main.positions, main.is_member, wanted, settings.seed).items()})
     mote = _mote_set(run, cfg, ds, manifest, model, settings, wanted)
     if mote is not None:
         sets[MOTE_PREFIX] = mote
+    canaries = canary_audit(run, model, cfg, ds, cfg.dp.delta) if model.spec.attribute_head else None
+    canary_arrays = canaries.pop("arrays") if canaries is not None else {}
     mote_audited = None if mote is None else {
         "members": int(mote.is_member.sum()), "nonmembers": int((~mote.is_member).sum()),
         "what": "enrollment references vs other member-role photos of the same people"}
@@ -357,16 +396,18 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
         audited={"members": int(main.is_member.sum()), "nonmembers": int((~main.is_member).sum())},
         references=settings.references, seed=settings.seed, update_level=update_level,
         fpr_targets=tuple(DEFAULT_FPR_TARGETS),
-        attacks=[entry for audited in sets.values() for entry in audited.metrics(ds, settings)],
-        mote_audited=mote_audited)
+        attacks=[entry for audited in sets.values() for entry in audited.metrics(ds, settings, cfg.dp.delta)],
+        mote_audited=mote_audited, reference_recipe=settings.recipe, canary_audit=canaries,
+        comparisons=[c for audited in sets.values() for c in audited.comparisons(settings)])
     arrays: dict[str, np.ndarray] = {}
     for prefix, audited in sets.items():
         arrays.update({f"{prefix}sample_ids": ds.sample_ids[audited.positions], f"{prefix}is_member": audited.is_member,
                        **{t.key(n): s for (t, n), s in audited.scores.items()}})
     atomic_save_npz(run.audit_scores_path, **arrays)
-    log_log_roc_plot({t.label(n): (s[np.isfinite(s)], audited.is_member[np.isfinite(s)])
-                      for audited in sets.values() for (t, n), s in audited.scores.items()},
-                     run.audit_roc_path, title=f"membership inference, {cfg.train.task} model")
+    atomic_save_npz(run.audit_raw_path, **{k: v for audited in sets.values() for k, v in audited.raw.items()},
+                    **canary_arrays)
+    roc_figures([RocCurve(t.kind.family, t.label(n), s[np.isfinite(s)], audited.is_member[np.isfinite(s)])
+                 for audited in sets.values() for (t, n), s in audited.scores.items()], run.audit_roc)
     report.save(run.audit_report_path)
     return report.to_dict()
 
@@ -386,11 +427,11 @@ def _own_members(is_member: np.ndarray, pos: np.ndarray, manifest: Manifest, ds:
 
 def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest, model: FaceModel,
                    clients: list[tuple[FaceModel, dict[str, Any]]], settings: AuditSettings, wanted: tuple[str, ...],
-                   fair_dir: str | os.PathLike[str] | None) -> AuditedSet:
+                   fair_dir: str | os.PathLike[str] | None, usable: np.ndarray) -> AuditedSet:
     """Black-box attacks on the attribute posterior: the global model, each client update, and
     with ``fair_dir`` the fair model and the FD-MIA pair."""
     spec = model.spec
-    pos, is_member = audited_samples(manifest, ds, settings)
+    pos, is_member = audited_samples(manifest, ds, settings, usable)
     labels_all = target_labels(ds, cfg.train.attribute)
     population = np.concatenate([pos, np.flatnonzero(manifest.role_mask(ds, "aux") & (labels_all >= 0))])
     if (labels_all[pos] < 0).any() or population.size == pos.size:
@@ -398,31 +439,56 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
                          "population must not be empty (split.aux > 0)")
     in_mask = _in_mask(settings.references, population.size, settings.seed)
     labels = labels_all[population]
-    refs = References(pos.size, labels, in_mask, partial(reference_probs, run, cfg, spec, ds, population, labels,
-                                                         in_mask, settings.seed, vectorised=settings.vectorised,
-                                                         progress=settings.progress))
-    p_target = predict_attribute(model, ds.images[population])
-    scores = {(GLOBAL, name): s for name, s in single_model_scores(p_target, refs, wanted, settings).items()}
+    refs = References(pos.size, labels, in_mask, partial(reference_logits, run, run, cfg, spec, ds, population, labels,
+                                                         in_mask, settings))
+    z_target = attribute_logits(model, ds.images[population])
+    scores = {(GLOBAL, name): s for name, s in single_model_scores(z_target, refs, wanted, settings).items()}
+    raw = {GLOBAL: (z_target, refs)}
     if fair_dir is not None:
         fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest)
-        p_fair = predict_attribute(load_final_model(fair), ds.images[population])
+        z_fair = attribute_logits(load_final_model(fair), ds.images[population])
         refs_fair = References(pos.size, labels, in_mask, partial(
-            reference_probs, run, fair_cfg, spec, ds, population, labels, in_mask, settings.seed, fair=True,
-            vectorised=settings.vectorised, progress=settings.progress))
-        scores.update({(FAIR, name): s for name, s in single_model_scores(p_fair, refs_fair, wanted, settings).items()})
-        scores.update({(PAIR, name): s for name, s in fd_mia_scores(p_target, p_fair, refs, refs_fair, settings).items()})
+            reference_logits, run, fair, fair_cfg, spec, ds, population, labels, in_mask, settings, fair=True))
+        scores.update({(FAIR, name): s for name, s in single_model_scores(z_fair, refs_fair, wanted, settings).items()})
+        scores.update({(PAIR, name): s for name, s in fd_mia_scores(z_target, z_fair, refs, refs_fair, settings).items()})
+        raw[FAIR] = (z_fair, refs_fair)
+    scored = {}
     for client, meta in clients:
-        mine = _own_members(is_member, pos, manifest, ds, meta)
-        found = single_model_scores(predict_attribute(client, ds.images[population]), refs,
-                                    tuple(a for a in UPDATE_ATTACKS if a in wanted), settings)
-        scores.update({(_client_target(meta), name): np.where(mine, s, np.nan) for name, s in found.items()})
-    return AuditedSet(pos, is_member, scores)
+        target, mine = _client_target(meta), _own_members(is_member, pos, manifest, ds, meta)
+        z_client = attribute_logits(client, ds.images[population])
+        found = single_model_scores(z_client, refs, tuple(a for a in UPDATE_ATTACKS if a in wanted), settings)
+        scores.update({(target, name): np.where(mine, s, np.nan) for name, s in found.items()})
+        raw[target], scored[target] = (z_client, refs), mine
+    uses_references = bool(set(wanted) & set(REFERENCE_ATTACKS)) or fair_dir is not None
+    return AuditedSet(pos, is_member, scores,
+                      _raw_arrays(ds, population, pos.size, is_member, scored, raw) if uses_references else {})
+
+
+
+def _raw_arrays(ds: FaceDataset, population: np.ndarray, n_audited: int, is_member: np.ndarray,
+                scored: dict[Target, np.ndarray], raw: dict[Target, tuple[np.ndarray, References]]) -> dict[str, np.ndarray]:
+    """``audit/raw.npz``'s entries of every target attacked with reference models (docs/audit.md):
+    under ``<target name>/``, the audited samples' ids, membership, the target's exact statistic
+    phi, each reference's phi and whether it trained on the sample, and the same for the aux
+    population (what RMIA compares against); ``scored``: the audited samples the report scores
+    for this target (a client's update: its own members and every nonmember)."""
+    a, x = slice(0, n_audited), slice(n_audited, None)
+    out: dict[str, np.ndarray] = {}
+    for target, (z, refs) in raw.items():
+        phi_t = scaled_confidence(z, refs.labels)
+        p = f"{target.name}/"
+        out.update({p + "sample_ids": ds.sample_ids[population[a]], p + "is_member": is_member,
+                    p + "scored": scored.get(target, np.ones(n_audited, bool)),
+                    p + "target_stat": phi_t[a], p + "ref_stat": refs.phi[a].T, p + "ref_in": refs.in_mask[:, a],
+                    p + "aux_sample_ids": ds.sample_ids[population[x]], p + "aux_target_stat": phi_t[x],
+                    p + "aux_ref_stat": refs.phi[x].T, p + "aux_ref_in": refs.in_mask[:, x]})
+    return out
 
 
 def _embedding_set(ds: FaceDataset, manifest: Manifest, model: FaceModel, clients: list[tuple[FaceModel, dict[str, Any]]],
-                   settings: AuditSettings, wanted: tuple[str, ...]) -> AuditedSet:
+                   settings: AuditSettings, wanted: tuple[str, ...], usable: np.ndarray) -> AuditedSet:
     """The centroid statistic on the embedding, for the global model and each client update."""
-    pos, is_member, known = _embedding_audit_set(ds, manifest, settings)
+    pos, is_member, known = _embedding_audit_set(ds, manifest, settings, usable)
     scores = {}
     if "centroid" in wanted:
         scores[(GLOBAL, "centroid")] = centroid_scores(model, ds, pos, known)
@@ -439,19 +505,40 @@ class AuditedSet:
     positions: np.ndarray
     is_member: np.ndarray
     scores: dict[tuple[Target, str], np.ndarray]
+    raw: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # audit/raw.npz entries
 
-    def metrics(self, ds: FaceDataset, settings: AuditSettings) -> list[AttackEntry]:
-        """One report entry per attack; NaN scores (MINT's training half, other clients'
-        members) are left out."""
+    def metrics(self, ds: FaceDataset, settings: AuditSettings, delta: float) -> list[AttackEntry]:
+        """One report entry per attack, with the epsilon its ROC proves at ``delta``
+        (``attacks.empirical_epsilon``); NaN scores (MINT's training half, other clients' members)
+        are left out."""
         groups = {"gender": _names(ds.gender[self.positions], GENDER_NAMES),
                   "group": _names(ds.group[self.positions], ds.group_names)}
         entries = []
         for (target, name), s in self.scores.items():
             ok = np.isfinite(s)
+            bound = roc_epsilon_lower_bound(s[ok], self.is_member[ok], delta).to_dict()
             entries.append(AttackEntry.from_dict({"name": name, **target.entry_fields(), **attack_metrics(
                 s[ok], self.is_member[ok], {k: v[ok] for k, v in groups.items()}, seed=settings.seed,
-                n_boot=settings.n_boot, fpr_targets=DEFAULT_FPR_TARGETS)}))
+                n_boot=settings.n_boot, fpr_targets=DEFAULT_FPR_TARGETS), "epsilon_lower_bound": bound}))
         return entries
+
+    def comparisons(self, settings: AuditSettings) -> list[dict[str, Any]]:
+        """Paired differences in AUC on the same samples (``attacks.metrics.paired_difference``):
+        every attack on a target against that target's first attack (the loss attack for attribute
+        models, the raw logit for MOTE galleries: does the stronger attack really find more?), and
+        every attack on the fair model against the same attack on the biased one."""
+        by_target: dict[Target, dict[str, np.ndarray]] = {}
+        for (target, name), s in self.scores.items():
+            by_target.setdefault(target, {})[name] = s
+        pairs = [((t, a), (t, next(iter(attacks)))) for t, attacks in by_target.items() for a in list(attacks)[1:]]
+        pairs += [((FAIR, a), (GLOBAL, a)) for a in by_target.get(FAIR, {}) if a in by_target.get(GLOBAL, {})]
+        out = []
+        for (ta, a), (tb, b) in pairs:
+            sa, sb = by_target[ta][a], by_target[tb][b]
+            ok = np.isfinite(sa) & np.isfinite(sb)
+            out.append({"a": f"{a} @ {ta.name}", "b": f"{b} @ {tb.name}", **paired_difference(
+                sa[ok], sb[ok], self.is_member[ok], seed=settings.seed, n_boot=settings.n_boot)})
+        return out
 
 
 MOTE_PREFIX = "mote_"  # scores.npz keys of the MOTE audited set
@@ -495,5 +582,5 @@ def summary_rows(report: AuditReport) -> list[tuple]:
         auc_ci = a.ci("auc")
         rows.append((a.name, a.target,
                      f"{a.auc:.3f} [{auc_ci[0]:.3f}, {auc_ci[1]:.3f}]" if auc_ci else f"{a.auc:.3f}",
-                     f"{a.balanced_accuracy:.3f}", *(f"{a.tpr_at_fpr[k]:.3f}" for k in report.fpr_keys)))
+                     f"{a.balanced_accuracy:.3f}", *(tpr_text(a, k) for k in report.fpr_keys)))
     return rows

@@ -15,13 +15,15 @@ scores, and the stratified bootstrap runs that same pass on a matrix of resample
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.report.plots import log_log_roc
-from common.runs.records import fpr_key
+from common.runs.records import FAMILY_TITLES, MIN_GROUP_PER_CLASS, fpr_key, resolvable
 
 DEFAULT_FPR_TARGETS: tuple[float, ...] = (0.001, 0.01)
 _BOOT_CHUNK_ELEMENTS = 1_000_000  # resampled scores held at once in the bootstrap
@@ -138,40 +140,69 @@ def _point_metrics(s: np.ndarray, m: np.ndarray, targets: Sequence[float]) -> di
         "auc": float(res["auc"][0]),
         "accuracy": float(res["accuracy"][0]),
         "balanced_accuracy": float(res["balanced_accuracy"][0]),
-        "tpr_at_fpr": {_target_key(t): float(res[_target_key(t)][0]) for t in targets},
+        "tpr_at_fpr": {_target_key(t): float(res[_target_key(t)][0]) if resolvable(int((~m).sum()), t) else None
+                       for t in targets},
         "n_members": int(m.sum()),
         "n_nonmembers": int((~m).sum()),
     }
 
 
-def _bootstrap_ci(s: np.ndarray, m: np.ndarray, targets: Sequence[float], seed: int, n_boot: int) -> dict[str, Any]:
-    """Percentile 95% intervals from a bootstrap stratified over members and non-members.
-
-    Members and non-members are resampled separately, with replacement and at their own sizes, so
-    every resample has the audit's member/non-member counts (the split is fixed by design, not
-    sampled). Seeded: the same seed gives identical intervals.
-    """
+def _resampled(scores: Sequence[np.ndarray], m: np.ndarray, targets: Sequence[float], seed: int,
+               n_boot: int) -> list[dict[str, np.ndarray]]:
+    """Each score array's metrics on ``n_boot`` bootstrap resamples stratified over members and
+    non-members: resampled separately, with replacement and at their own sizes, so every resample
+    has the audit's member/non-member counts (the split is fixed by design, not sampled). All arrays
+    share the resampled indices (a paired bootstrap). Seeded: the same seed gives the same resamples."""
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(m), np.flatnonzero(~m)
     row_members = np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
-    chunk = max(1, _BOOT_CHUNK_ELEMENTS // s.size)
-    parts: list[dict[str, np.ndarray]] = []
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // m.size)
+    parts: list[list[dict[str, np.ndarray]]] = []
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
         idx = np.hstack([rng.choice(pos, (b, pos.size)), rng.choice(neg, (b, neg.size))])
-        parts.append(_curve_metrics(s[idx], np.broadcast_to(row_members, idx.shape), targets))
+        parts.append([_curve_metrics(s[idx], np.broadcast_to(row_members, idx.shape), targets) for s in scores])
+    return [{k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]} for i in range(len(scores))]
+
+
+def _bootstrap_ci(s: np.ndarray, m: np.ndarray, targets: Sequence[float], seed: int, n_boot: int) -> dict[str, Any]:
+    """Percentile 95% intervals from the stratified bootstrap (``_resampled``)."""
+    boot = _resampled([s], m, targets, seed, n_boot)[0]
+    n_neg = int((~m).sum())
 
     def interval(key: str) -> list[float]:
-        values = np.concatenate([p[key] for p in parts])
-        lo, hi = np.percentile(values, [2.5, 97.5])
+        lo, hi = np.percentile(boot[key], [2.5, 97.5])
         return [float(lo), float(hi)]
 
     return {
         "auc": interval("auc"),
         "accuracy": interval("accuracy"),
         "balanced_accuracy": interval("balanced_accuracy"),
-        "tpr_at_fpr": {_target_key(t): interval(_target_key(t)) for t in targets},
+        "tpr_at_fpr": {_target_key(t): interval(_target_key(t)) if resolvable(n_neg, t) else None for t in targets},
     }
+
+
+def paired_difference(scores_a: Any, scores_b: Any, is_member: Any, seed: int, n_boot: int = 1000,
+                      metric: str = "auc") -> dict[str, Any]:
+    """``metric`` of attack a minus that of attack b on the same samples, with a paired bootstrap 95%
+    interval: each resample draws the same members and nonmembers for both, so what the two share
+    (which samples happen to be easy) cancels, and the interval is that of the difference, not two
+    overlapping intervals. ``metric``: auc, accuracy, balanced_accuracy or a target FPR key ("0.01").
+    """
+    a, m = _check_inputs(scores_a, is_member)
+    b, _ = _check_inputs(scores_b, is_member)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference: scores of different shapes {a.shape} and {b.shape}")
+    targets = [float(metric)] if metric not in ("auc", "accuracy", "balanced_accuracy") else []
+    key = _target_key(targets[0]) if targets else metric
+    if targets and not resolvable(int((~m).sum()), targets[0]):
+        raise ValueError(f"paired_difference: {int((~m).sum())} nonmembers cannot resolve TPR at FPR {metric}")
+    boot_a, boot_b = _resampled([a, b], m, targets, seed, n_boot)
+    diff = boot_a[key] - boot_b[key]
+    point = _curve_metrics(a[None], m[None], targets)[key][0] - _curve_metrics(b[None], m[None], targets)[key][0]
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return {"metric": metric, "difference": float(point), "ci95": [float(lo), float(hi)], "n_boot": int(n_boot),
+            "seed": int(seed), "n_members": int(m.sum()), "n_nonmembers": int((~m).sum())}
 
 
 def attack_metrics(scores: Any, is_member: Any, groups: Mapping[str, Any] | None, seed: int,
@@ -183,10 +214,12 @@ def attack_metrics(scores: Any, is_member: Any, groups: Mapping[str, Any] | None
     attacker who must fix the threshold in advance, the usual convention in the MIA literature;
     balanced accuracy rather than accuracy, so that an unbalanced member/non-member ratio cannot be
     exploited by admitting everyone or no one; the highest among equally good thresholds), ``tpr_at_fpr``
-    ({"0.001": ..., "0.01": ...}), ``n_members``, ``n_nonmembers``, ``ci95`` (the same metrics as
+    ({"0.001": ..., "0.01": ...}; None where the nonmembers cannot resolve that FPR,
+    ``common.runs.records.resolvable``), ``n_members``, ``n_nonmembers``, ``ci95`` (the same metrics as
     [lo, hi], stratified bootstrap seeded by ``seed``; None when ``n_boot`` is 0), ``n_boot``,
     ``seed`` and ``per_group``: {attribute: {value: metrics without CI}}. Leakage can be unfair
-    too, hence the per-group breakdown; a group lacking members or non-members gets None metrics.
+    too, hence the per-group breakdown; a group with fewer than ``MIN_GROUP_PER_CLASS`` members or
+    nonmembers gets None metrics and the reason (``omitted``).
     """
     s, m = _check_inputs(scores, is_member)
     targets = [_check_target(t) for t in fpr_targets]
@@ -205,11 +238,12 @@ def attack_metrics(scores: Any, is_member: Any, groups: Mapping[str, Any] | None
         for value in np.unique(g):
             sel = g == value
             gm = m[sel]
-            if gm.all() or not gm.any():
+            if min(gm.sum(), (~gm).sum()) < MIN_GROUP_PER_CLASS:
                 per_group[name][str(value)] = {
                     "auc": None, "accuracy": None, "balanced_accuracy": None,
                     "tpr_at_fpr": {_target_key(t): None for t in targets},
                     "n_members": int(gm.sum()), "n_nonmembers": int((~gm).sum()),
+                    "omitted": f"fewer than {MIN_GROUP_PER_CLASS} members or nonmembers",
                 }
             else:
                 per_group[name][str(value)] = _point_metrics(s[sel], gm, targets)
@@ -217,19 +251,65 @@ def attack_metrics(scores: Any, is_member: Any, groups: Mapping[str, Any] | None
     return out
 
 
-def log_log_roc_plot(curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLike[str],
-                     title: str | None = None) -> None:
-    """Write a PNG of the ROC curves on log-log axes (the low-FPR regime is what matters).
+@dataclass(frozen=True, eq=False)
+class RocCurve:
+    """One attack on one target, for ``roc_figures``: its target family (``TargetKind.family``, which
+    picks its figure), its legend label and its audited scores with their membership."""
 
-    Axes run from max(1e-4, 1 / largest non-member count) to 1: below one false positive the FPR
-    is not resolvable. The dashed diagonal is a random guess. The file is written atomically.
+    family: str
+    label: str
+    scores: np.ndarray
+    is_member: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILY_TITLES:
+            raise ValueError(f"RocCurve {self.label!r}: unknown family {self.family!r} "
+                             f"(known: {', '.join(FAMILY_TITLES)})")
+
+
+LEGEND_FPR = 0.01
+"""The FPR whose TPR a legend entry shows, when the curve's nonmembers resolve it (``records.resolvable``)."""
+
+
+def _counts(values: Sequence[int], what: str) -> str:
+    """``500 members``, or ``up to 500 members`` when a family's curves audited different numbers."""
+    return f"{'' if len(set(values)) == 1 else 'up to '}{max(values)} {what}"
+
+
+def roc_figures(curves: Iterable[RocCurve], path_of: Callable[[str], str | os.PathLike[str]]) -> dict[str, Path]:
+    """Write one log-log ROC PNG per target family that has curves, atomically at ``path_of(family)``
+    (e.g. ``RunDir.audit_roc``); returns {family: path} in ``FAMILY_TITLES`` order.
+
+    Attacks on the global model, on each client's update and on the MOTE galleries answer different
+    threat models, so each family gets its own figure. Axes run from max(1e-4, 1 / largest nonmember
+    count) to 1: below one false positive the FPR is not resolvable. A legend entry gives the AUC, and
+    the TPR at ``LEGEND_FPR`` only where at least ``MIN_FALSE_POSITIVES`` nonmembers lie above it.
     """
-    if not curves:
-        raise ValueError("curves is empty")
-    curves_xy = {}
-    for name, (s, m) in curves.items():
-        fpr, tpr, _ = roc_points(s, m)
-        label = f"{name} (AUC {roc_auc(s, m):.3f}, TPR@0.1% {tpr_at_fpr(s, m, 0.001):.3f})"
-        curves_xy[label] = (fpr, tpr)
-    max_neg = max(int((~np.asarray(m, dtype=bool)).sum()) for _, m in curves.values())
-    log_log_roc(curves_xy, path, max(1e-4, 1.0 / max_neg), title=title)
+    by_family: dict[str, list[RocCurve]] = {family: [] for family in FAMILY_TITLES}
+    for curve in curves:
+        by_family[curve.family].append(curve)
+    written: dict[str, Path] = {}
+    for family, group in by_family.items():
+        if not group:
+            continue
+        xy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        n_members: list[int] = []
+        n_nonmembers: list[int] = []
+        labels = [curve.label for curve in group]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"{family} curves share a label: {sorted({x for x in labels if labels.count(x) > 1})}")
+        for curve in group:
+            s, m = _check_inputs(curve.scores, curve.is_member)
+            n_members.append(int(m.sum()))
+            n_nonmembers.append(int((~m).sum()))
+            label = f"{curve.label}: AUC {roc_auc(s, m):.3f}"
+            if resolvable(n_nonmembers[-1], LEGEND_FPR):
+                label += f", TPR@{LEGEND_FPR * 100:g}% FPR {tpr_at_fpr(s, m, LEGEND_FPR):.3f}"
+            fpr, tpr, _ = roc_points(s, m)
+            xy[label] = (fpr, tpr)
+        title = (f"{FAMILY_TITLES[family]}: membership inference\n"
+                 f"({_counts(n_members, 'members')} vs {_counts(n_nonmembers, 'nonmembers')})")
+        path = Path(path_of(family))
+        log_log_roc(xy, path, max(1e-4, 1.0 / max(n_nonmembers)), title=title)
+        written[family] = path
+    return written

@@ -4,7 +4,9 @@ What is here, and the choices made:
 
 * Loss and logit-scaled confidence of a classifier (Yeom et al. 2018 threshold attacks; the
   scaling phi(p) = log p_y - log(1 - p_y) of Carlini et al. 2022, which makes the per-example
-  score distributions close to Gaussian).
+  score distributions close to Gaussian). Every statistic of a classifier takes its logits and is
+  computed exactly (log-sigmoid, log-softmax, log-mean-exp): rounded probabilities saturate where
+  the most confident members are.
 * LiRA (Carlini et al. 2022, "Membership inference attacks from first principles"). Online: the
   Gaussian log-likelihood ratio IN vs OUT. Offline: by default the paper's one-sided test
   against the OUT Gaussian, reported as -log(1 - Phi((s - mu_out) / sd_out)), i.e. minus the log
@@ -34,7 +36,6 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-PROB_EPS = 1e-12  # probabilities are clipped to [PROB_EPS, 1]: phi stays within about +-27.6
 MAX_ABS_CORR = 0.9999  # bivariate Gaussians: correlations are clipped to keep the covariance invertible
 
 
@@ -78,61 +79,44 @@ def _labels(labels: Any, n: int, n_classes: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# loss and scaled confidence
+# loss and scaled confidence, exact from logits
 
 
-def _true_and_other(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(p_y, sum of the other classes' probabilities), each computed without cancellation.
-
-    ``probs`` is (n,) = P(class 1) of a binary model, or (n, C) rows of class probabilities.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim not in (1, 2) or p.size == 0:
-        raise ValueError(f"probs must be a non-empty (n,) or (n, C) array, got shape {p.shape}")
-    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
-        raise ValueError("probs must be finite probabilities in [0, 1]")
-    if p.ndim == 1:
-        y = _labels(labels, p.shape[0], 2)
-        return np.where(y == 1, p, 1.0 - p), np.where(y == 1, 1.0 - p, p)
-    y = _labels(labels, p.shape[0], p.shape[1])
-    hit = np.arange(p.shape[1])[None, :] == y[:, None]
-    return p[hit], np.where(hit, 0.0, p).sum(axis=1)
-
-
-def sample_loss(probs: Any, labels: Any) -> np.ndarray:
-    """Per-sample cross-entropy -log p_y (p clipped at PROB_EPS). Use ``-loss`` as a member score."""
-    p_true, _ = _true_and_other(probs, labels)
-    return -np.log(np.maximum(p_true, PROB_EPS))
-
-
-def scaled_confidence(probs: Any, labels: Any) -> np.ndarray:
-    """phi = log p_y - log(sum of the other classes) (Carlini et al. 2022), clipped at PROB_EPS.
-
-    The other classes' mass is summed directly rather than taken as 1 - p_y, which would lose all
-    precision for confident predictions, exactly where members live.
-    """
-    p_true, p_other = _true_and_other(probs, labels)
-    return np.log(np.maximum(p_true, PROB_EPS)) - np.log(np.maximum(p_other, PROB_EPS))
-
-
-def scaled_confidence_from_logits(logits: Any, labels: Any) -> np.ndarray:
-    """phi from logits, exact without clipping: z_y - logsumexp(other logits).
-
-    ``logits`` is (n,) (one logit of class 1, binary model) or (n, C).
-    """
+def _logits(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(z, y): finite float64 logits, (n,) of class 1 of a binary model or (n, C), and their labels."""
     ndim = np.ndim(logits)
     if ndim not in (1, 2):
         raise ValueError(f"logits must be (n,) or (n, C), got {ndim}-D")
     z = _finite(logits, "logits", ndim)
+    return z, _labels(labels, z.shape[0], 2 if z.ndim == 1 else z.shape[1])
+
+
+def scaled_confidence(logits: Any, labels: Any) -> np.ndarray:
+    """phi = log p_y - log(1 - p_y) (Carlini et al. 2022), exactly: z_y - logsumexp(other logits),
+    which for a binary model is the logit of the true label. No probability is ever formed, so
+    confident predictions keep their resolution (a float32 sigmoid is 1 from a logit of ~16.6)."""
+    z, y = _logits(logits, labels)
     if z.ndim == 1:
-        y = _labels(labels, z.shape[0], 2)
         return np.where(y == 1, z, -z)
-    y = _labels(labels, z.shape[0], z.shape[1])
     hit = np.arange(z.shape[1])[None, :] == y[:, None]
     others = np.where(hit, -np.inf, z)
     top = others.max(axis=1)
-    lse = top + np.log(np.exp(others - top[:, None]).sum(axis=1))
-    return z[hit] - lse
+    return z[hit] - (top + np.log(np.exp(others - top[:, None]).sum(axis=1)))
+
+
+def log_true_prob(logits: Any, labels: Any) -> np.ndarray:
+    """log p_y from logits: -log(1 + exp(-phi)) for a binary model (stable for any phi), the
+    log-softmax entry of the true class otherwise."""
+    z, y = _logits(logits, labels)
+    if z.ndim == 1:
+        return -np.logaddexp(0.0, -np.where(y == 1, z, -z))
+    top = z.max(axis=1)
+    return z[np.arange(z.shape[0]), y] - (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
+
+
+def sample_loss(logits: Any, labels: Any) -> np.ndarray:
+    """Per-sample cross-entropy -log p_y from logits (Yeom et al. 2018). Use ``-loss`` as a member score."""
+    return -log_true_prob(logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,59 +194,89 @@ def lira_offline(target: Any, reference: Any, in_mask: Any | None = None, *, glo
 # RMIA
 
 
-def rmia_scores(target_x: Any, reference_x: Any, target_z: Any, reference_z: Any, *, gamma: float = 1.0,
-                offline_a: float | None = None, in_mask: Any | None = None) -> np.ndarray:
+def _log_mean_exp(a: np.ndarray, axis: int) -> np.ndarray:
+    top = a.max(axis=axis, keepdims=True)
+    return np.squeeze(top, axis) + np.log(np.exp(a - top).mean(axis=axis))
+
+
+def _two_sum(a: np.ndarray, b: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _rmia_log_ratio(log_target: Any, log_reference: Any, *, offline_a: float | None = None,
+                    out_mask: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """log (p(x | theta) / p(x)) of RMIA (Zarifzadeh et al. 2024) as an unevaluated sum (hi, lo).
+
+    ``log_target`` (n,) is the target model's log-probability of each sample's true label,
+    ``log_reference`` (n, R) the reference models'. Online (``offline_a`` None): p(x) is their mean
+    over all references. Offline: the mean over OUT references only (``out_mask`` (n, R), all when
+    None) corrected linearly for the missing IN half, p(x) = ((1 + a) p_OUT(x) + (1 - a)) / 2.
+    Kept as hi + lo exactly (TwoSum): a confident target's log p_y is about -e^(-z), far below the
+    float64 resolution of log p(x), so a plain difference would tie every logit above ~37.
+    """
+    lt = _finite(log_target, "log_target", 1)
+    lr = _finite(log_reference, "log_reference", 2)
+    if lr.shape[0] != lt.size:
+        raise ValueError(f"log_reference must have shape ({lt.size}, R), got {lr.shape}")
+    if (lt > 0).any() or (lr > 0).any():
+        raise ValueError("log_target and log_reference must be log-probabilities (<= 0)")
+    if offline_a is None:
+        if out_mask is not None:
+            raise ValueError("out_mask is only used offline (set offline_a)")
+        return _two_sum(-_log_mean_exp(lr, axis=1), lt)
+    if not 0.0 <= offline_a <= 1.0:
+        raise ValueError(f"offline_a must lie in [0, 1], got {offline_a}")
+    out = np.ones(lr.shape, bool) if out_mask is None else _bool_mask(out_mask, "out_mask", lr.shape)
+    n_out = out.sum(axis=1)
+    if (n_out == 0).any():
+        raise ValueError(f"out_mask: {int((n_out == 0).sum())} examples have no OUT reference model")
+    masked = np.where(out, lr, -np.inf)
+    top = masked.max(axis=1)
+    log_p_out = top + np.log(np.exp(masked - top[:, None]).sum(axis=1) / n_out)
+    with np.errstate(divide="ignore"):  # a = 1: log(1 - a) = -inf, and logaddexp handles it
+        log_prior = np.logaddexp(np.log1p(offline_a) + log_p_out, np.log(1.0 - offline_a)) - np.log(2.0)
+    return _two_sum(-log_prior, lt)
+
+
+def rmia_scores(log_target_x: Any, log_reference_x: Any, log_target_z: Any, log_reference_z: Any, *,
+                gamma: float = 1.0, offline_a: float | None = None, in_mask: Any | None = None) -> np.ndarray:
     """RMIA (Zarifzadeh et al. 2024): fraction of population samples z with LR(x, z) >= gamma.
 
-    LR(x, z) = (p(x|theta) / p(x)) / (p(z|theta) / p(z)), where p(.|theta) is the target model's
-    probability of the true label (``target_x`` (n,), ``target_z`` (m,)) and p(.) its average over
-    reference models (``reference_x`` (n, R), ``reference_z`` (m, R)). The z are population
-    samples outside the target's training set (offline: outside every reference model's too).
-
-    Online (``offline_a`` None): p(x) is the mean over all reference models, which should hold x
-    IN for about half of them; ``in_mask`` is not used and must be None. Offline (``offline_a``
-    in [0, 1]): only OUT references are averaged (those with ``in_mask`` False; all when None),
-    and the missing IN half is approximated linearly as p_IN = a p_OUT + (1 - a), so that
-    p(x) = ((1 + a) p_OUT(x) + (1 - a)) / 2. The same correction is applied to p(z), whose
-    references are all OUT too, as in the authors' ML Privacy Meter. Choosing ``a`` (the paper
-    tunes it by attacking one reference model with the others) is left to the caller.
-
-    Computed in the log domain with a sorted search: O((n + m) log m), not an n x m matrix.
+    LR(x, z) = (p(x|theta) / p(x)) / (p(z|theta) / p(z)): ``log_target_x`` (n,) / ``log_reference_x``
+    (n, R) are the target's and the references' log p_y of the audited samples, ``log_target_z``
+    (m,) / ``log_reference_z`` (m, R) of population samples outside the target's training set
+    (offline: outside every reference's too). Online (``offline_a`` None) the references should
+    hold x IN for about half of them; offline only OUT references of x count (``in_mask`` (n, R)
+    False; all when None) and the same linear correction applies to p(z), as in the authors' ML
+    Privacy Meter. Every comparison is exact (``_rmia_log_ratio``); the score is a count over z, so
+    samples whose ratios fall between the same two z tie, as in the paper. O((n + m) log(n + m)).
     """
-    px_t = _finite(target_x, "target_x", 1)
-    pz_t = _finite(target_z, "target_z", 1)
-    px_r = _finite(reference_x, "reference_x", 2)
-    pz_r = _finite(reference_z, "reference_z", 2)
-    if px_r.shape[0] != px_t.size:
-        raise ValueError(f"reference_x must have shape ({px_t.size}, R), got {px_r.shape}")
-    if pz_r.shape != (pz_t.size, px_r.shape[1]):
-        raise ValueError(f"reference_z must have shape ({pz_t.size}, {px_r.shape[1]}), got {pz_r.shape}")
-    for name, a in (("target_x", px_t), ("target_z", pz_t), ("reference_x", px_r), ("reference_z", pz_r)):
-        if (a < 0).any() or (a > 1).any():
-            raise ValueError(f"{name} must hold probabilities in [0, 1]")
+    lz = _finite(log_reference_z, "log_reference_z", 2)
+    lx = _finite(log_reference_x, "log_reference_x", 2)
+    if lz.shape[1] != lx.shape[1]:
+        raise ValueError(f"log_reference_z must have {lx.shape[1]} columns (one per reference), got {lz.shape}")
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
-    if offline_a is None:
-        if in_mask is not None:
-            raise ValueError("in_mask is only used offline (set offline_a)")
-        prior_x, prior_z = px_r.mean(axis=1), pz_r.mean(axis=1)
-    else:
-        if not 0.0 <= offline_a <= 1.0:
-            raise ValueError(f"offline_a must lie in [0, 1], got {offline_a}")
-        out = np.ones(px_r.shape, bool) if in_mask is None else ~_bool_mask(in_mask, "in_mask", px_r.shape)
-        n_out = out.sum(axis=1)
-        if (n_out == 0).any():
-            raise ValueError(f"in_mask: {int((n_out == 0).sum())} examples have no OUT reference model")
-        p_out_x = np.where(out, px_r, 0.0).sum(axis=1) / n_out
-        prior_x = ((1 + offline_a) * p_out_x + (1 - offline_a)) / 2
-        prior_z = ((1 + offline_a) * pz_r.mean(axis=1) + (1 - offline_a)) / 2
-
-    def log_ratio(p: np.ndarray, prior: np.ndarray) -> np.ndarray:
-        return np.log(np.maximum(p, PROB_EPS)) - np.log(np.maximum(prior, PROB_EPS))
-
-    rz = np.sort(log_ratio(pz_t, prior_z))
-    # LR(x, z) >= gamma  <=>  log ratio(z) <= log ratio(x) - log gamma
-    return np.searchsorted(rz, log_ratio(px_t, prior_x) - np.log(gamma), side="right") / rz.size
+    if in_mask is not None and offline_a is None:
+        raise ValueError("in_mask is only used offline (set offline_a)")
+    out_x = None if in_mask is None else ~_bool_mask(in_mask, "in_mask", lx.shape)
+    z_hi, z_lo = _rmia_log_ratio(log_target_z, lz, offline_a=offline_a)
+    x_hi, x_lo = _rmia_log_ratio(log_target_x, lx, offline_a=offline_a, out_mask=out_x)
+    # LR(x, z) >= gamma  <=>  log ratio(z) <= log ratio(x) - log gamma, compared exactly: renormalise
+    # both to (hi, lo) pairs (FastTwoSum), whose lexicographic order is that of their sums.
+    s, e = _two_sum(x_hi, -np.log(gamma))
+    x_hi, x_lo = _two_sum(s, e + x_lo)
+    z_hi, z_lo = _two_sum(z_hi, z_lo)
+    hi, lo = np.concatenate([z_hi, x_hi]), np.concatenate([z_lo, x_lo])
+    is_x = np.concatenate([np.zeros(z_hi.size, bool), np.ones(x_hi.size, bool)])
+    order = np.lexsort((is_x, lo, hi))  # ties: every z equal to x counts (z sorts first)
+    z_before = np.cumsum(~is_x[order])
+    counts = np.empty(x_hi.size, np.int64)
+    counts[order[is_x[order]] - z_hi.size] = z_before[is_x[order]]
+    return counts / z_hi.size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,26 +323,25 @@ def centroid_similarity(embeddings: Any, identity: Any, known: Any, candidates: 
 # FD-MIA: score-based
 
 
-def posterior_features(probs: Any, labels: Any) -> np.ndarray:
-    """Single-model attack features [p_y, correct] (n, 2), p_y the probability of the true label.
+def posterior_features(logits: Any, labels: Any) -> np.ndarray:
+    """Single-model attack features [phi, correct] (n, 2): the exact scaled confidence of the true
+    label and whether the model predicts it. For a binary model this carries everything in
+    ML-Doctor's sorted posteriors plus correctness bit (Liu et al. 2022; Shokri et al. 2017), and
+    unlike p_y it does not saturate at 1 for the confident predictions where members live."""
+    phi = scaled_confidence(logits, labels)
+    return np.column_stack([phi, (phi > 0).astype(np.float64)])
 
-    For a binary model this carries everything in ML-Doctor's sorted posteriors plus correctness
-    bit (Liu et al. 2022; Shokri et al. 2017): p_y is the larger sorted posterior when correct.
-    """
-    p_true, p_other = _true_and_other(probs, labels)
-    return np.column_stack([p_true, (p_true > p_other).astype(np.float64)])
 
+def fd_mia_features(logits_bias: Any, logits_fair: Any, labels: Any) -> np.ndarray:
+    """FD-MIA attack features (n, 5): [phi_bias, phi_fair, phi_bias - phi_fair, correct_bias, correct_fair].
 
-def fd_mia_features(probs_bias: Any, probs_fair: Any, labels: Any) -> np.ndarray:
-    """FD-MIA attack features (n, 5): [p_bias, p_fair, p_bias - p_fair, correct_bias, correct_fair].
-
-    p is each model's probability of the true label. The explicit gap is the feature the FD-MIA
-    paper identifies: fairness interventions move members' predictions differently from
+    phi is each model's exact scaled confidence of the true label. The explicit gap is the feature
+    the FD-MIA paper identifies: fairness interventions move members' predictions differently from
     non-members', so the disagreement between the two models leaks membership that neither
     model's output shows alone.
     """
-    fb = posterior_features(probs_bias, labels)
-    ff = posterior_features(probs_fair, labels)
+    fb = posterior_features(logits_bias, labels)
+    ff = posterior_features(logits_fair, labels)
     return np.column_stack([fb[:, 0], ff[:, 0], fb[:, 0] - ff[:, 0], fb[:, 1], ff[:, 1]])
 
 

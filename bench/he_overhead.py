@@ -6,7 +6,7 @@ canary, parse with the public context, add client by client, decrypt and divide)
 
 * bytes per client vs float32, for full and selective encryption (``--fractions``);
 * client encrypt + serialise time, server aggregation time, key holder's decrypt time, against
-  the plaintext float64 weighted mean (``server.aggregation.weighted_average``);
+  the plaintext float64 weighted mean (``common.train.fedavg.weighted_average``);
 * server peak memory of the aggregation for 2, 5 and 10 clients: each count runs in a fresh
   process that first loads the clients' serialised payloads (which Flower has delivered anyway),
   resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), aggregates, and reports the
@@ -41,7 +41,7 @@ import numpy as np
 from common.he.ckks import Ciphertexts, EncryptedSum, decrypt_mean, encrypt_weighted, parse
 from common.he.keys import PUBLIC_FILE, SECRET_FILE, KeyParams, load_public_context, load_secret_context, write_keys
 from common.report.tables import format_table
-from server.aggregation import weighted_average
+from common.train.fedavg import weighted_average
 
 TARGET_BYTES = 8.5
 TARGET_ROUND = 1.5

@@ -24,9 +24,7 @@ from client.he_client import Encryption, decode_global, encode_update, secret_co
 from client.local import (
     ALLOW_REPRODUCIBLE_NOISE_ENV,
     ALLOW_REPRODUCIBLE_NOISE_NODE_CONFIG,
-    ClientState,
     StateStore,
-    derived_seed,
     local_data,
     local_train,
     mote_noise_seed,
@@ -38,6 +36,7 @@ from common.data.cache import build_dataset
 from common.mote.enrollment import enroll_client
 from common.nn.build import build_model, model_spec
 from common.runs.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
+from common.train.local_round import ClientState, derived_seed
 
 log = logging.getLogger(__name__)
 # This process's Flower log lines (a Ray worker's pipe in simulation, a SuperNode's log or

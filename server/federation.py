@@ -37,6 +37,7 @@ from common.nn.face_model import FaceModel
 from common.runs.layout import FINAL, round_name
 from common.runs.rundir import ResumePoint, RunDir
 from common.split.build import build_manifest
+from common.split.canaries import canary_plan, client_sample_counts, write_canaries
 from common.split.manifest import Manifest
 from common.train.pretraining import Pretrained, pretrain
 from server.enrollment import enroll_phase
@@ -76,15 +77,17 @@ DESCRIBE_PATIENCE = 120.0
 a first ClientApp process can take longer than a short ``round_timeout`` meant for training."""
 
 
-def describe_clients(grid: Grid, cfg: Config, manifest: Manifest) -> dict[int, int]:
+def describe_clients(grid: Grid, cfg: Config, manifest: Manifest, counts: list[int] | None = None) -> dict[int, int]:
     """Map partition id -> node id, and refuse nodes that split different data than the server or
-    that claim another sample count than their partition has in the server's manifest.
+    that claim another sample count than their partition has in the server's manifest (``counts``:
+    per partition, its members plus its canaries, ``common.split.canaries.client_sample_counts``).
 
     A node that cannot describe itself is left out as long as every partition is claimed by
     another: the SuperLink lists a SuperNode that died as online until its heartbeat expires
     (up to 60 s), so right after SuperNodes were restarted (a new node id each) the dead ones
     are still asked, and the SuperLink answers for them with an error."""
     fingerprint = manifest.fingerprint
+    expected = counts if counts is not None else [len(c) for c in manifest.clients]
     patience = max(cfg.federation.round_timeout, DESCRIBE_PATIENCE)
     nodes = _wait_for_nodes(grid, cfg.split.num_clients, patience)
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, 0)})
@@ -106,9 +109,9 @@ def describe_clients(grid: Grid, cfg: Config, manifest: Manifest) -> dict[int, i
         if pid in partitions:
             raise RunFailed(f"nodes {partitions[pid]} and {node} both claim partition-id {pid}")
         claimed = int(msg.content[wire.METRICS][wire.NUM_EXAMPLES])
-        if 0 <= pid < manifest.num_clients and claimed != len(manifest.clients[pid]):
+        if 0 <= pid < manifest.num_clients and claimed != expected[pid]:
             raise RunFailed(f"client {pid} (node {node}) claims {claimed} samples, its partition has "
-                            f"{len(manifest.clients[pid])} in the server's manifest")
+                            f"{expected[pid]} in the server's manifest")
         partitions[pid] = node
     missing = sorted(set(range(cfg.split.num_clients)) - set(partitions))
     if missing:
@@ -160,11 +163,15 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
     else:
         manifest = build_manifest(cfg, ds)
         manifest.save(run.manifest_path)
+    canaries = canary_plan(cfg, ds, manifest)  # the same plan every client derives (client.local.local_data)
+    if not started:
+        write_canaries(run, canaries)  # for the auditor only (attacks.canary_audit)
+    counts = client_sample_counts(manifest, canaries)
     evaluator = GlobalEvaluator(cfg, ds, manifest)
-    partitions = describe_clients(grid, cfg, manifest)
+    partitions = describe_clients(grid, cfg, manifest, counts)
     spec = model_spec(cfg)
     model = build_model(spec, cfg.seed)
-    settings = StrategySettings(cfg.seed, partitions, cfg.federation, {p: len(manifest.clients[p]) for p in partitions})
+    settings = StrategySettings(cfg.seed, partitions, cfg.federation, {p: counts[p] for p in partitions})
     meta = {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute}
     if started:
         assert point is not None and point.rounds_completed is not None

@@ -29,8 +29,8 @@ from common.he.selection import (
 from common.nn.face_model import FaceModel
 from common.runs.io import atomic_write_json
 from common.runs.rundir import RunDir
+from common.train.fedavg import weighted_average
 from common.train.pretraining import Pretrained
-from server.aggregation import weighted_average
 from server.strategy import ClientReply, FaceFedAvg, StrategySettings, record
 
 log = logging.getLogger(__name__)

@@ -17,13 +17,15 @@ from common.data.dataset import FaceDataset
 from common.mote.enrollment import client_references, enrolling_client, kde_population
 from common.mote.kde import GenderKDE
 from common.split.build import build_manifest
+from common.split.canaries import canary_plan
 from common.split.manifest import Manifest
 from common.train.pretraining import public_labels
 
 
 def check_inputs(cfg: Config) -> Manifest:
     """Build the data set and the split manifest the run will use (errors name the file or key);
-    check that MOTE can enroll every client. Returns the manifest."""
+    check that the data hold ``audit.canaries`` canaries and that MOTE can enroll every client.
+    Returns the manifest."""
     ds = build_dataset(cfg)
     manifest = build_manifest(cfg, ds)
     empty = [c for c in range(manifest.num_clients) if not manifest.clients[c]]
@@ -31,6 +33,7 @@ def check_inputs(cfg: Config) -> Manifest:
         raise ValueError(f"split: clients {empty} get no member image ({len(ds)} images, "
                          f"{manifest.counts()['identities']['member']} member identities for "
                          f"{manifest.num_clients} clients); lower split.num_clients or use more data")
+    canary_plan(cfg, ds, manifest)  # enough nonmember samples for audit.canaries
     if cfg.mote.enabled and cfg.train.task in ("identity", "both"):
         _check_enrollment(cfg, ds, manifest)
     return manifest

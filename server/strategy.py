@@ -3,7 +3,7 @@
 Flower's FedAvg samples nodes with the unseeded global ``random`` and averages in arrival order;
 a run must instead be reproducible from its seed. Nodes are therefore sampled by their
 partition id (learned in the describe phase) with a generator seeded by (seed, round), and
-replies are checked and averaged in partition order (``server.aggregation``).
+replies are checked and averaged in partition order (``common.train.fedavg``).
 
 Faulty clients never stop a round that still has ``min_train_nodes`` usable replies; each one
 is recorded in ``failures`` by name ("client P (node N): ..."), which federation.py writes to
@@ -24,7 +24,6 @@ metrics.jsonl:
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import wire
 from common.config import FederationConfig
-from server.aggregation import weighted_average
+from common.train.fedavg import sample_partitions, weighted_average
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +193,8 @@ class FaceFedAvg(FedAvg):
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids trained in this round (all of them at fraction 1)."""
-        ids = sorted(self.partitions)
-        k = min(len(ids), max(self.min_train_nodes, math.ceil(self.fraction_train * len(ids))))
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xFEDA, server_round]))
-        return sorted(rng.choice(ids, size=k, replace=False).tolist())
+        return sample_partitions(self.seed, server_round, list(self.partitions), self.fraction_train,
+                                 self.min_train_nodes)
 
     def model_content(self, arrays: ArrayRecord) -> dict[str, ArrayRecord | ConfigRecord]:
         """The records that carry the global model ``arrays`` to a client."""

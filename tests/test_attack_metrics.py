@@ -6,6 +6,7 @@ here, and each statistic on a synthetic case whose answer is known by constructi
 
 from __future__ import annotations
 
+import struct
 import time
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from hypothesis import strategies as st
 from scipy.stats import multivariate_normal, norm
 from sklearn.metrics import roc_auc_score
 
+import attacks.metrics
 from attacks.metrics import (
+    RocCurve,
     attack_metrics,
-    log_log_roc_plot,
     roc_auc,
+    roc_figures,
     roc_points,
     tpr_at_fpr,
 )
@@ -32,12 +35,14 @@ from attacks.scores import (
     fd_mia_features,
     lira_offline,
     lira_online,
+    log_true_prob,
     posterior_features,
     rmia_scores,
     sample_loss,
     scaled_confidence,
-    scaled_confidence_from_logits,
 )
+from common.report.plots import log_log_roc, roc_figure
+from common.runs.rundir import RunDir
 
 
 def _brute_force(scores: np.ndarray, member: np.ndarray) -> list[tuple[float, float, float]]:
@@ -71,9 +76,11 @@ def test_tpr_at_fpr_never_exceeds_target_and_matches_brute_force(data: list[tupl
     assert got == max(tpr for _, _, tpr in valid)
     # The value is attained by some threshold whose FPR is within the target (never a tie-split).
     assert any(tpr == got for _, _, tpr in valid)
-    # The batched path used by attack_metrics agrees.
+    # The batched path used by attack_metrics agrees where the nonmembers resolve the target, and
+    # reports nothing where they do not (at least 10 expected false positives).
     key = f"{target:g}"
-    assert attack_metrics(scores, member, None, seed=0, n_boot=0, fpr_targets=[target])["tpr_at_fpr"][key] == got
+    reported = attack_metrics(scores, member, None, seed=0, n_boot=0, fpr_targets=[target])["tpr_at_fpr"][key]
+    assert reported == (got if (~member).sum() * target >= 10 else None)
 
 
 def test_tied_block_that_would_exceed_target_is_excluded() -> None:
@@ -145,26 +152,36 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
     for key in ("auc", "accuracy", "balanced_accuracy"):
         lo, hi = ci[key]
         assert lo < a[key] < hi, key
-    for key, (lo, hi) in ci["tpr_at_fpr"].items():
-        assert lo <= a["tpr_at_fpr"][key] <= hi, key
+    assert ci["tpr_at_fpr"]["0.001"] is None and a["tpr_at_fpr"]["0.001"] is None  # needs 10,000 nonmembers
+    wider = attack_metrics(*_signal(4000), None, seed=7, n_boot=200)  # ~2000 nonmembers resolve 1% FPR
+    lo, hi = wider["ci95"]["tpr_at_fpr"]["0.01"]
+    assert lo <= wider["tpr_at_fpr"]["0.01"] <= hi
     assert 0.62 < a["auc"] < 0.72 and ci["auc"][1] - ci["auc"][0] < 0.1
     assert a["n_members"] + a["n_nonmembers"] == 2000 and a["n_boot"] == 1000 and a["seed"] == 7
 
 
 def test_per_group_breakdown() -> None:
-    scores, member = _signal(400, seed=1)
-    gender = np.random.default_rng(2).integers(0, 2, 400)
+    """Groups get their own metrics where they have the samples for them: an AUC from 50 members and
+    50 nonmembers, a TPR only where the group's nonmembers resolve the FPR; smaller groups say why not."""
+    scores, member = _signal(4800, seed=1)
+    gender = np.random.default_rng(2).integers(0, 2, 4800)
     only_members = np.where(member, 1, 2)
-    out = attack_metrics(scores, member, groups={"gender": gender, "odd": only_members}, seed=0, n_boot=50)
+    small = np.where(np.arange(4800) < 60, 1, 0)  # group 1: about 30 members and 30 nonmembers
+    out = attack_metrics(scores, member, groups={"gender": gender, "odd": only_members, "small": small},
+                         seed=0, n_boot=50)
     for g in (0, 1):
         sel = gender == g
         got = out["per_group"]["gender"][str(g)]
         assert got["auc"] == pytest.approx(roc_auc(scores[sel], member[sel]))
-        assert got["tpr_at_fpr"]["0.01"] == tpr_at_fpr(scores[sel], member[sel], 0.01)
+        assert got["tpr_at_fpr"]["0.01"] == tpr_at_fpr(scores[sel], member[sel], 0.01)  # ~1200 nonmembers
+        assert got["tpr_at_fpr"]["0.001"] is None  # would need 10,000
         assert (got["n_members"], got["n_nonmembers"]) == (member[sel].sum(), (~member[sel]).sum())
-        assert "ci95" not in got
+        assert "ci95" not in got and "omitted" not in got
     undefined = out["per_group"]["odd"]["1"]
     assert undefined["auc"] is None and undefined["n_nonmembers"] == 0 and undefined["n_members"] == member.sum()
+    few = out["per_group"]["small"]["1"]
+    assert few["auc"] is None and few["tpr_at_fpr"] == {"0.001": None, "0.01": None}
+    assert few["n_members"] + few["n_nonmembers"] == 60 and "fewer than 50" in few["omitted"]
 
 
 @pytest.mark.parametrize("scores, member, match", [
@@ -187,35 +204,109 @@ def test_group_and_target_errors() -> None:
         tpr_at_fpr(scores, member, 1.5)
 
 
-def test_log_log_roc_plot_writes_png_atomically(tmp_path: Path) -> None:
-    curves = {"strong": _signal(300, 0), "none": (np.zeros(300), _signal(300, 1)[1])}
-    path = tmp_path / "plots" / "roc.png"
-    log_log_roc_plot(curves, path, title="test")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in path.parent.iterdir()] == ["roc.png"]  # no temporary file left behind
+def _roc(family: str, label: str, n_members: int, n_nonmembers: int, seed: int = 0) -> RocCurve:
+    member = np.arange(n_members + n_nonmembers) < n_members
+    return RocCurve(family, label, np.random.default_rng(seed).normal(0.6 * member, 1.0), member)
+
+
+def test_roc_figures_write_one_png_per_family_atomically(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    curves = [_roc("clients", "loss (client 0)", 200, 150), _roc("global", "loss", 300, 300, 1),
+              _roc("clients", "loss (client 1)", 100, 120, 2), _roc("global", "lira", 300, 300, 3)]
+    written = roc_figures(curves, run.audit_roc)
+    assert list(written.items()) == [("global", run.audit_roc("global")), ("clients", run.audit_roc("clients"))]
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in written.values())
+    # no figure for the family without curves, and no temporary file left behind
+    assert sorted(p.name for p in run.audit.iterdir()) == ["roc-clients.png", "roc-global.png"]
+
+
+def test_roc_figures_title_counts_and_show_tpr_only_where_resolvable(monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: dict[Path, tuple[list[str], float, str]] = {}
+    monkeypatch.setattr(attacks.metrics, "log_log_roc",
+                        lambda curves, path, lo, title: drawn.update({path: (list(curves), lo, title)}))
+    curves = [_roc("global", "loss", 600, 1000), _roc("global", "lira", 600, 1000, 1),
+              _roc("mote", "loss (gallery)", 50, 999, 2), _roc("mote", "loss (pair)", 40, 1000, 3)]
+    assert roc_figures(curves, lambda family: Path(family)) == {"global": Path("global"), "mote": Path("mote")}
+
+    def legend(c: RocCurve, tpr: bool) -> str:
+        auc = f"{c.label}: AUC {roc_auc(c.scores, c.is_member):.3f}"
+        return auc + f", TPR@1% FPR {tpr_at_fpr(c.scores, c.is_member, 0.01):.3f}" if tpr else auc
+
+    assert drawn[Path("global")] == ([legend(curves[0], True), legend(curves[1], True)], 1e-3,
+                                     "final global model: membership inference\n(600 members vs 1000 nonmembers)")
+    # 999 nonmembers x 1% is below 10 expected false positives: that curve's TPR@1% FPR is noise
+    assert drawn[Path("mote")] == ([legend(curves[2], False), legend(curves[3], True)], 1e-3,
+                                   "MOTE galleries: membership inference\n(up to 50 members vs up to 1000 nonmembers)")
+
+
+def test_roc_figures_reject_unknown_families_and_shared_labels(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown family 'server'"):
+        _roc("server", "loss", 10, 10)
+    with pytest.raises(ValueError, match=r"share a label: \['loss'\]"):
+        roc_figures([_roc("global", "loss", 10, 10), _roc("global", "loss", 10, 10, 1)], RunDir(tmp_path).audit_roc)
+
+
+@pytest.mark.parametrize("n", [14, 30])
+def test_roc_figure_legend_lies_outside_the_axes_and_every_curve_is_distinct(n: int, tmp_path: Path) -> None:
+    from matplotlib.colors import to_hex
+
+    x = np.logspace(-3, 0, 50)
+    curves = {f"attack {i} (client {i}): AUC 0.5": (x, x ** (1.0 / (1.0 + i / 10))) for i in range(n)}
+    fig = roc_figure(curves, 1e-3, title="test")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [*curves, "chance"]
+    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # right of the axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    styles = {(to_hex(lines[label].get_color()), lines[label].get_linestyle()) for label in curves}
+    assert len(styles) == n
+    assert (to_hex(lines["chance"].get_color()), lines["chance"].get_linestyle()) not in styles
+    assert ax.get_xlim() == ax.get_ylim() == (1e-3, 1.0)
+
+    path = tmp_path / "roc.png"
+    log_log_roc(curves, path, 1e-3)
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])  # the PNG's IHDR
+    assert width > height  # widened to the legend rather than clipping it
 
 
 # --------------------------------------------------------------------------------- scaled confidence
 
 
-def test_loss_and_scaled_confidence() -> None:
-    p = np.array([0.9, 0.2, 0.5, 1.0, 0.0])
+def test_loss_and_scaled_confidence_from_logits() -> None:
+    z = np.array([np.log(9), np.log(0.25), 0.0, 40.0, -40.0])  # p = 0.9, 0.2, 0.5 and saturated
     y = np.array([1, 1, 0, 1, 1])
-    phi = scaled_confidence(p, y)
-    np.testing.assert_allclose(phi[:3], [np.log(9), np.log(0.25), 0.0], atol=1e-12)
-    assert np.isfinite(phi).all() and phi[3] > 25 and phi[4] < -25  # clipped, not infinite
-    np.testing.assert_allclose(sample_loss(p, y)[:3], -np.log([0.9, 0.2, 0.5]))
-    probs = np.array([[0.7, 0.2, 0.1], [1 - 1e-10, 5e-11, 5e-11]])
-    np.testing.assert_allclose(scaled_confidence(probs, [0, 0]), [np.log(0.7 / 0.3), np.log((1 - 1e-10) / 1e-10)],
-                               rtol=1e-12)  # the other classes are summed, not taken as 1 - p_y
+    np.testing.assert_allclose(scaled_confidence(z, y), [np.log(9), np.log(0.25), 0.0, 40.0, -40.0], atol=1e-12)
+    np.testing.assert_allclose(sample_loss(z, y)[:3], -np.log([0.9, 0.2, 0.5]), rtol=1e-12)
+    assert sample_loss(z, y)[3] == pytest.approx(np.exp(-40.0), rel=1e-9)  # not 0: no rounding to p = 1
+    assert sample_loss(z, y)[4] == pytest.approx(40.0, rel=1e-12)
     logits = np.array([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])
     soft = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(scaled_confidence_from_logits(logits, [0, 2]), scaled_confidence(soft, [0, 2]))
-    np.testing.assert_allclose(scaled_confidence_from_logits(np.array([40.0, 40.0]), [1, 0]), [40.0, -40.0])
+    np.testing.assert_allclose(scaled_confidence(logits, [0, 2]), np.log(soft[[0, 1], [0, 2]] / (1 - soft[[0, 1], [0, 2]])))
+    np.testing.assert_allclose(log_true_prob(logits, [0, 2]), np.log(soft[[0, 1], [0, 2]]), rtol=1e-12)
     with pytest.raises(ValueError, match="labels must lie"):
-        scaled_confidence(p, [1, 1, 0, 1, 2])
-    with pytest.raises(ValueError, match="probs must be finite probabilities"):
-        sample_loss([0.5, 1.5], [1, 1])
+        scaled_confidence(z, [1, 1, 0, 1, 2])
+    with pytest.raises(ValueError, match="logits contains NaN"):
+        sample_loss([0.5, np.inf], [1, 1])
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_statistics_are_exact_and_strictly_monotone_up_to_logit_40(label: int) -> None:
+    """phi, the loss and RMIA separate every pair of distinct logits in [-40, 40]: nothing saturates
+    where float32 probabilities would (1 - p = 0 beyond a logit of ~16.6), nor where log p_y = -e^(-40)
+    meets an O(1) reference term (RMIA compares its ratios exactly)."""
+    z = np.linspace(-40.0, 40.0, 4001)
+    y = np.full(z.size, label)
+    toward = 1 if label == 1 else -1  # the true label's direction: larger is more confident
+    for score in (scaled_confidence(z, y), -sample_loss(z, y), log_true_prob(z, y)):
+        steps = np.diff(score) * toward
+        assert (steps > 0).all(), "two distinct logits got the same (or a reversed) score"
+    np.testing.assert_array_equal(scaled_confidence(z, y), toward * z)  # exact, not just monotone
+    # RMIA: with a population z between every two audited logits, each logit gets its own count
+    refs = np.tile([-3.0, -1.0, -0.5, -0.1], (z.size, 1))  # the same references for every sample
+    rank = rmia_scores(log_true_prob(z, y), refs, log_true_prob(z + 0.01, y), refs)
+    assert (np.diff(rank) * toward > 0).all()
 
 
 # --------------------------------------------------------------------------------- LiRA
@@ -333,17 +424,13 @@ def test_fd_lira_online_formula() -> None:
 
 
 def test_score_based_fd_mia_beats_single_model() -> None:
-    def sigmoid(x: np.ndarray) -> np.ndarray:
-        return 1 / (1 + np.exp(-x))
-
     shadow, _, _, shadow_member = _gap_only_pairs(1000, 2, seed=2)
     target, _, _, member = _gap_only_pairs(1000, 2, seed=3)
     labels = np.ones(1000, int)
-    fd = ShadowAttackModel(seed=0).fit(fd_mia_features(sigmoid(shadow[:, 0]), sigmoid(shadow[:, 1]), labels),
-                                       shadow_member)
-    fd_auc = roc_auc(fd.score(fd_mia_features(sigmoid(target[:, 0]), sigmoid(target[:, 1]), labels)), member)
-    single = ShadowAttackModel(seed=0).fit(posterior_features(sigmoid(shadow[:, 1]), labels), shadow_member)
-    single_auc = roc_auc(single.score(posterior_features(sigmoid(target[:, 1]), labels)), member)
+    fd = ShadowAttackModel(seed=0).fit(fd_mia_features(shadow[:, 0], shadow[:, 1], labels), shadow_member)
+    fd_auc = roc_auc(fd.score(fd_mia_features(target[:, 0], target[:, 1], labels)), member)
+    single = ShadowAttackModel(seed=0).fit(posterior_features(shadow[:, 1], labels), shadow_member)
+    single_auc = roc_auc(single.score(posterior_features(target[:, 1], labels)), member)
     assert fd_auc > 0.7 and abs(single_auc - 0.5) < 0.06, (fd_auc, single_auc)
     with pytest.raises(ValueError, match="features must have 5 columns"):
         fd.score(np.zeros((3, 2)))
@@ -353,11 +440,11 @@ def test_score_based_fd_mia_beats_single_model() -> None:
 
 
 def _rmia_case(signal: float, seed: int, n: int = 1000, m: int = 500, r: int = 8):
-    """True-label probabilities: members get +signal logits under the target (and IN references)."""
+    """True-label log-probabilities: members get +signal logits under the target (and IN references)."""
     rng = np.random.default_rng(seed)
 
     def sigmoid(x: np.ndarray) -> np.ndarray:
-        return 1 / (1 + np.exp(-x))
+        return -np.logaddexp(0.0, -x)  # log sigmoid
 
     hard_x, hard_z = rng.normal(1.0, 1.5, (n, 1)), rng.normal(1.0, 1.5, (m, 1))
     member = rng.random(n) < 0.5
@@ -377,22 +464,25 @@ def test_rmia_detects_members_and_is_chance_without_signal() -> None:
     assert abs(roc_auc(rmia_scores(tx, rx, tz, rz), member) - 0.5) < 0.06
     with pytest.raises(ValueError, match="in_mask is only used offline"):
         rmia_scores(tx, rx, tz, rz, in_mask=in_mask)
-    with pytest.raises(ValueError, match="reference_z must have shape"):
+    with pytest.raises(ValueError, match="log_reference_z must have 8 columns"):
         rmia_scores(tx, rx, tz, rz[:, :3])
 
 
 def test_rmia_matches_pairwise_definition() -> None:
     tx, rx, tz, rz, in_mask, _ = _rmia_case(1.0, seed=2, n=40, m=30, r=4)
+    np.testing.assert_array_equal(rmia_scores(tx, rx, tz, rz), rmia_scores(tx, rx, tz, rz))
+    tx, rx, tz, rz = np.exp(tx), np.exp(rx), np.exp(tz), np.exp(rz)  # the definition, in probabilities
+    log = np.log
     for gamma in (0.5, 1.0, 2.0):
         ratio_x, ratio_z = tx / rx.mean(axis=1), tz / rz.mean(axis=1)
         expected = (ratio_x[:, None] / ratio_z[None, :] >= gamma).mean(axis=1)
-        np.testing.assert_allclose(rmia_scores(tx, rx, tz, rz, gamma=gamma), expected)
+        np.testing.assert_allclose(rmia_scores(log(tx), log(rx), log(tz), log(rz), gamma=gamma), expected)
     a = 0.4
     p_out = np.array([rx[i, ~in_mask[i]].mean() for i in range(40)])
     ratio_x = tx / (((1 + a) * p_out + 1 - a) / 2)
     ratio_z = tz / (((1 + a) * rz.mean(axis=1) + 1 - a) / 2)
     expected = (ratio_x[:, None] / ratio_z[None, :] >= 1.0).mean(axis=1)
-    np.testing.assert_allclose(rmia_scores(tx, rx, tz, rz, offline_a=a, in_mask=in_mask), expected)
+    np.testing.assert_allclose(rmia_scores(log(tx), log(rx), log(tz), log(rz), offline_a=a, in_mask=in_mask), expected)
 
 
 # --------------------------------------------------------------------------------- embeddings
@@ -414,3 +504,26 @@ def test_centroid_similarity_leave_one_out() -> None:
     # Sample 4 is the only known sample of identity 9: excluding itself leaves nothing.
     with pytest.raises(ValueError, match="1 candidates have no other known sample"):
         centroid_similarity(emb, identity, known)
+
+
+def test_paired_difference_is_exact_at_the_point_and_tighter_than_unpaired() -> None:
+    """Two attacks on the same samples: the difference of their AUCs with a paired bootstrap
+    interval; shared per-sample difficulty cancels, so it is much narrower than either AUC's own
+    interval, and it covers 0 when the two attacks only differ by a little noise."""
+    from attacks.metrics import paired_difference
+
+    scores, member = _signal(2000, seed=4)
+    rng = np.random.default_rng(5)
+    better = scores + 0.8 * member
+    noisy = scores + rng.normal(0, 0.05, scores.size)
+    d = paired_difference(better, scores, member, seed=0, n_boot=400)
+    assert d["difference"] == pytest.approx(roc_auc(better, member) - roc_auc(scores, member), abs=1e-12)
+    assert 0 < d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    width = d["ci95"][1] - d["ci95"][0]
+    own = attack_metrics(scores, member, None, seed=0, n_boot=400)["ci95"]["auc"]
+    assert width < 0.6 * (own[1] - own[0])
+    same = paired_difference(noisy, scores, member, seed=0, n_boot=400)
+    assert same["ci95"][0] <= 0 <= same["ci95"][1]
+    assert paired_difference(better, scores, member, seed=0, n_boot=100, metric="0.01")["difference"] > 0
+    with pytest.raises(ValueError, match="cannot resolve"):
+        paired_difference(better, scores, member, seed=0, metric="0.001")

@@ -6,7 +6,10 @@
   claim unrelated to the training sets (LiRA) give AUC within 0.5 +/- 0.05.
 * Vectorised reference-model training gives the same models as training them one by one.
 * ``facefl audit`` on a real federated attribute run writes report.json with every attack and
-  every required key, the per-sample scores and the ROC plot; reference models are cached.
+  every required key (no TPR the nonmembers cannot resolve; an empirical epsilon per attack;
+  paired comparisons), the per-sample scores, raw.npz (which the snippet of docs/audit.md
+  re-scores to the report's LiRA AUC) and one ROC figure per target family; reference models,
+  trained with the target's recipe, are cached.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def overfit(synth_open_set):
     """9 models, each trained on a random half of 320 faces with random labels; model 0 is the target."""
     from attacks.reference_models import train_references
     from common.config import TrainConfig
-    from common.train.loop import predict_attribute
+    from common.train.loop import attribute_logits
 
     ds = synth_open_set
     rng = np.random.default_rng(0)
@@ -40,19 +43,19 @@ def overfit(synth_open_set):
     in_mask = np.argsort(rng.random((9, len(ds))), axis=0) < 5
     cfg = TrainConfig(batch_size=32, lr=0.003, augment=False, weight_decay=0.0)
     models = train_references(_spec(), ds.images, y, in_mask, cfg, epochs=30, seeds=list(range(9)))
-    probs = np.stack([predict_attribute(m, ds.images) for m in models], axis=1)
-    return probs, y, in_mask
+    logits = np.stack([attribute_logits(m, ds.images) for m in models], axis=1)
+    return logits, y, in_mask
 
 
 def test_attacks_detect_membership_of_an_overfit_model(overfit) -> None:
     from attacks.metrics import roc_auc, tpr_at_fpr
     from attacks.scores import lira_online, sample_loss, scaled_confidence
 
-    probs, y, in_mask = overfit
+    logits, y, in_mask = overfit
     member = in_mask[0]
-    assert ((probs[:, 0] > 0.5) == y)[member].mean() > 0.95  # it memorised its random labels
-    assert roc_auc(-sample_loss(probs[:, 0], y), member) > 0.7
-    phi = np.stack([scaled_confidence(probs[:, r], y) for r in range(probs.shape[1])], axis=1)
+    assert ((logits[:, 0] > 0) == y)[member].mean() > 0.95  # it memorised its random labels
+    assert roc_auc(-sample_loss(logits[:, 0], y), member) > 0.7
+    phi = np.stack([scaled_confidence(logits[:, r], y) for r in range(logits.shape[1])], axis=1)
     lira = lira_online(phi[:, 0], phi[:, 1:], in_mask[1:].T, global_variance=True)
     assert tpr_at_fpr(lira, member, 0.01) > 0.05
     assert roc_auc(lira, member) > 0.7
@@ -62,14 +65,14 @@ def test_attacks_are_at_chance_without_signal(overfit, synth_open_set) -> None:
     from attacks.metrics import roc_auc
     from attacks.scores import lira_online, sample_loss, scaled_confidence
     from common.nn.build import build_model
-    from common.train.loop import predict_attribute
+    from common.train.loop import attribute_logits
 
-    probs, y, in_mask = overfit
+    logits, y, in_mask = overfit
     fake = np.random.default_rng(1).random(y.size) < 0.5  # a "membership" no model trained on
-    phi = np.stack([scaled_confidence(probs[:, r], y) for r in range(probs.shape[1])], axis=1)
+    phi = np.stack([scaled_confidence(logits[:, r], y) for r in range(logits.shape[1])], axis=1)
     lira = lira_online(phi[:, 0], phi[:, 1:], in_mask[1:].T, global_variance=True)
     assert abs(roc_auc(lira, fake) - 0.5) < 0.05
-    untrained = predict_attribute(build_model(_spec(), 3), synth_open_set.images)
+    untrained = attribute_logits(build_model(_spec(), 3), synth_open_set.images)
     assert abs(roc_auc(-sample_loss(untrained, y), fake) - 0.5) < 0.05
     assert abs(roc_auc(-sample_loss(untrained, y), in_mask[0]) - 0.5) < 0.05
 
@@ -102,7 +105,8 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
     run = simulated_run(tmp_path_factory, AUDIT_RUN, tag="audit")[0]
     argv = ["audit", str(run.path), "--references", "4", "--seed", "3"]
     assert main(argv) == 0
-    assert "lira-online" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "lira-online" in printed
     report = json.loads((run.path / "audit" / "report.json").read_text())
     main_attacks = [a for a in report["attacks"] if not a["target"].startswith("client")]
     assert [a["name"] for a in main_attacks] == ["loss", "lira-online", "lira-offline", "rmia", "shadow",
@@ -117,18 +121,38 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
         for key in ("auc", "accuracy", "balanced_accuracy"):
             lo, hi = a["ci95"][key]
             assert 0 <= lo <= a[key] <= hi <= 1, (a["name"], key)
-        assert set(a["tpr_at_fpr"]) == {"0.001", "0.01"} and set(a["ci95"]["tpr_at_fpr"]) == {"0.001", "0.01"}
+        # ~100 nonmembers resolve neither 0.1% nor 1% FPR: no number, and the table says so
+        assert a["tpr_at_fpr"] == {"0.001": None, "0.01": None} and a["ci95"]["tpr_at_fpr"] == a["tpr_at_fpr"]
         assert set(a["per_group"]) == {"gender", "group"} and set(a["per_group"]["gender"]) <= {"female", "male"}
+        bound = a["epsilon_lower_bound"]
+        assert bound["epsilon"] >= 0 and bound["delta"] == 1e-5 and "Bonferroni" in bound["method"]
         if a["name"].startswith("mint"):  # scored on the identities MINT did not train on
             assert a["target"].endswith("white-box") and 0 < a["n_members"] < report["audited"]["members"]
         else:
             assert a["target"] and a["n_members"] == a["n_nonmembers"] == report["audited"]["members"]
+    assert f"not resolvable at n = {report['audited']['nonmembers']}" in printed
+    assert report["reference_recipe"] == "target"
+    compared = {(c["a"], c["b"]) for c in report["comparisons"]}
+    assert ("lira-online @ global model (final)", "loss @ global model (final)") in compared
+    for c in report["comparisons"]:
+        assert c["ci95"][0] <= c["difference"] <= c["ci95"][1]
     scores = np.load(run.path / "audit" / "scores.npz")
     assert set(scores.files) == {"sample_ids", "is_member", "loss", "lira_online", "lira_offline", "rmia", "shadow",
                                  "mint_vanilla", "mint_cnn", "client0_loss", "client0_lira_online", "client1_loss",
                                  "client1_lira_online"}
     assert np.isnan(scores["mint_cnn"]).any() and np.isfinite(scores["loss"]).all()
-    assert (run.path / "audit" / "roc.png").stat().st_size > 1000
+    assert [p.name for p in sorted((run.path / "audit").glob("roc-*.png"))] == ["roc-clients.png", "roc-global.png"]
+    raw = np.load(run.path / "audit" / "raw.npz")
+    n, k = 2 * report["audited"]["members"], 4
+    for target in ("global model (final)", "client 0 update (round 2)", "client 1 update (round 2)"):
+        assert raw[f"{target}/ref_stat"].shape == raw[f"{target}/ref_in"].shape == (k, n)
+        assert (raw[f"{target}/ref_in"].sum(axis=0) == k // 2).all()  # every sample IN for half of them
+        assert raw[f"{target}/aux_ref_stat"].shape[0] == k and raw[f"{target}/aux_target_stat"].size > 0
+    assert raw["client 0 update (round 2)/scored"].sum() < n
+    np.testing.assert_array_equal(raw["global model (final)/sample_ids"], scores["sample_ids"])
+    # The documented snippet (docs/audit.md) re-scores LiRA from raw.npz alone and gives the report's AUC.
+    lira = next(a for a in main_attacks if a["name"] == "lira-online")
+    assert _rescored_lira_auc(run.path) == pytest.approx(lira["auc"], abs=1e-9)
     assert (run.path / "models" / "initial.safetensors").is_file()  # the references' starting point
     cached = sorted(p.name for p in (run.path / "audit" / "references").iterdir())
     assert cached == ["index.json"] + [f"ref-{r:03d}.safetensors" for r in range(4)]
@@ -137,6 +161,17 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
     assert [p.stat().st_mtime_ns for p in (run.path / "audit" / "references").iterdir()] == mtimes
     assert json.loads((run.path / "audit" / "report.json").read_text()) == report
     assert main(["audit", str(run.path), "--attacks", "centroid"]) == 2  # not for attribute models
+
+
+def _rescored_lira_auc(run_dir) -> float:
+    """Runs the re-scoring snippet of docs/audit.md on ``run_dir``: its ``auc``."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "audit.md").read_text(encoding="utf-8")
+    snippet = text.split("<!-- rescore-lira -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(snippet.replace("RUN_DIR", str(run_dir)), scope)  # noqa: S102 - the project's own documentation
+    return float(scope["auc"])
 
 
 @pytest.mark.timeout(300)

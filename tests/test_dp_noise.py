@@ -15,10 +15,11 @@ import pytest
 import torch
 from sim_runs import LEDGER_FULL
 
-from client.local import ClientState, StateStore, derived_seed, local_train, update_digest
+from client.local import StateStore, local_train, update_digest
 from common.config import load_config
 from common.nn.build import build_model, model_spec
 from common.train.dp import total_steps
+from common.train.local_round import ClientState, derived_seed
 from server.ledger import PrivacyLedger
 
 PARTITION, ROUND = 1, 1

@@ -15,12 +15,13 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 from sim_runs import LEDGER_FULL
 
-from client.local import ClientState, local_train
+from client.local import local_train
 from common.config import load_config
 from common.data.dataset import FaceDataset
 from common.nn.build import build_model, model_spec
 from common.train.dp import spent_epsilon
 from common.train.fairness import cell_counts, noisy_cell_counts, reweight, weights_from_counts
+from common.train.local_round import ClientState
 from common.train.loop import train
 
 REWEIGHTED = (*LEDGER_FULL, "train.task=attribute", "fairness.method=reweight")

@@ -1,6 +1,6 @@
 """Federated averaging, reproducibility and failure reporting, on real Flower simulations.
 
-* ``server.aggregation.weighted_average`` and ``FaceFedAvg.aggregate_train`` are unit-tested on
+* ``common.train.fedavg.weighted_average`` and ``FaceFedAvg.aggregate_train`` are unit-tested on
   hand-made Flower Messages (exact values, order independence).
 * End to end, the global model of every round of a real 3-round, 2-client DP run equals, bit for
   bit, the sample-weighted mean of the two clients' updates recomputed outside Flower with
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Depreca
 # ---------------------------------------------------------------- weighted_average (unit)
 
 def test_weighted_average_two_clients_exact() -> None:
-    from server.aggregation import weighted_average
+    from common.train.fedavg import weighted_average
 
     a = {"w": np.array([[4.0, -2.0], [0.0, 1.0]], np.float32), "b": np.array([1.0], np.float32)}
     b = {"w": np.array([[8.0, 2.0], [4.0, 1.0]], np.float32), "b": np.array([5.0], np.float32)}
@@ -40,7 +40,7 @@ def test_weighted_average_two_clients_exact() -> None:
 
 
 def test_weighted_average_float64_expectation() -> None:
-    from server.aggregation import weighted_average
+    from common.train.fedavg import weighted_average
 
     rng = np.random.default_rng(0)
     n1, n2 = 37, 91
@@ -61,7 +61,7 @@ def test_weighted_average_float64_expectation() -> None:
 @given(st.lists(st.tuples(st.integers(1, 10_000), st.floats(-1e3, 1e3, allow_nan=False, width=32)),
                 min_size=1, max_size=6))
 def test_weighted_average_is_a_convex_combination(updates: list[tuple[int, float]]) -> None:
-    from server.aggregation import weighted_average
+    from common.train.fedavg import weighted_average
 
     arrays = [(n, {"x": np.full(3, v, np.float32)}) for n, v in updates]
     out = weighted_average(arrays)["x"]
@@ -72,7 +72,7 @@ def test_weighted_average_is_a_convex_combination(updates: list[tuple[int, float
 
 
 def test_weighted_average_rejects_empty_and_zero_weights() -> None:
-    from server.aggregation import weighted_average
+    from common.train.fedavg import weighted_average
 
     with pytest.raises(ValueError, match="no updates"):
         weighted_average([])
@@ -94,7 +94,7 @@ def _send(strategy, arrays: dict[str, np.ndarray]) -> None:
 def test_aggregate_train_is_independent_of_arrival_order(server_task) -> None:
     from common import wire
     from common.config import FederationConfig
-    from server.aggregation import weighted_average
+    from common.train.fedavg import weighted_average
     from server.strategy import FaceFedAvg, StrategySettings
 
     rng = np.random.default_rng(1)
@@ -156,9 +156,10 @@ def test_global_model_is_sample_weighted_mean_of_client_updates(full_run) -> Non
     ``pretrain``), then each round every client's ``local_train`` from the previous global model
     (with its private head and DP history carried over) and the num-examples-weighted mean in
     float64; every round's checkpoint must match bit for bit."""
-    from client.local import ClientState, local_train
+    from client.local import local_train
     from common.config import load_config
     from common.nn.build import build_model, model_spec
+    from common.train.local_round import ClientState
     from common.train.pretraining import pretrain
 
     cfg = load_config(full_run.path / "config.toml")
@@ -196,6 +197,39 @@ def test_global_model_is_sample_weighted_mean_of_client_updates(full_run) -> Non
         torch.set_num_threads(threads)
     final = _load(full_run.path / "models" / "final.safetensors")
     assert all(torch.equal(final[k], global_state[k]) for k in final)
+
+
+@pytest.mark.timeout(300)
+def test_the_audits_target_recipe_is_the_runs_training(full_run) -> None:
+    """``--reference-recipe target``: a reference federation given exactly the run's client data and
+    seed reproduces the run's final global model bit for bit (DP with reproducible noise, public
+    pretraining, a Dirichlet split with unequal clients), so the recipe really is the target's;
+    with fresh noise (the default) two replays differ, as two trainings of a DP target would."""
+    import dataclasses
+
+    from attacks.federated_references import TargetRecipe, federated_model
+    from client.local import local_data
+    from common.config import load_config
+    from common.runs.rundir import RunDir
+
+    cfg = load_config(full_run.path / "config.toml")
+    recipe = TargetRecipe.of_run(RunDir(full_run.path), cfg)
+    assert set(recipe.noise_multipliers) == {0, 1} and all(s > 0 for s in recipe.noise_multipliers.values())
+    clients = [local_data(cfg, p) for p in range(cfg.split.num_clients)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the Ray actors train with one thread (federation.client_cpus=1)
+    try:
+        replay = federated_model(recipe, clients, cfg.seed).state_dict()
+        fresh_cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, reproducible_noise=False))
+        fresh = [federated_model(dataclasses.replace(recipe, cfg=fresh_cfg), clients, cfg.seed).state_dict()
+                 for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    final = _load(full_run.path / "models" / "final.safetensors")
+    assert set(final) == set(replay)
+    for k in final:
+        assert torch.equal(final[k], replay[k]), (k, float((final[k] - replay[k]).abs().max()))
+    assert any(not torch.equal(fresh[0][k], fresh[1][k]) for k in final)
 
 
 @pytest.mark.timeout(300)

@@ -94,7 +94,7 @@ def _decrypt(contexts, strategy, record):
 @pytest.mark.parametrize("fraction", [1.0, 0.3])
 def test_decrypted_aggregate_equals_plaintext_fedavg(server_task, contexts, fraction) -> None:
     from common.he.selection import EncryptionLayout, top_fraction_mask
-    from server.aggregation import weighted_average
+    from common.train.fedavg import weighted_average
 
     updates = _updates(0, 4, SHAPES)
     layout = EncryptionLayout.for_state(updates[0][1])
@@ -117,7 +117,7 @@ def test_inflated_sample_count_is_refused_before_it_enters_the_encrypted_sum(ser
     """The weight of an encrypted update is inside the ciphertext (n x update), so the server checks
     the claimed count against its manifest before adding: client 2 claims 50x its samples."""
     from common.he.selection import EncryptionLayout
-    from server.aggregation import weighted_average
+    from common.train.fedavg import weighted_average
 
     updates = _updates(0, 3, SHAPES)
     layout = EncryptionLayout.for_state(updates[0][1])
@@ -175,7 +175,7 @@ def test_client_with_another_key_is_named_and_excluded_or_fails_the_round(server
     assert [r.partition for r in strategy.accepted] == [0, 1]
     assert len(strategy.failures) == 1 and "client 2 (node 102)" in strategy.failures[0]
     assert "fingerprint" in strategy.failures[0]
-    from server.aggregation import weighted_average
+    from common.train.fedavg import weighted_average
 
     np.testing.assert_allclose(_decrypt(contexts, strategy, record)["fc.weight"],
                                weighted_average(updates[:2])["fc.weight"], rtol=1e-6, atol=1e-6)
@@ -225,7 +225,7 @@ def _corrupt(record, how: str):
 def test_malformed_ciphertexts_are_rejected_naming_the_client(server_task, contexts, how) -> None:
     from common import wire
     from common.he.selection import EncryptionLayout
-    from server.aggregation import weighted_average
+    from common.train.fedavg import weighted_average
 
     updates = _updates(3, 3, SHAPES)
     layout = EncryptionLayout.for_state(updates[0][1])

@@ -21,7 +21,7 @@ from dp_accounting.rdp import RdpAccountant
 from sim_runs import LEDGER_FULL
 from torch import nn
 
-from client.local import ClientState, dp_sampling, largest_identity_images, local_data, local_train
+from client.local import local_data, local_train
 from common.config import ConfigError, DPConfig, TrainConfig, load_config
 from common.nn.build import build_identity_head, build_model, model_spec
 from common.nn.face_model import ModelSpec
@@ -37,6 +37,7 @@ from common.train.identity_dp import (
     make_private_by_identity,
     num_identities,
 )
+from common.train.local_round import ClientState, dp_sampling, largest_identity_images
 from common.train.loop import _Joint, task_loss, train
 from server.ledger import IDENTITY_UNIT, SAMPLE_UNIT, PrivacyLedger
 

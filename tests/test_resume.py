@@ -336,9 +336,10 @@ def test_rerun_round_is_charged_once_if_identical_and_twice_otherwise(tiny_cfg, 
     """Real local training with a store: a re-run of round 2 from the persisted round-1 state
     releases the same bits and keeps the history of the first attempt; a re-run from another
     global model releases a different update and adds its steps on top."""
-    from client.local import ClientState, StateStore, local_train, update_digest
+    from client.local import StateStore, local_train, update_digest
     from common.nn.build import build_model, model_spec
     from common.train.dp import total_steps
+    from common.train.local_round import ClientState
 
     store = StateStore.for_client(tmp_path, "run-unit", 1)
     g0 = build_model(model_spec(tiny_cfg), tiny_cfg.seed).state_dict()
@@ -392,8 +393,9 @@ def test_client_never_starts_afresh_after_rounds_the_server_accepted(tmp_path, m
     from flwr.app import Context, RecordDict
 
     from client.app import _restore_state
-    from client.local import ClientState, SavedRound, StateStore
+    from client.local import SavedRound, StateStore
     from common.runs.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
+    from common.train.local_round import ClientState
 
     monkeypatch.delenv(CLIENT_STATE_ENV, raising=False)
 

@@ -125,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "adds the attacks on the fair model and FD-MIA on the pair")
     audit.add_argument("--attacks", type=_attack_names, default=None, metavar="NAME,...", help=_attacks_help())
     audit.add_argument("--references", type=int, default=16, help="LiRA / RMIA reference models (even, default 16)")
-    audit.add_argument("--max-per-class", type=int, default=500, help="audited members and nonmembers, each")
+    audit.add_argument("--max-per-class", type=int, default=5000,
+                       help="audited members and as many nonmembers, at most (default 5000: as many as the run has)")
+    audit.add_argument("--reference-recipe", choices=("target", "central"), default="target",
+                       help="how reference and shadow models train: 'target' (default) replays the run's own recipe "
+                            "(FedAvg over its clients, rounds, DP-SGD with its noise, its fairness intervention, from "
+                            "its initial model) on each reference's half; 'central' trains them centrally without DP")
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--vectorised", action="store_true",
                        help="train the reference models with stacked weights (one vmap); on 2 CPU cores this was "
@@ -291,7 +296,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     RunDir(args.run_dir).check_finished()
     report = AuditReport.from_dict(run_audit(
         args.run_dir, AuditSettings(attacks=args.attacks, references=args.references, max_per_class=args.max_per_class,
-                                    seed=args.seed, vectorised=args.vectorised, progress=not args.no_progress),
+                                    recipe=args.reference_recipe, seed=args.seed, vectorised=args.vectorised, progress=not args.no_progress),
         fair_dir=args.fair))
     print(format_table(summary_header(report), summary_rows(report)))
     print(f"{report.audited['members']} members vs {report.audited['nonmembers']} nonmembers; "

@@ -2,6 +2,7 @@
 
 from common.config.loader import dump_toml, from_flat, load_config, parse_overrides
 from common.config.schema import (
+    AuditConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -17,6 +18,7 @@ from common.config.schema import (
 )
 
 __all__ = [
+    "AuditConfig",
     "Config",
     "ConfigError",
     "DPConfig",

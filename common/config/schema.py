@@ -253,6 +253,16 @@ class MoteConfig(Section):
 
 
 @dataclass
+class AuditConfig(Section):
+    SECTION = "audit"
+
+    canaries: int = num(0, 0, doc="one-run audit (Steinke, Nasr & Jagielski 2023): this many nonmember-role samples "
+                                  "become canaries, each trained (with its attribute label flipped) by one random "
+                                  "client with probability 1/2; recorded in canaries.json for the auditor only; "
+                                  "needs an attribute task (0 = off)")
+
+
+@dataclass
 class Config:
     seed: int = num(0, 0)
     data: DataConfig = field(default_factory=DataConfig)
@@ -265,6 +275,7 @@ class Config:
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
     he: HEConfig = field(default_factory=HEConfig)
     mote: MoteConfig = field(default_factory=MoteConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def validate(self) -> Config:
         """Cross-field checks (single fields are checked while parsing)."""
@@ -281,6 +292,10 @@ class Config:
         if self.fairness.method != "none" and self.train.task == "identity":
             raise ConfigError(f"fairness.method: {self.fairness.method!r} needs an attribute task "
                               "(train.task = attribute or both), got train.task = 'identity'")
+        if self.audit.canaries and self.train.task == "identity":
+            raise ConfigError(f"audit.canaries: {self.audit.canaries} canaries are scored on the attribute head, "
+                              "which train.task = 'identity' has none of; set train.task = attribute or both, or "
+                              "audit.canaries = 0")
         if self.fairness.method == "fair_mixup" and self.dp.mode != "off":
             raise ConfigError("fairness.method: 'fair_mixup' couples samples across a batch and cannot be "
                               "combined with DP-SGD's per-sample clipping; use 'reweight' with dp.mode = sample")

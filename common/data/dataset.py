@@ -10,6 +10,7 @@ data set is re-read.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -128,6 +129,23 @@ class FaceDataset:
             source=self.source, group_names=self.group_names, identity_names=self.identity_names,
             meta=dict(self.meta),
         )
+
+    def with_flipped(self, attribute: str, positions: np.ndarray | list[int]) -> FaceDataset:
+        """A copy whose binary ``attribute`` (a task label or ``gender``, as ``train.attribute``
+        names it) is flipped at ``positions``: the mislabelled canaries of the one-run audit
+        (``common.split.canaries``). Images are shared, not copied; an unknown (-1) value has no
+        opposite and is refused."""
+        if attribute != "gender" and attribute not in self.labels:
+            raise KeyError(f"{attribute!r} is not a label of data set {self.source!r} "
+                           f"(labels: {sorted(self.labels)} or 'gender')")
+        column = (self.gender if attribute == "gender" else self.labels[attribute]).copy()
+        pos = np.asarray(positions, dtype=np.int64)
+        if (column[pos] == UNKNOWN).any():
+            raise ValueError(f"FaceDataset({self.source}): cannot flip an unknown {attribute!r} value")
+        column[pos] = 1 - column[pos]
+        if attribute == "gender":
+            return dataclasses.replace(self, gender=column, meta=dict(self.meta))
+        return dataclasses.replace(self, labels={**self.labels, attribute: column}, meta=dict(self.meta))
 
     def positions(self, sample_ids: np.ndarray | list[str]) -> np.ndarray:
         """Positions of the given sample ids; raise KeyError naming the first unknown id."""

@@ -21,7 +21,17 @@ from typing import Any
 
 from common.runs import layout
 from common.runs.io import atomic_path, atomic_write_text
-from common.runs.records import BALANCED_GALLERY, MISSING, RunStatus, tpr_label
+from common.runs.records import (
+    BALANCED_GALLERY,
+    FAMILY_TITLES,
+    MIN_FALSE_POSITIVES,
+    MIN_GROUP_PER_CLASS,
+    MISSING,
+    AttackEntry,
+    RunStatus,
+    tpr_label,
+    tpr_text,
+)
 from common.runs.results import RunResults
 from common.runs.rundir import RunDir
 
@@ -315,36 +325,77 @@ def _attacks(r: RunResults) -> str:
     for x in r.attacks():
         rows.append((x.name, x.target, with_ci(x.auc, x.ci("auc")),
                      with_ci(x.balanced_accuracy, x.ci("balanced_accuracy")),
-                     *(with_ci(x.tpr_at_fpr[k], x.tpr_ci(k)) for k in a.fpr_keys),
+                     *(_tpr(x, k) for k in a.fpr_keys),
+                     fmt((x.epsilon_lower_bound or {}).get("epsilon"), 2),
                      f"{x.n_members} / {x.n_nonmembers}"))
+    recipe = {"target": "trained the way the target was (its FedAvg, DP-SGD noise and fairness intervention)",
+              "central": "trained centrally without DP"}.get(a.reference_recipe or "", "recipe not recorded")
     out = [_p(f"Audited {a.audited.get('members')} members vs {a.audited.get('nonmembers')} nonmembers of the global "
-              f"model; {a.references} reference models; seed {a.seed}. Intervals are stratified "
-              "bootstrap 95% intervals; TPR at a target FPR never uses a threshold whose FPR exceeds the target.")]
+              f"model; {a.references} reference models, {recipe}; seed {a.seed}. Intervals are stratified "
+              "bootstrap 95% intervals; TPR at a target FPR never uses a threshold whose FPR exceeds the target, and "
+              f"is shown only where at least {MIN_FALSE_POSITIVES} nonmembers would be false positives at that FPR. "
+              "The empirical epsilon is a 95% lower bound from the attack's ROC (Clopper-Pearson, Bonferroni over "
+              "thresholds), at the run's delta, per sample.")]
     if a.mote_audited:
         m = a.mote_audited
         out.append(_p(f"MOTE galleries: {m.get('members')} vs {m.get('nonmembers')} ({m.get('what')})."))
     if a.fair_run:
         out.append(_p(f"Fair twin run (FD-MIA pair): {a.fair_run}."))
     out.append(_table(("attack", "target", "AUC [95% CI]", "balanced accuracy [95% CI]",
-                       *(f"{tpr_label(k)} [95% CI]" for k in a.fpr_keys), "members / nonmembers"), rows))
-    out.append(_image(r.path / layout.AUDIT_ROC, "ROC of every attack (log-log)"))
+                       *(f"{tpr_label(k)} [95% CI]" for k in a.fpr_keys), "empirical epsilon (lower bound)",
+                       "members / nonmembers"), rows))
+    out.append(_empirical_epsilon(r))
+    if a.comparisons:
+        out.append(_p("Paired comparisons on the same samples (AUC of a minus AUC of b, paired bootstrap 95% interval):"))
+        out.append(_table(("a", "b", "AUC difference [95% CI]"),
+                          [(c["a"], c["b"], with_ci(c["difference"], c["ci95"])) for c in a.comparisons]))
+    families = {x.kind.family for x in r.attacks()}  # one figure per family the audit attacked
+    out.extend(_image(r.path / layout.audit_roc(family), f"{title}: ROC of every attack (log-log)")
+               for family, title in FAMILY_TITLES.items() if family in families)
     return "".join(out)
+
+
+def _tpr(x: AttackEntry, key: str) -> str:
+    """A TPR with its interval where the nonmembers resolve it, else why not."""
+    return with_ci(x.tpr_at_fpr[key], x.tpr_ci(key)) if x.resolves(key) and x.tpr_at_fpr[key] is not None \
+        else tpr_text(x, key)
+
+
+def _empirical_epsilon(r: RunResults) -> str:
+    """The accounted epsilon beside the best lower bound the audit proves (attacks and canaries)."""
+    bounds = r.empirical_bounds()
+    if not bounds:
+        return ""
+    best, what = max(bounds)
+    accounted = r.epsilon()
+    unit = (r.privacy or {}).get("unit", "sample") if r.dp_on() else "no DP: no guarantee"
+    return _p(f"Accounted epsilon {fmt(accounted, 2)} ({unit}) vs the best empirical lower bound {fmt(best, 2)} "
+              f"({what}). A lower bound below the accounted value is expected; one above it would mean the "
+              "guarantee does not hold.")
 
 
 def _per_group(r: RunResults) -> str:
     if r.audit is None:
         return _not_run(f"no {layout.AUDIT_REPORT}")
-    rows = []
+    rows, omitted = [], set()
     keys = r.audit.fpr_keys
     for x in r.attacks(include_updates=False):
         for attr, groups in x.per_group.items():
             for value, g in groups.items():
-                rows.append((x.label, attr, value, g.get("auc"), *(g["tpr_at_fpr"][k] for k in keys),
+                if g.get("auc") is None:
+                    omitted.add(f"{attr} {value} ({g.get('n_members')} / {g.get('n_nonmembers')} for {x.name})")
+                    continue
+                rows.append((x.label, attr, value, g.get("auc"),
+                             *(fmt(g["tpr_at_fpr"][k]) if g["tpr_at_fpr"][k] is not None
+                               else f"not resolvable at n = {g.get('n_nonmembers')}" for k in keys),
                              g.get("n_members"), g.get("n_nonmembers")))
+    note = (f" Omitted, with fewer than {MIN_GROUP_PER_CLASS} members or nonmembers: {'; '.join(sorted(omitted))}."
+            if omitted else "")
     if not rows:
-        return _not_run("the audit report has no per-group breakdown")
-    return (_p("Each attack's success within one gender or skin-tone group (no intervals: the groups are small; "
-               "n/a where a group lacks members or nonmembers).")
+        return _not_run("no group has enough audited samples for its own metrics" + note)
+    return (_p("Each attack's success within one gender or skin-tone group (no intervals; a group's AUC needs at "
+               f"least {MIN_GROUP_PER_CLASS} members and {MIN_GROUP_PER_CLASS} nonmembers, its TPR the nonmembers "
+               f"to resolve the FPR).{note}")
             + _table(("attack", "attribute", "group", "AUC", *map(tpr_label, keys), "members", "nonmembers"),
                      rows))
 
@@ -388,7 +439,7 @@ def _server_view(r: RunResults) -> str:
         out.append(_p(f"Update-level attacks: not possible ({level.get('reason')})."))
     else:
         keys = r.audit.fpr_keys
-        rows = [(x.target, x.name, x.auc, *(x.tpr_at_fpr[k] for k in keys), x.n_members)
+        rows = [(x.target, x.name, x.auc, *(_tpr(x, k) for k in keys), x.n_members)
                 for x in r.attacks() if x.per_client]
         out.append(_p(f"Update-level attacks on {level.get('clients')} clients' own post-round models (what a curious "
                       "server holds), each on that client's members against every audited nonmember:"))

@@ -9,6 +9,7 @@ change one only together with a migration.
     runs/<run-id>/
       config.toml            the resolved configuration (written first)
       manifest.json          the split: who holds which sample, in which role
+      canaries.json          the one-run audit's canaries (audit.canaries > 0), for the auditor only
       metrics.jsonl          one JSON event per line (start, pretrain, round, enroll, decrypted, ...)
       status.json            running / finished / failed, and the last commit (records.RunStatus)
       privacy.json           the privacy ledger (DP runs)
@@ -17,7 +18,8 @@ change one only together with a migration.
       models/                initial, round-NNN and final global models; .he.safetensors when encrypted
         clients/             each client's latest post-round model (plaintext, save_client_models)
       mote/                  galleries (gallery-b<b>.safetensors), enrollment.json, evaluation.json, roc.png
-      audit/                 report.json (records.AuditReport), scores.npz, roc.png, reference-model caches
+      audit/                 report.json (records.AuditReport), scores.npz, one ROC figure per target family
+                             (roc-global.png, roc-clients.png, roc-mote.png), reference-model caches
       report.html, utility.png
 
 A client's node-local state lives outside the run directory, under
@@ -37,6 +39,7 @@ def _in(folder: str, name: str) -> str:
 # ------------------------------------------------------------------ top level
 CONFIG = "config.toml"
 MANIFEST = "manifest.json"
+CANARIES = "canaries.json"  # common.split.canaries.CanaryPlan; only the auditor reads it
 METRICS = "metrics.jsonl"
 STATUS = "status.json"
 PRIVACY = "privacy.json"
@@ -97,10 +100,15 @@ def gallery_file(balancing_factor: float) -> str:
 AUDIT = "audit"
 AUDIT_REPORT = _in(AUDIT, "report.json")  # records.AuditReport
 AUDIT_SCORES = _in(AUDIT, "scores.npz")
-AUDIT_ROC = _in(AUDIT, "roc.png")
+AUDIT_RAW = _in(AUDIT, "raw.npz")  # per-target statistics of the target and every reference, IN masks (docs/audit.md)
 REFERENCES = _in(AUDIT, "references")  # the reference (shadow) models' cache
 REFERENCES_FAIR = _in(AUDIT, "references-fair")  # their fairness-reweighted twins (FD-MIA)
 REFERENCE_INDEX = "index.json"  # inside a reference cache: what the cached models were trained for
+
+
+def audit_roc(family: str) -> str:
+    """The ROC figure of one target family (``records.FAMILY_TITLES``): ``audit/roc-global.png``."""
+    return _in(AUDIT, f"roc-{family}.png")
 
 
 def reference_model_file(index: int) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from common.runs.io import atomic_write_json, read_json
@@ -196,9 +197,37 @@ class TargetKind(StrEnum):
         """A MOTE gallery or pair: trained after the federation, outside DP-SGD's guarantee."""
         return self in (TargetKind.MOTE_GALLERY, TargetKind.MOTE_PAIR)
 
+    @property
+    def family(self) -> str:
+        """The ROC figure this kind's attacks are drawn in (a key of ``FAMILY_TITLES``): attacks on the
+        final global model(s), on each client's update and on the MOTE galleries answer different
+        threat models, and one figure of them all is unreadable."""
+        if self.mote:
+            return "mote"
+        return "clients" if self.per_client else "global"
+
+
+FAMILY_TITLES: Mapping[str, str] = MappingProxyType({
+    "global": "final global model",
+    "clients": "each client's update (curious server)",
+    "mote": "MOTE galleries",
+})
+"""Every target family (``TargetKind.family``), in report order, with its title for a human."""
 
 MIN_FALSE_POSITIVES = 10
 """Nonmembers above the threshold needed before a TPR at a target FPR means anything."""
+
+
+MIN_GROUP_PER_CLASS = 50
+"""Members and nonmembers a group needs before its own AUC is reported (its standard error is then
+about 0.06 or less); smaller groups are listed with their counts and no metric."""
+
+
+def resolvable(n_nonmembers: int, fpr: float) -> bool:
+    """Whether ``n_nonmembers`` can resolve TPR at FPR ``fpr``: the threshold must sit above at least
+    ``MIN_FALSE_POSITIVES`` nonmembers, or the "FPR" is one or two samples and the TPR is noise (TPR at
+    0.1% FPR needs 10,000 nonmembers)."""
+    return n_nonmembers * fpr >= MIN_FALSE_POSITIVES
 
 
 def fpr_key(target: float) -> str:
@@ -237,9 +266,11 @@ class AttackEntry:
     partition: int | None = None
     balancing_factor: float | None = None
     fair: bool | None = None
+    # attacks.empirical_epsilon.EpsilonBound.to_dict(): the epsilon this attack's ROC proves
+    epsilon_lower_bound: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _OPTIONAL = ("partition", "balancing_factor", "fair")
+    _OPTIONAL = ("partition", "balancing_factor", "fair", "epsilon_lower_bound")
 
     @classmethod
     def from_dict(cls, raw: Any) -> AttackEntry:
@@ -282,10 +313,17 @@ class AttackEntry:
         return ((self.ci95 or {}).get("tpr_at_fpr") or {}).get(fpr)
 
     def resolves(self, fpr: str) -> bool:
-        """Whether the audited nonmembers can resolve TPR at FPR ``fpr``: the threshold must sit
-        above at least ``MIN_FALSE_POSITIVES`` nonmembers, or the "FPR" is one or two samples and
-        the TPR is noise (TPR at 0.1% FPR needs 10,000 nonmembers)."""
-        return self.n_nonmembers * float(fpr) >= MIN_FALSE_POSITIVES
+        """Whether the audited nonmembers can resolve TPR at FPR ``fpr`` (``resolvable``)."""
+        return resolvable(self.n_nonmembers, float(fpr))
+
+
+def tpr_text(entry: AttackEntry, fpr: str) -> str:
+    """``tpr_at_fpr[fpr]`` for a table, or why it is not there: "not resolvable at n = 300"
+    (nonmembers); a number only where ``resolvable``."""
+    value = entry.tpr_at_fpr.get(fpr)
+    if value is None or not entry.resolves(fpr):
+        return f"not resolvable at n = {entry.n_nonmembers}"
+    return f"{value:.3f}"
 
 
 @dataclass(frozen=True)
@@ -304,7 +342,12 @@ class AuditReport:
     fpr_targets: tuple[float, ...]
     attacks: list[AttackEntry]
     mote_audited: dict[str, Any] | None = None
+    reference_recipe: str | None = None  # "target" or "central" (attacks.audit.REFERENCE_RECIPES)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # attacks.metrics.paired_difference, labelled
+    canary_audit: dict[str, Any] | None = None  # attacks.canary_audit: the one-run audit's counts and bound
     extra: dict[str, Any] = field(default_factory=dict)
+
+    _OPTIONAL = ("mote_audited", "reference_recipe", "canary_audit")
 
     _REQUIRED = ("run", "fair_run", "task", "dp", "audited", "references", "seed", "update_level", "attacks")
 
@@ -315,11 +358,11 @@ class AuditReport:
             raise ValueError("audit report: no fpr_targets; it was written by an older facefl: run `facefl audit` again")
         if not isinstance(raw["attacks"], list):
             raise ValueError("audit report: attacks: expected a list")
-        known = (*cls._REQUIRED, "fpr_targets", "mote_audited")
+        known = (*cls._REQUIRED, "fpr_targets", "comparisons", *cls._OPTIONAL)
         return cls(raw["run"], raw["fair_run"], raw["task"], raw["dp"], raw["audited"], raw["references"], raw["seed"],
                    raw["update_level"], tuple(float(t) for t in raw["fpr_targets"]),
-                   [AttackEntry.from_dict(a) for a in raw["attacks"]], raw.get("mote_audited"),
-                   {k: v for k, v in raw.items() if k not in known})
+                   [AttackEntry.from_dict(a) for a in raw["attacks"]], comparisons=list(raw.get("comparisons", [])),
+                   **{k: raw.get(k) for k in cls._OPTIONAL}, extra={k: v for k, v in raw.items() if k not in known})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AuditReport:
@@ -329,8 +372,8 @@ class AuditReport:
         out = {**self.extra, **{k: getattr(self, k) for k in self._REQUIRED if k != "attacks"}}
         out["fpr_targets"] = list(self.fpr_targets)
         out["attacks"] = [a.to_dict() for a in self.attacks]
-        if self.mote_audited is not None:
-            out["mote_audited"] = self.mote_audited
+        out["comparisons"] = self.comparisons
+        out.update({k: getattr(self, k) for k in self._OPTIONAL if getattr(self, k) is not None})
         return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -137,9 +137,29 @@ class RunResults:
             for key in ("auc", "fnmr", "fdr", "igarbe"):
                 row[f"{method} {key}"] = verification.get(key, math.nan)
             row[f"{method} gender_inference_ba"] = leak.get("balanced_accuracy", math.nan)
+        row["empirical_epsilon"] = self.empirical_epsilon()
         for a in self.attacks():
             row[f"auc: {a.label}"] = a.auc
-            for fpr in self.audit.fpr_keys:
-                row[f"tpr@{fpr}: {a.label}"] = a.tpr_at_fpr[fpr]
+            for fpr in self.audit.fpr_keys:  # NaN where the nonmembers cannot resolve the FPR
+                row[f"tpr@{fpr}: {a.label}"] = a.tpr_at_fpr[fpr] if a.tpr_at_fpr[fpr] is not None else math.nan
+            if a.epsilon_lower_bound:
+                row[f"eps_lb: {a.label}"] = a.epsilon_lower_bound["epsilon"]
         return row
+
+    def empirical_bounds(self) -> list[tuple[float, str]]:
+        """(lower bound on the global model's epsilon, what proves it): each attack on the final
+        global model(s) and the one-run canary audit ([] without an audit)."""
+        if self.audit is None:
+            return []
+        bounds = [(a.epsilon_lower_bound["epsilon"], a.label) for a in self.attacks()
+                  if a.epsilon_lower_bound and a.kind.family == "global"]
+        if self.audit.canary_audit:
+            c = self.audit.canary_audit
+            bounds.append((c["bound"]["epsilon"], f"one-run canary audit, {c['counts']['included']} of "
+                                                  f"{c['counts']['m']} canaries included"))
+        return bounds
+
+    def empirical_epsilon(self) -> float:
+        """The largest lower bound of ``empirical_bounds``; NaN without one."""
+        return max((b for b, _ in self.empirical_bounds()), default=math.nan)
 

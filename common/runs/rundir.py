@@ -100,6 +100,11 @@ class RunDir:
         return self.path / layout.MANIFEST
 
     @property
+    def canaries_path(self) -> Path:
+        """The one-run audit's canaries (``common.split.canaries``); absent without audit.canaries."""
+        return self.path / layout.CANARIES
+
+    @property
     def metrics_path(self) -> Path:
         return self.path / layout.METRICS
 
@@ -193,8 +198,12 @@ class RunDir:
         return self.path / layout.AUDIT_SCORES
 
     @property
-    def audit_roc_path(self) -> Path:
-        return self.path / layout.AUDIT_ROC
+    def audit_raw_path(self) -> Path:
+        return self.path / layout.AUDIT_RAW
+
+    def audit_roc(self, family: str) -> Path:
+        """The ROC figure of one target family (``records.FAMILY_TITLES``)."""
+        return self.path / layout.audit_roc(family)
 
     def reference_cache(self, fair: bool = False) -> Path:
         """The audit's cache of reference models (of their fairness-reweighted twins with ``fair``)."""

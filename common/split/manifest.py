@@ -118,7 +118,7 @@ def _hold_out(identity: np.ndarray, roles: np.ndarray, split: SplitSettings, see
     roles[pos[order]] = held
 
 
-def _attribute_values(ds: FaceDataset, name: str) -> np.ndarray:
+def attribute_values(ds: FaceDataset, name: str) -> np.ndarray:
     """Per-sample values of the partition attribute: a sensitive attribute or a task label."""
     columns = {"gender": ds.gender, "group": ds.group, "age": ds.age, **ds.labels}
     if name not in columns:
@@ -147,7 +147,7 @@ def make_manifest(ds: FaceDataset, split: SplitSettings, seed: int, min_samples_
             raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     if len(ds) == 0:
         raise ValueError(f"make_manifest: data set {ds.source!r} is empty")
-    attribute = _attribute_values(ds, split.partition_attribute) if split.partition == "attribute" else None
+    attribute = attribute_values(ds, split.partition_attribute) if split.partition == "attribute" else None
     ids, id_roles = _identity_roles(ds, split, seed)
     roles = id_roles[np.searchsorted(ids, ds.identity)]
     _hold_out(ds.identity, roles, split, seed)

@@ -317,10 +317,18 @@ def embed(model: FaceModel, images: np.ndarray, batch_size: int = 256) -> np.nda
 
 
 @torch.no_grad()
-def predict_attribute(model: FaceModel, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Attribute probabilities (sigmoid of the logit) of uint8 images, in eval mode."""
+def attribute_logits(model: FaceModel, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The attribute head's logits of uint8 images, in eval mode, as float64. Membership statistics
+    are computed from these (stable log-sigmoid), never from rounded probabilities: a float32
+    sigmoid is 1.0 for every logit above about 16.6, where the most confident members live."""
     if model.attribute is None:
         raise ValueError("model has no attribute head")
     model.eval()
-    out = [torch.sigmoid(model(to_tensor(images[i:i + batch_size]))[1]).numpy() for i in range(0, len(images), batch_size)]
-    return np.concatenate(out) if out else np.empty(0, np.float32)
+    out = [model(to_tensor(images[i:i + batch_size]))[1].double().numpy() for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.empty(0, np.float64)
+
+
+def predict_attribute(model: FaceModel, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Attribute probabilities (sigmoid of the logit) of uint8 images, in eval mode: for accuracy
+    and fairness metrics; membership statistics use ``attribute_logits``."""
+    return 1.0 / (1.0 + np.exp(-attribute_logits(model, images, batch_size)))
