@@ -7,10 +7,11 @@ population.
 
 * Attribute models (binary posterior):
   - ``loss``: minus the sample's loss (Yeom et al. 2018).
-  - reference models: ``references`` models of the target's architecture, trained centrally with
-    the target's local recipe, each on a random half of (audited + aux) so that every audited
-    sample is IN for exactly half of them (``attacks.reference_models``, cached in
-    ``audit/references``; one at a time by default, stacked with ``--vectorised``).
+  - reference models: ``references`` models of the target's architecture, each on a random half
+    of (audited + aux) so that every audited sample is IN for exactly half of them, trained by the
+    target's own recipe (``recipe="target"``: FedAvg with its clients, rounds, DP-SGD noise and
+    fairness intervention, ``attacks.federated_references``) or centrally without DP
+    (``recipe="central"``, ``attacks.reference_models``); cached in ``audit/references*``.
   - ``shadow`` (Shokri et al. 2017, ML-Doctor's features): the reference models are the shadow
     models; an attack model learns membership from their outputs on aux samples only.
   - ``lira-online`` and ``lira-offline`` (Carlini et al. 2022). The offline test is the one-sided
@@ -19,17 +20,22 @@ population.
   - ``rmia`` (Zarifzadeh et al. 2024, online): the aux samples are the population z.
   - with ``--fair`` (a fair twin run: same data and split, a fairness intervention): the same
     attacks on the fair model, and FD-MIA (Tian et al. 2024) on the biased / fair pair, with
-    reference pairs (each plain reference's reweighted twin, trained on the same half).
+    reference pairs (each plain reference's fair twin, trained on the same half by the fair run's
+    recipe).
 * Embedding models (identity task, no posterior): ``centroid``, the cosine similarity of a
   sample's embedding to the mean embedding of the other photos of its identity.
 * Both: ``mint-vanilla`` and ``mint-cnn`` (``attacks.mint``), the white-box auditor, trained on
   the audited samples of half the identities and reported on the other half.
 
-Every attack gets ``attacks.metrics.attack_metrics``: AUC, accuracy and balanced accuracy at
-the best threshold, TPR at FPR 0.1% and 1%, seeded bootstrap 95% intervals, and per gender and
-group. Written to ``audit/report.json`` (``common.runs.records.AuditReport``: each entry names its
-target's kind), ``audit/scores.npz`` and ``audit/roc.png``. Every attack, what it applies to and
-what it needs: ``attacks.registry``.
+Every statistic comes from float64 logits (``attacks.scores``). Every attack gets
+``attacks.metrics.attack_metrics``: AUC, accuracy and balanced accuracy at the best threshold, TPR
+at FPR 0.1% and 1% where the nonmembers resolve it, seeded bootstrap 95% intervals, per gender and
+group where large enough, and the epsilon lower bound its ROC proves
+(``attacks.empirical_epsilon``); paired differences between attacks; the one-run canary audit
+when the run has canaries. Written to ``audit/report.json`` (``common.runs.records.AuditReport``),
+``audit/scores.npz``, ``audit/raw.npz`` (what re-scoring needs) and one ROC figure per target
+family. Every attack, what it applies to and what it needs: ``attacks.registry``; the file
+formats: docs/audit.md.
 """
 
 from __future__ import annotations
@@ -356,7 +362,7 @@ def _fair_twin(run: RunDir, fair_dir: str | os.PathLike[str], cfg: Config, manif
 def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
               fair_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Audit the run's final model (and, with ``fair_dir``, the fair model and the FD-MIA pair);
-    writes audit/report.json, scores.npz and roc.png; returns the report as written
+    writes audit/report.json, scores.npz, raw.npz and the ROC figures; returns the report as written
     (``AuditReport.to_dict()``)."""
     if settings.recipe not in REFERENCE_RECIPES:
         raise ValueError(f"reference recipe: expected one of {', '.join(REFERENCE_RECIPES)}, got {settings.recipe!r}")
@@ -402,7 +408,7 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
     arrays: dict[str, np.ndarray] = {}
     for prefix, audited in sets.items():
         arrays.update({f"{prefix}sample_ids": ds.sample_ids[audited.positions], f"{prefix}is_member": audited.is_member,
-                       **{t.key(n): s for (t, n), s in audited.scores.items()}})
+                       **{prefix + t.key(n): s for (t, n), s in audited.scores.items()}})
     atomic_save_npz(run.audit_scores_path, **arrays)
     atomic_save_npz(run.audit_raw_path, **{k: v for audited in sets.values() for k, v in audited.raw.items()},
                     **canary_arrays)
@@ -556,7 +562,7 @@ def _mote_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest, mod
     audited, by_target = found
     scores = {}
     for i, (found_target, attacks) in enumerate(by_target.items()):
-        target = dataclasses.replace(found_target, key_prefix=f"{MOTE_PREFIX}{i}_", short=found_target.name)
+        target = dataclasses.replace(found_target, key_prefix=f"{i}_", short=found_target.name)
         scores.update({(target, attack): s for attack, s in attacks.items() if attack in wanted})
     return AuditedSet(audited.positions, audited.is_member, scores)
 

@@ -199,9 +199,10 @@ def paired_difference(scores_a: Any, scores_b: Any, is_member: Any, seed: int, n
         raise ValueError(f"paired_difference: {int((~m).sum())} nonmembers cannot resolve TPR at FPR {metric}")
     boot_a, boot_b = _resampled([a, b], m, targets, seed, n_boot)
     diff = boot_a[key] - boot_b[key]
-    point = _curve_metrics(a[None], m[None], targets)[key][0] - _curve_metrics(b[None], m[None], targets)[key][0]
+    point_a, point_b = (float(_curve_metrics(x[None], m[None], targets)[key][0]) for x in (a, b))
     lo, hi = np.percentile(diff, [2.5, 97.5])
-    return {"metric": metric, "difference": float(point), "ci95": [float(lo), float(hi)], "n_boot": int(n_boot),
+    return {"metric": metric, "value_a": point_a, "value_b": point_b, "difference": point_a - point_b,
+            "ci95": [float(lo), float(hi)], "n_boot": int(n_boot),
             "seed": int(seed), "n_members": int(m.sum()), "n_nonmembers": int((~m).sum())}
 
 

@@ -39,7 +39,7 @@ from attacks.registry import for_target
 from common.report.html import fmt, with_ci
 from common.runs import layout
 from common.runs.io import atomic_write_bytes, atomic_write_text, read_json
-from common.runs.records import BALANCED_GALLERY, TEMPLATES, AttackEntry, TargetKind, tpr_label
+from common.runs.records import BALANCED_GALLERY, TEMPLATES, AttackEntry, TargetKind, tpr_label, tpr_text
 from common.runs.results import RunResults
 
 EPSILON_KEY = "dp.target_epsilon"
@@ -126,8 +126,8 @@ def _attack(r: Run, kind: TargetKind, fair: bool | None = None) -> AttackEntry |
 
 
 def _headline_fpr(a: AttackEntry) -> str:
-    """The lowest target FPR of the audit (the key of its headline TPR)."""
-    return min(a.tpr_at_fpr, key=float)
+    """The lowest target FPR its nonmembers resolve (else the lowest): the key of its headline TPR."""
+    return min([k for k in a.tpr_at_fpr if a.resolves(k)] or a.tpr_at_fpr, key=float)
 
 
 def _auc_ci(a: AttackEntry) -> str:
@@ -139,7 +139,8 @@ def _auc(a: AttackEntry) -> str:
 
 
 def _tpr(a: AttackEntry) -> str:
-    return with_ci(a.tpr_at_fpr[_headline_fpr(a)], a.tpr_ci(_headline_fpr(a)))
+    fpr = _headline_fpr(a)
+    return with_ci(a.tpr_at_fpr[fpr], a.tpr_ci(fpr)) if a.resolves(fpr) else tpr_text(a, fpr)
 
 
 def _clear(a: AttackEntry, b: AttackEntry) -> bool:

@@ -161,6 +161,46 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
     assert [p.stat().st_mtime_ns for p in (run.path / "audit" / "references").iterdir()] == mtimes
     assert json.loads((run.path / "audit" / "report.json").read_text()) == report
     assert main(["audit", str(run.path), "--attacks", "centroid"]) == 2  # not for attribute models
+    _compare_recipes(run.path, argv, raw, capsys)
+
+
+def _compare_recipes(run_dir, argv, raw, capsys) -> None:
+    """The same run audited with central references: other reference statistics on the same samples,
+    and ``facefl compare`` pairs the two audits sample by sample."""
+    import shutil
+
+    from attacks.compare import compare_audits
+    from workflow.cli import main
+
+    central = run_dir.with_name(run_dir.name + "-central")
+    shutil.copytree(run_dir, central)
+    assert main([*argv[:1], str(central), *argv[2:], "--reference-recipe", "central"]) == 0
+    assert json.loads((central / "audit" / "report.json").read_text())["reference_recipe"] == "central"
+    raw_central = np.load(central / "audit" / "raw.npz")
+    t = "global model (final)/"
+    np.testing.assert_array_equal(raw_central[t + "ref_in"], raw[t + "ref_in"])  # the same keep matrix ...
+    assert not np.allclose(raw_central[t + "ref_stat"], raw[t + "ref_stat"])  # ... other reference models
+    capsys.readouterr()
+    assert main(["compare", str(run_dir), str(central), "--json", str(central / "compare.json")]) == 0
+    assert "A - B [95% paired CI]" in capsys.readouterr().out
+    rows = {(r["attack"], r["metric"]): r for r in json.loads((central / "compare.json").read_text())["rows"]}
+    assert rows[("loss", "auc")]["difference"] == 0 == rows[("loss", "auc")]["ci95"][1]  # no references: same
+    lira = rows[("lira_online", "auc")]
+    assert lira["difference"] == pytest.approx(lira["value_a"] - lira["value_b"]) and lira["value_a"] != lira["value_b"]
+    assert lira["ci95"][0] <= lira["difference"] <= lira["ci95"][1]
+    assert {m for _, m in rows} == {"auc"}  # ~100 nonmembers resolve no TPR
+    scores = dict(np.load(central / "audit" / "scores.npz"))
+    order = np.random.default_rng(0).permutation(scores["sample_ids"].size)  # another order: matched by id
+    for key in scores:
+        if scores[key].shape == order.shape:
+            scores[key] = scores[key][order]
+    np.savez(central / "audit" / "scores.npz", **scores)
+    again = {(r["attack"], r["metric"]): r["difference"] for r in compare_audits(run_dir, central)}
+    assert again[("lira_online", "auc")] == pytest.approx(lira["difference"], abs=1e-12)
+    scores["is_member"] = ~scores["is_member"]
+    np.savez(central / "audit" / "scores.npz", **scores)
+    with pytest.raises(ValueError, match="is a member in one run and not in the other"):
+        compare_audits(run_dir, central)
 
 
 def _rescored_lira_auc(run_dir) -> float:

@@ -68,6 +68,16 @@ def test_plan_is_deterministic_and_draws_labelled_nonmember_samples(setup) -> No
     assert canary_plan(other, ds, build_manifest(other, ds)).sample_ids != plan.sample_ids
 
 
+def test_held_out_evaluation_leaves_the_canaries_out(setup) -> None:
+    from common.evaluation.global_model import GlobalEvaluator
+
+    cfg, ds, plan = setup
+    manifest = build_manifest(cfg, ds)
+    held_out = set(GlobalEvaluator(cfg, ds, manifest).held_out.sample_ids.tolist())
+    nonmembers = set(ds.sample_ids[manifest.role_mask(ds, "nonmember")].tolist())
+    assert not held_out & set(plan.sample_ids) and nonmembers - set(plan.sample_ids) <= held_out
+
+
 def test_about_half_of_the_canaries_are_included(setup) -> None:
     _, ds, _ = setup
     included = clients = 0

@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train the reference models with stacked weights (one vmap); on 2 CPU cores this was "
                             "2x slower than one at a time (bench/attacks.py)")
 
+    compare = sub.add_parser("compare", help="two audits on the same samples (e.g. a DP budget vs no DP): paired "
+                             "bootstrap intervals of each shared attack's AUC and resolvable TPR differences")
+    compare.add_argument("run_a", type=Path, help="audited run directory A")
+    compare.add_argument("run_b", type=Path, help="audited run directory B (same data and split as A)")
+    compare.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    compare.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
+
     keys = sub.add_parser("keys", help="CKKS keys for encrypted aggregation").add_subparsers(dest="keys_command",
                                                                                           required=True)
     init = keys.add_parser("init", help="write a secret context (clients), a public one (server) and key.json")
@@ -296,11 +303,29 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     RunDir(args.run_dir).check_finished()
     report = AuditReport.from_dict(run_audit(
         args.run_dir, AuditSettings(attacks=args.attacks, references=args.references, max_per_class=args.max_per_class,
-                                    recipe=args.reference_recipe, seed=args.seed, vectorised=args.vectorised, progress=not args.no_progress),
+                                    recipe=args.reference_recipe, seed=args.seed, vectorised=args.vectorised,
+                                    progress=not args.no_progress),
         fair_dir=args.fair))
     print(format_table(summary_header(report), summary_rows(report)))
     print(f"{report.audited['members']} members vs {report.audited['nonmembers']} nonmembers; "
           f"written to {RunDir(args.run_dir).audit}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from attacks.compare import compare_audits
+    from common.report.html import fmt, with_ci
+    from common.report.tables import format_table
+    from common.runs.io import atomic_write_json
+
+    rows = compare_audits(args.run_a, args.run_b, seed=args.seed)
+    print(format_table(("attack (scores.npz key)", "metric", "A", "B", "A - B [95% paired CI]", "members / nonmembers"),
+                       [(r["attack"], r["metric"] if r["metric"] == "auc" else f"TPR at FPR {r['metric']}",
+                         fmt(r["value_a"]), fmt(r["value_b"]), with_ci(r["difference"], r["ci95"]),
+                         f"{r['n_members']} / {r['n_nonmembers']}") for r in rows]))
+    if args.json is not None:
+        atomic_write_json(args.json, {"run_a": str(args.run_a), "run_b": str(args.run_b), "rows": rows})
+        print(f"written to {args.json}")
     return 0
 
 
@@ -396,7 +421,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 1 if reasons else 0
 
 
-_COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("audit", None): _cmd_audit, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
+_COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("audit", None): _cmd_audit, ("compare", None): _cmd_compare, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
              ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline,
              ("demo", None): _cmd_demo, ("sweep", None): _cmd_sweep, ("report", None): _cmd_report}
 

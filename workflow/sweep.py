@@ -23,6 +23,7 @@ entry), ``DIR/plots/*.png`` (mean over seeds with the min-max band).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import io
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 
 EPSILON_KEY = "dp.target_epsilon"
 FAIRNESS_KEY = "fairness.method"
-MAX_PER_CLASS = 500  # attacks.audit.AuditSettings' default, for full-size sweeps
 DEFAULT_REFERENCES = 8
 INDEX_VERSION = 1
 
@@ -239,8 +239,8 @@ def run_sweep(out: Path, grid: dict[str, tuple[str, ...]], seeds: int, config: P
 def _audit_settings(references: int, quick: bool, seed: int, progress: bool) -> AuditSettings:
     from attacks.audit import AuditSettings
 
-    return AuditSettings(references=references, max_per_class=QUICK_MAX_PER_CLASS if quick else MAX_PER_CLASS,
-                         seed=seed, progress=progress)
+    full = AuditSettings(references=references, seed=seed, progress=progress)  # as many as the run allows
+    return dataclasses.replace(full, max_per_class=QUICK_MAX_PER_CLASS) if quick else full
 
 
 def _record_run_dir(index: SweepIndex, entry: dict[str, Any], run: RunDir) -> None:
@@ -309,14 +309,16 @@ def sweep_rows(entries: dict[str, dict[str, Any]],
     return rows
 
 
-def plotted_attacks(results: Iterable[RunResults]) -> dict[str, str]:
-    """{``name @ target``: the FPR key of its headline TPR (the lowest target FPR)} of every per-run
-    attack of the runs; attacks on one client's update are per client, in sweep.csv only."""
-    out: dict[str, str] = {}
+def plotted_attacks(results: Iterable[RunResults]) -> dict[str, str | None]:
+    """{``name @ target``: the FPR key of its headline TPR (the lowest target FPR every run's audit
+    resolves for it; None: no TPR is plotted)} of every per-run attack of the runs; attacks on one
+    client's update are per client, in sweep.csv only."""
+    resolved: dict[str, list[str]] = {}
     for r in results:
         for a in r.attacks(include_updates=False):
-            out.setdefault(a.label, r.audit.fpr_keys[0])
-    return out
+            keys = [k for k in r.audit.fpr_keys if a.resolves(k)]
+            resolved[a.label] = [k for k in resolved.get(a.label, keys) if k in keys]
+    return {label: keys[0] if keys else None for label, keys in resolved.items()}
 
 
 def summary_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -378,9 +380,10 @@ def _num(v: Any) -> float:
 
 
 def plot_vs_epsilon(rows: list[dict[str, Any]], grid_keys: list[str], panels: Sequence[tuple[str, str]], path: Path,
-                    title: str) -> Path | None:
+                    title: str, diagonal: str | None = None) -> Path | None:
     """One panel per (column, label) with data: mean over seeds against epsilon, with the min-max
-    band and error bars; infinite epsilon (no DP) at the right end of the axis, labelled."""
+    band and error bars; infinite epsilon (no DP) at the right end of the axis, labelled. ``diagonal``
+    labels a y = x line over the finite epsilons (where the y values are epsilons too)."""
     series = _series(rows, grid_keys)
     panels = [(c, label) for c, label in panels
               if any(math.isfinite(_num(r.get(c))) for s in series.values() for rs in s.values() for r in rs)]
@@ -392,6 +395,8 @@ def plot_vs_epsilon(rows: list[dict[str, Any]], grid_keys: list[str], panels: Se
     eps = [_num(r["epsilon"]) for s in series.values() for rs in s.values() for r in rs]
     finite = sorted({e for e in eps if math.isfinite(e) and e > 0})
     x_inf = finite[-1] * 3 if finite else 1.0
+    units = "/".join(sorted({str(r["epsilon_unit"]) for s in series.values() for rs in s.values()
+                             for r in rs if r.get("epsilon_unit")}))
     fig = Figure(figsize=(4.6 * len(panels), 3.8))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -416,11 +421,13 @@ def plot_vs_epsilon(rows: list[dict[str, Any]], grid_keys: list[str], panels: Se
             ax.plot(xs[:finite_n], mean[:finite_n], color=color)
             ax.plot(xs[max(finite_n - 1, 0):], mean[max(finite_n - 1, 0):], color=color, linestyle=":")
             ax.fill_between(xs, lo, hi, alpha=0.15, color=color)
+        if diagonal and finite:
+            ax.plot(finite, finite, color="black", linestyle="--", linewidth=0.8, label=diagonal)
         ax.set_xscale("log")
         ticks = [*finite, x_inf] if any(math.isinf(e) for e in eps) else finite
         ax.set_xticks(ticks, [f"{t:.3g}" for t in finite] + (["∞\n(no DP)"] if len(ticks) > len(finite) else []))
         ax.minorticks_off()
-        ax.set_xlabel("epsilon spent (largest client)")
+        ax.set_xlabel(f"epsilon spent (largest client; per {units})" if units else "epsilon spent (largest client)")
         ax.set_title(label, fontsize="medium")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small")
@@ -432,9 +439,10 @@ def plot_vs_epsilon(rows: list[dict[str, Any]], grid_keys: list[str], panels: Se
 
 
 def write_plots(directory: Path, rows: list[dict[str, Any]], grid_keys: list[str],
-                attacks: Mapping[str, str]) -> list[Path]:
-    """Utility, fairness and each of ``attacks`` ({``name @ target``: FPR key, see ``plotted_attacks``}:
-    AUC and TPR at that FPR) against epsilon."""
+                attacks: Mapping[str, str | None]) -> list[Path]:
+    """Utility, fairness, the empirical epsilon lower bound (best attack or canary audit) and each of
+    ``attacks`` ({``name @ target``: FPR key or None, see ``plotted_attacks``}: AUC and TPR at that
+    FPR) against the accounted epsilon."""
     made = [plot_vs_epsilon(rows, grid_keys, (("verification_auc", "verification AUC (probe identities)"),
                                    ("attribute_accuracy", "attribute accuracy (held out)")),
                             directory / layout.SWEEP_UTILITY_PLOT, "utility"),
@@ -443,8 +451,11 @@ def write_plots(directory: Path, rows: list[dict[str, Any]], grid_keys: list[str
                                    (f"{TEMPLATES} fdr", f"FDR, {TEMPLATES} (higher = fairer)"),
                                    (f"{BALANCED_GALLERY} fdr", f"FDR, {BALANCED_GALLERY} (higher = fairer)")),
                             directory / layout.SWEEP_FAIRNESS_PLOT, "fairness")]
+    made.append(plot_vs_epsilon(rows, grid_keys, (("empirical_epsilon", "best empirical lower bound (95%)"),),
+                                directory / layout.SWEEP_PRIVACY_PLOT, "empirical vs accounted epsilon",
+                                diagonal="accounted = empirical"))
     for label, fpr in attacks.items():
-        made.append(plot_vs_epsilon(rows, grid_keys,
-                                    ((f"auc: {label}", "AUC"), (f"tpr@{fpr}: {label}", f"TPR at {float(fpr) * 100:g}% FPR")),
+        tpr = () if fpr is None else ((f"tpr@{fpr}: {label}", f"TPR at {float(fpr) * 100:g}% FPR"),)
+        made.append(plot_vs_epsilon(rows, grid_keys, ((f"auc: {label}", "AUC"), *tpr),
                                     directory / layout.sweep_attack_plot(slug(label)), label))
     return [p for p in made if p is not None]

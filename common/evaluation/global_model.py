@@ -1,8 +1,9 @@
 """Evaluation of a global model on data no client trained on.
 
 Verification is open-set: pairs of images of the probe identities (never trained on). The
-attribute task is scored on the held-out samples (nonmember and probe roles), with the fairness
-metrics of ``common.evaluation.attribute_fairness`` against the training data's own bias.
+attribute task is scored on the held-out samples (nonmember and probe roles, not canaries), with
+the fairness metrics of ``common.evaluation.attribute_fairness`` against the training data's own
+bias.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from common.data.dataset import FaceDataset
 from common.evaluation.attribute_fairness import attribute_report
 from common.evaluation.verification import verification_auc
 from common.nn.face_model import FaceModel
+from common.split.canaries import canary_plan
 from common.split.manifest import Manifest
 from common.train.fairness import sensitive_attribute
 from common.train.loop import embed, predict_attribute, target_labels
@@ -26,14 +28,17 @@ def probe_identity_mask(manifest: Manifest, ds: FaceDataset) -> np.ndarray:
 
 
 class GlobalEvaluator:
-    """Scores models on the probe identities and held-out samples of one manifest."""
+    """Scores models on the probe identities and held-out samples of one manifest (the audit's
+    canaries left out: some of them were trained on)."""
 
     def __init__(self, cfg: Config, ds: FaceDataset, manifest: Manifest) -> None:
         self.cfg = cfg
         member = manifest.role_mask(ds, "member")
         self.train = ds.subset(member)
         self.probe = ds.subset(probe_identity_mask(manifest, ds))
-        self.held_out = ds.subset(~member & ~manifest.role_mask(ds, "aux"))
+        canaries = np.zeros(len(ds), dtype=bool)  # trained with flipped labels by some client: not held out
+        canaries[ds.positions(canary_plan(cfg, ds, manifest).sample_ids)] = True
+        self.held_out = ds.subset(~member & ~manifest.role_mask(ds, "aux") & ~canaries)
 
     def verification(self, model: FaceModel) -> float:
         """Open-set verification ROC AUC on the probe identities."""

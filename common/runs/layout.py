@@ -139,6 +139,7 @@ SWEEP_PLOTS = "plots"
 SWEEP_RUNS = "runs"
 SWEEP_UTILITY_PLOT = "utility_vs_epsilon.png"
 SWEEP_FAIRNESS_PLOT = "fairness_vs_epsilon.png"
+SWEEP_PRIVACY_PLOT = "empirical_vs_accounted_epsilon.png"
 
 
 def sweep_attack_plot(slug: str) -> str:

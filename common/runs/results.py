@@ -126,6 +126,7 @@ class RunResults:
         row: dict[str, Any] = {
             "status": self.status.status if self.status is not None else "missing",
             "epsilon": self.epsilon(),
+            "epsilon_unit": (self.privacy or {}).get("unit", "sample") if self.privacy is not None else "",
             "verification_auc": final.get("verification_auc", math.nan),
             "attribute_accuracy": final.get("attribute_accuracy", math.nan),
             "attribute_deo_sum": final.get("attribute_deo_sum", math.nan),
