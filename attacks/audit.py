@@ -579,7 +579,8 @@ def _update_level_availability(run: RunDir, cfg: Config) -> dict[str, Any]:
 
 def summary_header(report: AuditReport) -> tuple[str, ...]:
     """The printed table's header: one TPR column per target FPR of the report."""
-    return ("attack", "target", "AUC [95% CI]", "balanced acc.", *(tpr_label(k) for k in report.fpr_keys))
+    return ("attack", "target", "AUC [95% CI]", "balanced acc.", *(tpr_label(k) for k in report.fpr_keys),
+            "epsilon >= (95%)")
 
 
 def summary_rows(report: AuditReport) -> list[tuple]:
@@ -588,5 +589,6 @@ def summary_rows(report: AuditReport) -> list[tuple]:
         auc_ci = a.ci("auc")
         rows.append((a.name, a.target,
                      f"{a.auc:.3f} [{auc_ci[0]:.3f}, {auc_ci[1]:.3f}]" if auc_ci else f"{a.auc:.3f}",
-                     f"{a.balanced_accuracy:.3f}", *(tpr_text(a, k) for k in report.fpr_keys)))
+                     f"{a.balanced_accuracy:.3f}", *(tpr_text(a, k) for k in report.fpr_keys),
+                     f"{a.epsilon_lower_bound['epsilon']:.2f}" if a.epsilon_lower_bound else "-"))
     return rows

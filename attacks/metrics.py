@@ -185,9 +185,10 @@ def _bootstrap_ci(s: np.ndarray, m: np.ndarray, targets: Sequence[float], seed: 
 def paired_difference(scores_a: Any, scores_b: Any, is_member: Any, seed: int, n_boot: int = 1000,
                       metric: str = "auc") -> dict[str, Any]:
     """``metric`` of attack a minus that of attack b on the same samples, with a paired bootstrap 95%
-    interval: each resample draws the same members and nonmembers for both, so what the two share
-    (which samples happen to be easy) cancels, and the interval is that of the difference, not two
-    overlapping intervals. ``metric``: auc, accuracy, balanced_accuracy or a target FPR key ("0.01").
+    interval (None when ``n_boot`` is 0): each resample draws the same members and nonmembers for
+    both, so what the two share (which samples happen to be easy) cancels, and the interval is that
+    of the difference, not two overlapping intervals. ``metric``: auc, accuracy, balanced_accuracy
+    or a target FPR key ("0.01").
     """
     a, m = _check_inputs(scores_a, is_member)
     b, _ = _check_inputs(scores_b, is_member)
@@ -197,12 +198,15 @@ def paired_difference(scores_a: Any, scores_b: Any, is_member: Any, seed: int, n
     key = _target_key(targets[0]) if targets else metric
     if targets and not resolvable(int((~m).sum()), targets[0]):
         raise ValueError(f"paired_difference: {int((~m).sum())} nonmembers cannot resolve TPR at FPR {metric}")
-    boot_a, boot_b = _resampled([a, b], m, targets, seed, n_boot)
-    diff = boot_a[key] - boot_b[key]
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     point_a, point_b = (float(_curve_metrics(x[None], m[None], targets)[key][0]) for x in (a, b))
-    lo, hi = np.percentile(diff, [2.5, 97.5])
+    ci = None  # n_boot = 0: the point difference alone
+    if n_boot:
+        boot_a, boot_b = _resampled([a, b], m, targets, seed, n_boot)
+        ci = [float(v) for v in np.percentile(boot_a[key] - boot_b[key], [2.5, 97.5])]
     return {"metric": metric, "value_a": point_a, "value_b": point_b, "difference": point_a - point_b,
-            "ci95": [float(lo), float(hi)], "n_boot": int(n_boot),
+            "ci95": ci, "n_boot": int(n_boot),
             "seed": int(seed), "n_members": int(m.sum()), "n_nonmembers": int((~m).sum())}
 
 

@@ -95,7 +95,7 @@ def test_demo_report_is_complete_self_contained_and_matches_the_audit(demo) -> N
         assert f"<h2>{title}</h2>" in page, title
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page) and "<script" not in page and "<link" not in page
     images = _pngs(page)
-    assert len(images) == 3  # utility over rounds, the audit's ROC, MOTE vs templates ROC
+    assert len(images) == 4  # utility over rounds, the audit's ROCs (global model, MOTE galleries), MOTE vs templates
     for png in images:
         with Image.open(io.BytesIO(png)) as im:
             assert im.format == "PNG" and min(im.size) > 100
@@ -105,7 +105,8 @@ def test_demo_report_is_complete_self_contained_and_matches_the_audit(demo) -> N
     assert {a["name"] for a in audit["attacks"]} >= ALL_FAMILIES  # train.task = both: every family applies
     for a in audit["attacks"]:
         assert with_ci(a["auc"], a["ci95"]["auc"]) in page, (a["name"], a["target"])
-        assert with_ci(a["tpr_at_fpr"]["0.001"], a["ci95"]["tpr_at_fpr"]["0.001"]) in page
+        # the quick demo's ~100 nonmembers resolve no TPR: the page says so instead of printing a number
+        assert a["tpr_at_fpr"]["0.001"] is None and f"not resolvable at n = {a['n_nonmembers']}" in page
     privacy = json.loads((run / "privacy.json").read_text())
     assert 0 < privacy["max_epsilon"] <= 8.0 + 1e-6 and f"{privacy['max_epsilon']:.3f}" in page
     assert "Encrypted aggregation (CKKS) was ON" in page and "encrypted sum" in page

@@ -307,6 +307,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                                     progress=not args.no_progress),
         fair_dir=args.fair))
     print(format_table(summary_header(report), summary_rows(report)))
+    if report.canary_audit:
+        c = report.canary_audit
+        print(f"one-run canary audit: epsilon >= {c['bound']['epsilon']:.2f} per image (95%, delta "
+              f"{c['bound']['delta']}) from {c['bound']['correct']} of {c['bound']['guesses']} guesses right; "
+              f"{c['counts']['included']} of {c['counts']['m']} canaries included")
     print(f"{report.audited['members']} members vs {report.audited['nonmembers']} nonmembers; "
           f"written to {RunDir(args.run_dir).audit}")
     return 0
@@ -393,7 +398,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     command = command_line(args.config, args.grid, args.seeds, args.quick, references, args.out, args.he_keys)
     result = run_sweep(args.out, grid, args.seeds, args.config, quick=args.quick, references=references,
                        he_keys=args.he_keys, progress=not args.no_progress, command=command)
-    print(format_table(("run", "state", "epsilon", "verif. AUC", "attr. acc", "strongest attack (AUC)", "error"),
+    print(format_table(("run", "state", "epsilon", "empirical eps >=", "verif. AUC", "attr. acc",
+                        "strongest attack (AUC)", "error"),
                        summary_rows(result.rows)))
     print(f"{len(result.rows)} runs ({result.ran} worked on now, {len(result.failed)} failed); "
           f"{result.csv}; {len(result.plots)} plots in {args.out / SWEEP_PLOTS}")

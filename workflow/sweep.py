@@ -322,14 +322,16 @@ def plotted_attacks(results: Iterable[RunResults]) -> dict[str, str | None]:
 
 
 def summary_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """The printed sweep table: each entry's state, epsilon, utility and its strongest attack."""
+    """The printed sweep table: each entry's state, accounted and best empirical epsilon, utility and
+    its strongest attack."""
     from common.report.html import fmt
 
     out = []
     for r in rows:
         aucs = {k[len("auc: "):]: v for k, v in r.items() if k.startswith("auc: ") and math.isfinite(_num(v))}
         best = max(aucs, key=aucs.__getitem__, default=None)
-        out.append((r["entry"], r["state"], fmt(r.get("epsilon")), fmt(r.get("verification_auc")),
+        out.append((r["entry"], r["state"], fmt(r.get("epsilon")), fmt(r.get("empirical_epsilon"), 2),
+                    fmt(r.get("verification_auc")),
                     fmt(r.get("attribute_accuracy")), f"{best} ({fmt(aucs[best])})" if best else "-",
                     r["error"] or "-"))
     return out
@@ -397,7 +399,7 @@ def plot_vs_epsilon(rows: list[dict[str, Any]], grid_keys: list[str], panels: Se
     x_inf = finite[-1] * 3 if finite else 1.0
     units = "/".join(sorted({str(r["epsilon_unit"]) for s in series.values() for rs in s.values()
                              for r in rs if r.get("epsilon_unit")}))
-    fig = Figure(figsize=(4.6 * len(panels), 3.8))
+    fig = Figure(figsize=(max(6.4, 4.6 * len(panels)), 3.8))  # the suptitle fits one panel too
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (column, label) in zip(axes, panels, strict=True):

@@ -29,7 +29,7 @@ from common.config import Config
 from common.data.dataset import FaceDataset
 from common.runs.io import atomic_write_json, read_json
 from common.runs.rundir import RunDir
-from common.split.manifest import Manifest
+from common.split.manifest import Manifest, is_int, json_object
 from common.split.partition import seeded_rng
 from common.train.loop import target_labels
 
@@ -38,10 +38,6 @@ CANARY_STREAM = 0xCA4A
 """``seeded_rng(seed, CANARY_STREAM)`` draws the canaries, apart from every stream of the split."""
 _KEYS = frozenset({"version", "fingerprint", "attribute", "seed", "stream", "num_clients", "sample_ids", "included",
                    "client", "label"})
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -101,25 +97,18 @@ class CanaryPlan:
     @classmethod
     def from_json(cls, raw: Any, where: str = "canaries") -> CanaryPlan:
         """Validate a parsed canaries document (see ``to_json``) and build the plan."""
-        def fail(key: str, problem: str) -> ValueError:
-            return ValueError(f"{where}: {key}: {problem}")
-
-        if not isinstance(raw, dict):
-            raise fail("<root>", f"expected a JSON object, got {type(raw).__name__}")
-        if set(raw) != _KEYS:
-            key = min(set(raw) ^ _KEYS)
-            raise fail(key, "missing key" if key in _KEYS else "unknown key")
-        if not _is_int(raw["version"]) or raw["version"] != CANARIES_VERSION:
+        fail = json_object(raw, where, _KEYS)
+        if not is_int(raw["version"]) or raw["version"] != CANARIES_VERSION:
             raise fail("version", f"expected {CANARIES_VERSION}, got {raw['version']!r}")
         for key in ("fingerprint", "attribute"):
             if not (isinstance(raw[key], str) and raw[key]):
                 raise fail(key, f"expected a non-empty string, got {raw[key]!r}")
         for key, lo in (("seed", 0), ("stream", 0), ("num_clients", 1)):
-            if not (_is_int(raw[key]) and raw[key] >= lo):
+            if not (is_int(raw[key]) and raw[key] >= lo):
                 raise fail(key, f"expected an integer >= {lo}, got {raw[key]!r}")
         columns = {"sample_ids": lambda v: isinstance(v, str), "included": lambda v: isinstance(v, bool),
-                   "client": lambda v: _is_int(v) and -1 <= v < raw["num_clients"],
-                   "label": lambda v: _is_int(v) and v in (0, 1)}
+                   "client": lambda v: is_int(v) and -1 <= v < raw["num_clients"],
+                   "label": lambda v: is_int(v) and v in (0, 1)}
         m = len(raw["sample_ids"]) if isinstance(raw["sample_ids"], list) else -1
         for key, valid in columns.items():
             if not (isinstance(raw[key], list) and len(raw[key]) == m):

@@ -42,12 +42,29 @@ log = logging.getLogger(__name__)
 ROLES: tuple[str, ...] = ("member", "nonmember", "aux", "probe")
 MANIFEST_VERSION = 2  # 2: the config section holds the split settings' own keys
 _MEMBER, _NONMEMBER, _AUX, _PROBE = range(len(ROLES))
+_MANIFEST_KEYS = frozenset({"version", "source", "fingerprint", "num_samples", "config", "counts", "samples",
+                            "identities", "clients", "client_summary"})
 _IDENTITY_STREAM = 1
 _HOLDOUT_STREAM = 2
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer in a parsed JSON document (a bool is not one)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_object(raw: Any, where: str, keys: frozenset[str] | set[str]) -> Callable[[str, str], ValueError]:
+    """Check that a parsed JSON document is an object with exactly ``keys`` (else a ValueError naming
+    ``where`` and the first odd key); returns the maker of its further errors, ``fail(key, problem)``."""
+    def fail(key: str, problem: str) -> ValueError:
+        return ValueError(f"{where}: {key}: {problem}")
+
+    if not isinstance(raw, dict):
+        raise fail("<root>", f"expected a JSON object, got {type(raw).__name__}")
+    if set(raw) != keys:
+        key = min(set(raw) ^ set(keys))
+        raise fail(key, "missing key" if key in keys else "unknown key")
+    return fail
 
 
 def _apportion(total: int, fractions: np.ndarray) -> np.ndarray:
@@ -143,7 +160,7 @@ def make_manifest(ds: FaceDataset, split: SplitSettings, seed: int, min_samples_
     """
     split.validate()
     for name, value in (("seed", seed), ("min_samples_per_client", min_samples_per_client)):
-        if not (_is_int(value) and value >= 0):
+        if not (is_int(value) and value >= 0):
             raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     if len(ds) == 0:
         raise ValueError(f"make_manifest: data set {ds.source!r} is empty")
@@ -272,22 +289,13 @@ class Manifest:
     @classmethod
     def from_json(cls, raw: Any, where: str = "manifest") -> Manifest:
         """Validate a parsed manifest document (see ``to_json``) and build the manifest."""
-        def fail(key: str, problem: str) -> ValueError:
-            return ValueError(f"{where}: {key}: {problem}")
-
-        if not isinstance(raw, dict):
-            raise fail("<root>", f"expected a JSON object, got {type(raw).__name__}")
-        if not _is_int(raw.get("version")) or raw["version"] != MANIFEST_VERSION:
-            raise fail("version", f"expected {MANIFEST_VERSION}, got {raw.get('version')!r}")
-        expected = {"version", "source", "fingerprint", "num_samples", "config", "counts", "samples",
-                    "identities", "clients", "client_summary"}
-        if set(raw) != expected:
-            key = sorted(set(raw) ^ expected)[0]
-            raise fail(key, "missing key" if key in expected else "unknown key")
+        fail = json_object(raw, where, _MANIFEST_KEYS)
+        if not is_int(raw["version"]) or raw["version"] != MANIFEST_VERSION:
+            raise fail("version", f"expected {MANIFEST_VERSION}, got {raw['version']!r}")
         for key in ("source", "fingerprint"):
             if not (isinstance(raw[key], str) and raw[key]):
                 raise fail(key, f"expected a non-empty string, got {raw[key]!r}")
-        if not _is_int(raw["num_samples"]) or raw["num_samples"] < 0:
+        if not is_int(raw["num_samples"]) or raw["num_samples"] < 0:
             raise fail("num_samples", f"expected an integer >= 0, got {raw['num_samples']!r}")
         try:
             settings = dict(raw["config"])
@@ -298,7 +306,7 @@ class Manifest:
 
         sample_role = _role_lists(raw["samples"], "samples", lambda s: isinstance(s, str), fail)
         # Identity codes are >= 0 (FaceDataset.identity); validates, the result is unused.
-        _role_lists(raw["identities"], "identities", lambda i: _is_int(i) and i >= 0, fail)
+        _role_lists(raw["identities"], "identities", lambda i: is_int(i) and i >= 0, fail)
         if len(sample_role) != raw["num_samples"]:
             raise fail("samples", f"{len(sample_role)} samples in all roles, expected num_samples={raw['num_samples']}")
 
