@@ -270,3 +270,28 @@ def test_applicable_attacks_follow_the_models_outputs() -> None:
     assert attacks("attribute") == set(ATTRIBUTE_ATTACKS)  # no embedding task: no centroid, no MOTE
     assert attacks("identity") == {"centroid", "mint-vanilla", "mint-cnn", *MOTE_ATTACKS}
     assert attacks("both") == attacks("attribute") | attacks("identity")
+
+
+@pytest.mark.parametrize("config", ["preset:demo", "docs/sweeps/attribute.toml", "docs/sweeps/identity.toml",
+                                    "docs/sweeps/audit.toml"])
+def test_the_demo_and_the_sweep_configs_resolve_tpr_at_one_percent_fpr(config: str) -> None:
+    """Their split gives the audit >= 1,000 members and nonmembers (audit.toml: after its 50 canaries).
+    The roles depend on identities and demographics, not pixels: rendered at 32 px to stay fast."""
+    from pathlib import Path
+
+    from attacks.audit import AuditSettings, audited_samples
+    from common.config import load_config
+    from common.config.loader import preset
+    from common.data.cache import build_dataset
+    from common.runs.records import resolvable
+    from common.split.build import build_manifest
+
+    root = Path(__file__).resolve().parents[1]
+    path, overrides = (None, preset("demo")) if config == "preset:demo" else (root / config, [])
+    cfg = load_config(path, [*overrides, "data.image_size=32"])
+    ds = build_dataset(cfg)
+    manifest = build_manifest(cfg, ds)
+    spare = manifest.role_mask(ds, "nonmember").sum() - 50 if config.endswith("audit.toml") else None
+    _, is_member = audited_samples(manifest, ds, AuditSettings())
+    assert resolvable(int((~is_member).sum() if spare is None else spare), 0.01)
+    assert is_member.sum() == (~is_member).sum() >= 1000

@@ -103,6 +103,7 @@ def demo_summary(r: RunResults) -> list[tuple[str, str]]:
              " / ".join(fmt(final.get(f"attribute_{k}")) for k in ("accuracy", "deo_sum", "bias_amplification"))),
             (f"epsilon spent (largest client, {per_unit(r.cfg('dp.unit'))}, delta {r.cfg('dp.delta')})",
              fmt(r.epsilon())),
+            ("empirical epsilon, 95% lower bound (per image; best proof from the audit)", _best_bound(r)),
             ("what the server saw", f"{he.get('encrypted', 'n/a')} of {he.get('values', 'n/a')} values only as an "
                                     "encrypted sum" if r.cfg("he.enabled") else "plaintext updates")]
     ev = r.evaluation
@@ -115,6 +116,17 @@ def demo_summary(r: RunResults) -> list[tuple[str, str]]:
                f"TPR at low FPR: not resolvable with {a.n_nonmembers} nonmembers")
         rows.append((f"MIA {a.label}: AUC [95% CI]", f"{with_ci(a.auc, a.ci('auc'))}; {tpr}"))
     return rows
+
+
+def _best_bound(r: RunResults) -> str:
+    """The largest empirical lower bound on the global model's epsilon and what proves it."""
+    from common.report.html import fmt
+
+    bounds = r.empirical_bounds()
+    if not bounds:
+        return "n/a (no audit)"
+    best, what = max(bounds)
+    return f"{fmt(best, 2)} ({what})"
 
 
 def demo_headline(r: RunResults) -> str:
