@@ -196,7 +196,8 @@ def reference_logits(run: RunDir, source: RunDir, cfg: Config, spec: ModelSpec, 
         "ids": ds.sample_ids[population].tolist(), "mask": np.packbits(in_mask).tolist(), "seeds": seeds,
         "spec": spec.to_dict(), "fair": fair, "recipe": settings.recipe, "vectorised": settings.vectorised,
         "initial": hashlib.sha256(initial.read_bytes()).hexdigest() if initial.exists() else None,
-        "config": cfg.to_dict(), "target": recipe.key() if recipe is not None else None}, sort_keys=True).encode()).hexdigest()
+        "config": cfg.to_dict(), "target": recipe.key() if recipe is not None else None},
+        sort_keys=True).encode()).hexdigest()
     index = cache / layout.REFERENCE_INDEX
     if index.exists() and read_json(index).get("key") == key:
         models = [load_model(cache / layout.reference_model_file(r), spec)[0] for r in range(len(seeds))]
@@ -456,7 +457,8 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
         refs_fair = References(pos.size, labels, in_mask, partial(
             reference_logits, run, fair, fair_cfg, spec, ds, population, labels, in_mask, settings, fair=True))
         scores.update({(FAIR, name): s for name, s in single_model_scores(z_fair, refs_fair, wanted, settings).items()})
-        scores.update({(PAIR, name): s for name, s in fd_mia_scores(z_target, z_fair, refs, refs_fair, settings).items()})
+        pair = fd_mia_scores(z_target, z_fair, refs, refs_fair, settings)
+        scores.update({(PAIR, name): s for name, s in pair.items()})
         raw[FAIR] = (z_fair, refs_fair)
     scored = {}
     for client, meta in clients:
@@ -472,7 +474,8 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
 
 
 def _raw_arrays(ds: FaceDataset, population: np.ndarray, n_audited: int, is_member: np.ndarray,
-                scored: dict[Target, np.ndarray], raw: dict[Target, tuple[np.ndarray, References]]) -> dict[str, np.ndarray]:
+                scored: dict[Target, np.ndarray],
+                raw: dict[Target, tuple[np.ndarray, References]]) -> dict[str, np.ndarray]:
     """``audit/raw.npz``'s entries of every target attacked with reference models (docs/audit.md):
     under ``<target name>/``, the audited samples' ids, membership, the target's exact statistic
     phi, each reference's phi and whether it trained on the sample, and the same for the aux

@@ -64,7 +64,8 @@ class TargetRecipe:
 
     def key(self) -> dict[str, object]:
         """Everything the recipe depends on, for a cache key."""
-        return {"config": self.cfg.to_dict(), "noise_multipliers": {str(k): v for k, v in sorted(self.noise_multipliers.items())}}
+        sigmas = {str(k): v for k, v in sorted(self.noise_multipliers.items())}
+        return {"config": self.cfg.to_dict(), "noise_multipliers": sigmas}
 
 
 def reference_clients(cfg: Config, data: FaceDataset, seed: int) -> list[FaceDataset]:

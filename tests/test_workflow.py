@@ -185,7 +185,8 @@ def test_sweep_table_has_a_row_per_run_with_its_audits_numbers(sweep) -> None:
         assert math.isfinite(float(r["attribute_accuracy"])) and math.isfinite(float(r["attribute_deo_sum"]))
         assert (Path(r["run_dir"]) / "report.html").is_file()
     plots = {p.name for p in (out / "plots").glob("*.png")}
-    assert {"utility_vs_epsilon.png", "fairness_vs_epsilon.png", "empirical_vs_accounted_epsilon.png", "attack-loss-global-model-final.png",
+    assert {"utility_vs_epsilon.png", "fairness_vs_epsilon.png", "empirical_vs_accounted_epsilon.png",
+            "attack-loss-global-model-final.png",
             "attack-mint-vanilla-global-model-final-white-box.png"} <= plots
     assert all((out / "plots" / p).read_bytes().startswith(b"\x89PNG") for p in plots)
     index = json.loads((out / "sweep.json").read_text())

@@ -427,7 +427,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 1 if reasons else 0
 
 
-_COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("audit", None): _cmd_audit, ("compare", None): _cmd_compare, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
+_COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("audit", None): _cmd_audit,
+             ("compare", None): _cmd_compare, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
              ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline,
              ("demo", None): _cmd_demo, ("sweep", None): _cmd_sweep, ("report", None): _cmd_report}
 

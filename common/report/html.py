@@ -346,7 +346,8 @@ def _attacks(r: RunResults) -> str:
                        "members / nonmembers"), rows))
     out.append(_empirical_epsilon(r))
     if a.comparisons:
-        out.append(_p("Paired comparisons on the same samples (AUC of a minus AUC of b, paired bootstrap 95% interval):"))
+        out.append(_p("Paired comparisons on the same samples (AUC of a minus AUC of b, paired bootstrap 95% "
+                      "interval):"))
         out.append(_table(("a", "b", "AUC difference [95% CI]"),
                           [(c["a"], c["b"], with_ci(c["difference"], c["ci95"])) for c in a.comparisons]))
     families = {x.kind.family for x in r.attacks()}  # one figure per family the audit attacked

@@ -65,8 +65,9 @@ class ClientState:
     @classmethod
     def from_local_json(cls, text: str, head: dict[str, torch.Tensor] | None) -> ClientState:
         d = json.loads(text)
-        return cls(head=head, dp_history=[tuple(h) for h in d["history"]], noise_multiplier=float(d["noise_multiplier"]),
-                   reweight_counts=d.get("reweight_counts"), histogram_noise=float(d.get("histogram_noise", 0.0)))
+        return cls(head=head, dp_history=[tuple(h) for h in d["history"]],
+                   noise_multiplier=float(d["noise_multiplier"]), reweight_counts=d.get("reweight_counts"),
+                   histogram_noise=float(d.get("histogram_noise", 0.0)))
 
 
 def derived_seed(*parts: int) -> int:
@@ -118,7 +119,8 @@ def dp_sampling(cfg: Config, data: FaceDataset) -> tuple[float, int]:
     same q, and the noise is calibrated for ``federation.rounds`` x ``local_epochs`` epochs of it."""
     if cfg.dp.mode != "off" and cfg.dp.unit == "identity":
         n, cap = num_identities(data.identity), cfg.dp.max_images_per_identity
-        return identity_sample_rate(n, cfg.train.batch_size, cap), identity_steps_per_epoch(n, cfg.train.batch_size, cap)
+        batch = cfg.train.batch_size
+        return identity_sample_rate(n, batch, cap), identity_steps_per_epoch(n, batch, cap)
     q = poisson_sample_rate(len(data), cfg.train.batch_size)
     return q, steps_per_epoch(q)
 
