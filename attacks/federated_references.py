@@ -8,16 +8,17 @@ recipe as recorded in its run directory: FedAvg (``common.train.fedavg``) over t
 clients, partitioned by the run's own split scheme, for the same rounds with the same client
 sampling, each client running the very round every client of the run ran
 (``common.train.local_round.train_round``: local epochs, optimiser, schedule, fairness intervention,
-DP-SGD with the target's clipping norm and batch size and, per client, the noise multiplier that
-client recorded in the privacy ledger), from the run's public initial model. The reference's own
+DP-SGD with the target's clipping norm and, per client, the noise multiplier and Poisson sampling
+rate that client recorded in the privacy ledger), from the run's public initial model. The reference's own
 seed replaces the run seed; its DP noise is fresh OS entropy unless the run used
 ``dp.reproducible_noise``. HE changes nothing here: the encrypted sum decrypts to the same FedAvg
 up to CKKS rounding.
 
-Sampling rate: a reference client draws batches of the target's size from its own data, so its
-Poisson rate is the target's when its data has the target client's size (then the whole recipe,
-weights included, is the target's: the tests check it bit for bit) and otherwise follows its data,
-as a client with that much data would have trained.
+Sampling rate: a reference client's data is not the target client's size, so it keeps the target
+client's rate q (and with it the steps per epoch and, with sigma, the privacy of each step) by
+sampling its own data with the expected batch that gives q there (``client_config``). On the
+target client's own data that is the target's q exactly, and the whole recipe, weights included,
+is the target's: the tests check it bit for bit.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from common.split.manifest import attribute_values
 from common.split.partition import assign_clients
 from common.train.dp import fresh_noise_seed
 from common.train.fedavg import sample_partitions, weighted_average
+from common.train.identity_dp import num_identities
 from common.train.local_round import ClientState, reproducible_noise_seed, train_round
 
 
@@ -49,6 +51,7 @@ class TargetRecipe:
     cfg: Config
     initial_state: dict[str, torch.Tensor] | None  # the public initial global model (None: the seeded init)
     noise_multipliers: Mapping[int, float]  # per partition, from the ledger ({} without DP)
+    sample_rates: Mapping[int, float] = dataclasses.field(default_factory=dict)  # per partition, from the ledger
 
     @classmethod
     def of_run(cls, run: RunDir, cfg: Config) -> TargetRecipe:
@@ -60,12 +63,28 @@ class TargetRecipe:
                                  "each client's noise multiplier")
             clients = read_json(run.privacy_path).get("clients", {})
             sigmas = {int(p): float(c["noise_multiplier"]) for p, c in clients.items()}
-        return cls(cfg, initial, sigmas)
+            rates = {int(p): float(c["sample_rate"]) for p, c in clients.items() if float(c["sample_rate"]) > 0}
+        return cls(cfg, initial, sigmas, rates)
 
     def key(self) -> dict[str, object]:
         """Everything the recipe depends on, for a cache key."""
         sigmas = {str(k): v for k, v in sorted(self.noise_multipliers.items())}
-        return {"config": self.cfg.to_dict(), "noise_multipliers": sigmas}
+        rates = {str(k): v for k, v in sorted(self.sample_rates.items())}
+        return {"config": self.cfg.to_dict(), "noise_multipliers": sigmas, "sample_rates": rates}
+
+    def client_config(self, cfg: Config, partition: int, data: FaceDataset) -> Config:
+        """``cfg`` with the expected batch that samples ``data`` at the target client's recorded
+        Poisson rate (``local_round.dp_sampling``'s inverse): ceil(n / (1/q)) images per batch
+        (``dp.unit = sample``), q x max_images_per_identity x identities (``identity``). Unchanged
+        without DP or without a recorded rate."""
+        q = self.sample_rates.get(partition)
+        if cfg.dp.mode == "off" or q is None or not len(data):
+            return cfg
+        if cfg.dp.unit == "identity":
+            batch = round(q * cfg.dp.max_images_per_identity * num_identities(data.identity))
+        else:
+            batch = -(-len(data) // round(1 / q))
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=max(1, batch)))
 
 
 def reference_clients(cfg: Config, data: FaceDataset, seed: int) -> list[FaceDataset]:
@@ -91,8 +110,8 @@ def federated_model(recipe: TargetRecipe, clients: Sequence[FaceDataset], seed: 
     for rnd in range(1, fed.rounds + 1):
         updates = []
         for p in sample_partitions(cfg.seed, rnd, list(states), fed.fraction_train, fed.min_train_clients):
-            weights, states[p], _ = train_round(cfg, clients[p], p, rnd, global_state, states[p],
-                                                _noise_seed(cfg, rnd, p))
+            weights, states[p], _ = train_round(recipe.client_config(cfg, p, clients[p]), clients[p], p, rnd,
+                                                global_state, states[p], _noise_seed(cfg, rnd, p))
             updates.append((len(clients[p]), {k: v.detach().numpy() for k, v in weights.items()}))
         global_state = {k: torch.from_numpy(v) for k, v in weighted_average(updates).items()}
     model.load_state_dict(global_state)

@@ -230,6 +230,13 @@ def test_the_audits_target_recipe_is_the_runs_training(full_run) -> None:
     for k in final:
         assert torch.equal(final[k], replay[k]), (k, float((final[k] - replay[k]).abs().max()))
     assert any(not torch.equal(fresh[0][k], fresh[1][k]) for k in final)
+    # A reference client holding other data keeps the target client's Poisson rate (and steps per epoch).
+    from common.train.local_round import dp_sampling
+
+    for p, q in recipe.sample_rates.items():
+        others = [clients[p].subset(np.arange(round(share * len(clients[p])))) for share in (0.4, 0.8)]
+        for other in [*others, clients[1 - p]]:  # smaller, and the other client's (Dirichlet: other size)
+            assert dp_sampling(recipe.client_config(cfg, p, other), other)[0] == q, (p, len(other))
 
 
 @pytest.mark.timeout(300)
