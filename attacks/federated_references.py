@@ -57,6 +57,7 @@ class TargetRecipe:
     def of_run(cls, run: RunDir, cfg: Config) -> TargetRecipe:
         initial = load_model(run.initial_model)[0].state_dict() if run.initial_model.exists() else None
         sigmas: dict[int, float] = {}
+        rates: dict[int, float] = {}
         if cfg.dp.mode != "off":
             if not run.privacy_path.exists():
                 raise ValueError(f"{run.privacy_path}: a DP run without its privacy ledger; the target recipe needs "

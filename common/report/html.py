@@ -335,7 +335,7 @@ def _attacks(r: RunResults) -> str:
               "bootstrap 95% intervals; TPR at a target FPR never uses a threshold whose FPR exceeds the target, and "
               f"is shown only where at least {MIN_FALSE_POSITIVES} nonmembers would be false positives at that FPR. "
               "The empirical epsilon is a 95% lower bound from the attack's ROC (Clopper-Pearson, Bonferroni over "
-              "thresholds), at the run's delta, per sample.")]
+              "thresholds), at the run's delta, per image.")]
     if a.mote_audited:
         m = a.mote_audited
         out.append(_p(f"MOTE galleries: {m.get('members')} vs {m.get('nonmembers')} ({m.get('what')})."))
