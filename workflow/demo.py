@@ -126,7 +126,7 @@ def _best_bound(r: RunResults) -> str:
     if not bounds:
         return "n/a (no audit)"
     best, what = max(bounds)
-    return f"{fmt(best, 2)} ({what})"
+    return f"{fmt(best, 2)} ({what})" if best > 0 else "0.00 (no attack proves epsilon > 0)"
 
 
 def demo_headline(r: RunResults) -> str:

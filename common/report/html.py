@@ -368,6 +368,7 @@ def _empirical_epsilon(r: RunResults) -> str:
     if not bounds:
         return ""
     best, what = max(bounds)
+    what = what if best > 0 else "no attack proves epsilon > 0"
     accounted = r.epsilon()
     unit = f"per {(r.privacy or {}).get('unit', 'sample')}" if r.dp_on() else "no DP: no guarantee"
     return _p(f"Accounted epsilon {fmt(accounted, 2)} ({unit}, delta {r.cfg('dp.delta')}) vs the best empirical "
