@@ -51,12 +51,11 @@ from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from attacks.canary_audit import canary_audit
 from attacks.empirical_epsilon import roc_epsilon_lower_bound
-from attacks.federated_references import TargetRecipe, federated_model, reference_clients
+from attacks.federated_references import TargetRecipe, federated_model, initial_state, reference_clients
 from attacks.metrics import DEFAULT_FPR_TARGETS, RocCurve, attack_metrics, paired_difference, roc_figures
 from attacks.mint import (
     CNNMINT,
@@ -160,7 +159,7 @@ class References:
     @cached_property
     def phi(self) -> np.ndarray:
         """(n_pop, R) every reference's exact scaled confidence of every population sample."""
-        return _phi(self.logits, self.labels)
+        return _per_model(scaled_confidence, self.logits, self.labels)
 
     @property
     def audited(self) -> slice:
@@ -226,26 +225,17 @@ def _train_references(source: RunDir, cfg: Config, spec: ModelSpec, ds: FaceData
             weights[r, row] = reweight(sens[row], labels[row])
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
     return train_references(spec, ds.images[population], labels, in_mask, cfg.train, epochs, seeds,
-                            vectorised=settings.vectorised, sample_weights=weights, init_state=_initial_state(source),
+                            vectorised=settings.vectorised, sample_weights=weights, init_state=initial_state(source),
                             progress=settings.progress)
 
 
-def _initial_state(run: RunDir) -> dict[str, torch.Tensor] | None:
-    """The run's public initial global model (seeded init + public pretraining), when recorded."""
-    path = run.initial_model
-    return load_model(path)[0].state_dict() if path.exists() else None
-
-
-def _phi(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """LiRA's exact scaled confidence of every column of (n, R) binary logits."""
-    return np.stack([scaled_confidence(logits[:, r], labels) for r in range(logits.shape[1])], axis=1)
-
-
-def _log_p(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """log p_y of every column of (n, R) binary logits, or of (n,) logits."""
+def _per_model(stat: Callable[[np.ndarray, np.ndarray], np.ndarray], logits: np.ndarray,
+               labels: np.ndarray) -> np.ndarray:
+    """``stat`` (``scaled_confidence``, ``log_true_prob``) of (n,) binary logits, or of each column
+    (one model each) of (n, R) ones: a 2-D array is a multiclass model to ``attacks.scores``."""
     if logits.ndim == 1:
-        return log_true_prob(logits, labels)
-    return np.stack([log_true_prob(logits[:, r], labels) for r in range(logits.shape[1])], axis=1)
+        return stat(logits, labels)
+    return np.stack([stat(logits[:, r], labels) for r in range(logits.shape[1])], axis=1)
 
 
 def single_model_scores(z_target: np.ndarray, refs: References, wanted: tuple[str, ...],
@@ -267,8 +257,9 @@ def single_model_scores(z_target: np.ndarray, refs: References, wanted: tuple[st
     if "lira-offline" in wanted:
         out["lira-offline"] = lira_offline(phi_t, phi_r, inside, global_variance=global_variance)
     if "rmia" in wanted:
-        out["rmia"] = rmia_scores(_log_p(z_target[a], y), _log_p(refs.logits[a], y),
-                                  _log_p(z_target[x], y_aux), _log_p(refs.logits[x], y_aux))
+        log_p = partial(_per_model, log_true_prob)
+        out["rmia"] = rmia_scores(log_p(z_target[a], y), log_p(refs.logits[a], y),
+                                  log_p(z_target[x], y_aux), log_p(refs.logits[x], y_aux))
     if "shadow" in wanted:
         # The reference models double as shadow models (trained by the same recipe): the attack
         # model learns from their outputs on the aux samples, whose membership in each is known,
@@ -470,7 +461,6 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
     uses_references = bool(set(wanted) & set(REFERENCE_ATTACKS)) or fair_dir is not None
     return AuditedSet(pos, is_member, scores,
                       _raw_arrays(ds, population, pos.size, is_member, scored, raw) if uses_references else {})
-
 
 
 def _raw_arrays(ds: FaceDataset, population: np.ndarray, n_audited: int, is_member: np.ndarray,

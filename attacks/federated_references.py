@@ -55,7 +55,7 @@ class TargetRecipe:
 
     @classmethod
     def of_run(cls, run: RunDir, cfg: Config) -> TargetRecipe:
-        initial = load_model(run.initial_model)[0].state_dict() if run.initial_model.exists() else None
+        initial = initial_state(run)
         sigmas: dict[int, float] = {}
         rates: dict[int, float] = {}
         if cfg.dp.mode != "off":
@@ -86,6 +86,12 @@ class TargetRecipe:
         else:
             batch = -(-len(data) // round(1 / q))
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=max(1, batch)))
+
+
+def initial_state(run: RunDir) -> dict[str, torch.Tensor] | None:
+    """The run's public initial global model (seeded init + public pretraining), when recorded:
+    where every reference starts, whichever recipe trains it."""
+    return load_model(run.initial_model)[0].state_dict() if run.initial_model.exists() else None
 
 
 def reference_clients(cfg: Config, data: FaceDataset, seed: int) -> list[FaceDataset]:

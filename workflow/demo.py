@@ -122,11 +122,8 @@ def _best_bound(r: RunResults) -> str:
     """The largest empirical lower bound on the global model's epsilon and what proves it."""
     from common.report.html import fmt
 
-    bounds = r.empirical_bounds()
-    if not bounds:
-        return "n/a (no audit)"
-    best, what = max(bounds)
-    return f"{fmt(best, 2)} ({what})" if best > 0 else "0.00 (no attack proves epsilon > 0)"
+    found = r.best_empirical_bound()
+    return f"{fmt(found[0], 2)} ({found[1]})" if found is not None else "n/a (no audit)"
 
 
 def demo_headline(r: RunResults) -> str:

@@ -364,11 +364,10 @@ def _tpr(x: AttackEntry, key: str) -> str:
 
 def _empirical_epsilon(r: RunResults) -> str:
     """The accounted epsilon beside the best lower bound the audit proves (attacks and canaries)."""
-    bounds = r.empirical_bounds()
-    if not bounds:
+    found = r.best_empirical_bound()
+    if found is None:
         return ""
-    best, what = max(bounds)
-    what = what if best > 0 else "no attack proves epsilon > 0"
+    best, what = found
     accounted = r.epsilon()
     unit = f"per {(r.privacy or {}).get('unit', 'sample')}" if r.dp_on() else "no DP: no guarantee"
     return _p(f"Accounted epsilon {fmt(accounted, 2)} ({unit}, delta {r.cfg('dp.delta')}) vs the best empirical "

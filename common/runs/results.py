@@ -126,7 +126,7 @@ class RunResults:
         row: dict[str, Any] = {
             "status": self.status.status if self.status is not None else "missing",
             "epsilon": self.epsilon(),
-            "epsilon_unit": (self.privacy or {}).get("unit", "sample") if self.privacy is not None else "",
+            "epsilon_unit": self.privacy.get("unit", "sample") if self.privacy is not None else "",
             "verification_auc": final.get("verification_auc", math.nan),
             "attribute_accuracy": final.get("attribute_accuracy", math.nan),
             "attribute_deo_sum": final.get("attribute_deo_sum", math.nan),
@@ -160,7 +160,17 @@ class RunResults:
                                                   f"{c['counts']['m']} canaries included"))
         return bounds
 
+    def best_empirical_bound(self) -> tuple[float, str] | None:
+        """The largest of ``empirical_bounds`` and what proves it ("no attack proves epsilon > 0"
+        when every bound is 0); None without one."""
+        bounds = self.empirical_bounds()
+        if not bounds:
+            return None
+        best, what = max(bounds)
+        return best, what if best > 0 else "no attack proves epsilon > 0"
+
     def empirical_epsilon(self) -> float:
         """The largest lower bound of ``empirical_bounds``; NaN without one."""
-        return max((b for b, _ in self.empirical_bounds()), default=math.nan)
+        best = self.best_empirical_bound()
+        return best[0] if best is not None else math.nan
 
