@@ -46,7 +46,7 @@ def activations(model: FaceModel, images: np.ndarray, batch_size: int = 128) -> 
     for i in range(0, len(images), batch_size):
         maps = model.backbone.blocks(to_tensor(images[i:i + batch_size]))
         blocks.append([m.numpy() for m in maps])
-        emb.append(model.backbone.embed(model.backbone.dropout(torch.flatten(maps[-1], 1))).numpy())
+        emb.append(model.backbone.embedding_from(maps[-1]).numpy())
     return Activations([np.concatenate([b[k] for b in blocks]) for k in range(len(blocks[0]))], np.concatenate(emb))
 
 

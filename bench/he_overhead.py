@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from bench.memory import reset_peak, status_kb
 from common.he.ckks import Ciphertexts, EncryptedSum, decrypt_mean, encrypt_weighted, parse
 from common.he.keys import PUBLIC_FILE, SECRET_FILE, KeyParams, load_public_context, load_secret_context, write_keys
 from common.report.tables import format_table
@@ -46,17 +47,6 @@ from common.train.fedavg import weighted_average
 TARGET_BYTES = 8.5
 TARGET_ROUND = 1.5
 MEMORY_CLIENTS = (2, 5, 10)
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def memory_child(payload_dir: Path, key_dir: Path, clients: int, mode: str, n_values: int) -> dict[str, float]:
@@ -68,8 +58,8 @@ def memory_child(payload_dir: Path, key_dir: Path, clients: int, mode: str, n_va
     else:
         inputs = [np.load(payload_dir / f"plain-{c}.npz") for c in range(clients)]
         inputs = [(int(z["n"]), {"w": z["w"]}) for z in inputs]
-    before = _rss_kb("VmRSS")
-    _reset_peak()
+    before = status_kb("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     if mode == "he":
         acc = EncryptedSum(ctx, n_values)
@@ -79,7 +69,7 @@ def memory_child(payload_dir: Path, key_dir: Path, clients: int, mode: str, n_va
     else:
         weighted_average(inputs)
     seconds = time.perf_counter() - start
-    return {"peak_mb": (_rss_kb("VmHWM") - before) / 1024, "seconds": seconds}
+    return {"peak_mb": (status_kb("VmHWM") - before) / 1024, "seconds": seconds}
 
 
 def primitives(args: argparse.Namespace, work: Path) -> list[tuple]:

@@ -31,7 +31,7 @@ from common.evaluation.global_model import GlobalEvaluator
 from common.he.checkpoints import save_encrypted
 from common.he.keys import load_public_context
 from common.he.selection import EncryptionLayout
-from common.nn.build import build_model, model_spec
+from common.nn.build import build_initial_model, build_model, model_spec
 from common.nn.checkpoint import load_checkpoint, save_checkpoint
 from common.nn.face_model import FaceModel
 from common.runs.layout import FINAL, round_name
@@ -156,8 +156,11 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
         log.warning("dp.reproducible_noise = true: every client's DP noise and sampling derive from the run seed, "
                     "which this server knows, so the DP guarantee does not hold against the server (research "
                     "simulations only; clients refuse it unless their operator allows it)")
-    ds = build_dataset(cfg)
     started = point is not None and point.rounds_completed is not None
+    spec = model_spec(cfg)
+    # A bad init_checkpoint is refused before the data is built or a node awaited.
+    model = build_model(spec, cfg.seed) if started else build_initial_model(cfg, spec)
+    ds = build_dataset(cfg)
     if started:  # the audit's ground truth stays the one written at the start, checked against the data
         manifest = Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
     else:
@@ -169,8 +172,6 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
     counts = client_sample_counts(manifest, canaries)
     evaluator = GlobalEvaluator(cfg, ds, manifest)
     partitions = describe_clients(grid, cfg, manifest, counts)
-    spec = model_spec(cfg)
-    model = build_model(spec, cfg.seed)
     settings = StrategySettings(cfg.seed, partitions, cfg.federation, {p: counts[p] for p in partitions})
     meta = {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute}
     if started:

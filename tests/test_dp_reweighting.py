@@ -70,7 +70,7 @@ def test_the_histogram_is_charged_once_and_the_noise_leaves_room_for_it() -> Non
     assert report["epsilon"] == pytest.approx(eps)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["ghost", "hooks", "bk"])
 def test_a_weighted_sample_gradient_is_still_clipped(mode: str) -> None:
     """One sample, sampled every step (q = 1), plain SGD, no noise to speak of: the update is the
     learning rate times the clipped gradient, whatever the sample's weight."""

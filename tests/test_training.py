@@ -87,7 +87,7 @@ def _dp_accounting_epsilon(history, delta: float) -> float:
 
 # --- determinism ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["off", "hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["off", "hooks", "ghost", "bk"])
 def test_same_seed_gives_bitwise_identical_weights(synth_small, tiny_spec, mode: str) -> None:
     torch.manual_seed(1)  # the global RNG must not matter
     m1, h1, o1 = _run(synth_small, tiny_spec, mode, seed=3)
@@ -101,7 +101,7 @@ def test_same_seed_gives_bitwise_identical_weights(synth_small, tiny_spec, mode:
                                                       build_identity_head(tiny_spec, synth_small.num_identities, 1)))
 
 
-@pytest.mark.parametrize("mode", ["off", "hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["off", "hooks", "ghost", "bk"])
 def test_different_seed_gives_different_weights(synth_small, tiny_spec, mode: str) -> None:
     m1, h1, _ = _run(synth_small, tiny_spec, mode, seed=3)
     m2, h2, _ = _run(synth_small, tiny_spec, mode, seed=4)
@@ -111,7 +111,7 @@ def test_different_seed_gives_different_weights(synth_small, tiny_spec, mode: st
 def test_train_does_not_touch_the_global_rng(synth_small, tiny_spec) -> None:
     torch.manual_seed(7)
     state = torch.random.get_rng_state()
-    _run(synth_small, tiny_spec, "ghost", seed=0)
+    _run(synth_small, tiny_spec, "bk", seed=0)
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -122,7 +122,7 @@ def test_dp_history_composes_across_calls_and_matches_dp_accounting(synth_small,
     assert q == 0.2
     model = build_model(tiny_spec, 0)
     head = build_identity_head(tiny_spec, synth_small.num_identities, 1)
-    cfg, dp = _train_cfg(), _dp("ghost")
+    cfg, dp = _train_cfg(), _dp("bk")
 
     history = None
     epsilons = [0.0]
@@ -148,7 +148,7 @@ def test_dp_history_composes_across_calls_and_matches_dp_accounting(synth_small,
 
 def test_stopping_before_the_first_step_spends_nothing(synth_small, tiny_spec) -> None:
     history = [(1.0, 0.2, 10)]
-    _, _, out = _run(synth_small, tiny_spec, "ghost", seed=0, history=history, cfg=_train_cfg(max_seconds=1e-12))
+    _, _, out = _run(synth_small, tiny_spec, "bk", seed=0, history=history, cfg=_train_cfg(max_seconds=1e-12))
     assert out.steps == 0
     assert out.dp_history == history
 
@@ -210,7 +210,7 @@ def _hooks(module: torch.nn.Module) -> int:
                + len(m._backward_pre_hooks) for m in module.modules())
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_dp_training_removes_opacus_hooks(synth_small, tiny_spec, mode: str) -> None:
     model = build_model(tiny_spec, 0)
     head = build_identity_head(tiny_spec, synth_small.num_identities, 1)
@@ -253,7 +253,7 @@ def test_identity_training_separates_identities(synth_open_set) -> None:
     assert unseen_auc > pixel_verification_auc(unseen.images, unseen.identity) + 0.05
 
 
-@pytest.mark.parametrize("mode", ["off", "ghost"])
+@pytest.mark.parametrize("mode", ["off", "bk"])
 def test_attribute_training_learns_gender(synth_open_set, mode: str) -> None:
     ds = synth_open_set.subset(synth_open_set.identity < 24)
     majority = max(ds.gender.mean(), 1 - ds.gender.mean())
@@ -307,7 +307,7 @@ def test_train_rejects_inconsistent_arguments(synth_small, tiny_spec) -> None:
     with pytest.raises(ValueError, match="empty training set"):
         train(model, synth_small.subset(np.zeros(len(synth_small), bool)), _train_cfg(), DPConfig(mode="off"), seed=0, epochs=1, head=head)
     with pytest.raises(ValueError, match="needs a noise multiplier > 0"):
-        train(model, synth_small, _train_cfg(), _dp("ghost"), seed=0, epochs=1, head=head, noise_multiplier=0.0)
+        train(model, synth_small, _train_cfg(), _dp("bk"), seed=0, epochs=1, head=head, noise_multiplier=0.0)
     with pytest.raises(KeyError, match="train.attribute: 'age' is not a label"):
         train(model, synth_small, _train_cfg(task="attribute", attribute="age"), DPConfig(mode="off"), seed=0, epochs=1)
 
@@ -331,7 +331,7 @@ def test_augment_is_seeded_and_shape_preserving() -> None:
     assert not torch.equal(a, x)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_dp_training_survives_empty_poisson_batches(synth_small, tiny_spec, mode: str) -> None:
     """Two samples at q = 1/2: about one step in four draws nobody (40 steps: an empty batch is all
     but certain, and with the fixed noise seed it happens). That step adds noise only; it used to
@@ -381,12 +381,12 @@ def test_same_seed_same_weights_with_dropout(synth_small, tiny_spec) -> None:
     assert torch.equal(_weights(m1, h1), _weights(m2, h2))
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_dp_identity_task_with_unused_attribute_head(synth_small, tiny_spec, mode: str) -> None:
     _, _, out = _run(synth_small, tiny_spec, mode, seed=0, cfg=_train_cfg(task="identity"))
     assert out.steps == 5
 
 
 def test_dp_training_leaves_no_unnoised_gradient_on_parameters(synth_small, tiny_spec) -> None:
-    model, head, _ = _run(synth_small, tiny_spec, "ghost", seed=0)
+    model, head, _ = _run(synth_small, tiny_spec, "bk", seed=0)
     assert [n for n, p in [*model.named_parameters(), *head.named_parameters()] if hasattr(p, "summed_grad")] == []

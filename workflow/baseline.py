@@ -8,6 +8,7 @@ held-out samples. Federated runs are compared against these numbers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -18,7 +19,7 @@ from common.config import Config
 from common.data.cache import build_dataset
 from common.evaluation.global_model import GlobalEvaluator
 from common.evaluation.verification import pixel_verification_auc
-from common.nn.build import build_identity_head, build_model, model_spec
+from common.nn.build import build_identity_head, build_initial_model, build_model, model_spec
 from common.nn.checkpoint import save_checkpoint
 from common.runs.layout import BASELINE_IDENTITY, baseline_attribute
 from common.runs.rundir import RunDir
@@ -71,7 +72,8 @@ def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...]
 
     id_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task="identity"))
     spec = model_spec(id_cfg)
-    model = build_model(spec, cfg.seed)
+    model = build_initial_model(cfg, spec)
+    initial_backbone = copy.deepcopy(model.backbone.state_dict())  # the attribute models start from it too
     head = build_identity_head(spec, identity_classes(train_ds.identity)[0].size, cfg.seed + 1)
     start = time.perf_counter()
     outcome = train(model, train_ds, id_cfg.train, cfg.dp, seed=cfg.seed, epochs=cfg.train.epochs, head=head,
@@ -88,6 +90,7 @@ def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...]
         attr_cfg = dataclasses.replace(cfg.train, task="attribute", attribute=name)
         attr_spec = dataclasses.replace(spec, attribute_head=True)
         attr_model = build_model(attr_spec, cfg.seed)
+        attr_model.backbone.load_state_dict(initial_backbone)
         start = time.perf_counter()
         outcome = train(attr_model, train_ds, attr_cfg, cfg.dp, seed=cfg.seed, epochs=cfg.train.epochs,
                         noise_multiplier=sigma, progress=progress, desc=f"{name} classifier")

@@ -25,7 +25,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         known = ", ".join(sorted(names))
         if not unknown[0]:  # a table given as a value whose keys include "" (hostile run configs do that)
             raise ConfigError(f"{prefix.rstrip('.') or 'config'}: an empty key name (known: {known})")
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {known})")
+        key = unknown[0] if len(unknown[0]) <= 80 else unknown[0][:80] + "..."  # a hostile file's 5000-digit key
+        raise ConfigError(f"{prefix}{key}: unknown key (known: {known})")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         typ = hints[name]

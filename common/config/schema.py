@@ -10,8 +10,10 @@ from typing import Any
 
 from common.config.values import ConfigError, Section, choice, num
 from common.data.sources import SOURCES
+from common.nn.face_model import ARCHS
 from common.nn.heads import MARGINS
 from common.split.partition import PARTITIONS
+from common.train.book_keeping import GRAD_SAMPLE_MODES
 from common.train.fairness import FAIRNESS_METHODS, SENSITIVE_ATTRIBUTES
 from common.train.identity_dp import DP_UNITS
 
@@ -73,10 +75,17 @@ class SplitSettings(Section):
 class ModelConfig(Section):
     SECTION = "model"
 
-    width: int = num(32, 4)
-    blocks: tuple[int, ...] = (1, 1, 1)
+    arch: str = choice("resnet_gn", ARCHS, doc="resnet_gn: the small GroupNorm ResNet (width, blocks); iresnet18/50/"
+                                                "100: arcface_torch's IResNet with GroupNorm (112 px crops, embedding_dim "
+                                                "512 as in ArcFace)")
+    width: int = num(32, 4, doc="resnet_gn only")
+    blocks: tuple[int, ...] = field(default=(1, 1, 1), metadata={"doc": "resnet_gn only"})
     embedding_dim: int = num(128, 8)
     dropout: float = num(0.0, 0.0, 0.9)
+    init_checkpoint: str = field(default="", metadata={
+        "doc": "an arcface_torch backbone checkpoint (.pt/.pth read with weights_only, or .safetensors) to start the "
+               "IResNet from, before public pretraining; BatchNorm's affine parameters become GroupNorm's, its running "
+               "statistics are dropped (docs/models.md)"})
 
 
 @dataclass
@@ -107,8 +116,9 @@ class DPConfig(Section):
     unit: str = choice("sample", DP_UNITS, doc="what one (epsilon, delta) protects: 'sample' = one image (a person "
                                                 "gets only group privacy over their images), 'identity' = one person "
                                                 "with all of their images (identity-level DP-SGD: Poisson sampling of "
-                                                "identities, each identity's summed gradient clipped; always "
-                                                "instantiates per-sample gradients, hooks or functorch, never ghost)")
+                                                "identities, each identity's summed gradient clipped; with "
+                                                "grad_sample_mode bk (per-identity sums before the norm), hooks or "
+                                                "functorch, never ghost)")
     max_images_per_identity: int = num(10, 1, doc="dp.unit = identity: at most this many images of a person train "
                                                    "(the first in sample order); a fixed cap, chosen without looking "
                                                    "at the data; identities are drawn with rate q = batch_size / "
@@ -119,7 +129,11 @@ class DPConfig(Section):
     max_grad_norm: float = num(1.0, 1e-9)
     delta: float = num(1e-5, 0.0, 1.0)
     accountant: str = choice("rdp", ("rdp", "prv"))
-    grad_sample_mode: str = choice("ghost", ("ghost", "hooks", "functorch"))
+    grad_sample_mode: str = choice("bk", GRAD_SAMPLE_MODES,
+                                   doc="how per-sample (or per-identity) gradients are clipped: bk = book-keeping, "
+                                       "one backward pass, per layer the cheaper of ghost norm and instantiated "
+                                       "gradient (common/train/book_keeping.py, fastest); Opacus' ghost clipping (two "
+                                       "backward passes), hooks or functorch. Same clipping, noise and accounting")
     reproducible_noise: bool = field(default=False, metadata={
         "doc": "research simulations only: derive every client's DP noise and Poisson sampling from the run seed "
                "(reproducible runs, exact replays). The server knows the seed, so the DP guarantee then does not hold "
@@ -303,6 +317,9 @@ class Config:
             raise ConfigError("dp.unit: 'identity' cannot be combined with fairness.method = 'reweight' yet: the "
                               "reweighting histogram is released and accounted with the sensitivity of one image, "
                               "not of one person's images")
+        if self.model.init_checkpoint and self.model.arch == "resnet_gn":
+            raise ConfigError("model.init_checkpoint: an arcface_torch checkpoint fits an IResNet; set model.arch to "
+                              "iresnet18, iresnet50 or iresnet100")
         if self.federation.min_train_clients > self.split.num_clients:
             raise ConfigError(f"federation.min_train_clients: expected at most split.num_clients = "
                               f"{self.split.num_clients}, got {self.federation.min_train_clients}")

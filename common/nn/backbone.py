@@ -7,6 +7,8 @@ CosFace, so that verification compares embeddings by cosine similarity.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +37,25 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNetBackbone(nn.Module):
+class Backbone(nn.Module, ABC):
+    """What the face model, MINT and the audit read of a backbone: ``blocks`` (the maps after
+    the stem and each stage), ``embedding_from`` (the unnormalised embedding from the last map);
+    the L2-normalised embedding follows from them."""
+
+    @abstractmethod
+    def blocks(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+
+    @abstractmethod
+    def embedding_from(self, last: torch.Tensor) -> torch.Tensor: ...
+
+    def unnormalised(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding_from(self.blocks(x)[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.unnormalised(x), dim=1)
+
+
+class ResNetBackbone(Backbone):
     """Strided stem + residual stages (stride 2 each) + linear embedding.
 
     Sized for CPU training (about 12 M multiply-adds per 64x64 image with the defaults): the stem
@@ -77,10 +97,6 @@ class ResNetBackbone(nn.Module):
             out.append(stage(out[-1]))
         return out
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unnormalised embedding (before L2 normalisation)."""
-        h = self.blocks(x)[-1]
-        return self.embed(self.dropout(torch.flatten(h, 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.features(x), dim=1)
+    def embedding_from(self, last: torch.Tensor) -> torch.Tensor:
+        """The unnormalised embedding from the last stage's map."""
+        return self.embed(self.dropout(torch.flatten(last, 1)))

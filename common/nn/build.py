@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from common.config import Config
+from common.nn.arcface_checkpoint import load_arcface_backbone
 from common.nn.checkpoint import check_state, load_checkpoint
 from common.nn.face_model import FaceModel, ModelSpec
 from common.nn.heads import CosineClassifier
@@ -18,7 +20,7 @@ def model_spec(cfg: Config, attribute_head: bool | None = None) -> ModelSpec:
         attribute_head = cfg.train.task != "identity"
     m = cfg.model
     return ModelSpec(width=m.width, blocks=m.blocks, embedding_dim=m.embedding_dim,
-                     image_size=cfg.data.image_size, dropout=m.dropout, attribute_head=attribute_head)
+                     image_size=cfg.data.image_size, dropout=m.dropout, attribute_head=attribute_head, arch=m.arch)
 
 
 def build_model(spec: ModelSpec, seed: int) -> FaceModel:
@@ -26,6 +28,18 @@ def build_model(spec: ModelSpec, seed: int) -> FaceModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return FaceModel(spec)
+
+
+def build_initial_model(cfg: Config, spec: ModelSpec | None = None) -> FaceModel:
+    """A run's starting model: seeded, then (``model.init_checkpoint``) the user's arcface_torch
+    backbone copied in, so that public pretraining and the federation fine-tune it."""
+    model = build_model(spec or model_spec(cfg), cfg.seed)
+    if cfg.model.init_checkpoint:
+        dropped = load_arcface_backbone(model, cfg.model.init_checkpoint)
+        logging.getLogger(__name__).info("model.init_checkpoint: %s loaded into the %s backbone (%d BatchNorm "
+                                         "statistics dropped: GroupNorm normalises per sample)",
+                                         cfg.model.init_checkpoint, model.spec.arch, dropped)
+    return model
 
 
 def load_model(path: str | os.PathLike[str], spec: ModelSpec | None = None) -> tuple[FaceModel, dict]:

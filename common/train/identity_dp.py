@@ -8,12 +8,13 @@ group privacy over k images from it. With ``dp.unit = identity`` every step of t
    drawn independently with rate q, from the DP sampler generator (``common.train.dp.dp_generators``);
    a drawn identity brings all of its images, at most ``dp.max_images_per_identity`` of them,
    always the same ones: the first in sample order (decided once, never from labels or content).
-2. Per-sample gradients from Opacus' ``GradSampleModule`` (hooks, or functorch when
-   ``dp.grad_sample_mode = functorch``). Ghost clipping (the default for ``dp.unit = sample``)
-   never instantiates per-sample gradients, only their norms, so it cannot give the gradient of
-   one identity's images summed before clipping: identity mode always instantiates them, and costs
-   the memory and time of the hooks mode.
-3. ``IdentityDPOptimizer`` (an Opacus ``DPOptimizer``) sums the per-sample gradients of each
+2. Per-identity sums of the per-sample gradients before the norm: by default from book-keeping's
+   one backward pass (``dp.grad_sample_mode = bk``, ``common.train.book_keeping``: ``clip_and_sum``
+   with the identities as units, then Opacus' noise, scaling and accountant as below); otherwise
+   from Opacus' ``GradSampleModule`` (hooks, or functorch when ``dp.grad_sample_mode =
+   functorch``). Opacus' ghost clipping computes only per-sample norms, never the gradient of one
+   identity's images summed before clipping, so ``ghost`` falls back to hooks here.
+3. With hooks or functorch, ``IdentityDPOptimizer`` (an Opacus ``DPOptimizer``) sums the per-sample gradients of each
    identity's images, clips each identity's sum, over all trainable parameters jointly, to
    ``dp.max_grad_norm`` = C, adds the clipped sums, adds Gaussian noise N(0, sigma^2 C^2) once
    per step from the DP noise generator, divides by the expected number of identities per step,
@@ -43,8 +44,9 @@ from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.validators import ModuleValidator
 from torch import nn
+
+from common.train.book_keeping import check_private_module
 
 DP_UNITS: tuple[str, ...] = ("sample", "identity")
 """What one (epsilon, delta) protects: one image, or one person with all of their images."""
@@ -196,10 +198,7 @@ def make_private_by_identity(module: nn.Module, optimizer: torch.optim.Optimizer
     """``module`` wrapped for per-sample gradients (loss reduction "sum": backpropagate the sum of
     the per-sample losses) and ``optimizer`` wrapped for identity-level clipping and noise;
     ``step_hook`` (the accountant's ``get_optimizer_hook_fn(q)``) runs once per noised step."""
-    ModuleValidator.validate(module, strict=True)  # what PrivacyEngine.make_private checks
-    params = {id(p) for p in module.parameters()}
-    if any(id(p) not in params for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError("make_private_by_identity: the optimiser holds parameters the module does not")
+    check_private_module(module, optimizer)
     wrapped = prepare_module(module, grad_sample_mode=identity_grad_sample_mode(grad_sample_mode),
                              batch_first=True, loss_reduction="sum")
     wrapped.forbid_grad_accumulation()

@@ -4,9 +4,10 @@ It trains a ``FaceModel`` and, for the identity task, a private ``CosineClassifi
 ``FaceDataset``, with or without DP-SGD (Opacus, Poisson sampling). Initialisation, augmentation
 and dropout draw from generators seeded by the caller (the same seed gives the same weights on
 CPU); DP-SGD's noise and sampling draw from fresh OS entropy unless the caller passes a noise
-seed (see ``common.train.dp``). ``dp.unit = sample`` runs Opacus' ``make_private`` (one image is
-the unit); ``dp.unit = identity`` samples, clips and noises whole identities on Opacus' per-sample
-gradients (``common.train.identity_dp``).
+seed (see ``common.train.dp``). ``dp.unit = sample`` protects one image, ``dp.unit = identity`` one
+person (whole identities sampled, clipped and noised, ``common.train.identity_dp``); both run on
+book-keeping DP-SGD by default (``dp.grad_sample_mode = bk``, one backward pass,
+``common.train.book_keeping``), or on Opacus' ``make_private`` modes (hooks, ghost, functorch).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -30,6 +32,7 @@ from common.data.dataset import FaceDataset
 from common.nn.face_model import FaceModel
 from common.nn.heads import CosineClassifier, margin_logits
 from common.train import threads
+from common.train.book_keeping import make_private_book_keeping
 from common.train.dp import History, accountant_history, dp_generators, make_accountant
 from common.train.fairness import fair_mixup_penalty
 from common.train.identity_dp import IdentityPoissonLoader, make_private_by_identity
@@ -237,7 +240,17 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     module: nn.Module = joint
     if private and noise_multiplier <= 0:
         raise ValueError("train: DP-SGD (dp.mode = sample) needs a noise multiplier > 0")
-    if by_identity:
+    book_keeping = private and dp.grad_sample_mode == "bk"
+    if book_keeping:
+        if not by_identity:  # Opacus' Poisson sampler, rate and expected batch as make_private sets them
+            loader = DPDataLoader.from_data_loader(loader)
+        accountant = make_accountant(dp.accountant, dp_history)
+        expected = loader.expected_identities if by_identity else int(len(ds) * loader.sample_rate)
+        module, opt = make_private_book_keeping(
+            joint, opt, noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=expected, generator=noise_gen,
+            step_hook=accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate))
+    elif by_identity:
         accountant = make_accountant(dp.accountant, dp_history)
         module, opt = make_private_by_identity(
             joint, opt, noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
@@ -262,8 +275,8 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     bar = tqdm(total=steps_total, desc=desc, disable=not progress, leave=False, unit="step")
     try:
         for xb, yb_id, yb_attr, wb, sb in _batches(loader, epochs, cfg.max_seconds, start):
-            # No identity drawn: no forward or backward pass, but a noise-only step (as Opacus takes).
-            empty = by_identity and len(xb) == 0
+            # Nobody drawn: no forward or backward pass, but a noise-only step (as Opacus takes).
+            empty = (by_identity or book_keeping) and len(xb) == 0
             per_sample = torch.zeros(0)
             if not empty:
                 x = to_tensor(xb)
@@ -275,10 +288,13 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
             # Warm-up then anneal (for SGD and Adam alike): ArcFace from scratch diverges without it.
             for group in opt.param_groups:
                 group["lr"] = one_cycle_lr(first_step + steps, run_steps, cfg.lr)
-            if by_identity:  # per-sample gradients of the summed loss; the optimiser groups and clips them
+            if book_keeping or by_identity:  # the summed loss; the units are clipped after the pass
                 if not empty:
                     per_sample.sum().backward()
-                opt.set_identities(yb_id)
+                if book_keeping:  # clipped sums per sample or identity from the one pass
+                    module.clip_and_sum(dp.max_grad_norm, yb_id if by_identity else None)
+                else:  # hooks / functorch: the optimiser groups the per-sample gradients and clips them
+                    opt.set_identities(yb_id)
             elif private and dp.grad_sample_mode == "ghost":
                 DPTensorFastGradientClipping(module, opt, per_sample, "mean").backward()
             elif mixup is not None:

@@ -219,6 +219,15 @@ def test_toml_file_loads_or_names_the_file(text: bytes, scratch: Scratch) -> Non
         assert_sane(cfg, directory)
 
 
+def test_a_huge_unknown_key_is_named_briefly(scratch: Scratch) -> None:
+    """Found by the fuzzer above: a bare key of 5000 digits was echoed whole in the error."""
+    path = scratch.new() / "job.toml"
+    path.write_text("9" * 5000 + "seed = 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"job\.toml: 9{80}\.\.\.: unknown key") as err:
+        load_config(path)
+    assert len(str(err.value)) < 400 + len(str(path))
+
+
 @fuzz(100)
 @given(items=st.lists(st.one_of(st.text(max_size=16), st.tuples(KNOWN_KEYS, st.one_of(HOSTILE_TEXT, st.text(max_size=8)))
                                 .map("=".join)), min_size=1, max_size=3))
