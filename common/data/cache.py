@@ -1,4 +1,11 @@
-"""The configured data set, built once per process and (SynthFaces) cached on disk."""
+"""The configured data set, built once per process and cached on disk.
+
+SynthFaces is generated in memory and cached as one npz. A real source is decoded once into a
+disk cache (``DiskImages``: the images as a raw uint8 array file, plus an npz index of the
+annotations) and read a batch at a time from then on, so a data set larger than memory trains
+with bounded memory. The real cache's key covers the loader settings and every file under
+``data.path`` (name, size, modification time): editing the folder builds a new cache.
+"""
 
 from __future__ import annotations
 
@@ -46,10 +53,52 @@ def _data_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def folder_signature(root: str | os.PathLike[str]) -> str:
+    """Digest of every file's relative path, size and modification time under ``root``."""
+    h = hashlib.sha256()
+    base = Path(root)
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(base).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def load_cached_source(cfg: Config) -> FaceDataset:
+    """The real source ``data.source`` at ``data.path``, decoded once into a disk cache.
+
+    A damaged or partial cache is rebuilt, never trusted; a cache folder that cannot be written
+    falls back to reading the images into memory (logged).
+    """
+    d = cfg.data
+    root = Path(d.path).expanduser()
+    if not root.is_dir():  # the loader names the expected layout
+        return load_source(d.source, root, image_size=d.image_size, strict=d.strict, limit=d.limit or None)
+    settings = {"source": d.source, "root": str(root.resolve()), "image_size": d.image_size, "strict": d.strict,
+                "limit": d.limit, "files": folder_signature(root)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    index, array = cache_dir() / f"{d.source}-{key}.npz", cache_dir() / f"{d.source}-{key}.u8"
+    if index.is_file():
+        try:
+            return FaceDataset.load_npz(index)
+        except ValueError as exc:
+            log.warning("ignoring damaged data cache %s (%s)", index, exc)
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        writable = os.access(cache_dir(), os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        log.warning("cannot write the data cache folder %s; reading %s into memory", cache_dir(), root)
+        return load_source(d.source, root, image_size=d.image_size, strict=d.strict, limit=d.limit or None)
+    ds = load_source(d.source, root, image_size=d.image_size, strict=d.strict, limit=d.limit or None, cache=array)
+    ds.save_index(index)
+    return ds
+
+
 def _load_dataset(cfg: Config, key: str, progress: bool) -> FaceDataset:
     d = cfg.data
     if d.source != "synthfaces":
-        return load_source(d.source, d.path, image_size=d.image_size, strict=d.strict, limit=d.limit or None)
+        return load_cached_source(cfg)
     path = cache_dir() / f"synthfaces-{key}.npz"
     if path.is_file():
         try:

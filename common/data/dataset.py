@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from common.data.disk_images import DiskImages, image_chunks, take_rows
 from common.runs.io import atomic_save_npz, load_npz
 
 GENDER_NAMES: tuple[str, ...] = ("female", "male")
@@ -42,7 +43,8 @@ class FaceDataset:
     """Images plus per-sample identity, sensitive attributes and task labels.
 
     Attributes:
-        images: (n, H, W, 3) uint8.
+        images: (n, H, W, 3) uint8, in memory or (a cached real source) ``DiskImages`` read a
+            batch at a time: index it with positions, never assume an ``np.ndarray``.
         identity: (n,) int64 identity index (>= 0; sources without identities give each
             image its own).
         gender: (n,) int8, see ``GENDER_NAMES``; -1 unknown.
@@ -56,7 +58,7 @@ class FaceDataset:
         meta: JSON-serialisable description of how the data was made or read.
     """
 
-    images: np.ndarray
+    images: np.ndarray | DiskImages
     identity: np.ndarray
     gender: np.ndarray
     group: np.ndarray
@@ -70,7 +72,8 @@ class FaceDataset:
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.images = np.ascontiguousarray(self.images, dtype=np.uint8)
+        if not isinstance(self.images, DiskImages):
+            self.images = np.ascontiguousarray(self.images, dtype=np.uint8)
         self.identity = np.asarray(self.identity, dtype=np.int64)
         self.gender = np.asarray(self.gender, dtype=np.int8)
         self.group = np.asarray(self.group, dtype=np.int8)
@@ -123,7 +126,7 @@ class FaceDataset:
         idx = np.asarray(index)
         idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64, copy=False)
         return FaceDataset(
-            images=self.images[idx], identity=self.identity[idx], gender=self.gender[idx],
+            images=take_rows(self.images, idx), identity=self.identity[idx], gender=self.gender[idx],
             group=self.group[idx], age=self.age[idx],
             labels={k: v[idx] for k, v in self.labels.items()}, sample_ids=self.sample_ids[idx],
             source=self.source, group_names=self.group_names, identity_names=self.identity_names,
@@ -173,18 +176,36 @@ class FaceDataset:
         for name in sorted(self.labels):
             h.update(name.encode())
             h.update(self.labels[name].tobytes())
-        h.update(str(self.images.shape).encode())
-        h.update(self.images.tobytes())
+        h.update(str(tuple(self.images.shape)).encode())
+        for chunk in image_chunks(self.images):
+            h.update(chunk.tobytes())
         return h.hexdigest()
 
     # --- npz cache -------------------------------------------------------------------------
 
     def save_npz(self, path: str | os.PathLike[str]) -> Path:
-        """Save as a compressed, pickle-free npz (written atomically)."""
+        """Save as a compressed, pickle-free npz (written atomically), pixels included: for small
+        data sets (the images are loaded into memory); see ``save_index`` for large ones."""
+        return self._save(path, {"images": np.asarray(self.images)}, {})
+
+    def save_index(self, path: str | os.PathLike[str]) -> Path:
+        """Save the annotations as an npz that refers to the images' array file, which must sit in
+        the same folder (the disk cache of a real source, ``common.data.cache``). The fingerprint
+        is stored too, so that reopening a 7 GB cache does not hash it again."""
+        images = self.images
+        if not isinstance(images, DiskImages) or not np.array_equal(images.rows, np.arange(images.count)):
+            raise ValueError(f"{path}: only a whole on-disk data set has an index (use save_npz)")
+        if images.path.parent.resolve() != Path(path).parent.resolve():
+            raise ValueError(f"{path}: the image array {images.path} must be in the same folder")
+        disk = {"file": images.path.name, "count": images.count, "size": images.size,
+                "fingerprint": self.fingerprint()}
+        return self._save(path, {}, {"disk_images": disk})
+
+    def _save(self, path: str | os.PathLike[str], images: dict[str, np.ndarray], extra: dict[str, Any]) -> Path:
         header = {"source": self.source, "group_names": list(self.group_names),
                   "identity_names": list(self.identity_names), "meta": self.meta,
-                  "labels": sorted(self.labels)}
-        arrays = {"images": self.images, "identity": self.identity, "gender": self.gender,
+                  "labels": sorted(self.labels), **extra}
+        arrays = {**images, "identity": self.identity, "gender": self.gender,
                   "group": self.group, "age": self.age, "sample_ids": self.sample_ids,
                   "header": np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)}
         arrays.update({f"label__{k}": v for k, v in self.labels.items()})
@@ -192,9 +213,10 @@ class FaceDataset:
 
     @classmethod
     def load_npz(cls, path: str | os.PathLike[str]) -> FaceDataset:
-        """Load a data set saved by ``save_npz``; errors name the file and the missing key."""
+        """Load a data set saved by ``save_npz`` or ``save_index``; errors name the file and the
+        missing key."""
         z = load_npz(path)
-        required = ("images", "identity", "gender", "group", "age", "sample_ids", "header")
+        required = ("identity", "gender", "group", "age", "sample_ids", "header")
         missing = [k for k in required if k not in z]
         if missing:
             raise ValueError(f"{path}: not a FaceDataset archive (missing arrays {missing})")
@@ -203,14 +225,22 @@ class FaceDataset:
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ValueError(f"{path}: corrupt header ({type(exc).__name__}: {str(exc)[:200]})") from None
         _check_header(path, header)
+        disk = header.get("disk_images")
+        if disk is None and "images" not in z:
+            raise ValueError(f"{path}: not a FaceDataset archive (missing arrays ['images'])")
         try:
+            images = z["images"] if disk is None else DiskImages(Path(path).parent / disk["file"], disk["count"],
+                                                                 disk["size"])
             labels = {k: z[f"label__{k}"] for k in header.get("labels", [])}
-            return cls(images=z["images"], identity=z["identity"], gender=z["gender"], group=z["group"],
+            ds = cls(images=images, identity=z["identity"], gender=z["gender"], group=z["group"],
                        age=z["age"], labels=labels, sample_ids=z["sample_ids"], source=header["source"],
                        group_names=tuple(header.get("group_names", ())),
                        identity_names=tuple(header.get("identity_names", ())), meta=header.get("meta", {}))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OSError) as exc:
             raise ValueError(f"{path}: invalid FaceDataset archive ({exc})") from None
+        if disk is not None:
+            ds._fingerprint = disk["fingerprint"]
+        return ds
 
 
 def _check_header(path: str | os.PathLike[str], header: Any) -> None:
@@ -226,3 +256,10 @@ def _check_header(path: str | os.PathLike[str], header: Any) -> None:
             raise ValueError(f"{path}: header key {key!r} must be a list of strings")
     if not isinstance(header.get("meta", {}), dict):
         raise ValueError(f"{path}: header key 'meta' must be an object")
+    disk = header.get("disk_images")
+    if disk is not None:
+        kinds = {"file": str, "count": int, "size": int, "fingerprint": str}
+        if not isinstance(disk, dict) or any(not isinstance(disk.get(k), t) for k, t in kinds.items()):
+            raise ValueError(f"{path}: header key 'disk_images' must be an object with {sorted(kinds)}")
+        if Path(disk["file"]).name != disk["file"] or disk["file"] in ("", ".", ".."):
+            raise ValueError(f"{path}: disk_images.file must be a file name in the same folder, got {disk['file']!r}")

@@ -56,7 +56,7 @@ def verification_auc(features: np.ndarray, identity: np.ndarray, seed: int = 0) 
 
 def pixel_verification_auc(images: np.ndarray, identity: np.ndarray, seed: int = 0) -> float:
     """Raw-pixel baseline: cosine of mean-centred pixel vectors (how hard the data is without learning)."""
-    x = images.reshape(images.shape[0], -1).astype(np.float32)
+    x = np.asarray(images).reshape(len(images), -1).astype(np.float32)
     return verification_auc(x - x.mean(axis=1, keepdims=True), identity, seed)
 
 

@@ -23,7 +23,7 @@ _LOADERS: dict[str, Callable[..., FaceDataset]] = {
     "lfw": load_lfw,
     "imagefolder": load_imagefolder,
 }
-_COMMON = ("root", "image_size", "strict", "limit")
+_COMMON = ("root", "image_size", "strict", "limit", "cache")
 
 
 def source_options(name: str) -> tuple[str, ...]:
@@ -32,8 +32,11 @@ def source_options(name: str) -> tuple[str, ...]:
 
 
 def load_source(name: str, root: str | Path, *, image_size: int = 64, strict: bool = True,
-                limit: int | None = None, **options: Any) -> FaceDataset:
+                limit: int | None = None, cache: Path | None = None, **options: Any) -> FaceDataset:
     """Load the data source ``name`` from ``root`` (see docs/data.md for each layout).
+
+    ``cache``: write the decoded images to this array file as they are read and return them as
+    ``DiskImages`` (bounded memory; ``common.data.cache`` keeps the file), else in memory.
 
     ``options`` are source specific (``split`` for celeba/fairface, ``gender_csv`` for lfw);
     an option the source does not take is a ValueError naming the accepted ones.
@@ -46,4 +49,4 @@ def load_source(name: str, root: str | Path, *, image_size: int = 64, strict: bo
     if unknown:
         raise ValueError(f"data source {name!r} has no option(s) {unknown}; "
                          f"accepted: {list(source_options(name)) or 'none'}")
-    return _LOADERS[name](root, image_size=image_size, strict=strict, limit=limit, **options)
+    return _LOADERS[name](root, image_size=image_size, strict=strict, limit=limit, cache=cache, **options)

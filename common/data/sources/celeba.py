@@ -59,7 +59,7 @@ def _celeba_rows(path: Path, lines: Sequence[str], first_line: int) -> dict[str,
 
 
 def load_celeba(root: str | Path, *, image_size: int = 64, strict: bool = True, limit: int | None = None,
-                split: str | None = None) -> FaceDataset:
+                cache: Path | None = None, split: str | None = None) -> FaceDataset:
     """CelebA (aligned): identities from ``identity_CelebA.txt``, the 40 attributes as labels.
 
     Labels are the attribute names lower-cased (``smiling``, ``male``, ...) with -1/1 mapped to
@@ -67,7 +67,8 @@ def load_celeba(root: str | Path, *, image_size: int = 64, strict: bool = True, 
     (``list_eval_partition.txt`` is then required); by default all images are loaded and the
     partition file is not read: facefl's split manifest assigns its own roles.
     """
-    reader = SourceReader("celeba", root, _CELEBA_LAYOUT, image_size=image_size, strict=strict, limit=limit)
+    reader = SourceReader("celeba", root, _CELEBA_LAYOUT, image_size=image_size, strict=strict, limit=limit,
+                          cache=cache)
     if split is not None and split not in CELEBA_SPLITS:
         raise ValueError(f"celeba: unknown split {split!r}; expected one of {list(CELEBA_SPLITS)} or None")
     images_dir = require_dir(reader.root / CELEBA_IMAGES, "CelebA image folder")

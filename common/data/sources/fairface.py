@@ -28,14 +28,15 @@ _FAIRFACE_AGE = re.compile(r"(\d{1,3})-\d{1,3}|more than (\d{1,3})", re.ASCII)
 
 
 def load_fairface(root: str | Path, *, image_size: int = 64, strict: bool = True, limit: int | None = None,
-                  split: str | None = None) -> FaceDataset:
+                  cache: Path | None = None, split: str | None = None) -> FaceDataset:
     """FairFace: gender, 7 race groups and age ranges from the label CSVs; no identities.
 
     An age range maps to the bucket of its lower bound ("20-29" -> 20, "more than 70" -> 70).
     ``split`` ("train" or "val") loads one half; by default both (both CSVs required). The
     ``service_test`` column is ignored.
     """
-    reader = SourceReader("fairface", root, _FAIRFACE_LAYOUT, image_size=image_size, strict=strict, limit=limit)
+    reader = SourceReader("fairface", root, _FAIRFACE_LAYOUT, image_size=image_size, strict=strict, limit=limit,
+                          cache=cache)
     if split is not None and split not in FAIRFACE_SPLITS:
         raise ValueError(f"fairface: unknown split {split!r}; expected one of {list(FAIRFACE_SPLITS)} or None")
     splits = FAIRFACE_SPLITS if split is None else (split,)

@@ -66,7 +66,7 @@ _LABELS: dict[str, int] = {"": UNKNOWN, "0": 0, "1": 1}
 
 
 def load_imagefolder(root: str | Path, *, image_size: int = 64, strict: bool = True,
-                     limit: int | None = None) -> FaceDataset:
+                     limit: int | None = None, cache: Path | None = None) -> FaceDataset:
     """Load ``<root>/<identity>/<image>``; attributes from ``<root>/attributes.csv`` if present.
 
     The identity is the first folder of each image's path. Without attributes.csv every
@@ -75,7 +75,8 @@ def load_imagefolder(root: str | Path, *, image_size: int = 64, strict: bool = T
     comment) when present, so that codes survive a round trip, otherwise from the sorted
     distinct values of the ``group`` column.
     """
-    reader = SourceReader("imagefolder", root, _LAYOUT, image_size=image_size, strict=strict, limit=limit)
+    reader = SourceReader("imagefolder", root, _LAYOUT, image_size=image_size, strict=strict, limit=limit,
+                          cache=cache)
     disk = list_images(reader.root, reader.root)
     csv_path = reader.root / ATTRIBUTES_CSV
     if not csv_path.is_file():

@@ -27,7 +27,7 @@ def _lfw_genders(path: Path) -> dict[str, tuple[str, str]]:
 
 
 def load_lfw(root: str | Path, *, image_size: int = 64, strict: bool = True, limit: int | None = None,
-             gender_csv: str | Path | None = None) -> FaceDataset:
+             cache: Path | None = None, gender_csv: str | Path | None = None) -> FaceDataset:
     """LFW: one identity per person folder; gender from an optional ``name,gender`` CSV.
 
     Sample ids are relative to the folder holding ``lfw/`` (``lfw/<Person>/<file>``), whichever
@@ -35,7 +35,8 @@ def load_lfw(root: str | Path, *, image_size: int = 64, strict: bool = True, lim
     missing from the gender CSV get gender -1; CSV rows for people not on disk are ignored
     (the CSV may cover all of LFW while a subset is loaded).
     """
-    reader = SourceReader("lfw", root, _LFW_LAYOUT, image_size=image_size, strict=strict, limit=limit)
+    reader = SourceReader("lfw", root, _LFW_LAYOUT, image_size=image_size, strict=strict, limit=limit,
+                          cache=cache)
     images_dir = next((reader.root / name for name in LFW_FOLDERS if (reader.root / name).is_dir()), reader.root)
     base = images_dir.parent
     genders = {} if gender_csv is None else _lfw_genders(Path(gender_csv).expanduser())

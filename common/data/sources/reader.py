@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.data.dataset import UNKNOWN, FaceDataset
+from common.data.disk_images import DiskImages, DiskImageWriter
 from common.data.image_io import SampleError, is_image_name, read_image
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,11 @@ class SourceReader:
 
     Raises ``FileNotFoundError`` when ``root`` is not a directory and ``ValueError`` for a
     bad ``image_size`` or ``limit``. ``layout`` describes the expected layout for messages.
+    ``cache``: decode the images into this array file (``DiskImages``) instead of memory.
     """
 
     def __init__(self, source: str, root: str | Path, layout: str, *, image_size: int,
-                 strict: bool, limit: int | None) -> None:
+                 strict: bool, limit: int | None, cache: Path | None = None) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"{source}: image_size must be a positive integer, got {image_size!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -73,6 +75,7 @@ class SourceReader:
         self.image_size = image_size
         self.strict = strict
         self.limit = limit
+        self.cache = cache
         self.skipped: list[dict[str, str]] = []
         self.skipped_count = 0
 
@@ -122,28 +125,32 @@ class SourceReader:
         """
         order = sorted(samples, key=lambda s: s.sample_id)
         wanted = len(order) if self.limit is None else min(self.limit, len(order))
-        images = np.empty((wanted, self.image_size, self.image_size, 3), dtype=np.uint8)
+        sink = _ImageSink(wanted, self.image_size, self.cache)
         kept: list[Sample] = []
-        with tqdm(total=wanted, desc=f"loading {self.source}", unit="img", disable=None, leave=False) as bar:
-            for sample in order:
-                if len(kept) == wanted:
-                    break
-                try:
-                    images[len(kept)] = read_image(sample.path, self.image_size)
-                except SampleError as err:
-                    self.reject(err)
-                    continue
-                kept.append(sample)
-                bar.update()
+        try:
+            with tqdm(total=wanted, desc=f"loading {self.source}", unit="img", disable=None, leave=False) as bar:
+                for sample in order:
+                    if len(kept) == wanted:
+                        break
+                    try:
+                        sink.append(read_image(sample.path, self.image_size))
+                    except SampleError as err:
+                        self.reject(err)
+                        continue
+                    kept.append(sample)
+                    bar.update()
+        except BaseException:
+            sink.abort()
+            raise
         if self.skipped_count:
             first = self.skipped[0]
             logger.warning("%s: skipped %d bad samples under %s (listed in meta['skipped']); first: %s: %s",
                            self.source, self.skipped_count, self.root, first["path"], first["reason"])
         if not kept:
+            sink.abort()
             raise ValueError(f"{self.root}: no usable {self.source} images "
                              f"({self.skipped_count} skipped); expected {self.layout}")
-        if len(kept) < wanted:
-            images = images[: len(kept)].copy()
+        images = sink.close()
         keys = [s.sample_id if s.identity is None else s.identity for s in kept]
         names = sorted(set(keys))
         code = {key: i for i, key in enumerate(names)}
@@ -162,6 +169,31 @@ class SourceReader:
                   "limit": self.limit, "count": len(kept), "num_identities": len(names),
                   "skipped_count": self.skipped_count, "skipped": list(self.skipped), **meta},
         )
+
+
+class _ImageSink:
+    """Decoded images, collected in memory (an array sized for ``wanted``) or streamed to disk."""
+
+    def __init__(self, wanted: int, size: int, cache: Path | None) -> None:
+        self.writer = DiskImageWriter(cache, size) if cache is not None else None
+        self.array = None if self.writer else np.empty((wanted, size, size, 3), dtype=np.uint8)
+        self.count = 0
+
+    def append(self, image: np.ndarray) -> None:
+        if self.writer is not None:
+            self.writer.append(image)
+        else:
+            self.array[self.count] = image
+        self.count += 1
+
+    def close(self) -> np.ndarray | DiskImages:
+        if self.writer is not None:
+            return self.writer.close()
+        return self.array if self.count == len(self.array) else self.array[: self.count].copy()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def clip(value: Any, limit: int = 120) -> str:

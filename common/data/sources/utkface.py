@@ -19,13 +19,14 @@ _UTKFACE_NAME = re.compile(r"(\d{1,3})_([01])_([0-4])_\d+", re.ASCII)
 
 
 def load_utkface(root: str | Path, *, image_size: int = 64, strict: bool = True,
-                 limit: int | None = None) -> FaceDataset:
+                 limit: int | None = None, cache: Path | None = None) -> FaceDataset:
     """UTKFace: attributes come from file names; no identities (each image is its own).
 
     UTKFace codes gender 0 = male, 1 = female; it is flipped to the project's coding. Images
     may sit in sub-folders (the in-the-wild parts); ``.jpg.chip.jpg`` names are accepted.
     """
-    reader = SourceReader("utkface", root, _UTKFACE_LAYOUT, image_size=image_size, strict=strict, limit=limit)
+    reader = SourceReader("utkface", root, _UTKFACE_LAYOUT, image_size=image_size, strict=strict, limit=limit,
+                          cache=cache)
 
     def make(sample_id: str) -> Sample:
         path = reader.root / sample_id
