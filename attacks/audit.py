@@ -312,11 +312,12 @@ def centroid_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, known: n
 
 
 def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: np.ndarray,
-                wanted: tuple[str, ...], seed: int) -> dict[str, np.ndarray]:
+                wanted: tuple[str, ...], seed: int, device: str = "cpu") -> dict[str, np.ndarray]:
     """MINT (white-box) scores; NaN for the MINT model's own training half. The MINT model trains on
     the audited samples of half the identities and is scored on the other half (identity-disjoint).
     The CNN variant reads the penultimate block's maps: the last one is what the embedding layer
-    already summarises, the earlier ones carry more spatial detail."""
+    already summarises, the earlier ones carry more spatial detail. The MINT models train on ``device`` (a
+    ``train.device`` value)."""
     acts = activations(model, ds.images[pos])
     train = identity_split(ds.identity[pos], seed)
     for part, name in ((train, "training"), (~train, "test")):
@@ -328,7 +329,7 @@ def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: n
         if name in wanted:
             x = feats()
             s = np.full(pos.size, np.nan)
-            s[~train] = make(seed=seed).fit(x[train], is_member[train]).score(x[~train])
+            s[~train] = make(seed=seed, device=device).fit(x[train], is_member[train]).score(x[~train])
             out[name] = s
     return out
 
@@ -379,7 +380,7 @@ def run_audit(run_dir: str | os.PathLike[str], settings: AuditSettings,
         sets["embedding_" if sets else ""] = _embedding_set(ds, manifest, model, clients, settings, wanted, usable)
     main = next(iter(sets.values()))
     main.scores.update({(WHITE_BOX, name): s for name, s in mint_scores(
-        model, ds, main.positions, main.is_member, wanted, settings.seed).items()})
+        model, ds, main.positions, main.is_member, wanted, settings.seed, cfg.train.device).items()})
     mote = _mote_set(run, cfg, ds, manifest, model, settings, wanted)
     if mote is not None:
         sets[MOTE_PREFIX] = mote

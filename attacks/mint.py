@@ -12,7 +12,9 @@ to tell data that trained it from data that did not.
 
 Both follow sklearn's fit / score convention on activation features and are seeded. Batches are
 class-balanced: each holds as many used as unused samples (drawn with replacement from the
-smaller class when the two differ in size).
+smaller class when the two differ in size). The network is initialised and the batches drawn on
+the CPU; it trains on ``device`` (a ``train.device`` value, ``common.train.device``) and scores on
+the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.nn.face_model import FaceModel
+from common.train.device import resolve_device
 from common.train.loop import to_tensor
 
 
@@ -61,8 +64,10 @@ class _MINTBase(ABC):
     epochs: int
     l1: float = 0.0
 
-    def __init__(self, *, seed: int, epochs: int | None = None, batch_size: int = 128, lr: float = 1e-3) -> None:
+    def __init__(self, *, seed: int, epochs: int | None = None, batch_size: int = 128, lr: float = 1e-3,
+                 device: str = "cpu") -> None:
         self.seed = seed
+        self.device = resolve_device(device)
         self.epochs = epochs if epochs is not None else self.epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -89,7 +94,8 @@ class _MINTBase(ABC):
         gen = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
-            self.net_ = self._build(x)
+            self.net_ = self._build(x).to(self.device)
+        x = x.to(self.device)
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
         pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
         half = max(1, self.batch_size // 2)
@@ -101,13 +107,13 @@ class _MINTBase(ABC):
                 for _ in range(steps):
                     idx = np.concatenate([pos[torch.randint(pos.size, (half,), generator=gen).numpy()],
                                           neg[torch.randint(neg.size, (half,), generator=gen).numpy()]])
-                    target = torch.from_numpy(y[idx].astype(np.float32))
+                    target = torch.from_numpy(y[idx].astype(np.float32)).to(self.device)
                     logit, hidden = self.net_(x[idx])
                     loss = F.binary_cross_entropy_with_logits(logit, target) + self.l1 * hidden.abs().mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-        self.net_.eval()
+        self.net_.to("cpu").eval()
         return self
 
     @torch.no_grad()

@@ -110,7 +110,7 @@ def shadow_logits(model: FaceModel, ds: FaceDataset, manifest: Manifest, cfg: Co
     logits = []
     for b in pair:
         gallery = enroll(emb[[row[p] for p in ref_pos.tolist()]], ds.identity[ref_pos], kde, emb, ds.identity[aux], b,
-                         seed, cfg.mote)
+                         seed, cfg.mote, device=cfg.train.device)
         logits.append(own_logits(gallery, shadow_emb, ds.identity[shadow.positions]))
     log.info("MOTE audit: shadow enrollment of %d aux identities", usable.size)
     return np.column_stack(logits), shadow.is_member

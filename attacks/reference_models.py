@@ -15,7 +15,9 @@ references are trained without DP-SGD: the attacker mimics the data distribution
 architecture, and a DP target only makes its own scores less separable.
 
 Batches: each model draws its own stream of permutations of its IN set (own generator), so the
-sequential path (``vectorised=False``) sees the very same batches and augmentations.
+sequential path (``vectorised=False``) sees the very same batches and augmentations. They are
+drawn and augmented on the CPU and then moved to ``train.device``, where the models train
+(``common.train.device``); the models are initialised on the CPU and returned on it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from common.config import TrainConfig
 from common.nn.build import build_model
 from common.nn.face_model import FaceModel, ModelSpec
+from common.train.device import resolve_device
 from common.train.loop import augment, one_cycle_lr, to_tensor
 
 log = logging.getLogger(__name__)
@@ -75,10 +78,11 @@ def _check(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in_mask: np.
 
 
 def _batch(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, idx: np.ndarray, gen: torch.Generator,
-           cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, weights) of ``idx``, augmented on the CPU (``gen`` is a CPU stream), on ``device``."""
     x = to_tensor(images[idx])
-    return ((augment(x, gen) if cfg.augment else x), torch.from_numpy(labels[idx]).float(),
-            torch.from_numpy(weights[idx]).float())
+    return ((augment(x, gen) if cfg.augment else x).to(device), torch.from_numpy(labels[idx]).float().to(device),
+            torch.from_numpy(weights[idx]).float().to(device))
 
 
 def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in_mask: np.ndarray,
@@ -97,7 +101,8 @@ def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in
     weights = np.ones(in_mask.shape) if sample_weights is None else np.asarray(sample_weights, dtype=np.float64)
     if weights.shape != in_mask.shape:
         raise ValueError(f"reference models: sample_weights {weights.shape}, expected {in_mask.shape}")
-    models = [build_model(spec, int(s)) for s in seeds]
+    device = resolve_device(cfg.device)
+    models = [build_model(spec, int(s)).to(device) for s in seeds]
     if init_state is not None:
         for m in models:
             m.load_state_dict(init_state)
@@ -106,14 +111,12 @@ def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in
     aug_gens = [torch.Generator().manual_seed(int(s) + 2) for s in seeds]
     total = training_steps(in_mask, streams[0].batch, epochs)
     if vectorised:
-        _train_stacked(models, images, labels, weights, streams, aug_gens, cfg, total)
+        _train_stacked(models, images, labels, weights, streams, aug_gens, cfg, total, device)
     else:
         for model, w, stream, gen in tqdm(list(zip(models, weights, streams, aug_gens, strict=True)),
                                           desc="reference models", unit="model", disable=not progress):
-            _train_one(model, images, labels, w, stream, gen, cfg, total)
-    for m in models:
-        m.eval()
-    return models
+            _train_one(model, images, labels, w, stream, gen, cfg, total, device)
+    return [m.to("cpu").eval() for m in models]
 
 
 def _optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -123,11 +126,11 @@ def _optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Opti
 
 
 def _train_one(model: FaceModel, images: np.ndarray, labels: np.ndarray, weights: np.ndarray, stream: _BatchStream,
-               gen: torch.Generator, cfg: TrainConfig, total: int) -> None:
+               gen: torch.Generator, cfg: TrainConfig, total: int, device: torch.device) -> None:
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     model.train()
     for step in range(total):
-        x, y, w = _batch(images, labels, weights, stream.next(), gen, cfg)
+        x, y, w = _batch(images, labels, weights, stream.next(), gen, cfg, device)
         for group in opt.param_groups:
             group["lr"] = one_cycle_lr(step, total, cfg.lr)
         opt.zero_grad(set_to_none=True)
@@ -136,7 +139,8 @@ def _train_one(model: FaceModel, images: np.ndarray, labels: np.ndarray, weights
 
 
 def _train_stacked(models: list[FaceModel], images: np.ndarray, labels: np.ndarray, weights: np.ndarray,
-                   streams: list[_BatchStream], gens: list[torch.Generator], cfg: TrainConfig, total: int) -> None:
+                   streams: list[_BatchStream], gens: list[torch.Generator], cfg: TrainConfig, total: int,
+                   device: torch.device) -> None:
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
     base.train()
@@ -147,7 +151,7 @@ def _train_stacked(models: list[FaceModel], images: np.ndarray, labels: np.ndarr
     forward = torch.vmap(logit, randomness="different")
     opt = _optimizer(list(params.values()), cfg)
     for step in range(total):
-        xs, ys, ws = zip(*(_batch(images, labels, w, st.next(), g, cfg)
+        xs, ys, ws = zip(*(_batch(images, labels, w, st.next(), g, cfg, device)
                            for w, st, g in zip(weights, streams, gens, strict=True)), strict=True)
         for group in opt.param_groups:
             group["lr"] = one_cycle_lr(step, total, cfg.lr)

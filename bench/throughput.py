@@ -6,8 +6,9 @@ book-keeping mode), the project's training loop (``common.train.loop.train``, id
 ArcFace head, SynthFaces rendered at that size) runs ``--warmup`` untimed steps and then
 ``--steps`` timed ones. Reported: samples per second of the timed steps, and the peak resident
 memory the training added (the kernel's high-water mark, reset through ``/proc/self/clear_refs``
-before each run, minus the resident memory before it). CPU only: facefl has no device
-setting yet (``train.device`` is open work).
+before each run, minus the resident memory before it). It trains where ``train.device = auto``
+puts it (``--device`` to choose): on a GPU machine the same command gives the GPU rows, and peak
+memory is then the host's, not the GPU's.
 
 Usage:  .venv/bin/python bench/throughput.py [--steps 5] [--iresnet-steps 2] [--threads N]
 """
@@ -33,15 +34,16 @@ from common.config import DPConfig, load_config
 from common.data.cache import build_dataset
 from common.nn.build import build_identity_head, build_model, model_spec
 from common.report.tables import format_table
+from common.train.device import DEVICES, resolve_device
 from common.train.loop import identity_classes, train
 
 
 def run(arch: str, image_size: int, batch: int, steps: int, warmup: int, dp_mode: str | None,
-        seed: int) -> tuple[float, float]:
+        seed: int, device: str) -> tuple[float, float]:
     """(samples per second, peak MB added) of ``steps`` timed training steps."""
     overrides = [f"model.arch={arch}", f"data.image_size={image_size}", "train.task=identity",
                  f"train.batch_size={batch}", f"data.identities={-(-(steps + warmup) * batch // 8)}",
-                 "data.images_per_identity=8", f"seed={seed}"]
+                 "data.images_per_identity=8", f"seed={seed}", f"train.device={device}"]
     if arch != "resnet_gn":
         overrides.append("model.embedding_dim=512")
     cfg = load_config(None, overrides)
@@ -71,20 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="train.device")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(f"torch {torch.__version__}, python {platform.python_version()}, {args.threads} torch thread(s), "
-          f"cpu_count {os.cpu_count()}, load average {load[0]:.2f}; CPU only\n")
+          f"cpu_count {os.cpu_count()}, load average {load[0]:.2f}; training on {resolve_device(args.device)}\n")
     configs = [("resnet_gn", 64, 64, args.steps), ("iresnet50", 112, args.iresnet_batch, args.iresnet_steps)]
     rows = []
     for arch, size, batch, steps in configs:
         plain = None
         for label, mode in (("no DP", None), ("DP bk", "bk")):
             start = time.perf_counter()
-            rate, peak = run(arch, size, batch, steps, args.warmup, mode, args.seed)
+            rate, peak = run(arch, size, batch, steps, args.warmup, mode, args.seed, args.device)
             plain = rate if mode is None else plain
             print(f"  {arch} {size} px batch {batch}, {label}: {rate:.1f} samples/s, peak +{peak:.0f} MB "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)

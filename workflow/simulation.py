@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.clientapp import ClientApp
 
 from client.app import app as client_app
@@ -32,6 +33,7 @@ from common.config import Config
 from common.data.cache import cache_dir
 from common.runs.layout import CLIENT_STATE_DEFAULT
 from common.runs.rundir import CLIENT_STATE_ENV, RunDir
+from common.train.device import resolve_device
 from server.app import make_app
 from server.preflight import check_inputs
 
@@ -54,15 +56,33 @@ def simulate(cfg: Config, runs_root: str | Path, prefix: str = "run", progress: 
     configuration of their own, so it reaches them through ``FACEFL_HE_SECRET_CONTEXT``.
     """
     check_inputs(cfg)  # data and split problems fail here, in seconds, before a run directory or Ray exists
+    backend = backend_config(cfg)
     run = RunDir.create(runs_root, prefix, cfg)
-    return run, _simulate(cfg, run, progress, he_secret, resume=False)
+    return run, _simulate(cfg, run, backend, progress, he_secret, resume=False)
 
 
 def resume(cfg: Config, run: RunDir, progress: bool = True, he_secret: Path | None = None) -> dict[str, Any]:
     """Continue ``run`` (configured by ``cfg``, its own config.toml) after its last committed
     round; the simulated clients restore their state from ``client_state_root()``. Returns the
     final status. The caller checks first that the run is resumable (``RunDir.check_resumable``)."""
-    return _simulate(cfg, run, progress, he_secret, resume=True)
+    return _simulate(cfg, run, backend_config(cfg), progress, he_secret, resume=True)
+
+
+def backend_config(cfg: Config) -> dict[str, Any]:
+    """Flower's simulation backend: each client's Ray resources (``federation.client_cpus``, and
+    ``federation.client_gpus`` as Ray's num_gpus) and Ray's own settings.
+
+    The simulated clients train on this machine, so their device is checked here, before a run
+    directory or Ray exists: ``train.device = cuda`` or a GPU share without CUDA would otherwise
+    fail in every client (a GPU share would even leave Ray waiting for a GPU that never comes).
+    """
+    resolve_device(cfg.train.device)
+    gpus = cfg.federation.client_gpus
+    if gpus > 0 and not torch.cuda.is_available():
+        raise ValueError(f"federation.client_gpus: {gpus} reserves a GPU share per simulated client, but CUDA is not "
+                         "available on this machine; set federation.client_gpus = 0")
+    return {"client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpus},
+            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
 
 
 @contextlib.contextmanager
@@ -80,7 +100,8 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _simulate(cfg: Config, run: RunDir, progress: bool, he_secret: Path | None, resume: bool) -> dict[str, Any]:
+def _simulate(cfg: Config, run: RunDir, backend: dict[str, Any], progress: bool, he_secret: Path | None,
+              resume: bool) -> dict[str, Any]:
     # The engine behind both `flwr run` (flwr.simulation.app) and the deprecated Python wrapper
     # run_simulation, which only adds a deprecation warning; flwr is pinned (requirements.lock).
     from flwr.common.logger import update_console_handler
@@ -90,19 +111,20 @@ def _simulate(cfg: Config, run: RunDir, progress: bool, he_secret: Path | None, 
     update_console_handler(colored=sys.stderr.isatty())  # Flower's log lines carry ANSI colours by default
 
     server_app = make_app(cfg, run.path, progress, resume)
-    backend = {"client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     state_root = client_state_root()
     # The simulation engine is the researcher's: its clients accept dp.reproducible_noise when a run asks.
     env = {CLIENT_STATE_ENV: str(state_root.resolve()), ALLOW_REPRODUCIBLE_NOISE_ENV: "1",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # keep Ray's future behaviour, and its warning away
+           # A client with no GPU share must not see the GPUs (train.device = auto would put it on one
+           # that Ray does not schedule): Ray hides them from such actors while this is 1.
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0" if cfg.federation.client_gpus > 0 else "1",
            **({} if sys.stderr.isatty() else {"RAY_COLOR_PREFIX": "0"})}  # no ANSI codes in a log file
     if he_secret is not None:
         env[SECRET_KEY_ENV] = str(Path(he_secret).resolve())
     error = None
     with warnings.catch_warnings(), _environment(env):
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)  # about the 1 above
         try:
             _run_simulation(num_supernodes=cfg.split.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                             server_app=server_app, client_app=CLIENT_APP, backend_config=backend)

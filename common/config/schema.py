@@ -14,6 +14,7 @@ from common.nn.face_model import ARCHS
 from common.nn.heads import MARGINS
 from common.split.partition import PARTITIONS
 from common.train.book_keeping import GRAD_SAMPLE_MODES
+from common.train.device import DEVICES
 from common.train.fairness import FAIRNESS_METHODS, SENSITIVE_ATTRIBUTES
 from common.train.identity_dp import DP_UNITS
 
@@ -106,6 +107,12 @@ class TrainConfig(Section):
     augment: bool = True
     attribute_weight: float = num(1.0, 0.0, doc="task both: weight of the attribute loss against the identity "
                                                  "margin loss (which is 10-20x larger at the start)")
+    device: str = choice("auto", DEVICES, doc="where training runs (model, batches, DP noise): auto = CUDA when "
+                                              "torch sees a GPU, else cpu; cuda fails, naming this key, on a machine "
+                                              "without one (checked where training starts). Data, augmentation, "
+                                              "sampling, evaluation and HE stay on the CPU and trained models come "
+                                              "back to it; CPU results are unchanged. CUDA's kernels and RNG differ "
+                                              "from the CPU's: bit-identical replays hold on the CPU only")
 
 
 @dataclass
@@ -156,6 +163,10 @@ class FederationConfig(Section):
                                               "decoded (0 = twice a valid update, from the model or the HE "
                                               "ciphertext layout, plus 1 MB)")
     client_cpus: float = num(2.0, 0.1, doc="simulation only: CPUs per client (2 on 2 cores = one at a time)")
+    client_gpus: float = num(0.0, 0.0, doc="simulation only: GPU share per client (Ray num_gpus; 0.25 = four "
+                                            "clients on one GPU at a time); 0 = none reserved: clients are scheduled "
+                                            "by CPUs alone, and with train.device = auto they still train on a GPU "
+                                            "they see (train.device = cpu keeps them off it)")
     save_client_models: bool = field(default=True, metadata={
         "doc": "plaintext runs: keep each client's latest post-round model in models/clients/ (what a curious "
                "server holds; `facefl audit` attacks them). HE runs have none"})

@@ -22,6 +22,7 @@ from common.mote.kde import GenderKDE
 from common.mote.private import ImpostorRecords, PrivateRun, plan
 from common.split.build import build_manifest
 from common.split.manifest import Manifest
+from common.train.device import resolve_device
 from common.train.dp import dp_generators
 from common.train.loop import embed
 from common.train.pretraining import public_population
@@ -108,13 +109,15 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
         record_pos = own[~np.isin(own, ref_pos)]  # sample order; the references are the templates' subjects
         records = ImpostorRecords.build(rows(record_pos), ds.identity[record_pos], cfg.dp.unit,
                                         cfg.dp.max_images_per_identity)
-        private = PrivateRun(records, plan(records, settings, cfg.dp, len(factors)), *dp_generators(noise_seed))
+        private = PrivateRun(records, plan(records, settings, cfg.dp, len(factors)),
+                             *dp_generators(noise_seed, resolve_device(cfg.train.device)))
     if private is not None or settings.impostor_population == "public":
         assert public is not None  # computed for public impostors, and MOTE DP fits its KDEs on public data
         pool = public[:2]
     else:
         pool = rows(own), ds.identity[own]
-    galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, *pool, b, seed, settings, private) for b in factors]
+    galleries = [enroll(rows(ref_pos), ds.identity[ref_pos], kde, *pool, b, seed, settings, private, cfg.train.device)
+                 for b in factors]
     if private is not None:
         extra["privacy"] = private.mechanism.ledger(cfg.dp.reproducible_noise, [g.info["steps"] for g in galleries])
     info = {"client": client, "identities": sorted(refs), "references": {str(i): ds.sample_ids[p].tolist()

@@ -33,6 +33,7 @@ from common.mote.networks import (
 )
 from common.mote.private import PrivateRun
 from common.nn.checkpoint import load_checkpoint, save_checkpoint
+from common.train.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def _balancing_factors(balancing_factor: float | Sequence[float] | np.ndarray, k
 
 def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: GenderKDE, impostor_pool_emb: np.ndarray,
            impostor_pool_identity: np.ndarray, balancing_factor: float | Sequence[float] | np.ndarray, seed: int,
-           settings: MoteConfig | None = None, private: PrivateRun | None = None) -> MoteGallery:
+           settings: MoteConfig | None = None, private: PrivateRun | None = None, device: str = "cpu") -> MoteGallery:
     """Enrol every identity of ``reference_identity`` (sorted ids) as a MOTE model template.
 
     Identity ids are non-negative integers: with ``seed`` they seed each identity's random
@@ -208,9 +209,13 @@ def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: Gende
     ``settings.enroll_batch`` at a time; the result does not depend on that grouping.
 
     With ``private``, the pool is public data and the whole gallery is one DP-SGD mechanism over
-    ``private.records`` (``common.mote.private``): all identities train in one stack.
+    ``private.records`` (``common.mote.private``): all identities train in one stack, whose noise
+    generator must live on ``device`` (``dp_generators(noise_seed, device)``).
+
+    ``device``: a ``train.device`` value; the networks train there and come back on the CPU.
     """
     settings = (settings or MoteConfig()).validate()
+    where = resolve_device(device)  # cuda without CUDA fails before any work
     ref = np.asarray(reference_emb, dtype=np.float32)
     ref_id = np.asarray(reference_identity)
     if ref.ndim != 2 or ref_id.shape != (ref.shape[0],):
@@ -238,7 +243,7 @@ def enroll(reference_emb: np.ndarray, reference_identity: np.ndarray, kde: Gende
             train_gens.append(train_gen)
         source = (IndependentSteps(train_gens, settings) if private is None
                   else private.source(ids, settings, public_stream(seed, b)))
-        parts.append(fit(sets, init_gens, source, settings))
+        parts.append(fit(sets, init_gens, source, settings, where))
     params = {n: torch.cat([r.params[n] for r in parts]) for n in PARAM_NAMES}
     epochs = np.concatenate([r.epochs for r in parts])
     log.info("MOTE: enrolled %d identities in %.1f s (mean %.1f epochs)", ids.size, time.perf_counter() - start,

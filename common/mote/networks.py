@@ -21,6 +21,10 @@ are not independent any more: one impostor record trains every model of the stac
 trained as one DP-SGD mechanism (``common.mote.private``). This module supplies the pieces both
 paths share: the hand-written backward pass (``backprop``), per-row gradient norms and Gram
 matrices, and the training loop with early stopping (``fit``).
+
+Device. ``fit`` trains on a torch device (``train.device``, ``common.train.device``). Every random
+draw (initialisation, batches, dropout) comes from a CPU generator and is moved there, so that an
+identity's streams stay those of its CPU generators; the result comes back on the CPU.
 """
 
 from __future__ import annotations
@@ -272,7 +276,7 @@ def unflatten(flat: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
 def flatten(tensors: dict[str, torch.Tensor], width: int | None = None) -> torch.Tensor:
     """The inverse of ``unflatten``: (k, P), or (k, width) zero-padded on the right."""
     flat = [tensors[n].reshape(tensors[n].shape[0], -1) for n in PARAM_NAMES]
-    out = torch.zeros(flat[0].shape[0], width or sum(f.shape[1] for f in flat))
+    out = torch.zeros(flat[0].shape[0], width or sum(f.shape[1] for f in flat), device=flat[0].device)
     offset = 0
     for f in flat:
         out[:, offset: offset + f.shape[1]] = f
@@ -317,15 +321,20 @@ class Stack:
         mask = torch.arange(imp_val.shape[1]) < n_imp_val.unsqueeze(1)
         return cls(torch.cat([gen, imp], dim=1), n_gen, n_imp, gen_val, imp_val, mask, gen.shape[1])
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "gen_width"]
+
     def select(self, keep: torch.Tensor) -> Stack:
-        tensors = (getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "gen_width")
-        return Stack(*(t[keep] for t in tensors), self.gen_width)
+        return Stack(*(t[keep] for t in self._tensors()), self.gen_width)
+
+    def to(self, device: torch.device) -> Stack:
+        return Stack(*(t.to(device) for t in self._tensors()), self.gen_width)
 
     def batch(self, picks: torch.Tensor, n_genuine: int) -> torch.Tensor:
         """(k, B, d) rows for uniform draws (k, B): the first ``n_genuine`` genuine, the rest impostors."""
         gen = (picks[:, :n_genuine] * self.n_gen.unsqueeze(1)).long().clamp_max(self.n_gen.unsqueeze(1) - 1)
         imp = (picks[:, n_genuine:] * self.n_imp.unsqueeze(1)).long().clamp_max(self.n_imp.unsqueeze(1) - 1)
-        rows = torch.arange(picks.shape[0]).unsqueeze(1)
+        rows = torch.arange(picks.shape[0], device=picks.device).unsqueeze(1)
         return self.train[rows, torch.cat([gen, imp + self.gen_width], dim=1)]
 
     def val_loss(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -339,7 +348,8 @@ def dropout_masks(drop_bytes: torch.Tensor, rate: float) -> tuple[torch.Tensor, 
     """Scaled (inverted) dropout masks of both hidden layers from uniform bytes (..., h1 + h2): a
     unit is kept iff its byte >= round(256 rate), which quantises the rate to 1/256."""
     threshold = round(rate * 256)
-    mask = torch.ge(drop_bytes, threshold, out=torch.empty(drop_bytes.shape)).mul_(256 / (256 - threshold))
+    mask = torch.ge(drop_bytes, threshold, out=torch.empty(drop_bytes.shape, device=drop_bytes.device))
+    mask.mul_(256 / (256 - threshold))
     return mask[..., : HIDDEN[0]], mask[..., HIDDEN[0]:]
 
 
@@ -367,7 +377,7 @@ class StepSource(Protocol):
 class IndependentSteps:
     """Each identity draws its batches and dropout from its own generator, a whole epoch at a time
     (at the epoch's first step) in a fixed order, so that its stream never depends on which
-    identities share the stack."""
+    identities share the stack; the draws then move to the stack's device."""
 
     def __init__(self, gens: Sequence[torch.Generator], settings: MoteConfig) -> None:
         self.gens = list(gens)
@@ -377,18 +387,19 @@ class IndependentSteps:
         self._y = torch.cat([torch.ones(half), torch.zeros(half)])
         self._picks = self._bytes = torch.empty(0)
 
-    def _draw_epoch(self) -> None:
+    def _draw_epoch(self, device: torch.device) -> None:
         k, steps, batch, hidden = len(self.gens), self.steps_per_epoch, self.settings.batch_size, sum(HIDDEN)
         self._picks = torch.empty(k, steps, batch)
         self._bytes = torch.empty(k, steps * batch * hidden, dtype=torch.uint8)
         for i, gen in enumerate(self.gens):
             self._picks[i].uniform_(generator=gen)
             self._bytes[i] = random_bytes(gen, steps * batch * hidden)
-        self._bytes = self._bytes.view(k, steps, batch, hidden)
+        self._picks, self._bytes = self._picks.to(device), self._bytes.view(k, steps, batch, hidden).to(device)
+        self._y = self._y.to(device)
 
     def grads(self, p: dict[str, torch.Tensor], data: Stack, step: int) -> torch.Tensor:
         if step == 0:
-            self._draw_epoch()
+            self._draw_epoch(data.train.device)
         m1, m2 = dropout_masks(self._bytes[:, step], self.settings.dropout)
         x = data.batch(self._picks[:, step], self.settings.batch_size // 2)
         return flatten(gradients(p, x, self._y, m1, m2))
@@ -409,18 +420,19 @@ class TrainResult:
 
 
 def fit(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator], source: StepSource,
-        settings: MoteConfig) -> TrainResult:
-    """Train one model template per enrollment set, all k at once, with the gradients of
-    ``source``; Adam on a one-cycle schedule; an identity whose validation loss stopped improving
-    leaves the stack with its best-validation weights (see the module docstring)."""
+        settings: MoteConfig, device: torch.device = torch.device("cpu")) -> TrainResult:
+    """Train one model template per enrollment set, all k at once, on ``device``, with the
+    gradients of ``source``; Adam on a one-cycle schedule; an identity whose validation loss
+    stopped improving leaves the stack with its best-validation weights (see the module
+    docstring). The result is on the CPU."""
     k, dim = len(sets), sets[0].genuine_train.shape[1]
-    adam = StackedAdam(torch.stack([_init_params(gen, dim) for gen in init_gens]), settings.weight_decay)
+    adam = StackedAdam(torch.stack([_init_params(gen, dim) for gen in init_gens]).to(device), settings.weight_decay)
     best = adam.params.clone()
-    best_loss = torch.full((k,), math.inf)
-    bad = torch.zeros(k, dtype=torch.long)
-    epochs = torch.zeros(k, dtype=torch.long)
-    data = Stack.build(sets)
-    active = torch.arange(k)
+    best_loss = torch.full((k,), math.inf, device=device)
+    bad = torch.zeros(k, dtype=torch.long, device=device)
+    epochs = torch.zeros(k, dtype=torch.long, device=device)
+    data = Stack.build(sets).to(device)
+    active = torch.arange(k, device=device)
     schedule = one_cycle_schedule(settings.lr, settings.epochs * source.steps_per_epoch)
     step = 0
     for _ in range(settings.epochs):
@@ -444,6 +456,6 @@ def fit(sets: Sequence[EnrollmentSet], init_gens: Sequence[torch.Generator], sou
             active = active[keep]
         if active.numel() == 0:
             break
-    return TrainResult({n: t.clone() for n, t in unflatten(best, dim).items()}, epochs.numpy(), best_loss.numpy(),
-                       step)
+    return TrainResult({n: t.cpu().clone() for n, t in unflatten(best, dim).items()}, epochs.cpu().numpy(),
+                       best_loss.cpu().numpy(), step)
 

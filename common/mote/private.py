@@ -30,7 +30,9 @@ same records: the client's MOTE epsilon composes over its galleries.
 
 Randomness. The noise and the record sampling draw from the client's secret generators
 (``common.train.dp.dp_generators``), like the backbone's; the public draws (which public or
-genuine rows, dropout) come from the run seed, as they protect nothing.
+genuine rows, dropout) come from the run seed, as they protect nothing. Sampling and the public
+draws happen on the CPU and move to the stack's device; the noise is drawn there (its generator
+lives on that device).
 """
 
 from __future__ import annotations
@@ -178,29 +180,31 @@ class PrivateSteps:
 
     def grads(self, p: dict[str, torch.Tensor], data: Stack, step: int) -> torch.Tensor:
         k, half, n_pub = self.identities.numel(), self.settings.batch_size // 2, self.mech.public_rows
+        device = data.train.device
         rows = self.sample()
         n = rows.numel()
-        x_pub = data.batch(torch.rand(k, half + n_pub, generator=self.public_gen), half)
-        x = torch.cat([x_pub, self.rows[rows].unsqueeze(0).expand(k, n, -1)], dim=1)
-        y = torch.cat([torch.ones(half), torch.zeros(n_pub + n)])
+        x_pub = data.batch(torch.rand(k, half + n_pub, generator=self.public_gen).to(device), half)
+        x = torch.cat([x_pub, self.rows[rows].to(device).unsqueeze(0).expand(k, n, -1)], dim=1)
+        y = torch.cat([torch.ones(half, device=device), torch.zeros(n_pub + n, device=device)])
         drop = random_bytes(self.public_gen, k * x.shape[1] * sum(HIDDEN)).view(k, x.shape[1], sum(HIDDEN))
-        bp = backprop(p, x, y, *dropout_masks(drop, self.settings.dropout))
+        bp = backprop(p, x, y, *dropout_masks(drop.to(device), self.settings.dropout))
         C = self.mech.max_grad_norm
-        weight = torch.empty(k, x.shape[1])
+        weight = x.new_empty((k, x.shape[1]))
         # A record's norm C is shared by its k models (about C / sqrt(k) each): public rows are
         # clipped to that share per model, or they would outweigh the impostors k^(1/2) to 1.
         weight[:, : half + n_pub] = clip_factors(bp.rows(slice(0, half + n_pub)).sq_norms(), C / math.sqrt(k))
         if n:
             record = self.record[rows]
-            same = (record.unsqueeze(0) == record.unsqueeze(1)).float()
-            own = (self.person[rows].unsqueeze(0) == self.identities.unsqueeze(1)).float()
+            same = (record.unsqueeze(0) == record.unsqueeze(1)).float().to(device)
+            own = (self.person[rows].unsqueeze(0) == self.identities.unsqueeze(1)).float().to(device)
             weight[:, half + n_pub:] = record_weights(bp.rows(slice(half + n_pub, None)), same, own, C)
         grads = flatten(bp.weighted_sum(weight))
-        grads.add_(torch.randn(grads.shape, generator=self.noise_gen), alpha=self.mech.noise_multiplier * C)
+        grads.add_(torch.randn(grads.shape, generator=self.noise_gen, device=device),
+                   alpha=self.mech.noise_multiplier * C)
         return grads / self.settings.batch_size
 
     def select(self, keep: torch.Tensor) -> None:
-        self.identities = self.identities[keep]
+        self.identities = self.identities[keep.cpu()]
 
 
 @dataclass(frozen=True)

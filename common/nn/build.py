@@ -56,8 +56,6 @@ def load_model(path: str | os.PathLike[str], spec: ModelSpec | None = None) -> t
     return model.eval(), meta
 
 
-
-
 def build_identity_head(spec: ModelSpec, num_classes: int, seed: int) -> CosineClassifier:
     """A private identity head over ``num_classes`` local identities, seeded like the model."""
     with torch.random.fork_rng():

@@ -217,14 +217,15 @@ class BookKeepingModule(nn.Module):
             for p in self.trainable:
                 p.grad = torch.zeros_like(p)
             return torch.zeros(0)
-        n = records[0][1].activation.shape[0]
+        n, device = records[0][1].activation.shape[0], records[0][1].activation.device
         if units is None:
-            inverse = torch.arange(n)
+            inverse = torch.arange(n, device=device)
         else:
-            inverse = torch.unique(torch.as_tensor(units).reshape(-1), sorted=True, return_inverse=True)[1]
+            inverse = torch.unique(torch.as_tensor(units, device=device).reshape(-1), sorted=True,
+                                   return_inverse=True)[1]
         count = int(inverse.max()) + 1
         left, right = (inverse[:, None] == inverse[None, :]).nonzero(as_tuple=True)
-        squared = torch.zeros(count, dtype=torch.float64)
+        squared = torch.zeros(count, dtype=torch.float64, device=device)
         finishers: list[Callable[[torch.Tensor], None]] = []
         for layer, r in records:
             part, finish = self._layer_rule(layer, r.activation, r.backprop, inverse, count, left, right)
@@ -249,7 +250,7 @@ class BookKeepingModule(nn.Module):
 
             def finish_cosine(coef: torch.Tensor) -> None:
                 layer.weight.grad += cosine_weighted_gradient(parts, coef[inverse].to(g.dtype))
-            return torch.zeros(count, dtype=pair.dtype).index_add_(0, inverse[left], pair), finish_cosine
+            return pair.new_zeros(count).index_add_(0, inverse[left], pair), finish_cosine
         if isinstance(layer, GHOST_TYPES) and ghost_cheaper(layer, g, len(left)):
             return self._ghost(layer, a, g, inverse, count, left, right)
         sampler = conv_grad_sample if type(layer) is nn.Conv2d and layer.groups == 1 else \
@@ -281,7 +282,7 @@ class BookKeepingModule(nn.Module):
             grams_g = grams_g_full.sum((1, 2))
         if layer.bias is not None and layer.bias.requires_grad:
             pair = pair + grams_g
-        squared = torch.zeros(count, dtype=pair.dtype).index_add_(0, inverse[left], pair)
+        squared = pair.new_zeros(count).index_add_(0, inverse[left], pair)
 
         def finish_ghost(coef: torch.Tensor) -> None:
             weighted = g * coef[inverse].to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))

@@ -39,12 +39,16 @@ def fresh_noise_seed() -> int:
     return secrets.randbits(63)
 
 
-def dp_generators(noise_seed: int | None) -> tuple[torch.Generator, torch.Generator]:
+def dp_generators(noise_seed: int | None, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Generator, torch.Generator]:
     """Generators of DP-SGD's Gaussian noise and of its Poisson sampler, from ``noise_seed``
-    (None: a fresh one from ``fresh_noise_seed``), on separate streams."""
+    (None: a fresh one from ``fresh_noise_seed``), on separate streams. The noise generator lives
+    on ``device``, the gradients' (torch draws on a tensor's device only from a generator of that
+    device); the sampler's stays on the CPU, where the loaders sample. The same seed gives other
+    noise on CUDA than on the CPU (another RNG)."""
     seed = fresh_noise_seed() if noise_seed is None else noise_seed
     noise, sampler = np.random.SeedSequence([seed, 0xD9]).generate_state(2, dtype=np.uint64) & np.uint64(2**63 - 1)
-    return torch.Generator().manual_seed(int(noise)), torch.Generator().manual_seed(int(sampler))
+    return torch.Generator(device=device).manual_seed(int(noise)), torch.Generator().manual_seed(int(sampler))
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:

@@ -132,7 +132,7 @@ def identity_clipped_gradients(grad_samples: Sequence[torch.Tensor], identities:
     n = len(codes)
     sums = [g.new_zeros((n, *g.shape[1:])).index_add_(0, inverse, g) for g in grad_samples]
     if n == 0 or not sums:
-        norms = torch.zeros(n)
+        norms = torch.zeros(n, device=ids.device)
     else:
         norms = torch.stack([s.reshape(n, -1).norm(2, dim=-1) for s in sums], dim=1).norm(2, dim=1)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)

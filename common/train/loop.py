@@ -8,6 +8,8 @@ seed (see ``common.train.dp``). ``dp.unit = sample`` protects one image, ``dp.un
 person (whole identities sampled, clipped and noised, ``common.train.identity_dp``); both run on
 book-keeping DP-SGD by default (``dp.grad_sample_mode = bk``, one backward pass,
 ``common.train.book_keeping``), or on Opacus' ``make_private`` modes (hooks, ghost, functorch).
+It trains on ``train.device`` (``common.train.device``): batches are read, augmented and sampled on
+the CPU, then moved; the caller's model and head come back on the CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from common.nn.face_model import FaceModel
 from common.nn.heads import CosineClassifier, margin_logits
 from common.train import threads
 from common.train.book_keeping import make_private_book_keeping
+from common.train.device import resolve_device
 from common.train.dp import History, accountant_history, dp_generators, make_accountant
 from common.train.fairness import fair_mixup_penalty
 from common.train.identity_dp import IdentityPoissonLoader, make_private_by_identity
@@ -135,7 +138,7 @@ def task_loss(cosine: torch.Tensor | None, attr_logit: torch.Tensor | None, y_id
     ref = cosine if cosine is not None else attr_logit
     if ref is None:
         raise ValueError("task_loss: neither an identity nor an attribute output")
-    loss = torch.zeros(ref.shape[0])
+    loss = ref.new_zeros(ref.shape[0])
     if cosine is not None:
         loss = loss + F.cross_entropy(margin_logits(cosine, y_id, cfg.margin, cfg.margin_scale), y_id, reduction="none")
     if attr_logit is not None:
@@ -157,33 +160,42 @@ def train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, 
           desc: str = "train") -> TrainOutcome:
     """Train ``model`` in place; see ``_train`` for the arguments.
 
-    Runs with torch's global RNG forked and seeded (dropout draws from it), and with modules the
-    task does not use frozen (an idle attribute head has no per-sample gradients for Opacus).
+    Runs with torch's global RNG forked and seeded (dropout draws from it), with modules the
+    task does not use frozen (an idle attribute head has no per-sample gradients for Opacus), and
+    on ``cfg.device``: model and head move there for the call and back to the CPU after it, even
+    when it fails, so that callers and their state dicts only ever see CPU tensors.
     """
+    device = resolve_device(cfg.device)
     idle = model.attribute if (model.attribute is not None and cfg.task == "identity") else None
     frozen = [p for p in (idle.parameters() if idle is not None else []) if p.requires_grad]
+    modules = [m for m in (model, head) if m is not None]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for p in frozen:
             p.requires_grad_(False)
         try:
-            return _train(model, ds, cfg, dp, seed=seed, epochs=epochs, head=head,
+            for m in modules:
+                m.to(device)
+            return _train(model, ds, cfg, dp, seed=seed, epochs=epochs, device=device, head=head,
                           noise_multiplier=noise_multiplier, dp_history=dp_history,
                           sample_weight=sample_weight, mixup=mixup, schedule=schedule, noise_seed=noise_seed,
                           progress=progress, desc=desc)
         finally:
+            for m in modules:
+                m.to("cpu")
             for p in frozen:
                 p.requires_grad_(True)
 
 
 def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *, seed: int, epochs: int,
-          head: CosineClassifier | None = None, noise_multiplier: float = 0.0, dp_history: History | None = None,
-          sample_weight: np.ndarray | None = None, mixup: tuple[float, np.ndarray] | None = None,
-          schedule: tuple[int, int] | None = None, noise_seed: int | None = None,
-          progress: bool = False, desc: str = "train") -> TrainOutcome:
+          device: torch.device, head: CosineClassifier | None = None, noise_multiplier: float = 0.0,
+          dp_history: History | None = None, sample_weight: np.ndarray | None = None,
+          mixup: tuple[float, np.ndarray] | None = None, schedule: tuple[int, int] | None = None,
+          noise_seed: int | None = None, progress: bool = False, desc: str = "train") -> TrainOutcome:
     """Train ``model`` (and ``head``) in place for ``epochs`` epochs on ``ds``.
 
     Args:
+        device: where ``model`` and ``head`` already are; each batch moves there after augmentation.
         head: identity head over ``identity_classes(ds.identity)``; required for identity tasks.
         noise_multiplier: DP noise (already calibrated by the caller for the whole run).
         dp_history: accountant history of earlier calls; returned extended by this call's steps.
@@ -213,20 +225,22 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     sens = torch.from_numpy(np.asarray(mixup[1], dtype=np.int64)) if mixup else torch.zeros(len(ds), dtype=torch.int64)
     # The penalty draws from its own stream, so a fair run sees the same batches as its biased twin.
     mix_gen = torch.Generator().manual_seed(seed + 2)
-    images = torch.from_numpy(ds.images).permute(0, 3, 1, 2).contiguous()
+    # The loaders draw positions; each batch's images are read then (a memory-mapped data set is
+    # never loaded whole).
+    positions = torch.arange(len(ds))
     batch = min(cfg.batch_size, len(ds))
     private = dp.mode == "sample"
     # Under DP the noise and the Poisson sampler draw from their own streams, seeded by noise_seed:
     # the protection of every sample rests on them, so they never derive from ``seed``.
-    noise_gen, sampler_gen = dp_generators(noise_seed) if private else (None, gen)
+    noise_gen, sampler_gen = dp_generators(noise_seed, device) if private else (None, gen)
     # dp.unit = identity: whole identities are Poisson-sampled and clipped (common.train.identity_dp).
     by_identity = private and dp.unit == "identity"
     loader: DataLoader | IdentityPoissonLoader
     if by_identity:
-        loader = IdentityPoissonLoader((images, y_id, y_attr, w, sens), ds.identity, batch_size=cfg.batch_size,
+        loader = IdentityPoissonLoader((positions, y_id, y_attr, w, sens), ds.identity, batch_size=cfg.batch_size,
                                        max_images_per_identity=dp.max_images_per_identity, generator=sampler_gen)
     else:
-        loader = DataLoader(TensorDataset(images, y_id, y_attr, w, sens), batch_size=batch, shuffle=True,
+        loader = DataLoader(TensorDataset(positions, y_id, y_attr, w, sens), batch_size=batch, shuffle=True,
                             generator=sampler_gen)
 
     joint = _Joint(model, head if use_id else None)
@@ -274,14 +288,16 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     loss_sum = 0.0
     bar = tqdm(total=steps_total, desc=desc, disable=not progress, leave=False, unit="step")
     try:
-        for xb, yb_id, yb_attr, wb, sb in _batches(loader, epochs, cfg.max_seconds, start):
+        for pb, yb_id, yb_attr, wb, sb in _batches(loader, epochs, cfg.max_seconds, start):
             # Nobody drawn: no forward or backward pass, but a noise-only step (as Opacus takes).
-            empty = (by_identity or book_keeping) and len(xb) == 0
+            empty = (by_identity or book_keeping) and len(pb) == 0
+            yb_id, yb_attr, wb, sb = (t.to(device) for t in (yb_id, yb_attr, wb, sb))
             per_sample = torch.zeros(0)
             if not empty:
-                x = to_tensor(xb)
+                x = to_tensor(torch.from_numpy(ds.images[pb.numpy()]).permute(0, 3, 1, 2).contiguous())
                 if cfg.augment:
                     x = augment(x, gen)
+                x = x.to(device)
                 cos, attr = module(x)
                 per_sample = task_loss(cos if use_id else None, attr if use_attr else None, yb_id, yb_attr, cfg) * wb
             opt.zero_grad(set_to_none=True)
@@ -303,7 +319,7 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
                 per_sample.mean().backward()
             opt.step()
             steps += 1
-            samples += len(xb)
+            samples += len(pb)
             loss_sum += float(per_sample.detach().sum())
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(samples, 1):.3f}")
