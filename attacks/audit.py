@@ -83,6 +83,7 @@ from attacks.scores import (
 )
 from common.config import Config, load_config
 from common.data.dataset import GENDER_NAMES, FaceDataset
+from common.data.disk_images import take_rows
 from common.he.checkpoints import load_final_model
 from common.nn.build import load_model
 from common.nn.checkpoint import save_checkpoint
@@ -207,7 +208,7 @@ def reference_logits(run: RunDir, source: RunDir, cfg: Config, spec: ModelSpec, 
             save_checkpoint(cache / layout.reference_model_file(r), model.state_dict(), {"reference": r, "key": key})
         atomic_write_json(index, {"key": key, "references": len(seeds), "recipe": settings.recipe, "seeds": seeds,
                                   "fair": fair})
-    return np.stack([attribute_logits(m, ds.images[population]) for m in models], axis=1)
+    return np.stack([attribute_logits(m, take_rows(ds.images, population)) for m in models], axis=1)
 
 
 def _train_references(source: RunDir, cfg: Config, spec: ModelSpec, ds: FaceDataset, population: np.ndarray,
@@ -224,7 +225,7 @@ def _train_references(source: RunDir, cfg: Config, spec: ModelSpec, ds: FaceData
         for r, row in enumerate(in_mask):
             weights[r, row] = reweight(sens[row], labels[row])
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
-    return train_references(spec, ds.images[population], labels, in_mask, cfg.train, epochs, seeds,
+    return train_references(spec, take_rows(ds.images, population), labels, in_mask, cfg.train, epochs, seeds,
                             vectorised=settings.vectorised, sample_weights=weights, init_state=initial_state(source),
                             progress=settings.progress)
 
@@ -306,7 +307,7 @@ def _embedding_audit_set(ds: FaceDataset, manifest: Manifest, settings: AuditSet
 def centroid_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, known: np.ndarray) -> np.ndarray:
     """Cosine of each audited photo's embedding to the mean of the other known photos of its identity."""
     candidates = np.isin(known, pos)
-    scores = centroid_similarity(embed(model, ds.images[known]), ds.identity[known], np.ones(known.size, bool),
+    scores = centroid_similarity(embed(model, take_rows(ds.images, known)), ds.identity[known], np.ones(known.size, bool),
                                  candidates)
     return scores[np.searchsorted(known[candidates], pos)]  # scores come in ``known`` order
 
@@ -318,7 +319,7 @@ def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: n
     The CNN variant reads the penultimate block's maps: the last one is what the embedding layer
     already summarises, the earlier ones carry more spatial detail. The MINT models train on ``device`` (a
     ``train.device`` value)."""
-    acts = activations(model, ds.images[pos])
+    acts = activations(model, take_rows(ds.images, pos))
     train = identity_split(ds.identity[pos], seed)
     for part, name in ((train, "training"), (~train, "test")):
         if is_member[part].all() or not is_member[part].any():
@@ -440,12 +441,12 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
     labels = labels_all[population]
     refs = References(pos.size, labels, in_mask, partial(reference_logits, run, run, cfg, spec, ds, population, labels,
                                                          in_mask, settings))
-    z_target = attribute_logits(model, ds.images[population])
+    z_target = attribute_logits(model, take_rows(ds.images, population))
     scores = {(GLOBAL, name): s for name, s in single_model_scores(z_target, refs, wanted, settings).items()}
     raw = {GLOBAL: (z_target, refs)}
     if fair_dir is not None:
         fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest)
-        z_fair = attribute_logits(load_final_model(fair), ds.images[population])
+        z_fair = attribute_logits(load_final_model(fair), take_rows(ds.images, population))
         refs_fair = References(pos.size, labels, in_mask, partial(
             reference_logits, run, fair, fair_cfg, spec, ds, population, labels, in_mask, settings, fair=True))
         scores.update({(FAIR, name): s for name, s in single_model_scores(z_fair, refs_fair, wanted, settings).items()})
@@ -455,7 +456,7 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
     scored = {}
     for client, meta in clients:
         target, mine = _client_target(meta), _own_members(is_member, pos, manifest, ds, meta)
-        z_client = attribute_logits(client, ds.images[population])
+        z_client = attribute_logits(client, take_rows(ds.images, population))
         found = single_model_scores(z_client, refs, tuple(a for a in UPDATE_ATTACKS if a in wanted), settings)
         scores.update({(target, name): np.where(mine, s, np.nan) for name, s in found.items()})
         raw[target], scored[target] = (z_client, refs), mine

@@ -19,6 +19,7 @@ import numpy as np
 from attacks.empirical_epsilon import one_run_audit
 from common.config import Config
 from common.data.dataset import FaceDataset
+from common.data.disk_images import take_rows
 from common.nn.face_model import FaceModel
 from common.runs.rundir import RunDir
 from common.split.canaries import load_canaries
@@ -64,7 +65,7 @@ def canary_audit(run: RunDir | str | os.PathLike[str], model: FaceModel, cfg: Co
     if (target_labels(ds, plan.attribute)[pos] != 1 - label).any():
         raise ValueError(f"{where}: label: not every canary's recorded label is the flip of its {plan.attribute!r} "
                          "label in the data")
-    score = flipped_label_log_likelihood(attribute_logits(model, ds.images[pos]), label)
+    score = flipped_label_log_likelihood(attribute_logits(model, take_rows(ds.images, pos)), label)
     bound = one_run_audit(score, included, delta, confidence)
     arrays = dict(zip(RAW_ARRAYS, (np.asarray(plan.sample_ids, dtype=np.str_), included, score), strict=True))
     return {

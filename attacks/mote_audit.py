@@ -34,6 +34,7 @@ from attacks.registry import Target
 from attacks.scores import ShadowAttackModel, bivariate_normal_logpdf
 from common.config import Config
 from common.data.dataset import FaceDataset
+from common.data.disk_images import take_rows
 from common.mote.enrollment import references
 from common.mote.gallery import MoteGallery, enroll
 from common.mote.kde import GenderKDE
@@ -102,7 +103,7 @@ def shadow_logits(model: FaceModel, ds: FaceDataset, manifest: Manifest, cfg: Co
                          f"{cfg.mote.references} photos; the shadow enrollment needs at least 2")
     refs = {int(i): aux[ds.identity[aux] == i][: cfg.mote.references] for i in usable}
     shadow = MoteAuditSet.draw(refs, aux, ds, seed, max_per_class)
-    emb = embed(model, ds.images[aux])
+    emb = embed(model, take_rows(ds.images, aux))
     row = {p: r for r, p in enumerate(aux.tolist())}
     ref_pos = np.concatenate(list(refs.values()))
     kde = GenderKDE.fit(emb, ds.identity[aux], ds.gender[aux], seed=seed)
@@ -141,7 +142,7 @@ def mote_attack_scores(run_path: Path, cfg: Config, ds: FaceDataset, manifest: M
         return None
     refs = references(manifest, ds, cfg)
     audited = MoteAuditSet.draw(refs, np.flatnonzero(manifest.role_mask(ds, "member")), ds, seed, max_per_class)
-    emb = embed(model, ds.images[audited.positions])
+    emb = embed(model, take_rows(ds.images, audited.positions))
     who = ds.identity[audited.positions]
     target = np.column_stack([own_logits(MoteGallery.load(run_path / gallery_file(b)), emb, who) for b in pair])
     shadow, shadow_in = shadow_logits(model, ds, manifest, cfg, pair, seed, max_per_class)

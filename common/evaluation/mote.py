@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from common.data.dataset import GENDER_NAMES
+from common.data.disk_images import take_rows
 from common.evaluation.verification_fairness import verification_report
 from common.he.checkpoints import load_final_model
 from common.mote.enrollment import references
@@ -81,8 +82,8 @@ def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[MoteEvaluation, Temp
     ref_pos = np.concatenate([refs[i] for i in enrolled.tolist()])
     if np.isin(probe_pos, ref_pos).any():  # roles are disjoint by construction; never score a reference
         raise ValueError(f"{run.manifest_path}: a reference image has the probe role")
-    probes = embed(model, ds.images[probe_pos])
-    ref_emb = embed(model, ds.images[ref_pos])
+    probes = embed(model, take_rows(ds.images, probe_pos))
+    ref_emb = embed(model, take_rows(ds.images, ref_pos))
     owner = np.repeat(np.arange(enrolled.size), [refs[i].size for i in enrolled.tolist()])
     templates = np.stack([ref_emb[owner == j].mean(axis=0) for j in range(enrolled.size)])
     templates /= np.maximum(np.linalg.norm(templates, axis=1, keepdims=True), 1e-12)
@@ -106,7 +107,7 @@ def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[MoteEvaluation, Temp
     aux = np.flatnonzero(manifest.role_mask(ds, "aux") & (ds.gender >= 0))
     id_gender = {int(i): int(g) for i, g in zip(ds.identity[ref_pos], ds.gender[ref_pos], strict=True)}
     return report, TemplateSet(templates, np.array([id_gender[int(i)] for i in enrolled]), galleries,
-                               embed(model, ds.images[aux]), ds.gender[aux].astype(np.int64))
+                               embed(model, take_rows(ds.images, aux)), ds.gender[aux].astype(np.int64))
 
 
 def save_evaluation(run_dir: str | os.PathLike[str], report: MoteEvaluation) -> tuple[list[str], list[tuple]]:

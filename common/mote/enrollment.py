@@ -17,6 +17,7 @@ import numpy as np
 
 from common.config import Config
 from common.data.dataset import FaceDataset
+from common.data.disk_images import take_rows
 from common.mote.gallery import MoteGallery, enroll
 from common.mote.kde import GenderKDE
 from common.mote.private import ImpostorRecords, PrivateRun, plan
@@ -95,7 +96,7 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
     source = cfg.mote.kde_source()
     kde_pos = kde_population(manifest, ds, cfg, client) if source != "public" else np.zeros(0, dtype=np.int64)
     needed = np.unique(np.concatenate([ref_pos, own, kde_pos]))
-    emb = dict(zip(needed.tolist(), embed(model, ds.images[needed]), strict=True))
+    emb = dict(zip(needed.tolist(), embed(model, take_rows(ds.images, needed)), strict=True))
 
     def rows(pos: np.ndarray) -> np.ndarray:
         return np.stack([emb[p] for p in pos.tolist()])
