@@ -121,6 +121,22 @@ def test_demo_report_is_complete_self_contained_and_matches_the_audit(demo) -> N
     assert (run / "models" / "final.safetensors").is_file() and not (run / "models" / "clients").exists()
     assert f"report: {directory / 'report.html'}" in printed and "MIA fd-mia-score" in printed
 
+    # The federation's lift: re-scorable from its raw pair scores, its final AUC the decrypted model's.
+    from sklearn.metrics import roc_auc_score
+
+    from common.runs.io import load_npz
+    from workflow.lift import lift_line
+
+    lift = json.loads((run / "evaluation" / "lift.json").read_text())
+    raw = load_npz(run / "evaluation" / "lift.npz")
+    for name in ("initial", "final", "central"):
+        assert roc_auc_score(raw["genuine"], raw[f"score_{name}"]) == pytest.approx(lift["verification_auc"][name],
+                                                                                    abs=1e-12)
+    decrypted = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lift["verification_auc"]["final"] == pytest.approx(
+        [e for e in decrypted if e.get("event") == "decrypted"][-1]["verification_auc"], abs=1e-12)
+    assert lift_line(lift) in printed and "What the federation added" in page
+
 
 @pytest.mark.timeout(600)
 def test_report_of_an_incomplete_run_says_not_run_and_escapes_text(demo, tmp_path) -> None:

@@ -96,9 +96,12 @@ def demo_summary(r: RunResults) -> list[tuple[str, str]]:
     from common.report.html import fmt, with_ci
     from common.report.tables import per_unit
     from common.runs.records import BALANCED_GALLERY, TEMPLATES, tpr_label
+    from workflow.lift import lift_line
 
     final, he = r.final_metrics(), r.he or {}
     rows = [("verification AUC (decrypted final model)", fmt(final.get("verification_auc"))),
+            ("verification AUC: pretrained -> federated (lift [95% CI]); upper bound",
+             lift_line(r.lift) if r.lift is not None else "not computed"),
             (f"{r.cfg('train.attribute')} accuracy / DEO / bias amplification",
              " / ".join(fmt(final.get(f"attribute_{k}")) for k in ("accuracy", "deo_sum", "bias_amplification"))),
             (f"epsilon spent (largest client, {per_unit(r.cfg('dp.unit'))}, delta {r.cfg('dp.delta')})",

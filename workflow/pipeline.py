@@ -125,6 +125,11 @@ def complete_run(run_dir: Path, settings: AuditSettings, stages: Stages, he_secr
 
         with stages.stage("decrypt the final model (key holder)"):
             decrypt_run(run.path, he_secret)
+    if not run.lift_path.exists():
+        from workflow.lift import federation_lift
+
+        with stages.stage("federation lift (pretrained vs final vs central non-DP)"):
+            federation_lift(run.path)
     if has_galleries(run, cfg) and not run.mote_evaluation_path.exists():
         with stages.stage("MOTE vs templates evaluation"):
             evaluate_run(run.path)

@@ -10,6 +10,7 @@ from typing import Any
 
 from common.config.values import ConfigError, Section, choice, num
 from common.data.sources import SOURCES
+from common.data.sources.synthfaces.generator import CONDITIONS
 from common.nn.face_model import ARCHS
 from common.nn.heads import MARGINS
 from common.split.partition import PARTITIONS
@@ -179,6 +180,10 @@ class PretrainConfig(Section):
     identities: int = num(200, 0, doc="public SynthFaces identities for server-side pretraining (0 = none)")
     images_per_identity: int = num(10, 2)
     epochs: int = num(6, 1)
+    condition: str = choice("wild", CONDITIONS, doc="how the public population is photographed: 'wild' as the "
+                                                   "members' SynthFaces (pretraining already knows their domain), "
+                                                   "'studio' near-frontal, evenly lit, plain backdrop, little noise "
+                                                   "(a domain gap the federation must close)")
 
 
 @dataclass

@@ -235,6 +235,17 @@ def _utility(r: RunResults) -> str:
     if r.cfg("he.enabled"):
         out.append(_p("With HE the server cannot evaluate the global model between rounds; the decrypted final "
                       "model is evaluated by a key holder."))
+    if r.lift is not None:
+        auc, lift, gap = r.lift["verification_auc"], r.lift["lift"], r.lift["central_minus_final"]
+        out.append(_p(f"What the federation added (public pretraining condition {r.lift['pretrain_condition']}; "
+                      f"{r.lift['probe_identities']} probe identities, {r.lift['pairs']} pairs; 95% intervals from a "
+                      f"{r.lift['test']}; raw pair scores in {layout.LIFT_PAIRS}):"))
+        out.append(_table(("model", "verification AUC", "difference [95% CI]"), [
+            ("after public pretraining (initial global model)", auc["initial"], ""),
+            ("after the federation (final global model)", auc["final"],
+             "lift " + with_ci(lift["difference"], lift["ci95"])),
+            (f"central, no DP, pooled member data ({r.lift['central_epochs']} epochs)", auc["central"],
+             "over the federation " + with_ci(gap["difference"], gap["ci95"]))]))
     try:
         plot = utility_plot(r, r.path / layout.UTILITY_PLOT)
     except ValueError as exc:

@@ -18,6 +18,8 @@ change one only together with a migration.
       models/                initial, round-NNN and final global models; .he.safetensors when encrypted
         clients/             each client's latest post-round model (plaintext, save_client_models)
       mote/                  galleries (gallery-b<b>.safetensors), enrollment.json, evaluation.json, roc.png
+      evaluation/            lift.json and lift.npz: verification before / after the federation and the central
+                             non-DP upper bound, with the pair scores behind them (workflow.lift)
       audit/                 report.json (records.AuditReport), scores.npz, one ROC figure per target family
                              (roc-global.png, roc-clients.png, roc-mote.png), reference-model caches
       report.html, utility.png
@@ -94,6 +96,12 @@ MOTE_ROC = _in(MOTE, "roc.png")
 def gallery_file(balancing_factor: float) -> str:
     """The MOTE gallery of one balancing factor: ``mote/gallery-b0.50.safetensors``."""
     return _in(MOTE, f"gallery-b{balancing_factor:.2f}{CHECKPOINT_SUFFIX}")
+
+
+# ------------------------------------------------------------------ evaluation/
+EVALUATION = "evaluation"
+LIFT = _in(EVALUATION, "lift.json")  # workflow.lift: AUC after pretraining, after the federation, central upper bound
+LIFT_PAIRS = _in(EVALUATION, "lift.npz")  # its verification pairs and each model's pair scores
 
 
 # ------------------------------------------------------------------ audit/

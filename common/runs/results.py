@@ -36,6 +36,7 @@ class RunResults:
     he: dict[str, Any] | None = None
     evaluation: MoteEvaluation | None = None
     audit: AuditReport | None = None
+    lift: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
     @classmethod
@@ -50,6 +51,7 @@ class RunResults:
         res.he = res._read(layout.HE, read_json)
         res.evaluation = res._read(layout.MOTE_EVALUATION, MoteEvaluation.load)
         res.audit = res._read(layout.AUDIT_REPORT, AuditReport.load)
+        res.lift = res._read(layout.LIFT, read_json)
         res.metrics = res._read(layout.METRICS, lambda p: RunDir(p.parent).read_metrics()) or []
         res._check_complete()
         return res

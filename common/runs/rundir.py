@@ -186,6 +186,18 @@ class RunDir:
         return self.path / layout.MOTE_ROC
 
     @property
+    def evaluation(self) -> Path:
+        return self.path / layout.EVALUATION
+
+    @property
+    def lift_path(self) -> Path:
+        return self.path / layout.LIFT
+
+    @property
+    def lift_pairs_path(self) -> Path:
+        return self.path / layout.LIFT_PAIRS
+
+    @property
     def audit(self) -> Path:
         return self.path / layout.AUDIT
 

@@ -30,7 +30,7 @@ PUBLIC_SEED_OFFSET = 1_000_003
 def _public_config(cfg: Config) -> SynthConfig:
     p = cfg.pretrain
     return SynthConfig(num_identities=p.identities, images_per_identity=p.images_per_identity,
-                       image_size=cfg.data.image_size, seed=cfg.seed + PUBLIC_SEED_OFFSET)
+                       image_size=cfg.data.image_size, seed=cfg.seed + PUBLIC_SEED_OFFSET, condition=p.condition)
 
 
 def public_population(cfg: Config) -> FaceDataset:

@@ -20,7 +20,7 @@ import math
 import numbers
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -49,6 +49,14 @@ GROUP_NAMES: tuple[str, ...] = ("light", "medium", "brown", "dark")
 """Skin-tone buckets, light to dark: the ``group`` codes of SynthFaces."""
 
 _STREAM_DEMOGRAPHICS, _STREAM_APPEARANCE, _STREAM_IMAGE = 0, 1, 2
+
+CONDITIONS: tuple[str, ...] = ("wild", "studio")
+"""How a population is photographed. ``wild``: the full nuisance (pose, lighting gradients and
+colour casts, cluttered backgrounds, sensor noise, blur). ``studio``: the same draws pulled to a
+studio's setting (near-frontal, even light, plain backdrop, little noise, no blur), so that a
+model trained on studio photos has not learnt the invariances wild photos need: the domain gap
+between a public pretraining population and the members' data (``pretrain.condition``)."""
+_STUDIO_BACKDROP: RGB = (196, 198, 202)
 
 _SKIN_BASE: tuple[RGB, ...] = ((238, 204, 178), (212, 165, 124), (160, 110, 74), (96, 63, 44))
 _HAIR_PALETTE: tuple[RGB, ...] = ((22, 18, 16), (58, 38, 26), (105, 70, 42), (150, 108, 66),
@@ -80,6 +88,7 @@ class SynthConfig:
     age_proportions: tuple[float, float, float] = (0.4, 0.4, 0.2)
     smiling_rate: tuple[float, float] = (0.5, 0.5)  # P(smiling | female), P(smiling | male)
     seed: int = 0
+    condition: str = "wild"  # how the photos are taken: CONDITIONS
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field and what was expected."""
@@ -96,6 +105,8 @@ class SynthConfig:
         for name, value in zip(("female", "male"), self.smiling_rate):
             _check_probability(f"smiling_rate[{name}]", value)
         _check_int("seed", self.seed, 0)
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"SynthConfig.condition: expected one of {list(CONDITIONS)}, got {self.condition!r}")
 
     def image_count_range(self) -> tuple[int, int]:
         """Inclusive (min, max) images per identity."""
@@ -237,7 +248,16 @@ def sample_nuisance(cfg: SynthConfig, ident: SynthIdentity, image: int) -> tuple
         blur=rng.uniform(0.3, 1.0) * cfg.image_size / 64 if rng.random() < 0.4 else 0.0,
     )
     noise = rng.standard_normal((cfg.image_size, cfg.image_size, 3), dtype=np.float32)
-    return nz, noise
+    return (_in_studio(nz) if cfg.condition == "studio" else nz), noise
+
+
+def _in_studio(nz: Nuisance) -> Nuisance:
+    """The wild draw ``nz`` moved into the studio: every image stream draws the same numbers in
+    both conditions, so identities, expressions and counts are the same and only the setting differs."""
+    return replace(
+        nz, angle=0.2 * nz.angle, scale=1.0 + 0.3 * (nz.scale - 1.0), shift=(0.3 * nz.shift[0], 0.3 * nz.shift[1]),
+        yaw=0.15 * nz.yaw, background=_STUDIO_BACKDROP, clutter=(), gradient_strength=0.1 * nz.gradient_strength,
+        brightness=1.0 + 0.2 * (nz.brightness - 0.95), colour_cast=(1.0, 1.0, 1.0), noise_sigma=1.0, blur=0.0)
 
 
 def _random_rgb(rng: np.random.Generator) -> RGB:
