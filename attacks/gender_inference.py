@@ -7,11 +7,28 @@ vector template is compared (cosine similarity) with every known male and every 
 template; the gender whose average similarity is higher is the guess. A stolen MOTE model is
 attacked the same way, with the model's own output on the known templates as the comparison
 score. Balanced accuracy near 0.5 means the stored templates do not leak gender.
+
+The MOTE paper reports exactly 50% for its models, "all gender predictions collapse to a single
+class". Which score the attack compares decides whether that is privacy or an artefact, so a MOTE
+gallery is attacked four ways (``MOTE_VARIANTS``), each with its collapse diagnostics (the share
+of models guessed as the majority class, the share of ties):
+
+- ``sigmoid``: the mean sigmoid score per gender, the paper's description; a saturated model
+  scores every auxiliary template alike (0.0 below a logit of -745 in float64, 1.0 above 37; in
+  float32 from -104 and 17), and its two means tie;
+- ``logit``: the mean logit per gender, which saturation does not flatten;
+- ``calibrated``: each model's logit difference in units of its own logit spread, guessed male
+  above the gallery's median difference: a bias of all models towards one gender cannot make
+  every guess the same class;
+- ``decision``: the share of each gender's auxiliary templates the model accepts at the
+  operating threshold (FMR 1e-3 of the run's evaluation); a model that rejects every impostor
+  ties at 0 = 0.
+Ties go to female (0) in every variant, as in ``_decide``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
@@ -28,6 +45,9 @@ def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty (n, d) array, got shape {arr.shape}")
     return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
+
+
+MOTE_VARIANTS: tuple[str, ...] = ("sigmoid", "logit", "calibrated", "decision")
 
 
 def _decide(mean_male: np.ndarray, mean_female: np.ndarray) -> np.ndarray:
@@ -58,14 +78,29 @@ class GenderInference:
             raise ValueError(f"templates have {t.shape[1]} dimensions, the attacker's {self.male.shape[1]}")
         return _decide(t @ self._male_unit.mean(axis=0), t @ self._female_unit.mean(axis=0))
 
-    def predict_mote(self, gallery: MoteGallery, score: Literal["sigmoid", "logit"] = "sigmoid") -> np.ndarray:
-        """Gender guess per stolen model template (gallery order), from its average output on the
-        known male and female templates. ``score`` "sigmoid" is the model's decision score, as in
-        the paper; "logit" averages pre-sigmoid outputs, which saturated models do not flatten."""
-        if score not in ("sigmoid", "logit"):
-            raise ValueError(f"score must be 'sigmoid' or 'logit', got {score!r}")
-        run = gallery.scores if score == "sigmoid" else gallery.logits
-        return _decide(run(self.male).mean(axis=0), run(self.female).mean(axis=0))
+    def predict_mote(self, gallery: MoteGallery, score: str = "sigmoid", threshold: float | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Gender guess per stolen model template (gallery order) and whether it was a tie, by one
+        of ``MOTE_VARIANTS`` (the module docstring); ``threshold``: the operating threshold on the
+        sigmoid score, for ``decision``."""
+        if score not in MOTE_VARIANTS:
+            raise ValueError(f"score must be one of {MOTE_VARIANTS}, got {score!r}")
+        if score == "decision":
+            if threshold is None:
+                raise ValueError("the decision variant needs the gallery's operating threshold")
+            male, female = ((gallery.scores(x) >= threshold).mean(axis=0) for x in (self.male, self.female))
+            return _decide(male, female), male == female
+        if score == "sigmoid":
+            male, female = gallery.scores(self.male).mean(axis=0), gallery.scores(self.female).mean(axis=0)
+            return _decide(male, female), male == female
+        logit_m, logit_f = gallery.logits(self.male).astype(np.float64), gallery.logits(self.female).astype(np.float64)
+        diff = logit_m.mean(axis=0) - logit_f.mean(axis=0)
+        if score == "logit":
+            return (diff > 0).astype(np.int64), diff == 0
+        spread = np.concatenate([logit_m, logit_f]).std(axis=0)
+        calibrated = diff / np.maximum(spread, 1e-12)  # in units of each model's own spread ...
+        cut = np.median(calibrated)  # ... against the gallery's median: half the enrolled are guessed male
+        return (calibrated > cut).astype(np.int64), calibrated == cut
 
 
 def attack_accuracy(predicted: np.ndarray, gender: np.ndarray) -> dict[str, float | int]:
@@ -83,12 +118,25 @@ def attack_accuracy(predicted: np.ndarray, gender: np.ndarray) -> dict[str, floa
             "n_male": int((true == MALE).sum()), "n_female": int((true == FEMALE).sum())}
 
 
-def template_leakage(stolen: TemplateSet) -> dict[str, dict[str, float | int]]:
+def collapse(predicted: np.ndarray, ties: np.ndarray) -> dict[str, float]:
+    """Share of models guessed as the majority class, and share of ties (guessed by the tie rule)."""
+    pred = np.asarray(predicted)
+    return {"majority_share": float(max(pred.mean(), 1 - pred.mean())), "tie_share": float(np.mean(ties))}
+
+
+def template_leakage(stolen: TemplateSet, thresholds: dict[str, float]) -> dict[str, dict[str, Any]]:
     """The attack on the template gallery and on each MOTE gallery of a run (``facefl evaluate``),
-    keyed like the verification report's methods."""
+    keyed like the verification report's methods. A MOTE entry holds the paper's variant
+    (``sigmoid``) at its top level and all four under ``variants``, each with ``collapse``
+    diagnostics; ``thresholds``: each gallery's operating threshold (its evaluation's tau)."""
     attack = GenderInference(stolen.aux_embeddings[stolen.aux_gender == MALE],
                              stolen.aux_embeddings[stolen.aux_gender == FEMALE])
-    out = {TEMPLATES: attack_accuracy(attack.predict_templates(stolen.templates), stolen.gender)}
+    out: dict[str, dict[str, Any]] = {TEMPLATES: attack_accuracy(attack.predict_templates(stolen.templates),
+                                                                  stolen.gender)}
     for name, gallery in stolen.galleries.items():
-        out[name] = attack_accuracy(attack.predict_mote(gallery), stolen.gender)
+        variants = {}
+        for variant in MOTE_VARIANTS:
+            predicted, ties = attack.predict_mote(gallery, variant, thresholds.get(name))
+            variants[variant] = {**attack_accuracy(predicted, stolen.gender), **collapse(predicted, ties)}
+        out[name] = {**variants["sigmoid"], "variants": variants}
     return out

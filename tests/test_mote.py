@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from attacks.gender_inference import GenderInference, attack_accuracy
+from attacks.gender_inference import GenderInference, attack_accuracy, collapse
 from common.config import MoteConfig
 from common.mote.gallery import MoteGallery, enroll
 from common.mote.kde import (
@@ -263,7 +263,25 @@ def test_gender_attack_on_models_uses_their_outputs() -> None:
     attack = GenderInference(x[aux][gender[aux] == 1], x[aux][gender[aux] == 0])
     unit = attack.male / np.linalg.norm(attack.male, axis=1, keepdims=True)
     np.testing.assert_allclose(gallery.logits(unit)[:, :3], unit @ t.numpy()[:3].T, rtol=1e-4, atol=1e-5)
-    on_models = attack_accuracy(attack.predict_mote(gallery, score="logit"), gender[target])
+    on_models = attack_accuracy(attack.predict_mote(gallery, score="logit")[0], gender[target])
     on_templates = attack_accuracy(attack.predict_templates(x[target]), gender[target])
     assert on_models["balanced_accuracy"] > 0.9 and on_templates["balanced_accuracy"] > 0.9
-    assert set(np.unique(attack.predict_mote(gallery))) <= {0, 1}
+    assert set(np.unique(attack.predict_mote(gallery)[0])) <= {0, 1}
+    calibrated, ties = attack.predict_mote(gallery, score="calibrated")
+    assert attack_accuracy(calibrated, gender[target])["balanced_accuracy"] > 0.9 and not ties.any()
+
+    # Saturated models: logit = 60 t.x - 1000 rejects every impostor. In float64 their sigmoid
+    # scores are 0.0 on every auxiliary template (below -745) and the threshold accepts none:
+    # the sigmoid and decision variants tie and collapse to one class (the paper's 50%), while the
+    # logits still carry the gender.
+    params["w3"] *= 60.0
+    params["b3"] = torch.full((k,), -1000.0)
+    saturated = MoteGallery(np.arange(k), params, np.full(k, 0.5), 0)
+    for variant in ("sigmoid", "decision"):
+        guess, tied = attack.predict_mote(saturated, score=variant, threshold=0.5)
+        leak = attack_accuracy(guess, gender[target])
+        assert tied.all() and collapse(guess, tied)["majority_share"] == 1.0 and leak["balanced_accuracy"] == 0.5
+    guess, tied = attack.predict_mote(saturated, score="logit")
+    assert attack_accuracy(guess, gender[target])["balanced_accuracy"] > 0.9 and not tied.any()
+    with pytest.raises(ValueError, match="operating threshold"):
+        attack.predict_mote(saturated, score="decision")

@@ -94,7 +94,8 @@ def evaluate_run(run_dir: Path) -> tuple[MoteEvaluation, list[str], list[tuple]]
     from common.evaluation.mote import evaluate_mote, save_evaluation
 
     report, stolen = evaluate_mote(run_dir)
-    report = dataclasses.replace(report, gender_inference=template_leakage(stolen))
+    thresholds = {name: float(r["tau"]) for name, r in report.methods.items()}
+    report = dataclasses.replace(report, gender_inference=template_leakage(stolen, thresholds))
     header, rows = save_evaluation(run_dir, report)
     return report, header, rows
 

@@ -28,6 +28,7 @@ from common.runs.records import (
     MIN_GROUP_PER_CLASS,
     MISSING,
     AttackEntry,
+    MoteEvaluation,
     RunStatus,
     tpr_label,
     tpr_text,
@@ -429,7 +430,23 @@ def _mote(r: RunResults) -> str:
                f"{BALANCED_GALLERY} is the balanced gallery.")
             + _table(("method", "verification AUC", "FNMR@FMR=1e-3", "FMR at threshold", "gender inference BA",
                       "male acc.", "female acc."), rows)
+            + _gender_variants(ev)
             + _image(r.path / layout.MOTE_ROC, "MOTE vs templates verification ROC"))
+
+
+def _gender_variants(ev: MoteEvaluation) -> str:
+    """Gender inference from each MOTE gallery four ways, with the collapse diagnostics."""
+    rows = [(name, variant, v.get("balanced_accuracy"), v.get("majority_share"), v.get("tie_share"))
+            for name in ev.methods for variant, v in ev.leakage(name).get("variants", {}).items()]
+    if not rows:
+        return ""
+    return (_p("Gender inference from the MOTE models, four ways (attacks/gender_inference.py): the paper's mean "
+               "sigmoid score, mean logit, each model's logit difference calibrated to its own spread and cut at "
+               "the gallery's median, and accept/reject decisions at the operating threshold. A collapse (every "
+               "model guessed as one class, balanced accuracy exactly 0.5) comes with ties: the scores cannot tell "
+               "the genders apart, which is not the same as the models not encoding gender.")
+            + _table(("gallery", "variant", "balanced accuracy", "share guessed as majority class",
+                      "share of ties"), rows))
 
 
 def _server_view(r: RunResults) -> str:
