@@ -7,7 +7,9 @@ Reads each sweep's sweep.json (the commands that made it) and every finished run
 
 1. FD-MIA beats single-model attacks on fair models (Tian et al. 2024): FD-MIA on a biased + fair
    pair against the best single-model attack on the fair model, for attribute pairs (sweeps with
-   ``fairness.method`` in the grid) and for MOTE gallery pairs (b = 0.5 is the fair one).
+   ``fairness.method`` in the grid) that meet the paper's premise (biased DEO >= 0.2, the fair twin
+   at most a third of it); MOTE gallery pairs (b = 0.5 is the fair one) are reported on their own,
+   outside the paper's setting.
 2. DP-SGD lowers attack success as epsilon falls: each attack's AUC at the smallest and at the
    largest epsilon of a series (the other grid values and the seed; inf = DP off), and the rank
    correlation over all epsilons. The verdict counts the attacks that beat chance at the largest
@@ -20,6 +22,7 @@ A comparison "A beats B" is counted per run: a win when A's AUC is higher, a cle
 bootstrap 95% interval lies entirely above B's. Verdicts: "reproduced" (every run a win, at least
 half of them clear), "direction only, within noise" (most runs wins), "not reproduced", or "not
 measured" (no run had the inputs). Numbers are never averaged across different configurations.
+Each finding states the paper's premise and how many runs meet it (``Finding.premise``).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Finding:
     verdict: str
     headline: str
     body: list[str]
+    premise: str = ""  # the paper's premise and whether these runs meet it, printed beside the verdict
 
 
 def _relative(path: str | None) -> str | None:
@@ -185,26 +189,82 @@ def _compare(title: str, pairs: list[tuple[Run, str, AttackEntry, AttackEntry]],
                    f"{a_name} higher in {wins} of {len(pairs)} runs, intervals apart in {clear}", body)
 
 
+FAIRNESS_GAP = 0.2
+"""FD-MIA's premise (Tian et al. 2024): the biased model's DEO at least this (theirs: 0.22) ..."""
+FAIRER_BY = 3.0
+"""... and the fair twin's at most 1/FAIRER_BY of it (theirs: 0.22 -> 0.06)."""
+
+
+def _deo(results: RunResults | None) -> float:
+    return float((results.final_metrics() if results is not None else {}).get("attribute_deo_sum", math.nan))
+
+
+def _fair_twin(r: Run) -> RunResults | None:
+    fair = r.results.audit.fair_run if r.results.audit is not None else None
+    try:
+        return RunResults.load(fair) if fair else None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def fd_mia(runs: list[Run]) -> Finding:
-    pairs = []
+    """The paper's setting only: an attribute model and its fair twin, counted where the pair meets the
+    premise (the biased model unfair, the fair one clearly fairer); the other pairs are listed."""
+    pairs, rows = [], []
     for r in runs:
         fd, single = _attack(r, TargetKind.PAIR), _attack(r, TargetKind.FAIR)
-        if fd and single:
+        if not (fd and single):
+            continue
+        biased, fair = _deo(r.results), _deo(_fair_twin(r))
+        met = biased >= FAIRNESS_GAP and fair <= biased / FAIRER_BY
+        rows.append((r.label, fmt(biased), fmt(fair), "yes" if met else "no"))
+        if met:
             pairs.append((r, "attribute model + its fair twin", fd, single))
+    finding = _compare("FD-MIA beats single-model attacks on fair models", pairs, "FD-MIA (pair)",
+                       "best single-model attack on the fair model",
+                       "no biased + fair pair met the premise (sweep `fairness.method=none,reweight` or `fair_mixup`)."
+                       if rows else "no run had a biased + fair pair (sweep `fairness.method=none,reweight`).")
+    finding.premise = (f"the biased model's DEO >= {FAIRNESS_GAP} and its fair twin's <= 1/{FAIRER_BY:g} of it "
+                       f"(the paper: 0.22 -> 0.06); met by {len(pairs)} of {len(rows)} pairs, and only those count.")
+    finding.body = _table(("run", "biased model DEO", "fair twin DEO", "premise met"), rows) + finding.body
+    return finding
+
+
+def fd_mia_mote(runs: list[Run]) -> Finding:
+    """MOTE galleries b = 0.5 + a skewed b: outside the paper's setting, so reported on their own."""
+    pairs = []
+    for r in runs:
         fd, single = _attack(r, TargetKind.MOTE_PAIR), _attack(r, TargetKind.MOTE_GALLERY, fair=True)
         if fd and single:
             pairs.append((r, "MOTE galleries b=0.5 + skewed", fd, single))
-    return _compare("FD-MIA beats single-model attacks on fair models", pairs, "FD-MIA (pair)",
-                    "best single-model attack on the fair model",
-                    "no run had a biased + fair pair (sweep `fairness.method=none,reweight`) or MOTE galleries with "
-                    "b = 0.5 and a skewed b.")
+    finding = _compare("FD-MIA on MOTE gallery pairs (outside the paper's setting)", pairs, "FD-MIA (pair)",
+                       "best single-model attack on the b = 0.5 gallery",
+                       "no run had MOTE galleries with b = 0.5 and a skewed b.")
+    finding.premise = ("none from the paper: it attacks a biased and a fairness-trained classifier, not two "
+                       "galleries that differ in their balancing factor.")
+    return finding
+
+
+MINT_MIN_TRAINING = 5_000
+"""MINT's premise (DeAlcala et al.): its auditor trains on thousands of samples (theirs: 1K-100K)."""
 
 
 def mint(runs: list[Run]) -> Finding:
     pairs = [(r, "final global model", m, b) for r in runs
              if (m := _attack(r, TargetKind.WHITE_BOX)) and (b := _attack(r, TargetKind.GLOBAL))]
-    return _compare("MINT (white-box) beats black-box MIA", pairs, "MINT", "best black-box attack",
-                    "no audited run had both MINT and a black-box attack.")
+    finding = _compare("MINT (white-box) beats black-box MIA", pairs, "MINT", "best black-box attack",
+                       "no audited run had both MINT and a black-box attack.")
+    # MINT trains on one identity-disjoint half of the audited samples and is tested on the other:
+    # its training set is about as large as its test set.
+    sizes = [m.n_members + m.n_nonmembers for _, _, m, _ in pairs]
+    enough = sum(n >= MINT_MIN_TRAINING for n in sizes)
+    finding.premise = (f"MINT trained on >= {MINT_MIN_TRAINING:,} samples with identity-disjoint train and test "
+                       f"halves (the paper: 1K-100K samples of models trained on millions); here the halves are "
+                       f"identity-disjoint and MINT trained on about {min(sizes, default=0):,}-{max(sizes, default=0):,} "
+                       f"samples: met in {enough} of {len(sizes)} runs"
+                       + ("" if enough == len(sizes) else ", so a \"not reproduced\" here does not contradict the paper")
+                       + ".")
+    return finding
 
 
 def _rank(values: Sequence[float]) -> list[float]:
@@ -308,8 +368,12 @@ def _ba_ci(leak: dict[str, Any]) -> tuple[float, list[float]] | None:
     return ba, [max(0.0, ba - half), min(1.0, ba + half)]
 
 
+BACKBONE_FNMR = 0.1
+"""The gender-inference premise: the backbone verifies at FNMR <= 0.1 at FMR 1e-3 (the paper's ArcFace-class one)."""
+
+
 def gender_inference(runs: list[Run]) -> Finding:
-    rows, ok, n = [], 0, 0
+    rows, ok, n, accurate = [], 0, 0, 0
     for r in runs:
         ev = r.results.evaluation
         if ev is None:
@@ -318,17 +382,29 @@ def gender_inference(runs: list[Run]) -> Finding:
         if t is None or m is None:
             continue
         n += 1
+        fnmr = float(ev.method(TEMPLATES).get("fnmr", math.nan))
+        accurate += fnmr <= BACKBONE_FNMR
         mote_near, templates_leak = m[1][0] <= 0.5 <= m[1][1], t[1][0] > 0.5
         ok += mote_near and templates_leak
-        rows.append((r.label, with_ci(*t), "yes" if templates_leak else "no", with_ci(*m),
-                     "yes" if mote_near else "no"))
+        variants = ev.leakage(BALANCED_GALLERY).get("variants", {})
+        ways = "; ".join(f"{name} {fmt(v.get('balanced_accuracy'))} (majority {fmt(v.get('majority_share'))}, "
+                         f"ties {fmt(v.get('tie_share'))})" for name, v in variants.items()) or "not measured"
+        rows.append((r.label, fmt(fnmr), with_ci(*t), "yes" if templates_leak else "no", with_ci(*m),
+                     "yes" if mote_near else "no", ways))
     verdict = _all_or_some(ok, n)
-    body = (_table(("run", "templates: BA [95% CI]", "templates leak (CI above 0.5)", f"{BALANCED_GALLERY}: BA [95% CI]",
-                    "MOTE near 50% (CI contains 0.5)"), rows)
-            + ["Intervals: normal approximation from the per-gender accuracies and counts.", ""]
+    body = (_table(("run", "templates FNMR@FMR=1e-3", "templates: BA [95% CI]", "templates leak (CI above 0.5)",
+                    f"{BALANCED_GALLERY}: BA [95% CI]", "MOTE near 50% (CI contains 0.5)",
+                    "MOTE four ways: BA (share guessed as majority class, share of ties)"), rows)
+            + ["Intervals: normal approximation from the per-gender accuracies and counts. The four ways "
+               "(attacks/gender_inference.py): mean sigmoid score (the paper's description, the verdict's), mean "
+               "logit, per-model calibrated logit difference, accept/reject at the operating threshold; a collapse "
+               "to one class with many ties is the scores' inability to separate, not the models' privacy.", ""]
             if rows else [f"Not measured: no run had {layout.MOTE_EVALUATION} with the gender-inference attack.", ""])
-    return Finding("MOTE's gender inference is near 50% while templates leak", verdict,
-                   f"both hold in {ok} of {n} runs", body)
+    finding = Finding("MOTE's gender inference is near 50% while templates leak", verdict,
+                      f"both hold in {ok} of {n} runs", body)
+    finding.premise = (f"a backbone accurate at FMR 1e-3 (FNMR <= {BACKBONE_FNMR}, as the paper's ArcFace-class "
+                       f"one): met in {accurate} of {n} runs.")
+    return finding
 
 
 def mote_fairness(runs: list[Run]) -> Finding:
@@ -368,7 +444,9 @@ def render(findings: list[Finding], sweeps: list[str], command: str) -> str:
     lines += [f"| {f.title} | **{f.verdict}** | {f.headline} |" for f in findings]
     lines.append("")
     for i, f in enumerate(findings, 1):
-        lines += [f"## {i}. {f.title}", "", f"Verdict: **{f.verdict}** ({f.headline}).", "", *f.body]
+        lines += [f"## {i}. {f.title}", "", f"Verdict: **{f.verdict}** ({f.headline}).", ""]
+        lines += [f"Premise: {f.premise}", ""] if f.premise else []
+        lines += f.body
     lines += ["## Sweeps", "", *sweeps]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -382,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs, sweeps = load_sweeps(args.sweeps)
     if args.assets:
         sweeps = [text + "\n" + "\n".join(copy_assets(d, args.assets, args.out)) for d, text in zip(args.sweeps, sweeps, strict=True)]
-    findings = [fd_mia(runs), dp_trend(runs), mint(runs), gender_inference(runs), mote_fairness(runs)]
+    findings = [fd_mia(runs), fd_mia_mote(runs), dp_trend(runs), mint(runs), gender_inference(runs),
+                mote_fairness(runs)]
     command = shlex.join(["scripts/make_results.py", *map(str, args.sweeps), "--out", str(args.out),
                           *(["--assets", str(args.assets)] if args.assets else [])])
     atomic_write_text(args.out, render(findings, sweeps, command))
