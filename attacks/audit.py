@@ -106,6 +106,9 @@ GLOBAL = Target("global model (final)", TargetKind.GLOBAL)
 FAIR = Target("fair global model (final)", TargetKind.FAIR, "fair_", "fair model")
 PAIR = Target("biased + fair pair", TargetKind.PAIR)
 WHITE_BOX = Target("global model (final), white-box", TargetKind.WHITE_BOX)
+FD_MIA_KIN = {"fd-mia-score": "shadow", "fd-mia-lira-online": "lira-online", "fd-mia-lira-offline": "lira-offline"}
+"""Each FD-MIA attack on the pair and the single-model attack of its family on the fair model: an attack
+model on outputs, LiRA online, LiRA offline (the paper's comparison, Tian et al. 2024)."""
 UPDATE_ATTACKS = for_target(TargetKind.CLIENT)  # against each client's own post-round model
 
 
@@ -526,13 +529,17 @@ class AuditedSet:
     def comparisons(self, settings: AuditSettings) -> list[dict[str, Any]]:
         """Paired differences in AUC on the same samples (``attacks.metrics.paired_difference``):
         every attack on a target against that target's first attack (the loss attack for attribute
-        models, the raw logit for MOTE galleries: does the stronger attack really find more?), and
-        every attack on the fair model against the same attack on the biased one."""
+        models, the raw logit for MOTE galleries: does the stronger attack really find more?), every
+        attack on the fair model against the same attack on the biased one, and each FD-MIA attack
+        on the pair against its single-model kin on the fair model (``FD_MIA_KIN``: FD-MIA is
+        compared within its family, not with the best of all attacks picked afterwards)."""
         by_target: dict[Target, dict[str, np.ndarray]] = {}
         for (target, name), s in self.scores.items():
             by_target.setdefault(target, {})[name] = s
         pairs = [((t, a), (t, next(iter(attacks)))) for t, attacks in by_target.items() for a in list(attacks)[1:]]
         pairs += [((FAIR, a), (GLOBAL, a)) for a in by_target.get(FAIR, {}) if a in by_target.get(GLOBAL, {})]
+        pairs += [((PAIR, fd), (FAIR, kin)) for fd, kin in FD_MIA_KIN.items()
+                  if fd in by_target.get(PAIR, {}) and kin in by_target.get(FAIR, {})]
         out = []
         for (ta, a), (tb, b) in pairs:
             sa, sb = by_target[ta][a], by_target[tb][b]

@@ -5,11 +5,12 @@
 Reads each sweep's sweep.json (the commands that made it) and every finished run's files
 (``common.runs.results``), and checks:
 
-1. FD-MIA beats single-model attacks on fair models (Tian et al. 2024): FD-MIA on a biased + fair
-   pair against the best single-model attack on the fair model, for attribute pairs (sweeps with
-   ``fairness.method`` in the grid) that meet the paper's premise (biased DEO >= 0.2, the fair twin
-   at most a third of it); MOTE gallery pairs (b = 0.5 is the fair one) are reported on their own,
-   outside the paper's setting.
+1. FD-MIA beats single-model attacks on fair models (Tian et al. 2024): each FD-MIA attack on a
+   biased + fair pair against the single-model attack of its family on the fair model (the audit's
+   paired differences on the same samples), for attribute pairs (sweeps with ``fairness.method`` in
+   the grid) that meet the paper's premise (biased DEO >= 0.2, the fair twin at most a third of it);
+   MOTE gallery pairs (b = 0.5 is the fair one) are reported on their own, outside the paper's
+   setting, against the best single-model attack.
 2. DP-SGD lowers attack success as epsilon falls: each attack's AUC at the smallest and at the
    largest epsilon of a series (the other grid values and the seed; inf = DP off), and the rank
    correlation over all epsilons. The verdict counts the attacks that beat chance at the largest
@@ -209,25 +210,36 @@ def _fair_twin(r: Run) -> RunResults | None:
 
 def fd_mia(runs: list[Run]) -> Finding:
     """The paper's setting only: an attribute model and its fair twin, counted where the pair meets the
-    premise (the biased model unfair, the fair one clearly fairer); the other pairs are listed."""
-    pairs, rows = [], []
+    premise (the biased model unfair, the fair one clearly fairer). FD-MIA is compared within its family
+    (the audit's paired differences: an attack model, LiRA online, LiRA offline on the fair model alone),
+    not with the best of every attack picked afterwards."""
+    premise_rows, rows, wins, clear = [], [], 0, 0
     for r in runs:
-        fd, single = _attack(r, TargetKind.PAIR), _attack(r, TargetKind.FAIR)
-        if not (fd and single):
+        audit = r.results.audit
+        if audit is None or not audit.fair_run:
             continue
         biased, fair = _deo(r.results), _deo(_fair_twin(r))
         met = biased >= FAIRNESS_GAP and fair <= biased / FAIRER_BY
-        rows.append((r.label, fmt(biased), fmt(fair), "yes" if met else "no"))
-        if met:
-            pairs.append((r, "attribute model + its fair twin", fd, single))
-    finding = _compare("FD-MIA beats single-model attacks on fair models", pairs, "FD-MIA (pair)",
-                       "best single-model attack on the fair model",
-                       "no biased + fair pair met the premise (sweep `fairness.method=none,reweight` or `fair_mixup`)."
-                       if rows else "no run had a biased + fair pair (sweep `fairness.method=none,reweight`).")
-    finding.premise = (f"the biased model's DEO >= {FAIRNESS_GAP} and its fair twin's <= 1/{FAIRER_BY:g} of it "
-                       f"(the paper: 0.22 -> 0.06); met by {len(pairs)} of {len(rows)} pairs, and only those count.")
-    finding.body = _table(("run", "biased model DEO", "fair twin DEO", "premise met"), rows) + finding.body
-    return finding
+        premise_rows.append((r.label, fmt(biased), fmt(fair), "yes" if met else "no"))
+        for c in audit.comparisons if met else []:
+            if not c["a"].startswith("fd-mia") or not c.get("ci95"):
+                continue
+            lo, hi = c["ci95"]
+            wins += c["difference"] > 0
+            clear += lo > 0
+            rows.append((r.label, c["a"], fmt(c["value_a"]), c["b"], fmt(c["value_b"]),
+                         f"{c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"))
+    body = _table(("run", "biased model DEO", "fair twin DEO", "premise met"), premise_rows) if premise_rows else []
+    body += (_table(("run", "FD-MIA attack", "AUC", "its kin on the fair model", "AUC",
+                     "difference [paired 95% CI]"), rows) if rows else
+             ["Not measured: " + ("no pair met the premise." if premise_rows else
+                                  "no run had a biased + fair pair (sweep `fairness.method=none,reweight`)."), ""])
+    return Finding("FD-MIA beats single-model attacks on fair models", _verdict(wins, clear, len(rows)),
+                   f"FD-MIA higher than its family's single-model attack in {wins} of {len(rows)} paired comparisons, "
+                   f"the paired interval above 0 in {clear}", body,
+                   premise=(f"the biased model's DEO >= {FAIRNESS_GAP} and its fair twin's <= 1/{FAIRER_BY:g} of it "
+                            f"(the paper: 0.22 -> 0.06); met by {sum(r[3] == 'yes' for r in premise_rows)} of "
+                            f"{len(premise_rows)} pairs, and only those count."))
 
 
 def fd_mia_mote(runs: list[Run]) -> Finding:

@@ -228,6 +228,11 @@ def test_audit_with_a_fair_twin_runs_fd_mia(tmp_path_factory) -> None:
                    ("biased + fair pair", "fd-mia-score"), ("biased + fair pair", "fd-mia-lira-online"),
                    ("biased + fair pair", "fd-mia-lira-offline")}
     assert report["fair_run"] == str(fair.path)
+    # FD-MIA against its own family on the fair model, paired on the same samples (not the best of all)
+    compared = {(c["a"], c["b"]): c for c in report["comparisons"]}
+    kin = compared[("fd-mia-lira-online @ biased + fair pair", "lira-online @ fair global model (final)")]
+    assert kin["ci95"][0] <= kin["difference"] <= kin["ci95"][1]
+    assert not any(a.startswith("fd-mia-lira-offline") and "fair global" in b for a, b in compared)  # kin not run
     assert len(list((biased.path / "audit" / "references-fair").glob("ref-*.safetensors"))) == 4
     with pytest.raises(ValueError, match="fairness.method is 'none'"):
         run_audit(fair.path, settings, fair_dir=biased.path)  # arguments swapped: refused, not mislabelled
