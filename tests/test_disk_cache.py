@@ -79,7 +79,7 @@ def test_a_real_source_is_cached_on_disk_with_the_same_images(synth_small, tmp_p
     part = np.array([5, 3, 150, 77])
     assert np.array_equal(ds.subset(part).images[np.arange(4)], in_memory.subset(part).images)
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(files) == 2 and {Path(f).suffix for f in files} == {".npz", ".u8"}
+    assert [Path(f).suffix for f in files] == [".lock", ".npz", ".u8"]
 
     # Reopened (another process): from the index, fingerprint stored, pixels not re-hashed.
     again = cache.load_cached_source(cfg)
@@ -96,6 +96,29 @@ def test_a_real_source_is_cached_on_disk_with_the_same_images(synth_small, tmp_p
     index = next(p for p in (tmp_path / "cache").glob("*.npz") if p.stem == ds.images.path.stem)
     index.write_bytes(b"not an npz")
     assert cache.load_cached_source(cfg).fingerprint() == in_memory.fingerprint()
+
+
+def _build_in_child(root: str, cache_root: str, out: str) -> None:
+    os.environ["FACEFL_CACHE"] = cache_root
+    ds = cache.load_cached_source(_folder_config(Path(root), 32))
+    Path(out).write_text(ds.fingerprint())
+
+
+def test_processes_that_build_the_same_cache_at_once_decode_it_once(synth_small, tmp_path: Path) -> None:
+    import multiprocessing
+
+    root = write_imagefolder(synth_small, tmp_path / "faces")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_build_in_child, args=(str(root), str(tmp_path / "cache"), str(tmp_path / f"fp{i}")))
+             for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    prints = {(tmp_path / f"fp{i}").read_text() for i in range(3)}
+    assert prints == {load_source("imagefolder", root, image_size=32).fingerprint()}
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
 
 
 def test_training_on_disk_images_gives_the_same_weights(synth_small, tiny_spec, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ with bounded memory. The real cache's key covers the loader settings and every f
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -66,7 +67,8 @@ def folder_signature(root: str | os.PathLike[str]) -> str:
 def load_cached_source(cfg: Config) -> FaceDataset:
     """The real source ``data.source`` at ``data.path``, decoded once into a disk cache.
 
-    A damaged or partial cache is rebuilt, never trusted; a cache folder that cannot be written
+    A damaged or partial cache is rebuilt, never trusted; processes that want the same cache at
+    once take turns (``flock``), so that it is decoded once; a cache folder that cannot be written
     falls back to reading the images into memory (logged).
     """
     d = cfg.data
@@ -77,22 +79,23 @@ def load_cached_source(cfg: Config) -> FaceDataset:
                 "limit": d.limit, "files": folder_signature(root)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     index, array = cache_dir() / f"{d.source}-{key}.npz", cache_dir() / f"{d.source}-{key}.u8"
-    if index.is_file():
-        try:
-            return FaceDataset.load_npz(index)
-        except ValueError as exc:
-            log.warning("ignoring damaged data cache %s (%s)", index, exc)
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
-        writable = os.access(cache_dir(), os.W_OK)
-    except OSError:
-        writable = False
-    if not writable:
-        log.warning("cannot write the data cache folder %s; reading %s into memory", cache_dir(), root)
+        lock = open(cache_dir() / f"{d.source}-{key}.lock", "a")
+    except OSError as exc:
+        log.warning("cannot write the data cache folder %s (%s); reading %s into memory", cache_dir(), exc, root)
         return load_source(d.source, root, image_size=d.image_size, strict=d.strict, limit=d.limit or None)
-    ds = load_source(d.source, root, image_size=d.image_size, strict=d.strict, limit=d.limit or None, cache=array)
-    ds.save_index(index)
-    return ds
+    with lock:  # one process decodes; the others (SuperNodes of one machine) wait, then read its cache
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if index.is_file():
+            try:
+                return FaceDataset.load_npz(index)
+            except ValueError as exc:
+                log.warning("ignoring damaged data cache %s (%s)", index, exc)
+        ds = load_source(d.source, root, image_size=d.image_size, strict=d.strict, limit=d.limit or None,
+                         cache=array)
+        ds.save_index(index)
+        return ds
 
 
 def _load_dataset(cfg: Config, key: str, progress: bool) -> FaceDataset:

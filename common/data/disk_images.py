@@ -99,7 +99,7 @@ class DiskImages:
 class DiskImageWriter:
     """Appends images to a new array file, so a loader never holds more than one chunk.
 
-    Writes go to ``<path>.tmp``; ``close`` moves the finished file to ``path`` (a crash leaves no
+    Writes go to ``<path>.<pid>.tmp``; ``close`` moves the finished file to ``path`` (a crash leaves no
     array that looks complete) and returns it as ``DiskImages``.
     """
 
@@ -107,7 +107,7 @@ class DiskImageWriter:
         self.path = Path(path)
         self.size = size
         self.count = 0
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         self._tmp.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._tmp, "wb")
         self._pending: list[np.ndarray] = []
