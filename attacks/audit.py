@@ -25,7 +25,8 @@ population.
 * Embedding models (identity task, no posterior): ``centroid``, the cosine similarity of a
   sample's embedding to the mean embedding of the other photos of its identity.
 * Both: ``mint-vanilla`` and ``mint-cnn`` (``attacks.mint``), the white-box auditor, trained on
-  the audited samples of half the identities and reported on the other half.
+  the audited samples of half the identities and reported on the other half, and its baseline
+  ``mint-embedding`` (the same MLP on the embedding only, the same halves).
 
 Every statistic comes from float64 logits (``attacks.scores``). Every attack gets
 ``attacks.metrics.attack_metrics``: AUC, accuracy and balanced accuracy at the best threshold, TPR
@@ -319,6 +320,9 @@ def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: n
                 wanted: tuple[str, ...], seed: int, device: str = "cpu") -> dict[str, np.ndarray]:
     """MINT (white-box) scores; NaN for the MINT model's own training half. The MINT model trains on
     the audited samples of half the identities and is scored on the other half (identity-disjoint).
+    ``mint-embedding``, the vanilla MLP on the embedding alone on the same halves, comes first: the
+    audit's paired comparisons then say what the activations add over the embedding (DeAlcala et al.
+    compare MINT with exactly that baseline).
     The CNN variant reads the penultimate block's maps: the last one is what the embedding layer
     already summarises, the earlier ones carry more spatial detail. The MINT models train on ``device`` (a
     ``train.device`` value)."""
@@ -328,7 +332,8 @@ def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: n
         if is_member[part].all() or not is_member[part].any():
             raise ValueError(f"MINT: its {name} half of the identities has only one class of samples")
     out: dict[str, np.ndarray] = {}
-    for name, make, feats in (("mint-vanilla", VanillaMINT, lambda: vanilla_features(acts)),
+    for name, make, feats in (("mint-embedding", VanillaMINT, lambda: acts.embedding.astype(np.float32)),
+                              ("mint-vanilla", VanillaMINT, lambda: vanilla_features(acts)),
                               ("mint-cnn", CNNMINT, lambda: acts.blocks[-2])):
         if name in wanted:
             x = feats()

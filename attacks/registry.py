@@ -70,6 +70,8 @@ _ALL = (
            (TargetKind.GLOBAL, TargetKind.FAIR), needs_references=True),
     Attack("rmia", "RMIA, the aux samples as population (Zarifzadeh et al. 2024)", frozenset({_A}),
            (TargetKind.GLOBAL, TargetKind.FAIR), needs_references=True),
+    Attack("mint-embedding", "MINT's MLP on the embedding alone: the baseline that shows what the activations add",
+           frozenset({_A, _E}), (TargetKind.WHITE_BOX,), white_box=True),
     Attack("mint-vanilla", "MINT on the activations' channel summaries (white-box)", frozenset({_A, _E}),
            (TargetKind.WHITE_BOX,), white_box=True),
     Attack("mint-cnn", "MINT, a CNN on the penultimate block's maps (white-box)", frozenset({_A, _E}),

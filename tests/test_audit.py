@@ -110,7 +110,7 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
     report = json.loads((run.path / "audit" / "report.json").read_text())
     main_attacks = [a for a in report["attacks"] if not a["target"].startswith("client")]
     assert [a["name"] for a in main_attacks] == ["loss", "lira-online", "lira-offline", "rmia", "shadow",
-                                                 "mint-vanilla", "mint-cnn"]
+                                                 "mint-embedding", "mint-vanilla", "mint-cnn"]
     # The curious server's view: each client's own post-round model, attacked on its own members.
     updates = [a for a in report["attacks"] if a["target"].startswith("client")]
     assert report["update_level"] == {"available": True, "clients": 2}
@@ -134,11 +134,13 @@ def test_audit_command_writes_the_report(tmp_path_factory, capsys) -> None:
     assert report["reference_recipe"] == "target"
     compared = {(c["a"], c["b"]) for c in report["comparisons"]}
     assert ("lira-online @ global model (final)", "loss @ global model (final)") in compared
+    white_box = "@ global model (final), white-box"
+    assert {(f"{m} {white_box}", f"mint-embedding {white_box}") for m in ("mint-vanilla", "mint-cnn")} <= compared
     for c in report["comparisons"]:
         assert c["ci95"][0] <= c["difference"] <= c["ci95"][1]
     scores = np.load(run.path / "audit" / "scores.npz")
     assert set(scores.files) == {"sample_ids", "is_member", "loss", "lira_online", "lira_offline", "rmia", "shadow",
-                                 "mint_vanilla", "mint_cnn", "client0_loss", "client0_lira_online", "client1_loss",
+                                 "mint_embedding", "mint_vanilla", "mint_cnn", "client0_loss", "client0_lira_online", "client1_loss",
                                  "client1_lira_online"}
     assert np.isnan(scores["mint_cnn"]).any() and np.isfinite(scores["loss"]).all()
     assert [p.name for p in sorted((run.path / "audit").glob("roc-*.png"))] == ["roc-clients.png", "roc-global.png"]
@@ -273,7 +275,7 @@ def test_applicable_attacks_follow_the_models_outputs() -> None:
         return set(applicable_attacks(cfg, model_spec(cfg)))
 
     assert attacks("attribute") == set(ATTRIBUTE_ATTACKS)  # no embedding task: no centroid, no MOTE
-    assert attacks("identity") == {"centroid", "mint-vanilla", "mint-cnn", *MOTE_ATTACKS}
+    assert attacks("identity") == {"centroid", "mint-embedding", "mint-vanilla", "mint-cnn", *MOTE_ATTACKS}
     assert attacks("both") == attacks("attribute") | attacks("identity")
 
 

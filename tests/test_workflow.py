@@ -34,8 +34,8 @@ from support.processes import descendants, terminate, wait_gone
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                          "ignore::FutureWarning")]
 
-ALL_FAMILIES = {"loss", "shadow", "lira-online", "lira-offline", "rmia", "mint-vanilla", "mint-cnn", "mote-score",
-                "mote-lira", "fd-mia-score", "fd-mia-lira"}
+ALL_FAMILIES = {"loss", "shadow", "lira-online", "lira-offline", "rmia", "mint-embedding", "mint-vanilla", "mint-cnn",
+                "mote-score", "mote-lira", "fd-mia-score", "fd-mia-lira"}
 SWEEP_CONFIG = '[train]\ntask = "attribute"\n\n[mote]\nenabled = false\n'
 
 
