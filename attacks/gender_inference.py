@@ -34,7 +34,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
 from common.evaluation.mote import TemplateSet
-from common.mote.gallery import MoteGallery
+from common.mote.gallery import MoteGallery, sigmoid
 from common.runs.records import TEMPLATES
 
 MALE, FEMALE = 1, 0
@@ -83,24 +83,31 @@ class GenderInference:
         """Gender guess per stolen model template (gallery order) and whether it was a tie, by one
         of ``MOTE_VARIANTS`` (the module docstring); ``threshold``: the operating threshold on the
         sigmoid score, for ``decision``."""
-        if score not in MOTE_VARIANTS:
-            raise ValueError(f"score must be one of {MOTE_VARIANTS}, got {score!r}")
+        return mote_guesses(gallery.logits(self.male), gallery.logits(self.female), score, threshold)
+
+
+def mote_guesses(logits_male: np.ndarray, logits_female: np.ndarray, score: str, threshold: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``GenderInference.predict_mote`` from the models' logits on the attacker's male and female
+    templates ((n, k) each), so that one gallery's logits serve every variant."""
+    if score not in MOTE_VARIANTS:
+        raise ValueError(f"score must be one of {MOTE_VARIANTS}, got {score!r}")
+    if score in ("sigmoid", "decision"):
+        male, female = sigmoid(logits_male), sigmoid(logits_female)
         if score == "decision":
             if threshold is None:
                 raise ValueError("the decision variant needs the gallery's operating threshold")
-            male, female = ((gallery.scores(x) >= threshold).mean(axis=0) for x in (self.male, self.female))
-            return _decide(male, female), male == female
-        if score == "sigmoid":
-            male, female = gallery.scores(self.male).mean(axis=0), gallery.scores(self.female).mean(axis=0)
-            return _decide(male, female), male == female
-        logit_m, logit_f = gallery.logits(self.male).astype(np.float64), gallery.logits(self.female).astype(np.float64)
-        diff = logit_m.mean(axis=0) - logit_f.mean(axis=0)
-        if score == "logit":
-            return (diff > 0).astype(np.int64), diff == 0
-        spread = np.concatenate([logit_m, logit_f]).std(axis=0)
-        calibrated = diff / np.maximum(spread, 1e-12)  # in units of each model's own spread ...
-        cut = np.median(calibrated)  # ... against the gallery's median: half the enrolled are guessed male
-        return (calibrated > cut).astype(np.int64), calibrated == cut
+            male, female = male >= threshold, female >= threshold
+        male, female = male.mean(axis=0), female.mean(axis=0)
+        return _decide(male, female), male == female
+    logit_m, logit_f = np.asarray(logits_male, np.float64), np.asarray(logits_female, np.float64)
+    diff = logit_m.mean(axis=0) - logit_f.mean(axis=0)
+    if score == "logit":
+        return (diff > 0).astype(np.int64), diff == 0
+    spread = np.concatenate([logit_m, logit_f]).std(axis=0)
+    calibrated = diff / np.maximum(spread, 1e-12)  # in units of each model's own spread ...
+    cut = np.median(calibrated)  # ... against the gallery's median: half the enrolled are guessed male
+    return (calibrated > cut).astype(np.int64), calibrated == cut
 
 
 def attack_accuracy(predicted: np.ndarray, gender: np.ndarray) -> dict[str, float | int]:
@@ -134,9 +141,10 @@ def template_leakage(stolen: TemplateSet, thresholds: dict[str, float]) -> dict[
     out: dict[str, dict[str, Any]] = {TEMPLATES: attack_accuracy(attack.predict_templates(stolen.templates),
                                                                   stolen.gender)}
     for name, gallery in stolen.galleries.items():
+        logits = gallery.logits(attack.male), gallery.logits(attack.female)
         variants = {}
         for variant in MOTE_VARIANTS:
-            predicted, ties = attack.predict_mote(gallery, variant, thresholds.get(name))
+            predicted, ties = mote_guesses(*logits, variant, thresholds.get(name))
             variants[variant] = {**attack_accuracy(predicted, stolen.gender), **collapse(predicted, ties)}
         out[name] = {**variants["sigmoid"], "variants": variants}
     return out

@@ -4,7 +4,7 @@ central non-DP upper bound on the same data.
 Public pretraining is free of privacy cost, so a federated run is only worth its epsilon by what it
 adds on top: the verification AUC of the final global model minus that of the initial (pretrained)
 one, on the same probe identities and the same pairs, with a paired bootstrap interval over
-identities (``verification_auc_difference``). The upper bound is the initial model trained
+identities (``pair_auc_difference``). The upper bound is the initial model trained
 centrally without DP on the pooled member data for as many passes as the federation made (rounds
 x local epochs): what the members' data could teach without federation or DP. Written to
 ``evaluation/lift.json`` with the pair scores behind every number in ``evaluation/lift.npz``
@@ -20,7 +20,7 @@ from typing import Any
 
 from common.config import DPConfig
 from common.evaluation.global_model import GlobalEvaluator
-from common.evaluation.verification import cosine_pair_scores, verification_auc_difference, verification_pairs
+from common.evaluation.verification import cosine_pair_scores, pair_auc_difference, verification_pairs
 from common.he.checkpoints import load_final_model
 from common.nn.build import build_identity_head, load_model
 from common.nn.face_model import FaceModel
@@ -54,19 +54,23 @@ def federation_lift(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     passes = cfg.federation.rounds * cfg.federation.local_epochs
     central = central_upper_bound(initial, evaluator, passes, cfg.seed)
     probe = evaluator.probe
-    emb = {name: embed(m, probe.images) for name, m in zip(MODELS, (initial, final, central), strict=True)}
-    lift = verification_auc_difference(emb["final"], emb["initial"], probe.identity, cfg.seed, n_boot)
-    headroom = verification_auc_difference(emb["central"], emb["final"], probe.identity, cfg.seed, n_boot)
+    i, j, genuine = verification_pairs(probe.identity, cfg.seed)
+    scores = {name: cosine_pair_scores(embed(m, probe.images), i, j)
+              for name, m in zip(MODELS, (initial, final, central), strict=True)}
+
+    def difference(a: str, b: str) -> dict[str, Any]:
+        return pair_auc_difference(scores[a], scores[b], genuine, i, j, probe.identity, cfg.seed, n_boot)
+
+    lift, headroom = difference("final", "initial"), difference("central", "final")
     out = {"verification_auc": {"initial": lift["auc_b"], "final": lift["auc_a"], "central": headroom["auc_a"]},
            "lift": {k: lift[k] for k in ("difference", "ci95", "n_boot")},
            "central_minus_final": {k: headroom[k] for k in ("difference", "ci95", "n_boot")},
            "probe_identities": lift["identities"], "pairs": lift["pairs"], "seed": cfg.seed,
            "central_epochs": passes, "pretrain_condition": cfg.pretrain.condition,
            "test": "paired bootstrap over probe identities (pairs weighted by how often their identities are drawn)"}
-    i, j, genuine = verification_pairs(probe.identity, cfg.seed)
     run.evaluation.mkdir(exist_ok=True)
     atomic_save_npz(run.lift_pairs_path, sample_ids=probe.sample_ids, identity=probe.identity, pair_i=i, pair_j=j,
-                    genuine=genuine, **{f"score_{name}": cosine_pair_scores(emb[name], i, j) for name in MODELS})
+                    genuine=genuine, **{f"score_{name}": s for name, s in scores.items()})
     atomic_write_json(run.lift_path, out)
     return out
 

@@ -73,8 +73,10 @@ def load_cached_source(cfg: Config) -> FaceDataset:
     """
     d = cfg.data
     root = Path(d.path).expanduser()
+    read = functools.partial(load_source, d.source, root, image_size=d.image_size, strict=d.strict,
+                             limit=d.limit or None)
     if not root.is_dir():  # the loader names the expected layout
-        return load_source(d.source, root, image_size=d.image_size, strict=d.strict, limit=d.limit or None)
+        return read()
     settings = {"source": d.source, "root": str(root.resolve()), "image_size": d.image_size, "strict": d.strict,
                 "limit": d.limit, "files": folder_signature(root)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -84,7 +86,7 @@ def load_cached_source(cfg: Config) -> FaceDataset:
         lock = open(cache_dir() / f"{d.source}-{key}.lock", "a")
     except OSError as exc:
         log.warning("cannot write the data cache folder %s (%s); reading %s into memory", cache_dir(), exc, root)
-        return load_source(d.source, root, image_size=d.image_size, strict=d.strict, limit=d.limit or None)
+        return read()
     with lock:  # one process decodes; the others (SuperNodes of one machine) wait, then read its cache
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if index.is_file():
@@ -92,8 +94,7 @@ def load_cached_source(cfg: Config) -> FaceDataset:
                 return FaceDataset.load_npz(index)
             except ValueError as exc:
                 log.warning("ignoring damaged data cache %s (%s)", index, exc)
-        ds = load_source(d.source, root, image_size=d.image_size, strict=d.strict, limit=d.limit or None,
-                         cache=array)
+        ds = read(cache=array)
         ds.save_index(index)
         return ds
 

@@ -71,15 +71,23 @@ def binary_accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float = 0
 def verification_auc_difference(features_a: np.ndarray, features_b: np.ndarray, identity: np.ndarray, seed: int = 0,
                                 n_boot: int = 1000) -> dict[str, float | list[float] | int]:
     """AUC of model a minus AUC of model b on the same verification pairs of the same images, with
-    a 95% interval from a paired bootstrap over identities.
+    a 95% interval from a paired bootstrap over identities (``pair_auc_difference``)."""
+    i, j, genuine = verification_pairs(identity, seed)
+    return pair_auc_difference(cosine_pair_scores(features_a, i, j), cosine_pair_scores(features_b, i, j), genuine,
+                               i, j, identity, seed, n_boot)
+
+
+def pair_auc_difference(scores_a: np.ndarray, scores_b: np.ndarray, genuine: np.ndarray, i: np.ndarray,
+                        j: np.ndarray, identity: np.ndarray, seed: int = 0,
+                        n_boot: int = 1000) -> dict[str, float | list[float] | int]:
+    """AUC of pair scores a minus that of pair scores b (pairs (i, j) of images of ``identity``,
+    from ``verification_pairs``), with a 95% interval from a paired bootstrap over identities.
 
     Pairs share identities, so they are not independent draws: the bootstrap resamples identities
     (with replacement) and weights each pair by how often its identities were drawn (a genuine
     pair by its identity's count, an impostor pair by the product of its two counts), identically
     for both models, so that what the two share (which identities are hard) cancels.
     """
-    i, j, genuine = verification_pairs(identity, seed)
-    scores_a, scores_b = cosine_pair_scores(features_a, i, j), cosine_pair_scores(features_b, i, j)
     auc_a, auc_b = roc_auc_score(genuine, scores_a), roc_auc_score(genuine, scores_b)
     codes, inverse = np.unique(np.asarray(identity), return_inverse=True)
     ci, cj = inverse[i], inverse[j]

@@ -41,6 +41,11 @@ GALLERY_FORMAT = "facefl-mote-gallery"
 GALLERY_VERSION = 1
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """A gallery's scores from its logits, in float64 (exact where float32 would round to 0 or 1)."""
+    return torch.sigmoid(torch.from_numpy(np.asarray(logits).astype(np.float64))).numpy()
+
+
 @dataclass
 class MoteGallery:
     """Enrolled model templates of identities ``identity_ids``, stacked along the first axis.
@@ -151,7 +156,7 @@ class MoteGallery:
 
     def scores(self, probes: np.ndarray | torch.Tensor, chunk: int = 128) -> np.ndarray:
         """Sigmoid score of every probe against every identity model: (n_probe, k)."""
-        return torch.sigmoid(torch.from_numpy(self.logits(probes, chunk).astype(np.float64))).numpy()
+        return sigmoid(self.logits(probes, chunk))
 
     def save(self, path: str | os.PathLike[str], fp16: bool = False) -> None:
         """Write the gallery as safetensors (float32, or float16 to halve the storage) + metadata."""

@@ -213,9 +213,9 @@ class BookKeepingModule(nn.Module):
         """
         records = [(layer, r) for layer, r in self._records.items() if r.backprop is not None]
         self._records.clear()
+        for p in self.trainable:
+            p.grad = torch.zeros_like(p)
         if not records:  # nobody was drawn (Poisson sampling): a zero sum, to be noised
-            for p in self.trainable:
-                p.grad = torch.zeros_like(p)
             return torch.zeros(0)
         n, device = records[0][1].activation.shape[0], records[0][1].activation.device
         if units is None:
@@ -233,8 +233,6 @@ class BookKeepingModule(nn.Module):
             finishers.append(finish)
         norms = squared.clamp(min=0).sqrt()
         coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for p in self.trainable:
-            p.grad = torch.zeros_like(p)
         for finish in finishers:
             finish(coef)
         return norms

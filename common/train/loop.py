@@ -225,8 +225,8 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     sens = torch.from_numpy(np.asarray(mixup[1], dtype=np.int64)) if mixup else torch.zeros(len(ds), dtype=torch.int64)
     # The penalty draws from its own stream, so a fair run sees the same batches as its biased twin.
     mix_gen = torch.Generator().manual_seed(seed + 2)
-    # The loaders draw positions; each batch's images are read then (a memory-mapped data set is
-    # never loaded whole).
+    # The loaders draw positions; each batch's images are read then (a data set on disk,
+    # ``DiskImages``, is never loaded whole).
     positions = torch.arange(len(ds))
     batch = min(cfg.batch_size, len(ds))
     private = dp.mode == "sample"
