@@ -60,6 +60,7 @@ from attacks.federated_references import TargetRecipe, federated_model, initial_
 from attacks.metrics import DEFAULT_FPR_TARGETS, RocCurve, attack_metrics, paired_difference, roc_figures
 from attacks.mint import (
     CNNMINT,
+    MINT_CNN_BLOCK,
     VanillaMINT,
     activations,
     identity_split,
@@ -323,9 +324,8 @@ def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: n
     ``mint-embedding``, the vanilla MLP on the embedding alone on the same halves, comes first: the
     audit's paired comparisons then say what the activations add over the embedding (DeAlcala et al.
     compare MINT with exactly that baseline).
-    The CNN variant reads the penultimate block's maps: the last one is what the embedding layer
-    already summarises, the earlier ones carry more spatial detail. The MINT models train on ``device`` (a
-    ``train.device`` value)."""
+    The CNN variant reads the first stage's maps (``MINT_CNN_BLOCK``). The MINT models train on
+    ``device`` (a ``train.device`` value)."""
     acts = activations(model, take_rows(ds.images, pos))
     train = identity_split(ds.identity[pos], seed)
     for part, name in ((train, "training"), (~train, "test")):
@@ -334,7 +334,7 @@ def mint_scores(model: FaceModel, ds: FaceDataset, pos: np.ndarray, is_member: n
     out: dict[str, np.ndarray] = {}
     for name, make, feats in (("mint-embedding", VanillaMINT, lambda: acts.embedding.astype(np.float32)),
                               ("mint-vanilla", VanillaMINT, lambda: vanilla_features(acts)),
-                              ("mint-cnn", CNNMINT, lambda: acts.blocks[-2])):
+                              ("mint-cnn", CNNMINT, lambda: acts.blocks[MINT_CNN_BLOCK])):
         if name in wanted:
             x = feats()
             s = np.full(pos.size, np.nan)

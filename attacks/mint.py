@@ -31,6 +31,10 @@ from common.nn.face_model import FaceModel
 from common.train.device import resolve_device
 from common.train.loop import to_tensor
 
+MINT_CNN_BLOCK = 1
+"""CNN MINT's input in ``Activations.blocks`` (0 is the stem): the first stage's output, the
+paper's "Conv Layer #1", its best CNN input on all three face recognisers (its Table IV)."""
+
 
 @dataclass
 class Activations:

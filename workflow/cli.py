@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--group-proportions", type=_floats, default=(0.25, 0.25, 0.25, 0.25), metavar="P1,P2,P3,P4")
     synth.add_argument("--smiling-rate", type=_floats, default=(0.5, 0.5), metavar="P_FEMALE,P_MALE",
                        help="P(smiling | gender): the task / sensitive-attribute correlation")
+    synth.add_argument("--smile-visibility", type=float, default=1.0, metavar="P",
+                       help="P(a smiling face shows its smile): below 1, gender fills the gap (a biased model)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-export", action="store_true", help="write only the npz cache, not the ImageFolder")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing ImageFolder export")
@@ -158,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     baseline = sub.add_parser("baseline", help="train central models on the configured data and print metrics")
     _add_config_args(baseline)
 
+    mint = sub.add_parser("mint-study", help="MINT at the paper's terms: a face recogniser trained on D, never-seen "
+                                             "identities as E, MINT on >= 5,000 samples against the embedding-only "
+                                             "baseline (docs/audit.md)")
+    _add_config_args(mint)
+    mint.add_argument("--used-identities", type=int, default=600, help="D: identities whose photos train the "
+                                                                       "audited model (default 600)")
+    mint.add_argument("--external-identities", type=int, default=600, help="E: identities it never sees "
+                                                                           "(default 600)")
+
     demo = sub.add_parser("demo", help="the whole system on SynthFaces: federated training with DP-SGD and HE, MOTE, "
                                        "evaluation and audit; writes OUT/demo-<id>/report.html and prints a summary")
     demo.add_argument("--quick", action="store_true",
@@ -192,7 +203,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
     cfg = SynthConfig(num_identities=args.identities, images_per_identity=args.images_per_identity,
                       image_size=args.image_size, male_fraction=args.male_fraction,
-                      group_proportions=args.group_proportions, smiling_rate=args.smiling_rate, seed=args.seed)
+                      group_proportions=args.group_proportions, smiling_rate=args.smiling_rate,
+                      smile_visibility=args.smile_visibility, seed=args.seed)
     cfg.validate()
     start = time.perf_counter()
     ds = write_synth_dir(cfg, args.out, export_images=not args.no_export, overwrite=args.overwrite,
@@ -226,6 +238,29 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     result = run_baseline(cfg, args.out, progress=not args.no_progress)
     print(format_table(("metric", "value", "measured on"), result.rows()))
     print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _cmd_mint_study(args: argparse.Namespace) -> int:
+    from common.config import load_config
+    from common.report.tables import format_table
+    from workflow.mint_study import StudyDesign, run_mint_study, study_rows
+
+    cfg = load_config(args.config, args.overrides)
+    design = StudyDesign(used_identities=args.used_identities, external_identities=args.external_identities)
+    run, study = run_mint_study(cfg, args.out, design, progress=not args.no_progress)
+    p, a = study["premise"], study["audited_model"]
+    dp = f"DP-SGD, epsilon {a['epsilon']:.2f} per image" if a["dp"] != "off" else "no DP"
+    print(f"audited model: {a['epochs']} epochs, {dp}; identification top-1 {p['audited_train_top1']:.3f} on its "
+          f"training photos vs {p['audited_held_out_top1']:.3f} held out; verification AUC on E "
+          f"{p['audited_verification_auc_external']:.3f}")
+    print(f"MINT trained on {p['mint_training_samples']} samples ({p['mint_training_used']} used, "
+          f"{p['mint_training_external']} external; premise >= {p['min_training_samples']}: "
+          f"{'met' if p['enough_samples'] else 'NOT met'}), tested on {study['test']['used']} used and "
+          f"{study['test']['external']} external samples of other identities")
+    print(format_table(("attack", "AUC [95% CI]", "accuracy at 0.5", "minus mint-embedding [paired 95% CI]"),
+                       study_rows(study)))
+    print(f"run directory: {run.path}")
     return 0
 
 
@@ -430,6 +465,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 _COMMANDS = {("run", None): _cmd_run, ("evaluate", None): _cmd_evaluate, ("audit", None): _cmd_audit,
              ("compare", None): _cmd_compare, ("keys", "init"): _cmd_keys_init, ("keys", "decrypt-model"): _cmd_keys_decrypt,
              ("data", "synth"): _cmd_data_synth, ("data", "show"): _cmd_data_show, ("baseline", None): _cmd_baseline,
+             ("mint-study", None): _cmd_mint_study,
              ("demo", None): _cmd_demo, ("sweep", None): _cmd_sweep, ("report", None): _cmd_report}
 
 

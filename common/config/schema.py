@@ -17,6 +17,7 @@ from common.split.partition import PARTITIONS
 from common.train.book_keeping import GRAD_SAMPLE_MODES
 from common.train.device import DEVICES
 from common.train.fairness import FAIRNESS_METHODS, SENSITIVE_ATTRIBUTES
+from common.train.finetune import TRAINABLE
 from common.train.identity_dp import DP_UNITS
 
 
@@ -34,6 +35,9 @@ class DataConfig(Section):
     male_fraction: float = num(0.5, 0.0, 1.0, doc="SynthFaces: fraction of male identities")
     smiling_rate_female: float = num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | female)")
     smiling_rate_male: float = num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | male)")
+    smile_visibility: float = num(1.0, 0.0, 1.0, doc="SynthFaces: P(a smiling face shows its smile); below 1 a "
+                                                     "model fills the gap with gender, through the smiling rates "
+                                                     "(a biased attribute model, FD-MIA's premise)")
 
 
 @dataclass
@@ -168,6 +172,11 @@ class FederationConfig(Section):
                                             "clients on one GPU at a time); 0 = none reserved: clients are scheduled "
                                             "by CPUs alone, and with train.device = auto they still train on a GPU "
                                             "they see (train.device = cpu keeps them off it)")
+    trainable: str = choice("all", TRAINABLE, doc="what each client's training updates: 'all' parameters, or "
+                                                  "'norms': the backbone's normalisation scales and shifts and the "
+                                                  "heads (DP noise grows with the trained parameters: on a small "
+                                                  "private set DP-SGD adapts a pretrained model better so; "
+                                                  "common/train/finetune.py)")
     save_client_models: bool = field(default=True, metadata={
         "doc": "plaintext runs: keep each client's latest post-round model in models/clients/ (what a curious "
                "server holds; `facefl audit` attacks them). HE runs have none"})

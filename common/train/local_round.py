@@ -22,6 +22,7 @@ from common.data.dataset import GENDER_NAMES, FaceDataset
 from common.nn.build import build_identity_head, build_model, model_spec
 from common.train.dp import History, noise_for, poisson_sample_rate, spent_epsilon, steps_per_epoch, total_steps
 from common.train.fairness import noisy_cell_counts, reweight, sensitive_attribute, weights_from_counts
+from common.train.finetune import restrict_training
 from common.train.identity_dp import identity_sample_rate, identity_steps_per_epoch, num_identities
 from common.train.loop import identity_classes, target_labels, train
 
@@ -152,6 +153,7 @@ def train_round(cfg: Config, data: FaceDataset, partition: int, server_round: in
         head = build_identity_head(spec, identity_classes(data.identity)[0].size, derived_seed(cfg.seed, 7, partition))
         if state.head is not None:
             head.load_state_dict(state.head)
+    restrict_training(model, cfg.federation.trainable)
     q, per_epoch = dp_sampling(cfg, data)
     steps_per_round = cfg.federation.local_epochs * per_epoch
     planned = cfg.federation.rounds * steps_per_round

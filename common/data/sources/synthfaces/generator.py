@@ -48,7 +48,7 @@ GENERATOR_VERSION = 1
 GROUP_NAMES: tuple[str, ...] = ("light", "medium", "brown", "dark")
 """Skin-tone buckets, light to dark: the ``group`` codes of SynthFaces."""
 
-_STREAM_DEMOGRAPHICS, _STREAM_APPEARANCE, _STREAM_IMAGE = 0, 1, 2
+_STREAM_DEMOGRAPHICS, _STREAM_APPEARANCE, _STREAM_IMAGE, _STREAM_SMILE = 0, 1, 2, 3
 
 CONDITIONS: tuple[str, ...] = ("wild", "studio")
 """How a population is photographed. ``wild``: the full nuisance (pose, lighting gradients and
@@ -87,6 +87,9 @@ class SynthConfig:
     group_proportions: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)  # skin tone, light..dark
     age_proportions: tuple[float, float, float] = (0.4, 0.4, 0.2)
     smiling_rate: tuple[float, float] = (0.5, 0.5)  # P(smiling | female), P(smiling | male)
+    # P(a smiling face shows its smile): below 1 the label is not always in the image, so a model
+    # fills the gap with what correlates with it (gender, through smiling_rate): a biased model
+    smile_visibility: float = 1.0
     seed: int = 0
     condition: str = "wild"  # how the photos are taken: CONDITIONS
 
@@ -104,6 +107,7 @@ class SynthConfig:
                              f"got {self.smiling_rate!r}")
         for name, value in zip(("female", "male"), self.smiling_rate):
             _check_probability(f"smiling_rate[{name}]", value)
+        _check_probability("smile_visibility", self.smile_visibility)
         _check_int("seed", self.seed, 0)
         if self.condition not in CONDITIONS:
             raise ValueError(f"SynthConfig.condition: expected one of {list(CONDITIONS)}, got {self.condition!r}")
@@ -248,6 +252,9 @@ def sample_nuisance(cfg: SynthConfig, ident: SynthIdentity, image: int) -> tuple
         blur=rng.uniform(0.3, 1.0) * cfg.image_size / 64 if rng.random() < 0.4 else 0.0,
     )
     noise = rng.standard_normal((cfg.image_size, cfg.image_size, 3), dtype=np.float32)
+    if nz.smiling and cfg.smile_visibility < 1.0:  # its own stream: every other draw stays the same
+        nz = replace(nz, smile_hidden=bool(
+            _stream(cfg, [ident.index, image], _STREAM_SMILE).random() >= cfg.smile_visibility))
     return (_in_studio(nz) if cfg.condition == "studio" else nz), noise
 
 

@@ -99,6 +99,7 @@ class Nuisance:
     colour_cast: tuple[float, float, float]
     noise_sigma: float     # sensor noise, in grey levels
     blur: float            # Gaussian blur radius in output pixels (0: none)
+    smile_hidden: bool = False  # smiling, but the photo shows a neutral mouth (SynthConfig.smile_visibility)
 
 
 def supersample_factor(size: int) -> int:
@@ -308,13 +309,13 @@ def _draw_nose(pen: _Pen, p: FaceParams, dx: float) -> None:
 
 
 def _draw_mouth(pen: _Pen, p: FaceParams, nz: Nuisance, dx: float) -> None:
-    """Neutral: closed straight lips. Smiling: wide upturned open mouth showing teeth.
+    """Neutral (or a hidden smile): closed straight lips. Smiling: wide upturned open mouth showing teeth.
 
     The smile must survive 64 px, dark skin and noise, so it is large and high-contrast: a white
     crescent of teeth and upturned corners with smile lines.
     """
     y = p.eye_y + p.nose_length + p.mouth_gap
-    if nz.smiling:
+    if nz.smiling and not nz.smile_hidden:
         w = p.mouth_width * 1.3
         corner = y - 0.03
         depth = 0.045 + p.lip_thickness
