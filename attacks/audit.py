@@ -347,14 +347,19 @@ def _names(codes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     return np.array([names[c] if 0 <= c < len(names) else "unknown" for c in codes.tolist()])
 
 
-def _fair_twin(run: RunDir, fair_dir: str | os.PathLike[str], cfg: Config, manifest: Manifest) -> tuple[RunDir, Config]:
-    """The fair run of an FD-MIA pair: same data, split and model, a fairness intervention on."""
+def _fair_twin(run: RunDir, fair_dir: str | os.PathLike[str], cfg: Config, manifest: Manifest,
+               recipe: str) -> tuple[RunDir, Config]:
+    """The fair run of an FD-MIA pair: same data, split and model, a fairness intervention on.
+    Its reference twins must use its intervention: the central recipe can only reweight."""
     fair = RunDir(fair_dir)
     fair_cfg = load_config(fair.config_path)
     if fair_cfg.fairness.method == "none":
         raise ValueError(f"--fair {fair.path}: fairness.method is 'none'; the fair run needs an intervention")
     if cfg.fairness.method != "none":
         raise ValueError(f"{run.path}: the audited (biased) run has fairness.method {cfg.fairness.method!r}")
+    if recipe == "central" and fair_cfg.fairness.method != "reweight":
+        raise ValueError(f"--fair {fair.path}: fairness.method {fair_cfg.fairness.method!r}, but central reference "
+                         "twins only reweight; audit with the target recipe, whose twins replay the fair run's own")
     other = Manifest.load(fair.manifest_path)
     if other.fingerprint != manifest.fingerprint or other.samples != manifest.samples:
         raise ValueError(f"--fair {fair.path}: its data or split differs from {run.path}'s: FD-MIA needs one split")
@@ -453,7 +458,7 @@ def _attribute_set(run: RunDir, cfg: Config, ds: FaceDataset, manifest: Manifest
     scores = {(GLOBAL, name): s for name, s in single_model_scores(z_target, refs, wanted, settings).items()}
     raw = {GLOBAL: (z_target, refs)}
     if fair_dir is not None:
-        fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest)
+        fair, fair_cfg = _fair_twin(run, fair_dir, cfg, manifest, settings.recipe)
         z_fair = attribute_logits(load_final_model(fair), take_rows(ds.images, population))
         refs_fair = References(pos.size, labels, in_mask, partial(
             reference_logits, run, fair, fair_cfg, spec, ds, population, labels, in_mask, settings, fair=True))

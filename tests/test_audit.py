@@ -240,6 +240,20 @@ def test_audit_with_a_fair_twin_runs_fd_mia(tmp_path_factory) -> None:
         run_audit(fair.path, settings, fair_dir=biased.path)  # arguments swapped: refused, not mislabelled
 
 
+def test_central_reference_twins_refuse_a_fair_run_they_cannot_replay(tmp_path) -> None:
+    """FD-MIA's reference twins use the fair run's intervention: central ones can only reweight."""
+    from attacks.audit import _fair_twin
+    from common.config import load_config
+    from common.config.loader import dump_toml
+    from common.runs.rundir import RunDir
+
+    fair = tmp_path / "fair"
+    fair.mkdir()
+    (fair / "config.toml").write_text(dump_toml(load_config(None, ["fairness.method=fair_mixup", "dp.mode=off", "train.task=attribute"])))
+    with pytest.raises(ValueError, match="central reference twins only reweight"):
+        _fair_twin(RunDir(tmp_path), fair, load_config(None), None, "central")
+
+
 def test_mint_learns_activation_patterns_and_is_tested_on_unseen_identities() -> None:
     from attacks.metrics import roc_auc
     from attacks.mint import CNNMINT, VanillaMINT, identity_split

@@ -4,7 +4,6 @@ every reported number is recomputed from the npz it keeps."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from sim_runs import TINY
 

@@ -14,7 +14,6 @@ x local epochs): what the members' data could teach without federation or DP. Wr
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +27,20 @@ from common.runs.io import atomic_save_npz, atomic_write_json
 from common.runs.load import load_run
 from common.runs.rundir import RunDir
 from common.train.loop import embed, identity_classes, train
+from common.train.pretraining import full_recipe
 
 MODELS = ("initial", "final", "central")
 
 
 def central_upper_bound(initial: FaceModel, evaluator: GlobalEvaluator, epochs: int, seed: int) -> FaceModel:
-    """A copy of ``initial`` trained centrally, without DP, on the pooled member data."""
+    """A copy of ``initial`` trained centrally, without DP, on the pooled member data, every
+    parameter by public pretraining's recipe (``full_recipe``)."""
     cfg = evaluator.cfg
     model = copy.deepcopy(initial)
     members = evaluator.train
     head = build_identity_head(model.spec, identity_classes(members.identity)[0].size, seed)
     task = cfg.train.task if model.attribute is not None else "identity"
-    train(model, members, dataclasses.replace(cfg.train, task=task, max_seconds=0.0), DPConfig(mode="off"),
+    train(model, members, full_recipe(cfg, task), DPConfig(mode="off"),
           seed=seed, epochs=epochs, head=head, desc="central non-DP upper bound")
     return model
 

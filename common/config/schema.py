@@ -35,6 +35,9 @@ class DataConfig(Section):
     male_fraction: float = num(0.5, 0.0, 1.0, doc="SynthFaces: fraction of male identities")
     smiling_rate_female: float = num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | female)")
     smiling_rate_male: float = num(0.5, 0.0, 1.0, doc="SynthFaces: P(smiling | male)")
+    condition: str = choice("wild", CONDITIONS, doc="SynthFaces: how the members' photos are taken ('wild', or "
+                                                   "'studio' as pretrain.condition describes: an easier population "
+                                                   "on which a small backbone becomes accurate at FMR 1e-3)")
     smile_visibility: float = num(1.0, 0.0, 1.0, doc="SynthFaces: P(a smiling face shows its smile); below 1 a "
                                                      "model fills the gap with gender, through the smiling rates "
                                                      "(a biased attribute model, FD-MIA's premise)")
@@ -189,6 +192,11 @@ class PretrainConfig(Section):
     identities: int = num(200, 0, doc="public SynthFaces identities for server-side pretraining (0 = none)")
     images_per_identity: int = num(10, 2)
     epochs: int = num(6, 1)
+    lr: float = num(0.0, 0.0, doc="peak learning rate of public pretraining (0 = train.lr): it trains every "
+                                  "parameter without DP, the clients may train a few with DP (federation.trainable)")
+    batch_size: int = num(0, 0, doc="public pretraining's batch size (0 = train.batch_size)")
+    optimizer: str = choice("train", ("train", "adam", "sgd"), doc="public pretraining's optimiser ('train' = "
+                                                                   "train.optimizer)")
     condition: str = choice("wild", CONDITIONS, doc="how the public population is photographed: 'wild' as the "
                                                    "members' SynthFaces (pretraining already knows their domain), "
                                                    "'studio' near-frontal, evenly lit, plain backdrop, little noise "

@@ -31,7 +31,7 @@ def synth_config(cfg: Config) -> SynthConfig:
     return SynthConfig(num_identities=d.identities, images_per_identity=d.images_per_identity,
                        image_size=d.image_size, male_fraction=d.male_fraction,
                        smiling_rate=(d.smiling_rate_female, d.smiling_rate_male),
-                       smile_visibility=d.smile_visibility, seed=cfg.seed)
+                       smile_visibility=d.smile_visibility, condition=d.condition, seed=cfg.seed)
 
 
 def cache_dir() -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.config import Config
+from common.config import Config, TrainConfig
 from common.data.dataset import FaceDataset
 from common.data.sources.synthfaces.generator import SynthConfig, generate, sample_identity
 from common.nn.build import build_identity_head
@@ -56,6 +56,16 @@ class Pretrained:
     head: CosineClassifier
 
 
+def full_recipe(cfg: Config, task: str) -> TrainConfig:
+    """How a model is trained without DP on every parameter: public pretraining's optimiser, learning
+    rate and batch size (``pretrain.*``, each defaulting to ``train.*``), which the clients' recipe
+    may not share (``federation.trainable``)."""
+    p = cfg.pretrain
+    return dataclasses.replace(cfg.train, task=task, max_seconds=0.0, lr=p.lr or cfg.train.lr,
+                               batch_size=p.batch_size or cfg.train.batch_size,
+                               optimizer=cfg.train.optimizer if p.optimizer == "train" else p.optimizer)
+
+
 def pretrain(model: FaceModel, cfg: Config, progress: bool = False) -> Pretrained | None:
     """Train ``model`` without DP on the public population; None when disabled.
 
@@ -67,8 +77,7 @@ def pretrain(model: FaceModel, cfg: Config, progress: bool = False) -> Pretraine
         return None
     public = public_population(cfg)
     head = build_identity_head(model.spec, identity_classes(public.identity)[0].size, cfg.seed + PUBLIC_SEED_OFFSET)
-    task = "both" if model.attribute is not None else "identity"
-    train_cfg = dataclasses.replace(cfg.train, task=task, max_seconds=0.0)
+    train_cfg = full_recipe(cfg, "both" if model.attribute is not None else "identity")
     outcome = train(model, public, train_cfg, dataclasses.replace(cfg.dp, mode="off"), seed=cfg.seed + PUBLIC_SEED_OFFSET,
                     epochs=cfg.pretrain.epochs, head=head, progress=progress, desc="public pretraining")
     return Pretrained(outcome, public, head)
