@@ -455,6 +455,7 @@ BACKBONE_FNMR = 0.1
 
 def gender_inference(runs: list[Run]) -> Finding:
     rows, ok, n, accurate = [], 0, 0, 0
+    near_half: dict[str, list[tuple[bool, float]]] = {}  # per way: (CI contains 0.5, share of ties) per run
     for r in runs:
         ev = r.results.evaluation
         if ev is None:
@@ -468,6 +469,10 @@ def gender_inference(runs: list[Run]) -> Finding:
         mote_near, templates_leak = m[1][0] <= 0.5 <= m[1][1], t[1][0] > 0.5
         ok += mote_near and templates_leak
         variants = ev.leakage(BALANCED_GALLERY).get("variants", {})
+        for name, v in variants.items():
+            ci = _ba_ci(v)
+            near_half.setdefault(name, []).append((bool(ci and ci[1][0] <= 0.5 <= ci[1][1]),
+                                                   float(v.get("tie_share", math.nan))))
         ways = "; ".join(f"{name} {fmt(v.get('balanced_accuracy'))} (majority {fmt(v.get('majority_share'))}, "
                          f"ties {fmt(v.get('tie_share'))})" for name, v in variants.items()) or "not measured"
         rows.append((r.label, fmt(fnmr), with_ci(*t), "yes" if templates_leak else "no", with_ci(*m),
@@ -479,7 +484,11 @@ def gender_inference(runs: list[Run]) -> Finding:
             + ["Intervals: normal approximation from the per-gender accuracies and counts. The four ways "
                "(attacks/gender_inference.py): mean sigmoid score (the paper's description, the verdict's), mean "
                "logit, per-model calibrated logit difference, accept/reject at the operating threshold; a collapse "
-               "to one class with many ties is the scores' inability to separate, not the models' privacy.", ""]
+               "to one class with many ties is the scores' inability to separate, not the models' privacy.", "",
+               "Which way gives the paper's 50%: " + ("; ".join(
+                   f"{name} in {sum(h for h, _ in v)} of {len(v)} runs (mean share of ties "
+                   f"{fmt(sum(t for _, t in v) / len(v))})" for name, v in near_half.items()) or "not measured")
+               + " (near 50%: its interval contains 0.5).", ""]
             if rows else [f"Not measured: no run had {layout.MOTE_EVALUATION} with the gender-inference attack.", ""])
     finding = Finding("MOTE's gender inference is near 50% while templates leak", verdict,
                       f"both hold in {ok} of {n} runs", body)

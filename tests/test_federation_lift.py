@@ -51,3 +51,17 @@ def test_studio_photos_are_the_same_people_in_another_setting() -> None:
     assert spread["studio"] < 0.6 * spread["wild"]
     with pytest.raises(ValueError, match="SynthConfig.condition: expected one of"):
         SynthConfig(condition="indoor").validate()
+
+
+def test_pretraining_and_the_central_bound_train_by_their_own_recipe() -> None:
+    """``pretrain.lr``, ``batch_size``, ``optimizer``: public pretraining (and the lift's central bound,
+    which trains every parameter without DP like it) may differ from the clients' DP recipe."""
+    from common.config import load_config
+    from common.train.pretraining import full_recipe
+
+    clients = ("train.optimizer=sgd", "train.lr=0.5", "train.batch_size=96")
+    same = full_recipe(load_config(None, list(clients)), "both")
+    assert (same.optimizer, same.lr, same.batch_size, same.task) == ("sgd", 0.5, 96, "both")
+    own = full_recipe(load_config(None, [*clients, "pretrain.optimizer=adam", "pretrain.lr=0.002",
+                                         "pretrain.batch_size=32"]), "identity")
+    assert (own.optimizer, own.lr, own.batch_size, own.task, own.max_seconds) == ("adam", 0.002, 32, "identity", 0.0)

@@ -115,6 +115,7 @@ def test_image_count_range_is_inclusive_and_varies() -> None:
     ("age_proportions", (0.5, 0.6, -0.1)),
     ("smiling_rate", (0.5,)),
     ("smiling_rate", (0.5, 2.0)),
+    ("smile_visibility", 1.5),
     ("seed", -1),
     ("seed", 1.5),
 ])
@@ -156,6 +157,23 @@ def test_smiling_rate_correlates_the_task_label_with_gender() -> None:
     p_female, p_male = smiling[ds.gender == 0].mean(), smiling[ds.gender == 1].mean()
     assert p_female > 0.75 and p_male < 0.25
     assert np.corrcoef(smiling, ds.gender)[0, 1] < -0.6
+
+
+def test_hidden_smiles_keep_their_labels_and_every_other_photo() -> None:
+    """smile_visibility: a smiling face shows its smile with this probability; the label stays, and
+    the photo is the same but for a neutral mouth. Nothing else changes (its own random stream)."""
+    cfg = SynthConfig(num_identities=30, images_per_identity=6, image_size=32, smiling_rate=(0.9, 0.1), seed=2)
+    shown, half = generate(cfg), generate(dataclasses.replace(cfg, smile_visibility=0.5))
+    assert np.array_equal(shown.labels["smiling"], half.labels["smiling"]) and shown.fingerprint != half.fingerprint
+    changed = (shown.images != half.images).reshape(len(shown), -1).any(axis=1)
+    smiling = shown.labels["smiling"] == 1
+    assert not changed[~smiling].any()  # neutral faces are untouched
+    assert 0.35 < changed[smiling].mean() < 0.65  # about half the smiles are hidden
+    upper_differs = (shown.images != half.images)[changed][:, : 32 // 2].any()
+    assert not upper_differs  # the upper half of every changed face is the same: only the mouth differs
+    neutral = generate(dataclasses.replace(cfg, smiling_rate=(0.0, 0.0)))
+    hidden = changed & smiling
+    assert np.array_equal(half.images[hidden], neutral.images[hidden])  # a hidden smile is a neutral mouth
 
 
 def test_gender_shifts_features_in_distribution_with_overlap() -> None:
