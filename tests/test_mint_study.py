@@ -4,13 +4,16 @@ every reported number is recomputed from the npz it keeps."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 from sim_runs import TINY
 
-from attacks.metrics import paired_difference, roc_auc
+from attacks.metrics import roc_auc
 from common.config import load_config
 from common.runs.io import load_npz, read_json
-from workflow.mint_study import ATTACKS, ROC_FILE, SCORES_FILE, STUDY_FILE, StudyDesign, run_mint_study
+from workflow.mint_study import ATTACKS, ROC_FILE, SCORES_FILE, STUDY_FILE, StudyDesign, run_mint_study, score_attacks
 
 DESIGN = StudyDesign(used_identities=8, external_identities=8, held_out_per_identity=1, n_boot=50)
 
@@ -42,16 +45,28 @@ def test_the_sets_are_identity_disjoint_and_counted(study) -> None:
 def test_every_number_is_recomputed_from_the_kept_scores(study) -> None:
     path, result = study
     npz = load_npz(path / SCORES_FILE)
-    test_used = npz["is_used"][~npz["in_mint_train"]]
-    for name in ATTACKS:
-        scores = npz[f"scores_{name.replace('-', '_')}"]
-        assert scores.shape == test_used.shape
-        assert result["attacks"][name]["auc"] == pytest.approx(roc_auc(scores, test_used))
-    for comp in result["comparisons"]:
-        again = paired_difference(npz[f"scores_{comp['a'].replace('-', '_')}"],
-                                  npz[f"scores_{comp['b'].replace('-', '_')}"], test_used, comp["seed"], comp["n_boot"])
-        assert again["difference"] == pytest.approx(comp["difference"]) and again["ci95"] == comp["ci95"]
-    assert {c["a"] for c in result["comparisons"]} == {"mint-vanilla", "mint-cnn"}
+    test = ~npz["in_mint_train"]
+    scores = {name: npz[f"scores_{name.replace('-', '_')}"] for name in ATTACKS}
+    assert all(s.shape == (test.sum(),) for s in scores.values())
+    results, comparisons = score_attacks(scores, npz["is_used"][test], npz["identity"][test], 0, DESIGN.n_boot)
+    assert json.loads(json.dumps(results)) == result["attacks"]
+    assert json.loads(json.dumps(comparisons)) == result["comparisons"]
+    assert {c["a"] for c in comparisons} == {"mint-vanilla", "mint-cnn"}
+    assert results["mint-cnn"]["auc"] == pytest.approx(roc_auc(scores["mint-cnn"], npz["is_used"][test]))
+
+
+def test_intervals_resample_people_not_photos() -> None:
+    """Ten photos of each person that share one score are one observation, not ten: the interval
+    over people is as wide as with one photo each, where one over photos would shrink."""
+    rng = np.random.default_rng(0)
+    people = np.arange(60)
+    used_people = people < 30
+    per_person = rng.normal(used_people * 0.3, 1.0)
+    one = score_attacks({"mint-embedding": per_person}, used_people, people, 0, 300)[0]["mint-embedding"]
+    ten = score_attacks({"mint-embedding": np.repeat(per_person, 10)}, np.repeat(used_people, 10),
+                        np.repeat(people, 10), 0, 300)[0]["mint-embedding"]
+    width = [r["auc_ci95"][1] - r["auc_ci95"][0] for r in (one, ten)]
+    assert ten["auc"] == pytest.approx(one["auc"], abs=0.02) and width[1] == pytest.approx(width[0], rel=0.35)
 
 
 @pytest.mark.parametrize(("overrides", "design", "match"), [

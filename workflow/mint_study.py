@@ -20,7 +20,7 @@ photos of member identities and its MINT trains on a few hundred samples. This s
   ``mint-vanilla`` (channel maxima of every block with the embedding, the paper's best
   "combination") and ``mint-cnn`` (the first stage's full maps, the paper's Conv Layer #1, best in
   its CNN table); each MINT variant against the baseline by a paired bootstrap on the same test
-  samples;
+  samples, resampling people rather than photos (``identity_bootstrap``);
 * the audited model's own premise, "something to find": its closed-set identification accuracy
   on its training photos against held-out photos of the same people (the memorisation gap), and
   its verification AUC on E (it is a face recogniser).
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.metrics import RocCurve, attack_metrics, paired_difference, roc_figures
+from attacks.metrics import RocCurve, roc_auc, roc_figures, tpr_at_fpr
 from attacks.mint import CNNMINT, MINT_CNN_BLOCK, VanillaMINT, activations, identity_split, vanilla_features
 from common.config import Config
 from common.data.cache import build_dataset
@@ -53,6 +52,7 @@ from common.nn.checkpoint import save_checkpoint
 from common.nn.face_model import FaceModel
 from common.nn.heads import CosineClassifier
 from common.runs.io import atomic_save_npz, atomic_write_json
+from common.runs.records import fpr_key, resolvable
 from common.runs.rundir import RunDir
 from common.train.dp import noise_for, poisson_sample_rate, spent_epsilon, steps_per_epoch
 from common.train.loop import embed, identity_classes, to_tensor, train
@@ -138,6 +138,47 @@ def _balanced_accuracy_at_half(scores: np.ndarray, used: np.ndarray) -> float:
     return float((guess[used].mean() + (~guess[~used]).mean()) / 2)
 
 
+def identity_bootstrap(scores: dict[str, np.ndarray], used: np.ndarray, identity: np.ndarray, seed: int,
+                       n_boot: int) -> dict[str, np.ndarray]:
+    """Each attack's AUC on ``n_boot`` resamples of the test people, used and external resampled
+    separately, each drawn person with all of their photos; every attack on the same resamples.
+    A person's photos are not independent samples (one face, one embedding cluster): a bootstrap over
+    photos would give intervals too narrow to trust."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB007]))
+    people = [np.unique(identity[used]), np.unique(identity[~used])]
+    rows_of = {p: np.flatnonzero(identity == p) for group in people for p in group}
+    out = {name: np.empty(n_boot) for name in scores}
+    for b in range(n_boot):
+        idx = np.concatenate([rows_of[p] for group in people for p in rng.choice(group, group.size)])
+        for name, s in scores.items():
+            out[name][b] = roc_auc(s[idx], used[idx])
+    return out
+
+
+def _interval(values: np.ndarray) -> list[float]:
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+
+
+def score_attacks(scores: dict[str, np.ndarray], used: np.ndarray, identity: np.ndarray, seed: int,
+                  n_boot: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every attack's numbers and each MINT variant minus the baseline, with intervals from
+    ``identity_bootstrap``; TPR at an FPR only where the external samples resolve it."""
+    boot = identity_bootstrap(scores, used, identity, seed, n_boot)
+    n_ext = int((~used).sum())
+    results = {name: {"auc": roc_auc(s, used), "auc_ci95": _interval(boot[name]),
+                      "accuracy_at_0.5": _balanced_accuracy_at_half(s, used),
+                      "tpr_at_fpr": {fpr_key(t): tpr_at_fpr(s, used, t) if resolvable(n_ext, t) else None
+                                     for t in (0.001, 0.01)},
+                      "n_used": int(used.sum()), "n_external": n_ext,
+                      "people": [int(np.unique(identity[used]).size), int(np.unique(identity[~used]).size)]}
+               for name, s in scores.items()}
+    comparisons = [{"a": name, "b": BASELINE, "value_a": results[name]["auc"], "value_b": results[BASELINE]["auc"],
+                    "difference": results[name]["auc"] - results[BASELINE]["auc"],
+                    "ci95": _interval(boot[name] - boot[BASELINE]), "n_boot": n_boot, "seed": seed,
+                    "resampled": "people"} for name in scores if name != BASELINE]
+    return results, comparisons
+
+
 def mint_attack_scores(model: FaceModel, images: np.ndarray, used: np.ndarray, in_train: np.ndarray,
                        seed: int, device: str) -> dict[str, np.ndarray]:
     """Each attack's P(used) on the test half (``~in_train``), trained on the other half."""
@@ -182,10 +223,7 @@ def run_mint_study(cfg: Config, runs_root: str | Path, design: StudyDesign = Stu
         raise AssertionError("mint-study: the identity halves overlap")  # by construction; guards the claim
     scores = mint_attack_scores(model, ds.images[rows], used, in_train, cfg.seed, cfg.train.device)
     test_used = used[~in_train]
-    results = {name: {**attack_metrics(s, test_used, None, cfg.seed, design.n_boot),
-                      "accuracy_at_0.5": _balanced_accuracy_at_half(s, test_used)} for name, s in scores.items()}
-    comparisons = [paired_difference(scores[name], scores[BASELINE], test_used, cfg.seed, design.n_boot)
-                   | {"a": name, "b": BASELINE} for name in ATTACKS if name != BASELINE]
+    results, comparisons = score_attacks(scores, test_used, identity[~in_train], cfg.seed, design.n_boot)
     n_train = int(in_train.sum())
     study = {
         "design": dataclasses.asdict(design) | {"images_per_identity": cfg.data.images_per_identity,
@@ -219,9 +257,8 @@ def study_rows(study: dict[str, Any]) -> list[tuple[str, ...]]:
     diffs = {c["a"]: c for c in study["comparisons"]}
     out = []
     for name, r in study["attacks"].items():
-        lo, hi = r["ci95"]["auc"] if r["ci95"] else (math.nan, math.nan)
+        lo, hi = r["auc_ci95"]
         d = diffs.get(name)
-        vs = "(baseline)" if d is None else (f"{d['difference']:+.3f}" + (
-            f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else ""))
+        vs = "(baseline)" if d is None else f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
         out.append((name, f"{r['auc']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['accuracy_at_0.5']:.3f}", vs))
     return out
