@@ -81,3 +81,22 @@ def test_mint_at_the_papers_terms_counts_premise_met_studies_and_says_when_it_is
     assert mr.detectable([-0.03, 0.01]) == pytest.approx(2.8016 * 0.04 / 3.92)
     _study(tmp_path, "wide", 6000, [(-0.02, -0.12, 0.08)])  # could not: the verdict says so
     assert mr.mint_paper_terms(mr.load_mint_studies([tmp_path])).verdict == "inconclusive (underpowered)"
+
+
+def test_gender_inference_says_which_way_gives_the_papers_half_and_checks_the_backbone(tmp_path, monkeypatch) -> None:
+    from common.runs.records import MoteEvaluation
+
+    mr = _script(monkeypatch)
+
+    def leak(ba_male: float, ba_female: float, ties: float = 0.0) -> dict:
+        return {"balanced_accuracy": (ba_male + ba_female) / 2, "male_accuracy": ba_male, "female_accuracy": ba_female,
+                "n_male": 100, "n_female": 100, "majority_share": 0.5, "tie_share": ties}
+
+    results = RunResults.load(_run_dir(tmp_path, "accurate", 0.0))
+    results.evaluation = MoteEvaluation(1e-3, 200, 500, {"templates": {"fnmr": 0.02}, "MOTE b=0.50": {"fnmr": 0.03}},
+                                        {"templates": leak(0.7, 0.7), "MOTE b=0.50": {**leak(0.65, 0.65), "variants": {
+                                            "sigmoid": leak(0.65, 0.65), "decision": leak(0.03, 0.99, ties=0.96)}}})
+    finding = mr.gender_inference([mr.Run(tmp_path, "accurate", {}, 0, results)])
+    assert "met in 1 of 1 runs" in finding.premise  # FNMR 0.02 <= 0.1 at FMR 1e-3
+    text = "\n".join(finding.body)
+    assert "sigmoid in 0 of 1 runs" in text and "decision in 1 of 1 runs (mean share of ties 0.960)" in text
