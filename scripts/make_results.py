@@ -221,8 +221,8 @@ def fd_mia(runs: list[Run]) -> Finding:
         biased, fair = _deo(r.results), _deo(_fair_twin(r))
         met = biased >= FAIRNESS_GAP and fair <= biased / FAIRER_BY
         premise_rows.append((r.label, fmt(biased), fmt(fair), "yes" if met else "no"))
-        for c in audit.comparisons if met else []:
-            if not c["a"].startswith("fd-mia") or not c.get("ci95"):
+        for c in audit.comparisons if met else []:  # FD-MIA against its single-model kin on the fair model
+            if not c["a"].startswith("fd-mia") or c["b"].startswith("fd-mia") or not c.get("ci95"):
                 continue
             lo, hi = c["ci95"]
             wins += c["difference"] > 0
@@ -281,6 +281,10 @@ def mint(runs: list[Run]) -> Finding:
     return finding
 
 
+MEMORISATION_GAP = 0.05
+"""MINT's other premise, something to find: the audited model identifies the people of D at least
+this much better on its own training photos than on their held-out ones (top-1)."""
+
 MINT_PAPER_EFFECT = 0.06
 """The paper's smallest margin of MINT over the embedding-only baseline (accuracy 0.84 against 0.78;
 its range is 0.84-0.90 against 0.75-0.78), read here as an AUC difference."""
@@ -302,7 +306,7 @@ def load_mint_studies(dirs: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]
 
 def _study_label(path: Path, study: dict[str, Any]) -> str:
     a = study["audited_model"]
-    dp = f"DP-SGD epsilon {a['epsilon']:.2f} ({a['unit']})" if a["dp"] != "off" else "no DP"
+    dp = f"DP-SGD epsilon {a['epsilon']:.2f} {a['unit']}" if a["dp"] != "off" else "no DP"
     return f"{path.name}: {a['epochs']} epochs, {dp}, seed {study['design']['seed']}"
 
 
@@ -314,7 +318,8 @@ def mint_paper_terms(studies: list[tuple[Path, dict[str, Any]]]) -> Finding:
     premise_rows, rows, wins, clear, n, powered = [], [], 0, 0, 0, 0
     for path, study in studies:
         p = study["premise"]
-        met = p["enough_samples"] and p["external_identities_never_seen"] and p["mint_halves_identity_disjoint"]
+        learnt = p["memorisation_gap"] >= MEMORISATION_GAP
+        met = learnt and p["enough_samples"] and p["external_identities_never_seen"] and p["mint_halves_identity_disjoint"]
         label = _study_label(path, study)
         premise_rows.append((label, f"{p['mint_training_samples']:,} ({p['mint_training_used']:,} D, "
                              f"{p['mint_training_external']:,} E)", "yes", "yes",
@@ -344,7 +349,9 @@ def mint_paper_terms(studies: list[tuple[Path, dict[str, Any]]]) -> Finding:
                    f"MINT higher than mint-embedding in {wins} of {n} paired comparisons, the paired interval above 0 "
                    f"in {clear}; {powered} of {n} could detect the paper's margin of {MINT_PAPER_EFFECT}", body,
                    premise=(f"MINT trained on >= {MINT_MIN_TRAINING:,} samples of D (the audited model's training "
-                            f"photos) and E (identities it never saw), tested on other identities; met by "
+                            f"photos) and E (identities it never saw), tested on other identities, on an audited model "
+                            f"with something to find (top-1 on its training photos >= {MEMORISATION_GAP} above "
+                            f"held-out photos of the same people); met by "
                             f"{sum(r[-1] == 'yes' for r in premise_rows)} of {len(premise_rows)} studies."))
 
 

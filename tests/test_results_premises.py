@@ -56,14 +56,16 @@ def test_fd_mia_counts_only_pairs_that_meet_the_premise(tmp_path, monkeypatch) -
     assert text.count("| no |") == 2
 
 
-def _study(root: Path, name: str, samples: int, comparisons: list[tuple[float, float, float]]) -> Path:
+def _study(root: Path, name: str, samples: int, comparisons: list[tuple[float, float, float]],
+           train_top1: float = 1.0) -> Path:
     path = root / name
     path.mkdir()
     study = {"design": {"seed": 0}, "audited_model": {"dp": "off", "epochs": 30},
              "premise": {"mint_training_samples": samples, "mint_training_used": samples // 2,
                          "mint_training_external": samples - samples // 2, "enough_samples": samples >= 5000,
                          "external_identities_never_seen": True, "mint_halves_identity_disjoint": True,
-                         "audited_train_top1": 1.0, "audited_held_out_top1": 0.4},
+                         "audited_train_top1": train_top1, "audited_held_out_top1": 0.4,
+                         "memorisation_gap": train_top1 - 0.4},
              "comparisons": [{"a": "mint-vanilla", "b": "mint-embedding", "value_a": 0.7 + d, "value_b": 0.7,
                               "difference": d, "ci95": [lo, hi]} for d, lo, hi in comparisons]}
     (path / "mint_study.json").write_text(json.dumps(study))
@@ -75,9 +77,10 @@ def test_mint_at_the_papers_terms_counts_premise_met_studies_and_says_when_it_is
     mr = _script(monkeypatch)
     _study(tmp_path, "small", 800, [(0.2, 0.15, 0.25)])  # premise not met: listed, not counted
     _study(tmp_path, "tight", 6000, [(-0.01, -0.03, 0.01)])  # could detect 0.06: a real "not reproduced"
+    _study(tmp_path, "nothing-learnt", 6000, [(0.2, 0.15, 0.25)], train_top1=0.41)  # nothing to find: not counted
     finding = mr.mint_paper_terms(mr.load_mint_studies([tmp_path]))
     assert finding.verdict == "not reproduced" and "in 0 of 1 paired comparisons" in finding.headline
-    assert "met by 1 of 2 studies" in finding.premise
+    assert "met by 1 of 3 studies" in finding.premise
     assert mr.detectable([-0.03, 0.01]) == pytest.approx(2.8016 * 0.04 / 3.92)
     _study(tmp_path, "wide", 6000, [(-0.02, -0.12, 0.08)])  # could not: the verdict says so
     assert mr.mint_paper_terms(mr.load_mint_studies([tmp_path])).verdict == "inconclusive (underpowered)"

@@ -250,7 +250,7 @@ def _cmd_mint_study(args: argparse.Namespace) -> int:
     design = StudyDesign(used_identities=args.used_identities, external_identities=args.external_identities)
     run, study = run_mint_study(cfg, args.out, design, progress=not args.no_progress)
     p, a = study["premise"], study["audited_model"]
-    dp = f"DP-SGD, epsilon {a['epsilon']:.2f} per image" if a["dp"] != "off" else "no DP"
+    dp = f"DP-SGD, epsilon {a['epsilon']:.2f} {a['unit']}" if a["dp"] != "off" else "no DP"
     print(f"audited model: {a['epochs']} epochs, {dp}; identification top-1 {p['audited_train_top1']:.3f} on its "
           f"training photos vs {p['audited_held_out_top1']:.3f} held out; verification AUC on E "
           f"{p['audited_verification_auc_external']:.3f}")

@@ -51,6 +51,7 @@ from common.nn.build import build_identity_head, build_model, model_spec
 from common.nn.checkpoint import save_checkpoint
 from common.nn.face_model import FaceModel
 from common.nn.heads import CosineClassifier
+from common.report.tables import per_unit
 from common.runs.io import atomic_save_npz, atomic_write_json
 from common.runs.records import fpr_key, resolvable
 from common.runs.rundir import RunDir
@@ -119,7 +120,7 @@ def train_audited(cfg: Config, used: FaceDataset, seed: int, progress: bool) -> 
                     noise_multiplier=sigma, progress=progress, desc="audited model")
     privacy: dict[str, Any] = {"dp": cfg.dp.mode, "epochs": cfg.train.epochs, "steps": outcome.steps}
     if cfg.dp.mode != "off":
-        privacy.update(unit=f"one {cfg.dp.unit}", delta=cfg.dp.delta, noise_multiplier=sigma,
+        privacy.update(unit=per_unit(cfg.dp.unit), delta=cfg.dp.delta, noise_multiplier=sigma,
                        epsilon=spent_epsilon(cfg.dp.accountant, outcome.dp_history or [], cfg.dp.delta))
     return model, head, privacy
 
