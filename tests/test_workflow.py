@@ -269,18 +269,20 @@ def test_results_script_checks_each_finding_on_the_sweep(sweep, tmp_path, monkey
     assert all(f"(results/{out.name}/{name})" in text for name in copied)  # shown, relative to RESULTS.md
     for title in ("FD-MIA beats single-model attacks on fair models", "FD-MIA on MOTE gallery pairs (outside the",
                   "DP-SGD lowers attack success as epsilon falls",
-                  "MINT (white-box) beats black-box MIA", "MOTE's gender inference is near 50% while templates leak",
+                  "MINT (white-box) beats black-box MIA", "MINT beats the embedding-only attack (the paper's terms)",
+                  "MOTE's gender inference is near 50% while templates leak",
                   "MOTE's fairness is at least the templates'"):
         assert title in text
     verdicts = re.findall(r"^Verdict: \*\*(.+?)\*\*", text, flags=re.MULTILINE)
-    assert len(verdicts) == 6
+    assert len(verdicts) == 7
     # premise before verdict: the fairness gap of each pair, MINT's training size, the backbone's FNMR
     premises = re.findall(r"^Premise: (.+)$", text, flags=re.MULTILINE)
     assert any("DEO >= 0.2" in p for p in premises) and any("MINT trained on >= 5,000" in p for p in premises)
     assert any("FNMR <= 0.1" in p for p in premises)
-    # The sweep has no MOTE and no fair twin: those findings are "not measured", never a made-up verdict.
-    assert verdicts[0] == verdicts[1] == verdicts[4] == verdicts[5] == "not measured"
-    assert verdicts[2] != "not measured" and verdicts[3] != "not measured"
+    # The sweep has no MOTE, no fair twin and no MINT study: those findings are "not measured", never a
+    # made-up verdict.
+    assert verdicts[0] == verdicts[1] == verdicts[3] == verdicts[5] == verdicts[6] == "not measured"
+    assert verdicts[2] != "not measured" and verdicts[4] != "not measured"
     audit = json.loads((Path(json.loads((out / "sweep.json").read_text())["runs"]["dp.target_epsilon=4 seed=0"]
                              ["run_dir"]) / "audit" / "report.json").read_text())
     loss = next(a for a in audit["attacks"] if a["name"] == "loss" and a["target"] == "global model (final)")
