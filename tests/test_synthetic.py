@@ -237,3 +237,13 @@ def test_contact_sheet_writes_a_labelled_grid(small: FaceDataset, tmp_path: Path
     assert np.array_equal(top_left[::factor, ::factor], small.images[0])  # upscaled by an integer factor
     with pytest.raises(ValueError, match="max_identities"):
         contact_sheet(small, tmp_path / "bad.png", max_identities=0)
+
+
+def test_the_run_configuration_reaches_the_generator() -> None:
+    """data.condition and data.smile_visibility change the members' SynthFaces (and its cache key)."""
+    from common.config import load_config
+    from common.data.cache import synth_config
+
+    synth = synth_config(load_config(None, ["data.condition=studio", "data.smile_visibility=0.25"]))
+    assert (synth.condition, synth.smile_visibility) == ("studio", 0.25)
+    assert synth.to_meta() != synth_config(load_config(None)).to_meta()
