@@ -45,6 +45,7 @@ from common.runs import layout
 from common.runs.io import atomic_write_bytes, atomic_write_text, read_json
 from common.runs.records import BALANCED_GALLERY, TEMPLATES, AttackEntry, TargetKind, tpr_label, tpr_text
 from common.runs.results import RunResults
+from workflow.mint_study import MIN_TRAINING_SAMPLES, STUDY_FILE
 
 EPSILON_KEY = "dp.target_epsilon"
 
@@ -257,10 +258,6 @@ def fd_mia_mote(runs: list[Run]) -> Finding:
     return finding
 
 
-MINT_MIN_TRAINING = 5_000
-"""MINT's premise (DeAlcala et al.): its auditor trains on thousands of samples (theirs: 1K-100K)."""
-
-
 def mint(runs: list[Run]) -> Finding:
     """MINT in the federated audit, outside the paper's terms (see ``mint_paper_terms``)."""
     pairs = [(r, "final global model", m, b) for r in runs  # MINT proper, not its embedding-only baseline
@@ -271,8 +268,8 @@ def mint(runs: list[Run]) -> Finding:
     # MINT trains on one identity-disjoint half of the audited samples and is tested on the other:
     # its training set is about as large as its test set.
     sizes = [m.n_members + m.n_nonmembers for _, _, m, _ in pairs]
-    enough = sum(n >= MINT_MIN_TRAINING for n in sizes)
-    finding.premise = (f"MINT trained on >= {MINT_MIN_TRAINING:,} samples with identity-disjoint train and test "
+    enough = sum(n >= MIN_TRAINING_SAMPLES for n in sizes)
+    finding.premise = (f"MINT trained on >= {MIN_TRAINING_SAMPLES:,} samples with identity-disjoint train and test "
                        f"halves (the paper: 1K-100K samples of models trained on millions); here the halves are "
                        f"identity-disjoint and MINT trained on about {min(sizes, default=0):,}-{max(sizes, default=0):,} "
                        f"samples: met in {enough} of {len(sizes)} runs"
@@ -298,8 +295,6 @@ def detectable(ci: Sequence[float]) -> float:
 
 def load_mint_studies(dirs: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
     """Every ``facefl mint-study`` result under ``dirs`` (a study's run directory or a folder of them)."""
-    from workflow.mint_study import STUDY_FILE
-
     found = sorted({p for d in dirs for p in ([d / STUDY_FILE] if (d / STUDY_FILE).is_file() else d.glob(f"*/{STUDY_FILE}"))})
     return [(p.parent, read_json(p)) for p in found]
 
@@ -348,7 +343,7 @@ def mint_paper_terms(studies: list[tuple[Path, dict[str, Any]]]) -> Finding:
     return Finding("MINT beats the embedding-only attack (the paper's terms)", verdict,
                    f"MINT higher than mint-embedding in {wins} of {n} paired comparisons, the paired interval above 0 "
                    f"in {clear}; {powered} of {n} could detect the paper's margin of {MINT_PAPER_EFFECT}", body,
-                   premise=(f"MINT trained on >= {MINT_MIN_TRAINING:,} samples of D (the audited model's training "
+                   premise=(f"MINT trained on >= {MIN_TRAINING_SAMPLES:,} samples of D (the audited model's training "
                             f"photos) and E (identities it never saw), tested on other identities, on an audited model "
                             f"with something to find (top-1 on its training photos >= {MEMORISATION_GAP} above "
                             f"held-out photos of the same people); met by "

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.metrics import RocCurve, roc_auc, roc_figures, tpr_at_fpr
+from attacks.metrics import DEFAULT_FPR_TARGETS, RocCurve, roc_auc, roc_figures, tpr_at_fpr
 from attacks.mint import CNNMINT, MINT_CNN_BLOCK, VanillaMINT, activations, identity_split, vanilla_features
 from common.config import Config
 from common.data.cache import build_dataset
@@ -56,7 +56,7 @@ from common.runs.io import atomic_save_npz, atomic_write_json
 from common.runs.records import fpr_key, resolvable
 from common.runs.rundir import RunDir
 from common.train.dp import noise_for, poisson_sample_rate, spent_epsilon, steps_per_epoch
-from common.train.loop import embed, identity_classes, to_tensor, train
+from common.train.loop import embed, identity_classes, train
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def train_audited(cfg: Config, used: FaceDataset, seed: int, progress: bool) -> 
     model = build_model(spec, seed)
     head = build_identity_head(spec, identity_classes(used.identity)[0].size, seed + 1)
     q = poisson_sample_rate(len(used), train_cfg.batch_size)
-    sigma = noise_for(cfg.dp, q, cfg.train.epochs * steps_per_epoch(q)) if cfg.dp.mode != "off" else 0.0
+    sigma = noise_for(cfg.dp, q, cfg.train.epochs * steps_per_epoch(q))  # 0 without DP
     outcome = train(model, used, train_cfg, cfg.dp, seed=seed, epochs=cfg.train.epochs, head=head,
                     noise_multiplier=sigma, progress=progress, desc="audited model")
     privacy: dict[str, Any] = {"dp": cfg.dp.mode, "epochs": cfg.train.epochs, "steps": outcome.steps}
@@ -128,8 +128,7 @@ def train_audited(cfg: Config, used: FaceDataset, seed: int, progress: bool) -> 
 @torch.no_grad()
 def identification_accuracy(model: FaceModel, head: CosineClassifier, ds: FaceDataset, classes: np.ndarray) -> float:
     """Closed-set top-1 accuracy of ``head`` over ``classes`` on ``ds``'s photos."""
-    model.eval()
-    cos = torch.cat([head(model.embed(to_tensor(ds.images[i:i + 256]))) for i in range(0, len(ds), 256)])
+    cos = head(torch.from_numpy(embed(model, ds.images)))
     return float((classes[cos.argmax(dim=1).numpy()] == ds.identity).mean())
 
 
@@ -169,7 +168,7 @@ def score_attacks(scores: dict[str, np.ndarray], used: np.ndarray, identity: np.
     results = {name: {"auc": roc_auc(s, used), "auc_ci95": _interval(boot[name]),
                       "accuracy_at_0.5": _balanced_accuracy_at_half(s, used),
                       "tpr_at_fpr": {fpr_key(t): tpr_at_fpr(s, used, t) if resolvable(n_ext, t) else None
-                                     for t in (0.001, 0.01)},
+                                     for t in DEFAULT_FPR_TARGETS},
                       "n_used": int(used.sum()), "n_external": n_ext,
                       "people": [int(np.unique(identity[used]).size), int(np.unique(identity[~used]).size)]}
                for name, s in scores.items()}
