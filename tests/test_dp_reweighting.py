@@ -20,7 +20,7 @@ from common.config import load_config
 from common.data.dataset import FaceDataset
 from common.nn.build import build_model, model_spec
 from common.train.dp import spent_epsilon
-from common.train.fairness import cell_counts, noisy_cell_counts, reweight, weights_from_counts
+from common.train.fairness import cell_counts, noisy_cell_counts, reweight, weight_bound, weights_from_counts
 from common.train.local_round import ClientState
 from common.train.loop import train
 
@@ -70,24 +70,44 @@ def test_the_histogram_is_charged_once_and_the_noise_leaves_room_for_it() -> Non
     assert report["epsilon"] == pytest.approx(eps)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks", "bk"])
-def test_a_weighted_sample_gradient_is_still_clipped(mode: str) -> None:
-    """One sample, sampled every step (q = 1), plain SGD, no noise to speak of: the update is the
-    learning rate times the clipped gradient, whatever the sample's weight."""
+def _one_step(mode: str, unit: str, weights: tuple[float, ...]) -> float:
+    """The norm of one DP-SGD step of plain SGD on two copies of one photo of one person, both
+    drawn (q = 1), with a clipping norm far below the gradient and no noise to speak of."""
     cfg = load_config(None, [*LEDGER_FULL, "train.task=attribute", "train.optimizer=sgd", "train.momentum=0",
-                             "train.weight_decay=0", "train.augment=false", "train.batch_size=1", "train.lr=0.1",
-                             f"dp.grad_sample_mode={mode}", "dp.max_grad_norm=0.5"])
-    rng = np.random.default_rng(1)
-    ds = FaceDataset(images=rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8), identity=np.zeros(1, np.int64),
-                     gender=np.zeros(1, np.int64), group=np.zeros(1, np.int64), age=np.zeros(1, np.int64),
-                     labels={"smiling": np.ones(1, np.int64)}, sample_ids=["x"], source="test")
-    moved = {}
-    for weight in (1.0, 1e6):
-        model = build_model(model_spec(cfg), 0)
-        before = torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
-        train(model, ds, cfg.train, cfg.dp, seed=0, epochs=1, noise_multiplier=1e-9,
-              sample_weight=np.array([weight]), noise_seed=0)
-        after = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
-        moved[weight] = float((after - before).norm())
-    assert 0 < moved[1e6] <= cfg.train.lr * cfg.dp.max_grad_norm * 1.001
-    assert moved[1.0] <= cfg.train.lr * cfg.dp.max_grad_norm * 1.001
+                             "train.weight_decay=0", "train.augment=false", "train.batch_size=2", "train.lr=0.1",
+                             f"dp.grad_sample_mode={mode}", f"dp.unit={unit}", "dp.max_images_per_identity=2",
+                             "dp.max_grad_norm=0.001"])
+    image = np.random.default_rng(1).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    ds = FaceDataset(images=np.repeat(image, 2, axis=0), identity=np.zeros(2, np.int64),
+                     gender=np.zeros(2, np.int64), group=np.zeros(2, np.int64), age=np.zeros(2, np.int64),
+                     labels={"smiling": np.ones(2, np.int64)}, sample_ids=["a", "b"], source="test")
+    model = build_model(model_spec(cfg), 0)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
+    train(model, ds, cfg.train, cfg.dp, seed=0, epochs=1, noise_multiplier=1e-9,
+          sample_weight=np.array(weights), noise_seed=0)
+    return float((torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]) - before).norm())
+
+
+@pytest.mark.parametrize(("mode", "unit"), [("bk", "sample"), ("hooks", "sample"), ("functorch", "sample"),
+                                            ("ghost", "sample"), ("bk", "identity"), ("hooks", "identity")])
+def test_a_weight_scales_the_clipped_gradient_in_every_engine(mode: str, unit: str) -> None:
+    """Weighting the loss before clipping changes nothing once gradients exceed the norm (clipping
+    undoes it: a reweighted model under DP was as unfair as the biased one). Every engine weights
+    the clipped gradient instead: weights (1, 1/4) move the model 1.25 / 2 as far as (1, 1), for a
+    sample unit and for an identity unit (its mean weight), and no weight can exceed 1."""
+    full = _one_step(mode, unit, (1.0, 1.0))
+    assert 0 < full
+    assert _one_step(mode, unit, (1.0, 0.25)) == pytest.approx(0.625 * full, rel=1e-3)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        _one_step(mode, unit, (1.0, 4.0))
+
+
+def test_dp_weights_are_the_kamiran_calders_ratios_scaled_to_at_most_one() -> None:
+    rng = np.random.default_rng(0)
+    s, y = rng.integers(0, 2, 300), (rng.random(300) < 0.2).astype(np.int64)
+    counts = cell_counts(s, y, 2)
+    scaled = weights_from_counts(s, y, counts) / weight_bound(counts)
+    assert scaled.max() == pytest.approx(1.0) and scaled.min() > 0
+    np.testing.assert_allclose(scaled / scaled.mean(), reweight(s, y))  # the same ratios
+    # The bound reads the histogram's whole domain, not the cells the samples occupy.
+    assert weight_bound(counts) == weight_bound(counts) and weight_bound(np.array([[5.0, 1.0], [1.0, 5.0]])) > 1

@@ -215,9 +215,8 @@ class FairnessConfig(Section):
     histogram_noise: float = num(10.0, 0.1, doc="reweight under DP-SGD: standard deviation of the Gaussian noise on "
                                                 "each (sensitive value, label) count the weights come from; the "
                                                 "histogram is released once per client and charged to its ledger. "
-                                                "The weights scale each sample's loss before its gradient is clipped, "
-                                                "so they vanish where gradients exceed dp.max_grad_norm (measured: "
-                                                "DEO unchanged at epsilon 8, docs/sweeps/fdmia.toml)")
+                                                "Under DP the weights, scaled to at most 1, multiply each sample's "
+                                                "clipped gradient (a weighted loss would be undone by clipping)")
 
 
 @dataclass

@@ -47,6 +47,7 @@ from torch import nn
 
 from common.nn.heads import CosineClassifier
 from common.train.layer_samplers import cosine_pair_products, cosine_parts, cosine_weighted_gradient
+from common.train.weighted_clipping import unit_weights
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("bk", "ghost", "hooks", "functorch")
 """``dp.grad_sample_mode``: this module's book-keeping, or one of Opacus' modes."""
@@ -203,13 +204,16 @@ class BookKeepingModule(nn.Module):
         return output
 
     @torch.no_grad()
-    def clip_and_sum(self, max_grad_norm: float, units: torch.Tensor | None = None) -> torch.Tensor:
+    def clip_and_sum(self, max_grad_norm: float, units: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
         """Clip each unit's gradient (over all trainable parameters jointly) to ``max_grad_norm``,
         sum, and store the sum in ``p.grad``; return the norms before clipping, one per unit.
 
         Args:
             units: a code per sample of the batch (e.g. its identity); None: each sample is a unit.
                 Units are ordered by sorted code.
+            weights: a weight in [0, 1] per sample; each unit's clipped gradient is multiplied by
+                the mean weight of its samples (``common.train.weighted_clipping``).
         """
         records = [(layer, r) for layer, r in self._records.items() if r.backprop is not None]
         self._records.clear()
@@ -233,6 +237,8 @@ class BookKeepingModule(nn.Module):
             finishers.append(finish)
         norms = squared.clamp(min=0).sqrt()
         coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        if weights is not None:
+            coef = coef * unit_weights(weights.to(device), inverse, count)
         for finish in finishers:
             finish(coef)
         return norms

@@ -91,6 +91,16 @@ def weights_from_counts(sensitive: np.ndarray, labels: np.ndarray, counts: np.nd
     return weights
 
 
+def weight_bound(counts: np.ndarray) -> float:
+    """The largest weight ``weights_from_counts`` can give any sample under ``counts``: the
+    largest cell weight, or 1 (an unknown value). Under DP-SGD the weights scale each sample's
+    clipped gradient and so must stay <= 1 (the sensitivity stays the clipping norm); dividing
+    by this bound does that without reading the samples: the bound is a function of the released
+    histogram over the fixed domain of cells, not of which cells the samples occupy."""
+    cell = kamiran_calders(np.clip(np.asarray(counts, dtype=np.float64), 1.0, None))
+    return float(max(1.0, cell.max()))
+
+
 def fair_mixup_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor,
                        generator: torch.Generator, mode: str = "eo") -> torch.Tensor:
     """Fair Mixup smoothness penalty on the path between the two sensitive groups.

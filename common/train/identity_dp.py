@@ -47,6 +47,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from common.train.book_keeping import check_private_module
+from common.train.weighted_clipping import unit_weights
 
 DP_UNITS: tuple[str, ...] = ("sample", "identity")
 """What one (epsilon, delta) protects: one image, or one person with all of their images."""
@@ -111,12 +112,15 @@ class IdentityPoissonLoader:
 
 
 def identity_clipped_gradients(grad_samples: Sequence[torch.Tensor], identities: torch.Tensor,
-                               max_grad_norm: float) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+                               max_grad_norm: float, weights: torch.Tensor | None = None,
+                               ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Per-identity gradients, clipped.
 
     Args:
         grad_samples: one tensor (batch, *parameter shape) of per-sample gradients per parameter.
         identities: the identity of each sample of the batch (any integer codes).
+        weights: a weight in [0, 1] per sample; each identity's clipped sum is multiplied by the
+            mean weight of its samples (``common.train.weighted_clipping``).
 
     Returns:
         per parameter, a tensor (identities in the batch, *parameter shape): each identity's
@@ -136,6 +140,8 @@ def identity_clipped_gradients(grad_samples: Sequence[torch.Tensor], identities:
     else:
         norms = torch.stack([s.reshape(n, -1).norm(2, dim=-1) for s in sums], dim=1).norm(2, dim=1)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    if weights is not None:
+        factor = factor * unit_weights(weights.to(ids.device), inverse, n).to(factor.dtype)
     return [s * factor.to(s.dtype).reshape(n, *([1] * (s.dim() - 1))) for s in sums], codes, norms
 
 
@@ -156,12 +162,14 @@ class IdentityDPOptimizer(DPOptimizer):
                          expected_batch_size=None, loss_reduction="sum", generator=generator, secure_mode=False)
         self.expected_identities = float(expected_identities)
         self.identities: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
 
-    def set_identities(self, identities: torch.Tensor) -> None:
-        """The identity of each sample of the batch the next ``step()`` takes. For an empty batch
-        (no identity drawn: no forward or backward pass) the per-sample gradients are set to
-        empty tensors, so that the step adds noise to a zero sum."""
+    def set_identities(self, identities: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """The identity (and optionally the weight in [0, 1]) of each sample of the batch the next
+        ``step()`` takes. For an empty batch (no identity drawn: no forward or backward pass) the
+        per-sample gradients are set to empty tensors, so that the step adds noise to a zero sum."""
         self.identities = torch.as_tensor(identities).reshape(-1)
+        self.weights = weights
         if len(self.identities) == 0:
             for p in self.params:
                 p.grad_sample = p.new_zeros((0, *p.shape))
@@ -172,12 +180,12 @@ class IdentityDPOptimizer(DPOptimizer):
         for p in self.params:
             _check_processed_flag(p.grad_sample)
         clipped, _, _ = identity_clipped_gradients([g.to(p.dtype) for g, p in zip(self.grad_samples, self.params)],
-                                                   self.identities, self.max_grad_norm)
+                                                   self.identities, self.max_grad_norm, self.weights)
         for p, per_identity in zip(self.params, clipped):
             grad = per_identity.sum(dim=0)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
-        self.identities = None  # consumed: the next batch must name its own
+        self.identities = self.weights = None  # consumed: the next batch must name its own
 
     def scale_grad(self) -> None:
         for p in self.params:

@@ -21,7 +21,7 @@ from common.config import Config
 from common.data.dataset import GENDER_NAMES, FaceDataset
 from common.nn.build import build_identity_head, build_model, model_spec
 from common.train.dp import History, noise_for, poisson_sample_rate, spent_epsilon, steps_per_epoch, total_steps
-from common.train.fairness import noisy_cell_counts, reweight, sensitive_attribute, weights_from_counts
+from common.train.fairness import noisy_cell_counts, reweight, sensitive_attribute, weight_bound, weights_from_counts
 from common.train.finetune import restrict_training
 from common.train.identity_dp import identity_sample_rate, identity_steps_per_epoch, num_identities
 from common.train.loop import identity_classes, target_labels, train
@@ -100,12 +100,14 @@ def fairness_terms(cfg: Config, data: FaceDataset,
                    state: ClientState) -> tuple[np.ndarray | None, tuple[float, np.ndarray] | None]:
     """The trainer's ``sample_weight`` and ``mixup`` for the configured fairness intervention
     (none, reweight, fair_mixup). Under DP, reweighting takes its frequencies from the released
-    noisy histogram (``release_reweight_histogram``), so no sample's weight depends on another."""
+    noisy histogram (``release_reweight_histogram``), so no sample's weight depends on another, and
+    the weights are scaled to at most 1: DP-SGD multiplies each clipped gradient by its weight."""
     sensitive = sensitive_attribute(data, cfg.fairness.sensitive)
     if cfg.fairness.method == "reweight":
         labels = target_labels(data, cfg.train.attribute)
-        if cfg.dp.mode != "off":
-            return weights_from_counts(sensitive, labels, np.asarray(state.reweight_counts)), None
+        if cfg.dp.mode != "off":  # scaled to <= 1: under DP they weight the clipped gradients
+            counts = np.asarray(state.reweight_counts)
+            return weights_from_counts(sensitive, labels, counts) / weight_bound(counts), None
         return reweight(sensitive, labels), None
     if cfg.fairness.method == "fair_mixup":
         return None, (cfg.fairness.lam, sensitive)

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -39,6 +38,7 @@ from common.train.device import resolve_device
 from common.train.dp import History, accountant_history, dp_generators, make_accountant
 from common.train.fairness import fair_mixup_penalty
 from common.train.identity_dp import IdentityPoissonLoader, make_private_by_identity
+from common.train.weighted_clipping import check_unit_weights, weight_clipped_grad_samples, weighted_ghost_backward
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,9 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
         head: identity head over ``identity_classes(ds.identity)``; required for identity tasks.
         noise_multiplier: DP noise (already calibrated by the caller for the whole run).
         dp_history: accountant history of earlier calls; returned extended by this call's steps.
-        sample_weight: optional per-sample loss weights (fairness reweighting).
+        sample_weight: optional per-sample weights (fairness reweighting): without DP they weight
+            the loss; under DP-SGD they must lie in [0, 1] and weight each clipped gradient
+            (``common.train.weighted_clipping``), as clipping would undo a weighted loss.
         mixup: (lambda, sensitive attribute per sample) to add the Fair Mixup penalty (not with DP).
         schedule: (first step, total steps) of the run's learning-rate schedule; default: this call
             alone. Federated clients pass their position in the whole run.
@@ -230,6 +232,8 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     positions = torch.arange(len(ds))
     batch = min(cfg.batch_size, len(ds))
     private = dp.mode == "sample"
+    if private:
+        check_unit_weights(w)
     # Under DP the noise and the Poisson sampler draw from their own streams, seeded by noise_seed:
     # the protection of every sample rests on them, so they never derive from ``seed``.
     noise_gen, sampler_gen = dp_generators(noise_seed, device) if private else (None, gen)
@@ -299,7 +303,9 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
                     x = augment(x, gen)
                 x = x.to(device)
                 cos, attr = module(x)
-                per_sample = task_loss(cos if use_id else None, attr if use_attr else None, yb_id, yb_attr, cfg) * wb
+                per_sample = task_loss(cos if use_id else None, attr if use_attr else None, yb_id, yb_attr, cfg)
+                if not private:  # under DP the weights scale the clipped gradients below
+                    per_sample = per_sample * wb
             opt.zero_grad(set_to_none=True)
             # Warm-up then anneal (for SGD and Adam alike): ArcFace from scratch diverges without it.
             for group in opt.param_groups:
@@ -308,11 +314,14 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
                 if not empty:
                     per_sample.sum().backward()
                 if book_keeping:  # clipped sums per sample or identity from the one pass
-                    module.clip_and_sum(dp.max_grad_norm, yb_id if by_identity else None)
+                    module.clip_and_sum(dp.max_grad_norm, yb_id if by_identity else None, wb)
                 else:  # hooks / functorch: the optimiser groups the per-sample gradients and clips them
-                    opt.set_identities(yb_id)
+                    opt.set_identities(yb_id, wb)
             elif private and dp.grad_sample_mode == "ghost":
-                DPTensorFastGradientClipping(module, opt, per_sample, "mean").backward()
+                weighted_ghost_backward(module, opt, per_sample, wb)
+            elif private:  # Opacus' hooks / functorch: clip and weight here, Opacus' clipping then keeps them
+                per_sample.mean().backward()
+                weight_clipped_grad_samples(params, wb, dp.max_grad_norm)
             elif mixup is not None:
                 (per_sample.mean() + mixup[0] * fair_mixup_penalty(model, x, yb_attr, sb, mix_gen)).backward()
             else:

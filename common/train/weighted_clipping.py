@@ -1,0 +1,70 @@
+"""Loss weights under DP-SGD: each unit's gradient is clipped first, then weighted.
+
+A weight that multiplies the loss before clipping is undone by clipping whenever a gradient is
+larger than the norm C (up-weighted samples of a minority cell have gradient norms in the tens to
+hundreds at C = 1): reweighting for fairness then changes nothing. Here each unit's (sample's or
+identity's) clipped gradient is multiplied by its weight w in [0, 1] instead, so its contribution
+has norm <= w C <= C and the sensitivity, and with it the accountant's epsilon, is unchanged. The
+weights must not depend on the other units' data (``common.train.fairness.weights_from_counts``
+divided by ``weight_bound``). Every engine of ``common.train.loop`` applies the same rule: the
+book-keeping and identity paths in their own clipping, Opacus' per-sample modes through
+``weight_clipped_grad_samples`` and ghost clipping through ``weighted_ghost_backward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping
+
+
+def check_unit_weights(weights: torch.Tensor) -> None:
+    """Refuse weights outside [0, 1]: they would raise a unit's contribution above the clipping norm."""
+    if len(weights) and not (float(weights.min()) >= 0.0 and float(weights.max()) <= 1.0):
+        raise ValueError(f"under DP-SGD sample weights scale the clipped gradients and must lie in [0, 1]; "
+                         f"got [{float(weights.min()):.4g}, {float(weights.max()):.4g}] (divide by "
+                         "common.train.fairness.weight_bound)")
+
+
+def unit_weights(weights: torch.Tensor, inverse: torch.Tensor, count: int) -> torch.Tensor:
+    """Each unit's weight: the mean weight of its samples in the batch (``inverse[i]``: the unit of
+    sample i). A unit of one sample keeps its sample's weight."""
+    w = weights.to(torch.float64).reshape(-1)
+    sums = torch.zeros(count, dtype=torch.float64, device=w.device).index_add_(0, inverse, w)
+    sizes = torch.zeros(count, dtype=torch.float64, device=w.device).index_add_(0, inverse, torch.ones_like(w))
+    return sums / sizes.clamp(min=1.0)
+
+
+@torch.no_grad()
+def weight_clipped_grad_samples(params: Sequence[torch.nn.Parameter], weights: torch.Tensor,
+                                max_grad_norm: float) -> None:
+    """Clip each sample's gradient (``p.grad_sample``, jointly over ``params``) to ``max_grad_norm``
+    with Opacus' factor min(1, C / (norm + 1e-6)) and multiply it by its weight, in place. Opacus'
+    own clipping in the following ``step()`` then finds every norm <= C and leaves the gradients as
+    they are (up to its 1e-6 guard)."""
+    samples = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
+    if not samples or len(samples[0]) == 0:
+        return
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * weights.to(norms.dtype)
+    for p in params:
+        if getattr(p, "grad_sample", None) is not None:
+            p.grad_sample = p.grad_sample * factor.reshape(-1, *([1] * (p.grad_sample.dim() - 1)))
+
+
+def weighted_ghost_backward(module: GradSampleModuleFastGradientClipping, optimizer: DPOptimizerFastGradientClipping,
+                            per_sample_loss: torch.Tensor, weights: torch.Tensor) -> None:
+    """Ghost clipping's two backward passes with the clipping coefficients weighted: the first pass
+    gives the per-sample norms, the second back-propagates sum_i coef_i w_i loss_i. This is what
+    Opacus' ``DPTensorFastGradientClipping.backward`` does with w = 1; it has no way to weight the
+    coefficients."""
+    per_sample_loss.mean().backward(retain_graph=True)
+    optimizer.zero_grad()
+    coef = module.get_clipping_coef().to(per_sample_loss.device) * weights.to(per_sample_loss.dtype)
+    module.disable_hooks()
+    try:
+        (coef * per_sample_loss).sum().backward()
+    finally:
+        module.enable_hooks()
