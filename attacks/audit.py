@@ -189,8 +189,8 @@ def reference_logits(run: RunDir, source: RunDir, cfg: Config, spec: ModelSpec, 
     ``settings.recipe``: ``target`` replays the recipe ``source`` recorded (the target; for FD-MIA's
     twins, the fair run with its own intervention) on each reference's half
     (``attacks.federated_references``); ``central``
-    trains each reference centrally without DP with the target's local recipe
-    (``attacks.reference_models``), and ``fair`` then reweights it (Kamiran & Calders) on its own
+    trains each reference centrally without DP with the target's local recipe and trainable
+    parameters (``attacks.reference_models``), and ``fair`` then reweights it (Kamiran & Calders) on its own
     IN set: the twin of the plain reference on the same half (FD-MIA's reference pairs).
     """
     cache = run.reference_cache(fair)
@@ -232,7 +232,7 @@ def _train_references(source: RunDir, cfg: Config, spec: ModelSpec, ds: FaceData
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
     return train_references(spec, take_rows(ds.images, population), labels, in_mask, cfg.train, epochs, seeds,
                             vectorised=settings.vectorised, sample_weights=weights, init_state=initial_state(source),
-                            progress=settings.progress)
+                            trainable=cfg.federation.trainable, progress=settings.progress)
 
 
 def _per_model(stat: Callable[[np.ndarray, np.ndarray], np.ndarray], logits: np.ndarray,

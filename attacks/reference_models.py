@@ -37,6 +37,7 @@ from common.config import TrainConfig
 from common.nn.build import build_model
 from common.nn.face_model import FaceModel, ModelSpec
 from common.train.device import resolve_device
+from common.train.finetune import restrict_training
 from common.train.loop import augment, one_cycle_lr, to_tensor
 
 log = logging.getLogger(__name__)
@@ -88,13 +89,15 @@ def _batch(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, idx: np.
 def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in_mask: np.ndarray,
                      cfg: TrainConfig, epochs: int, seeds: Sequence[int], vectorised: bool = True,
                      sample_weights: np.ndarray | None = None,
-                     init_state: dict[str, torch.Tensor] | None = None, progress: bool = False) -> list[FaceModel]:
+                     init_state: dict[str, torch.Tensor] | None = None, trainable: str = "all",
+                     progress: bool = False) -> list[FaceModel]:
     """Train one attribute model per row of ``in_mask`` (R, n) on its IN samples; model r uses
     ``seeds[r]`` for its initialisation, batches and augmentation. ``sample_weights`` (R, n)
     weights each model's per-sample loss (a fairness reweighting computed on its own IN set).
     ``init_state``: start every model from these weights instead (the target's public initial
     model, e.g. after public pretraining), so that references differ from it only by their data.
-    ``progress``: a bar over the models (they dominate an audit's time)."""
+    ``trainable``: what each model trains (``federation.trainable``, ``common.train.finetune``), as
+    the target's clients did. ``progress``: a bar over the models (they dominate an audit's time)."""
     labels = np.asarray(labels, dtype=np.int64)
     in_mask = np.asarray(in_mask, dtype=bool)
     _check(spec, images, labels, in_mask, seeds)
@@ -103,9 +106,10 @@ def train_references(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, in
         raise ValueError(f"reference models: sample_weights {weights.shape}, expected {in_mask.shape}")
     device = resolve_device(cfg.device)
     models = [build_model(spec, int(s)).to(device) for s in seeds]
-    if init_state is not None:
-        for m in models:
+    for m in models:
+        if init_state is not None:
             m.load_state_dict(init_state)
+        restrict_training(m, trainable)
     batch = min(cfg.batch_size, int(in_mask.sum(axis=1).min()))  # one batch size: the stacked models step together
     streams = [_BatchStream(np.flatnonzero(row), batch, int(s) + 1) for row, s in zip(in_mask, seeds, strict=True)]
     aug_gens = [torch.Generator().manual_seed(int(s) + 2) for s in seeds]
@@ -149,7 +153,7 @@ def _train_stacked(models: list[FaceModel], images: np.ndarray, labels: np.ndarr
         return functional_call(base, (p, b), (x,))[1]
 
     forward = torch.vmap(logit, randomness="different")
-    opt = _optimizer(list(params.values()), cfg)
+    opt = _optimizer([p for p in params.values() if p.requires_grad], cfg)  # frozen ones stay as they are
     for step in range(total):
         xs, ys, ws = zip(*(_batch(images, labels, w, st.next(), g, cfg, device)
                            for w, st, g in zip(weights, streams, gens, strict=True)), strict=True)

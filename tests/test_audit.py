@@ -93,6 +93,32 @@ def test_vectorised_reference_training_equals_sequential(synth_small) -> None:
     assert not np.allclose(stacked[0].state_dict()["attribute.fc.weight"], stacked[1].state_dict()["attribute.fc.weight"])
 
 
+def test_references_train_only_what_the_targets_clients_trained(synth_small) -> None:
+    """A target whose clients fine-tuned only the normalisation layers and heads gets central
+    references that do the same, stacked or one by one."""
+    from attacks.reference_models import train_references
+    from common.config import TrainConfig
+
+    import torch
+
+    from common.nn.build import build_model
+    from common.train.finetune import restrict_training
+
+    in_mask = np.random.default_rng(3).random((2, len(synth_small))) < 0.5
+    fresh = build_model(_spec(8), 5)
+    start = {n: t.clone() for n, t in fresh.state_dict().items()}
+    restrict_training(fresh, "norms")
+    allowed = {n for n, p in fresh.named_parameters() if p.requires_grad} | {n for n, _ in fresh.named_buffers()}
+    for vectorised in (True, False):
+        models = train_references(_spec(8), synth_small.images, synth_small.labels["smiling"], in_mask,
+                                  TrainConfig(batch_size=16, lr=0.05), 1, [1, 2], vectorised=vectorised,
+                                  init_state=start, trainable="norms")
+        for model in models:
+            moved = {n for n, p in model.state_dict().items() if not torch.equal(p, start[n])}
+            assert "attribute.fc.weight" in moved and "backbone.stages.0.0.norm1.weight" in moved
+            assert moved <= allowed, moved - allowed  # no convolution or embedding weight moved
+
+
 AUDIT_RUN = TINY + ("train.task=attribute", "split.num_clients=2", "federation.min_train_clients=2",
                     "federation.min_available_clients=2", "data.identities=40", "data.images_per_identity=8",
                     "federation.local_epochs=2", "federation.rounds=2", "dp.mode=off")
