@@ -96,11 +96,10 @@ def test_vectorised_reference_training_equals_sequential(synth_small) -> None:
 def test_references_train_only_what_the_targets_clients_trained(synth_small) -> None:
     """A target whose clients fine-tuned only the normalisation layers and heads gets central
     references that do the same, stacked or one by one."""
-    from attacks.reference_models import train_references
-    from common.config import TrainConfig
-
     import torch
 
+    from attacks.reference_models import train_references
+    from common.config import TrainConfig
     from common.nn.build import build_model
     from common.train.finetune import restrict_training
 
