@@ -19,11 +19,15 @@ Reads each sweep's sweep.json (the commands that made it) and every finished run
 4. MOTE's gender inference is near 50% while templates leak (MOTE paper).
 5. MOTE's verification fairness (FDR, iGARBE) is at least the templates'.
 
-A comparison "A beats B" is counted per run: a win when A's AUC is higher, a clear win when A's
-bootstrap 95% interval lies entirely above B's. Verdicts: "reproduced" (every run a win, at least
-half of them clear), "direction only, within noise" (most runs wins), "not reproduced", or "not
-measured" (no run had the inputs). Numbers are never averaged across different configurations.
-Each finding states the paper's premise and how many runs meet it (``Finding.premise``).
+A comparison "A beats B" is counted per run: a win when A's AUC is higher, a clear win when the
+paired interval of the difference lies above 0 (or, for two models without a paired interval,
+A's bootstrap 95% interval lies entirely above B's). Verdicts: "reproduced" (every run a win, at
+least half of them clear), "direction only, within noise" (most runs wins), "not reproduced", or
+"not measured" (no run had the inputs); "not reproduced" becomes "inconclusive (underpowered)"
+where a comparison could not have detected the paper's effect (80% power at the 5% level: 2.8
+standard errors). Numbers are never averaged across different configurations. Each finding
+states the paper's premise and how many runs meet it (``Finding.premise``), and its test, the
+smallest effect it could detect and the paper's effect (``Finding.test``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attacks.registry import for_target
@@ -70,6 +76,7 @@ class Finding:
     headline: str
     body: list[str]
     premise: str = ""  # the paper's premise and whether these runs meet it, printed beside the verdict
+    test: str = ""  # the statistical test, the smallest effect it could detect and the paper's effect
 
 
 def _relative(path: str | None) -> str | None:
@@ -164,6 +171,33 @@ def _verdict(wins: int, clear: int, n: int) -> str:
     return "not reproduced"
 
 
+def _powered(verdict: str, powered: int, n: int) -> str:
+    """"not reproduced" only where every comparison could have detected the paper's effect."""
+    return "inconclusive (underpowered)" if verdict == "not reproduced" and powered < n else verdict
+
+
+def _se(ci: Sequence[float]) -> float:
+    """The standard error read off a 95% interval's width."""
+    return (ci[1] - ci[0]) / (2 * 1.96)
+
+
+POWER_Z = 1.96 + 0.8416
+"""A difference of this many standard errors is detected with 80% power by a two-sided 5% test."""
+
+
+def detectable(ci: Sequence[float]) -> float:
+    """The smallest true difference a paired comparison detects with 80% power at the 5% level:
+    (1.96 + 0.84) standard errors, the standard error read off its 95% interval's width."""
+    return POWER_Z * _se(ci)
+
+
+def detectable_apart(a: AttackEntry, b: AttackEntry) -> float:
+    """The same for two AUCs of different models (independent bootstrap intervals): the standard
+    error of their difference is the root of the sum of both squared. NaN without intervals."""
+    ca, cb = a.ci("auc"), b.ci("auc")
+    return POWER_Z * math.hypot(_se(ca), _se(cb)) if ca and cb else math.nan
+
+
 def _all_or_some(ok: int, n: int) -> str:
     """Verdict of a finding that is checked per run without intervals to compare."""
     if n == 0:
@@ -178,23 +212,39 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 def _compare(title: str, pairs: list[tuple[Run, str, AttackEntry, AttackEntry]], a_name: str, b_name: str,
-             missing: str) -> Finding:
-    """A beats B, per run: pairs of (run, what, A's strongest attack, B's strongest attack)."""
+             missing: str, paper_effect: float, paper: str) -> Finding:
+    """A beats B, per run: pairs of (run, what, A's strongest attack, B's strongest attack), each
+    with the smallest difference its two intervals could resolve against the paper's effect."""
     wins = sum(a.auc > b.auc for _, _, a, b in pairs)
     clear = sum(_clear(a, b) for _, _, a, b in pairs)
+    powered = sum(detectable_apart(a, b) <= paper_effect for _, _, a, b in pairs)
     rows = [(r.label, what, _auc(a), _tpr(a), _auc(b), _tpr(b), "yes" if a.auc > b.auc else "no",
-             "yes" if _clear(a, b) else "no") for r, what, a, b in pairs]
+             "yes" if _clear(a, b) else "no", fmt(detectable_apart(a, b))) for r, what, a, b in pairs]
     tpr = tpr_label(_headline_fpr(pairs[0][2])) if pairs else ""
     body = _table(("run", "models", f"{a_name}: AUC [95% CI]", tpr, f"{b_name}: AUC [95% CI]",
-                   tpr, "A higher", "intervals apart"), rows) if pairs else [f"Not measured: {missing}", ""]
-    return Finding(title, _verdict(wins, clear, len(pairs)),
-                   f"{a_name} higher in {wins} of {len(pairs)} runs, intervals apart in {clear}", body)
+                   tpr, "A higher", "intervals apart", "smallest detectable difference"), rows) if pairs else [
+        f"Not measured: {missing}", ""]
+    return Finding(title, _powered(_verdict(wins, clear, len(pairs)), powered, len(pairs)),
+                   f"{a_name} higher in {wins} of {len(pairs)} runs, intervals apart in {clear}; {powered} of "
+                   f"{len(pairs)} could detect the paper's {paper_effect}", body,
+                   test=(f"per run, A's and B's bootstrap 95% intervals apart (different attacks picked as each side's "
+                         f"strongest: no paired interval); the smallest detectable difference is 2.8 standard errors "
+                         f"of the difference (80% power, 5% level); the paper's effect: {paper}."))
 
 
 FAIRNESS_GAP = 0.2
 """FD-MIA's premise (Tian et al. 2024): the biased model's DEO at least this (theirs: 0.22) ..."""
 FAIRER_BY = 3.0
 """... and the fair twin's at most 1/FAIRER_BY of it (theirs: 0.22 -> 0.06)."""
+
+FD_MIA_PAPER_EFFECT = 0.11
+FD_MIA_PAPER = ("score-based FD-MIA's AUC 0.658 against 0.548 for the single-model score attack on the fair model "
+                "(CelebA, smiling / gender), +0.11")
+"""FD-MIA's margin in the paper, as an AUC difference."""
+
+DP_PAPER_EFFECT = 0.10
+DP_PAPER = "FD-MIA's AUC 0.658 without DP, 0.558 with DP-SGD at epsilon 0.85 (the FD-MIA paper), -0.10"
+"""How much DP-SGD lowered an attack's AUC in the seed papers."""
 
 
 def _deo(results: RunResults | None) -> float:
@@ -214,7 +264,7 @@ def fd_mia(runs: list[Run]) -> Finding:
     premise (the biased model unfair, the fair one clearly fairer). FD-MIA is compared within its family
     (the audit's paired differences: an attack model, LiRA online, LiRA offline on the fair model alone),
     not with the best of every attack picked afterwards."""
-    premise_rows, rows, wins, clear = [], [], 0, 0
+    premise_rows, rows, wins, clear, powered = [], [], 0, 0, 0
     for r in runs:
         audit = r.results.audit
         if audit is None or not audit.fair_run:
@@ -228,19 +278,26 @@ def fd_mia(runs: list[Run]) -> Finding:
             lo, hi = c["ci95"]
             wins += c["difference"] > 0
             clear += lo > 0
+            powered += detectable(c["ci95"]) <= FD_MIA_PAPER_EFFECT
             rows.append((r.label, c["a"], fmt(c["value_a"]), c["b"], fmt(c["value_b"]),
-                         f"{c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"))
+                         f"{c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]", fmt(detectable(c["ci95"]))))
     body = _table(("run", "biased model DEO", "fair twin DEO", "premise met"), premise_rows) if premise_rows else []
     body += (_table(("run", "FD-MIA attack", "AUC", "its kin on the fair model", "AUC",
-                     "difference [paired 95% CI]"), rows) if rows else
+                     "difference [paired 95% CI]", "smallest detectable difference"), rows) if rows else
              ["Not measured: " + ("no pair met the premise." if premise_rows else
                                   "no run had a biased + fair pair (sweep `fairness.method=none,reweight`)."), ""])
-    return Finding("FD-MIA beats single-model attacks on fair models", _verdict(wins, clear, len(rows)),
+    return Finding("FD-MIA beats single-model attacks on fair models",
+                   _powered(_verdict(wins, clear, len(rows)), powered, len(rows)),
                    f"FD-MIA higher than its family's single-model attack in {wins} of {len(rows)} paired comparisons, "
-                   f"the paired interval above 0 in {clear}", body,
+                   f"the paired interval above 0 in {clear}; {powered} of {len(rows)} could detect the paper's "
+                   f"+{FD_MIA_PAPER_EFFECT}", body,
                    premise=(f"the biased model's DEO >= {FAIRNESS_GAP} and its fair twin's <= 1/{FAIRER_BY:g} of it "
                             f"(the paper: 0.22 -> 0.06); met by {sum(r[3] == 'yes' for r in premise_rows)} of "
-                            f"{len(premise_rows)} pairs, and only those count."))
+                            f"{len(premise_rows)} pairs, and only those count."),
+                   test=("the audit's paired bootstrap of the AUC difference on the same audited samples (FD-MIA on "
+                         "the pair minus its single-model kin on the fair model: score-based vs shadow model, LiRA vs "
+                         "LiRA); the smallest detectable difference is 2.8 standard errors of it (80% power, 5% "
+                         f"level); the paper's effect: {FD_MIA_PAPER}."))
 
 
 def fd_mia_mote(runs: list[Run]) -> Finding:
@@ -252,7 +309,7 @@ def fd_mia_mote(runs: list[Run]) -> Finding:
             pairs.append((r, "MOTE galleries b=0.5 + skewed", fd, single))
     finding = _compare("FD-MIA on MOTE gallery pairs (outside the paper's setting)", pairs, "FD-MIA (pair)",
                        "best single-model attack on the b = 0.5 gallery",
-                       "no run had MOTE galleries with b = 0.5 and a skewed b.")
+                       "no run had MOTE galleries with b = 0.5 and a skewed b.", FD_MIA_PAPER_EFFECT, FD_MIA_PAPER)
     finding.premise = ("none from the paper: it attacks a biased and a fairness-trained classifier, not two "
                        "galleries that differ in their balancing factor.")
     return finding
@@ -264,7 +321,7 @@ def mint(runs: list[Run]) -> Finding:
              if (m := _attack(r, TargetKind.WHITE_BOX, exclude=("mint-embedding",)))
              and (b := _attack(r, TargetKind.GLOBAL))]
     finding = _compare("MINT (white-box) beats black-box MIA in the federated audit", pairs, "MINT", "best black-box attack",
-                       "no audited run had both MINT and a black-box attack.")
+                       "no audited run had both MINT and a black-box attack.", MINT_PAPER_EFFECT, MINT_PAPER)
     # MINT trains on one identity-disjoint half of the audited samples and is tested on the other:
     # its training set is about as large as its test set.
     sizes = [m.n_members + m.n_nonmembers for _, _, m, _ in pairs]
@@ -283,14 +340,9 @@ MEMORISATION_GAP = 0.05
 this much better on its own training photos than on their held-out ones (top-1)."""
 
 MINT_PAPER_EFFECT = 0.06
+MINT_PAPER = "accuracy 0.84-0.90 with the activations against 0.75-0.78 from the embedding alone, at least +0.06"
 """The paper's smallest margin of MINT over the embedding-only baseline (accuracy 0.84 against 0.78;
 its range is 0.84-0.90 against 0.75-0.78), read here as an AUC difference."""
-
-
-def detectable(ci: Sequence[float]) -> float:
-    """The smallest true difference a paired comparison detects with 80% power at the 5% level:
-    (1.96 + 0.84) standard errors, the standard error read off its 95% interval's width."""
-    return (1.96 + 0.8416) * (ci[1] - ci[0]) / (2 * 1.96)
 
 
 def load_mint_studies(dirs: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
@@ -328,16 +380,12 @@ def mint_paper_terms(studies: list[tuple[Path, dict[str, Any]]]) -> Finding:
             powered += detectable(c["ci95"]) <= MINT_PAPER_EFFECT
             rows.append((label, c["a"], fmt(c["value_a"]), fmt(c["value_b"]),
                          f"{c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]", fmt(detectable(c["ci95"]))))
-    verdict = _verdict(wins, clear, n)
-    if verdict == "not reproduced" and powered < n:
-        verdict = "inconclusive (underpowered)"
+    verdict = _powered(_verdict(wins, clear, n), powered, n)
     body = _table(("study", "MINT training samples", "E never seen", "halves identity-disjoint",
                    "audited top-1: training / held-out photos", "premise met"), premise_rows) if premise_rows else []
     body += (_table(("study", "MINT", "AUC", "mint-embedding AUC", "difference [paired 95% CI]",
                      "smallest detectable difference"), rows)
-             + [f"Each study: `facefl mint-study` (workflow/mint_study.py); the smallest detectable difference is "
-                f"2.8 standard errors of the paired difference (80% power, 5% level); the paper's margin is "
-                f"{MINT_PAPER_EFFECT} (accuracy).", ""]
+             + ["Each study: `facefl mint-study` (workflow/mint_study.py).", ""]
              if rows else ["Not measured: " + ("no study met the premise." if premise_rows else
                                                "no `facefl mint-study` result was given (--mint-studies)."), ""])
     return Finding("MINT beats the embedding-only attack (the paper's terms)", verdict,
@@ -347,7 +395,11 @@ def mint_paper_terms(studies: list[tuple[Path, dict[str, Any]]]) -> Finding:
                             f"photos) and E (identities it never saw), tested on other identities, on an audited model "
                             f"with something to find (top-1 on its training photos >= {MEMORISATION_GAP} above "
                             f"held-out photos of the same people); met by "
-                            f"{sum(r[-1] == 'yes' for r in premise_rows)} of {len(premise_rows)} studies."))
+                            f"{sum(r[-1] == 'yes' for r in premise_rows)} of {len(premise_rows)} studies."),
+                   test=("a paired bootstrap over people (identity_bootstrap: the same test samples, resampled by "
+                         "identity) of each MINT variant's AUC minus mint-embedding's; the smallest detectable "
+                         "difference is 2.8 standard errors of it (80% power, 5% level); the paper's effect: "
+                         f"{MINT_PAPER} (accuracy, read as AUC)."))
 
 
 def _rank(values: Sequence[float]) -> list[float]:
@@ -393,7 +445,7 @@ def dp_trend(runs: list[Run]) -> Finding:
     rows, controls, wins, clear, n = [], [], 0, 0, 0
     # An attack at chance without DP has nothing for DP to remove: the verdict counts the pairs whose
     # attack beats chance (interval above 0.5) at the largest epsilon; the table shows every pair.
-    signal = signal_wins = signal_clear = 0
+    signal = signal_wins = signal_clear = signal_powered = 0
     for (sweep, others), members in series.items():
         if len({r.results.epsilon() for r in members}) < 2:
             continue
@@ -406,7 +458,7 @@ def dp_trend(runs: list[Run]) -> Finding:
             (e_lo, lo), (e_hi, hi) = pts[0], pts[-1]
             rho = spearman([e for e, _ in pts], [a.auc for _, a in pts])
             row = (f"{sweep.name}: {others}", f"{name} @ {target}", fmt(e_lo), _auc_ci(lo), fmt(e_hi), _auc_ci(hi),
-                   fmt(rho, 2), len(pts))
+                   fmt(rho, 2), len(pts), fmt(detectable_apart(hi, lo)))
             if _not_dp_trained(kind):
                 controls.append(row)
                 continue
@@ -417,10 +469,11 @@ def dp_trend(runs: list[Run]) -> Finding:
                 signal += 1
                 signal_wins += hi.auc > lo.auc
                 signal_clear += _clear(hi, lo)
+                signal_powered += detectable_apart(hi, lo) <= DP_PAPER_EFFECT
                 row = (row[0], f"**{row[1]}**", *row[2:])
             rows.append(row)
     headers = ("series", "attack @ model", "smallest epsilon", "AUC [95% CI]", "largest epsilon", "AUC [95% CI]",
-               "Spearman rho (epsilon, AUC)", "epsilons")
+               "Spearman rho (epsilon, AUC)", "epsilons", "smallest detectable difference")
     body = (_table(headers, rows) if rows else
             [("Not measured: no sweep had two or more epsilons with the same other settings "
              "(sweep `dp.target_epsilon=...`)."), ""])
@@ -432,12 +485,17 @@ def dp_trend(runs: list[Run]) -> Finding:
         body.append("In bold: the attack beats chance (interval above 0.5) at the largest epsilon; the verdict counts "
                     "these pairs, since DP cannot lower an attack that fails without it.")
         body.append("")
-    verdict = (_verdict(signal_wins, signal_clear, signal) if signal or not n else
+    verdict = (_powered(_verdict(signal_wins, signal_clear, signal), signal_powered, signal) if signal or not n else
                "not testable here (no attack beats chance at the largest epsilon)")
     return Finding("DP-SGD lowers attack success as epsilon falls", verdict,
                    f"of the {signal} (series, attack) pairs whose attack beats chance at the largest epsilon, AUC is "
-                   f"higher there than at the smallest epsilon in {signal_wins}, intervals apart in {signal_clear} "
-                   f"(all {n} pairs: {wins} higher, {clear} apart)", body)
+                   f"higher there than at the smallest epsilon in {signal_wins}, intervals apart in {signal_clear}, "
+                   f"{signal_powered} could detect the paper's {DP_PAPER_EFFECT} (all {n} pairs: {wins} higher, "
+                   f"{clear} apart)", body,
+                   test=("per (series, attack), the two models' bootstrap 95% intervals apart (different models, "
+                         "independent intervals), and the sign of the difference; the smallest detectable difference "
+                         "is 2.8 standard errors of it (80% power, 5% level); the paper's effect: "
+                         f"{DP_PAPER}."))
 
 
 def _ba_ci(leak: dict[str, Any]) -> tuple[float, list[float]] | None:
@@ -451,12 +509,16 @@ def _ba_ci(leak: dict[str, Any]) -> tuple[float, list[float]] | None:
     return ba, [max(0.0, ba - half), min(1.0, ba + half)]
 
 
+GENDER_PAPER_EFFECT = 0.30
+GENDER_PAPER = ("MOTE 0.500-0.503 against 0.80-0.93 for template-based systems (Table 3): a leak of at least 0.30 "
+                "above chance that MOTE removes")
+
 BACKBONE_FNMR = 0.1
 """The gender-inference premise: the backbone verifies at FNMR <= 0.1 at FMR 1e-3 (the paper's ArcFace-class one)."""
 
 
 def gender_inference(runs: list[Run]) -> Finding:
-    rows, ok, n, accurate = [], 0, 0, 0
+    rows, ok, n, accurate, powered = [], 0, 0, 0, 0
     near_half: dict[str, list[tuple[bool, float]]] = {}  # per way: (CI contains 0.5, share of ties) per run
     for r in runs:
         ev = r.results.evaluation
@@ -470,6 +532,7 @@ def gender_inference(runs: list[Run]) -> Finding:
         accurate += fnmr <= BACKBONE_FNMR
         mote_near, templates_leak = m[1][0] <= 0.5 <= m[1][1], t[1][0] > 0.5
         ok += mote_near and templates_leak
+        powered += detectable(m[1]) <= GENDER_PAPER_EFFECT
         variants = ev.leakage(BALANCED_GALLERY).get("variants", {})
         for name, v in variants.items():
             ci = _ba_ci(v)
@@ -478,11 +541,12 @@ def gender_inference(runs: list[Run]) -> Finding:
         ways = "; ".join(f"{name} {fmt(v.get('balanced_accuracy'))} (majority {fmt(v.get('majority_share'))}, "
                          f"ties {fmt(v.get('tie_share'))})" for name, v in variants.items()) or "not measured"
         rows.append((r.label, fmt(fnmr), with_ci(*t), "yes" if templates_leak else "no", with_ci(*m),
-                     "yes" if mote_near else "no", ways))
-    verdict = _all_or_some(ok, n)
+                     "yes" if mote_near else "no", fmt(detectable(m[1])), ways))
+    verdict = _powered(_all_or_some(ok, n), powered, n)
     body = (_table(("run", "templates FNMR@FMR=1e-3", "templates: BA [95% CI]", "templates leak (CI above 0.5)",
                     f"{BALANCED_GALLERY}: BA [95% CI]", "MOTE near 50% (CI contains 0.5)",
-                    "MOTE four ways: BA (share guessed as majority class, share of ties)"), rows)
+                    "smallest detectable leak", "MOTE four ways: BA (share guessed as majority class, share of ties)"),
+                   rows)
             + ["Intervals: normal approximation from the per-gender accuracies and counts. The four ways "
                "(attacks/gender_inference.py): mean sigmoid score (the paper's description, the verdict's), mean "
                "logit, per-model calibrated logit difference, accept/reject at the operating threshold; a collapse "
@@ -493,14 +557,35 @@ def gender_inference(runs: list[Run]) -> Finding:
                + " (near 50%: its interval contains 0.5).", ""]
             if rows else [f"Not measured: no run had {layout.MOTE_EVALUATION} with the gender-inference attack.", ""])
     finding = Finding("MOTE's gender inference is near 50% while templates leak", verdict,
-                      f"both hold in {ok} of {n} runs", body)
+                      f"both hold in {ok} of {n} runs; {powered} of {n} could detect a leak of {GENDER_PAPER_EFFECT}",
+                      body, test=("per run, the normal-approximation 95% interval of each balanced accuracy: MOTE 'near "
+                                  "50%' when its interval contains 0.5, the templates 'leak' when theirs lies above "
+                                  "it; the smallest detectable leak is 2.8 standard errors of MOTE's balanced accuracy "
+                                  f"(80% power, 5% level); the paper's effect: {GENDER_PAPER}."))
     finding.premise = (f"a backbone accurate at FMR 1e-3 (FNMR <= {BACKBONE_FNMR}, as the paper's ArcFace-class "
                        f"one): met in {accurate} of {n} runs.")
     return finding
 
 
+def mean_interval(values: Sequence[float]) -> tuple[float, list[float], float]:
+    """The mean of per-seed differences, its Student-t 95% interval and the smallest mean it could
+    detect with 80% power (t quantiles at n - 1 degrees of freedom); NaN interval below 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, [math.nan, math.nan], math.nan
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    t95, t80 = stats.t.ppf(0.975, n - 1), stats.t.ppf(0.8, n - 1)
+    return mean, [mean - t95 * se, mean + t95 * se], (t95 + t80) * se
+
+
+MOTE_FAIRNESS_PAPER = ("at b = 0.5, MOTE minus the templates' FDR -0.004 to +0.004 and iGARBE -0.043 to +0.254 over "
+                       "two backbones and three data sets (Table 4): MOTE at least as fair in most")
+
+
 def mote_fairness(runs: list[Run]) -> Finding:
     rows, ok, n, vacuous = [], 0, 0, 0
+    per_setting: dict[str, list[tuple[float, float]]] = {}  # (FDR, iGARBE) of MOTE minus templates per seed
     for r in runs:
         ev = r.results.evaluation
         if ev is None:
@@ -514,6 +599,9 @@ def mote_fairness(runs: list[Run]) -> Finding:
         vacuous += degenerate
         n += not degenerate
         ok += at_least and not degenerate
+        if not degenerate:
+            setting = f"{r.sweep.name}: " + " ".join(f"{k}={v}" for k, v in sorted(r.combination.items()))
+            per_setting.setdefault(setting, []).append((m["fdr"] - t["fdr"], m["igarbe"] - t["igarbe"]))
         rows.append((r.label, fmt(t["fdr"]), fmt(m["fdr"]), fmt(t["igarbe"]), fmt(m["igarbe"]), fmt(t["fnmr"]),
                      fmt(m["fnmr"]), "vacuous (FNMR 1)" if degenerate else "yes" if at_least else "no"))
     body = (_table(("run", "FDR templates", f"FDR {BALANCED_GALLERY}", "iGARBE templates", f"iGARBE {BALANCED_GALLERY}",
@@ -522,9 +610,28 @@ def mote_fairness(runs: list[Run]) -> Finding:
                 "evaluation reports point values; compare seeds for the spread. Runs whose threshold rejects every "
                 "genuine pair of both galleries (FNMR 1) are equally 'fair' by construction and are not counted."), ""]
             if rows else [f"Not measured: no run had {layout.MOTE_EVALUATION}.", ""])
-    return Finding("MOTE's fairness is at least the templates'", _all_or_some(ok, n),
-                   f"MOTE b=0.5 at least as fair (FDR and iGARBE) in {ok} of {n} runs "
-                   f"({vacuous} vacuous runs left out)", body)
+    paired, worse, level = [], 0, 0  # per setting over its seeds: MOTE minus templates
+    for setting, diffs in per_setting.items():
+        cells = []
+        for j in (0, 1):
+            mean, ci, mde = mean_interval([d[j] for d in diffs])
+            worse += ci[1] < 0
+            level += mean >= 0
+            cells += [f"{mean:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if len(diffs) > 1 else f"{mean:+.4f}", fmt(mde)]
+        paired.append((setting, len(diffs), *cells))
+    if paired:
+        body += _table(("setting", "seeds", "FDR: MOTE minus templates, mean [t 95% CI]", "smallest detectable",
+                        "iGARBE: MOTE minus templates, mean [t 95% CI]", "smallest detectable"), paired)
+    verdict = ("not measured" if not n else "not reproduced" if worse else
+               "reproduced" if level == 2 * len(per_setting) else "inconclusive (within noise)")
+    return Finding("MOTE's fairness is at least the templates'", verdict,
+                   f"MOTE b=0.5 at least as fair (FDR and iGARBE) in {ok} of {n} runs ({vacuous} vacuous runs left "
+                   f"out); over seeds, MOTE clearly less fair (interval below 0) in {worse} of {2 * len(per_setting)} "
+                   f"(setting, measure) pairs", body,
+                   test=("per setting, the paired differences MOTE minus templates over its seeds (the same probes and "
+                         "threshold), their mean with a Student-t 95% interval; 'not reproduced' only where an "
+                         "interval lies below 0; the smallest detectable mean difference is (t_0.975 + t_0.8) standard "
+                         f"errors; the paper's effect: {MOTE_FAIRNESS_PAPER}."))
 
 
 def render(findings: list[Finding], sweeps: list[str], command: str) -> str:
@@ -538,6 +645,7 @@ def render(findings: list[Finding], sweeps: list[str], command: str) -> str:
     for i, f in enumerate(findings, 1):
         lines += [f"## {i}. {f.title}", "", f"Verdict: **{f.verdict}** ({f.headline}).", ""]
         lines += [f"Premise: {f.premise}", ""] if f.premise else []
+        lines += [f"Test: {f.test}", ""] if f.test else []
         lines += f.body
     lines += ["## Sweeps", "", *sweeps]
     return "\n".join(lines).rstrip() + "\n"

@@ -103,3 +103,43 @@ def test_gender_inference_says_which_way_gives_the_papers_half_and_checks_the_ba
     assert "met in 1 of 1 runs" in finding.premise  # FNMR 0.02 <= 0.1 at FMR 1e-3
     text = "\n".join(finding.body)
     assert "sigmoid in 0 of 1 runs" in text and "decision in 1 of 1 runs (mean share of ties 0.960)" in text
+
+
+def test_a_not_reproduced_that_could_not_see_the_papers_effect_is_called_underpowered(tmp_path, monkeypatch) -> None:
+    mr = _script(monkeypatch)
+    runs = []
+    for name, comparison in (("tight", _comparison(-0.01, -0.04, 0.02)), ("wide", _comparison(-0.02, -0.20, 0.16))):
+        biased_dir, fair_dir = _run_dir(tmp_path, name, 0.9), _run_dir(tmp_path, name + "-fair", 0.1)
+        results = RunResults.load(biased_dir)
+        results.audit = AuditReport(str(biased_dir), str(fair_dir), "attribute", {}, {}, 4, 0, {}, (0.01,), [],
+                                    comparisons=[comparison])
+        runs.append(mr.Run(tmp_path, name, {}, 0, results))
+    assert mr.fd_mia(runs[:1]).verdict == "not reproduced"  # 2.8 x 0.0153 = 0.043 < the paper's 0.11
+    finding = mr.fd_mia(runs)  # the wide one could only see 0.23
+    assert finding.verdict == "inconclusive (underpowered)" and "1 of 2 could detect the paper's +0.11" in finding.headline
+    assert "paired bootstrap" in finding.test and "0.658" in finding.test
+
+
+def test_mote_fairness_is_judged_on_paired_differences_over_seeds(tmp_path, monkeypatch) -> None:
+    from common.runs.records import MoteEvaluation
+
+    mr = _script(monkeypatch)
+    mean, ci, mde = mr.mean_interval([0.1, 0.2, 0.3])
+    half = 4.3027 * 0.1 / 3 ** 0.5  # t(0.975, 2) x the standard error of the mean
+    assert mean == pytest.approx(0.2) and ci == pytest.approx([0.2 - half, 0.2 + half], rel=1e-4)
+    assert mde == pytest.approx((4.3027 + 1.0607) * 0.1 / 3 ** 0.5, rel=1e-3)
+
+    def runs(diffs: list[float]) -> list:
+        out = []
+        for seed, d in enumerate(diffs):
+            results = RunResults.load(_run_dir(tmp_path, f"{len(list(tmp_path.iterdir()))}", 0.0))
+            methods = {"templates": {"fdr": 0.95, "igarbe": 0.9, "fnmr": 0.05},
+                       "MOTE b=0.50": {"fdr": 0.95 + d, "igarbe": 0.9 + d, "fnmr": 0.05}}
+            results.evaluation = MoteEvaluation(1e-3, 10, 10, methods)
+            out.append(mr.Run(tmp_path, f"s{seed}", {"dp.target_epsilon": "8"}, seed, results))
+        return out
+
+    assert mr.mote_fairness(runs([-0.02, -0.021, -0.019])).verdict == "not reproduced"  # clearly less fair
+    assert mr.mote_fairness(runs([-0.03, 0.02, 0.001])).verdict == "inconclusive (within noise)"  # mean < 0, CI has 0
+    finding = mr.mote_fairness(runs([0.01, 0.0, 0.02]))
+    assert finding.verdict == "reproduced" and "Student-t" in finding.test
