@@ -251,6 +251,20 @@ def _deo(results: RunResults | None) -> float:
     return float((results.final_metrics() if results is not None else {}).get("attribute_deo_sum", math.nan))
 
 
+NOT_CONSTANT = 0.1
+"""A fair twin must be a classifier, not a constant (which is trivially 'fair'): in each group it
+predicts each class for at least this share of the faces."""
+
+
+def _positive_rates(results: RunResults | None) -> tuple[float, float]:
+    m = results.final_metrics() if results is not None else {}
+    return (float(m.get("attribute_positive_rate_s0", math.nan)), float(m.get("attribute_positive_rate_s1", math.nan)))
+
+
+def _not_constant(rates: tuple[float, float]) -> bool:
+    return all(NOT_CONSTANT <= r <= 1 - NOT_CONSTANT for r in rates)
+
+
 def _fair_twin(r: Run) -> RunResults | None:
     fair = r.results.audit.fair_run if r.results.audit is not None else None
     try:
@@ -269,9 +283,10 @@ def fd_mia(runs: list[Run]) -> Finding:
         audit = r.results.audit
         if audit is None or not audit.fair_run:
             continue
-        biased, fair = _deo(r.results), _deo(_fair_twin(r))
-        met = biased >= FAIRNESS_GAP and fair <= biased / FAIRER_BY
-        premise_rows.append((r.label, fmt(biased), fmt(fair), "yes" if met else "no"))
+        twin = _fair_twin(r)
+        biased, fair, rates = _deo(r.results), _deo(twin), _positive_rates(twin)
+        met = biased >= FAIRNESS_GAP and fair <= biased / FAIRER_BY and _not_constant(rates)
+        premise_rows.append((r.label, fmt(biased), fmt(fair), " / ".join(fmt(x) for x in rates), "yes" if met else "no"))
         for c in audit.comparisons if met else []:  # FD-MIA against its single-model kin on the fair model
             if not c["a"].startswith("fd-mia") or c["b"].startswith("fd-mia") or not c.get("ci95"):
                 continue
@@ -281,7 +296,8 @@ def fd_mia(runs: list[Run]) -> Finding:
             powered += detectable(c["ci95"]) <= FD_MIA_PAPER_EFFECT
             rows.append((r.label, c["a"], fmt(c["value_a"]), c["b"], fmt(c["value_b"]),
                          f"{c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]", fmt(detectable(c["ci95"]))))
-    body = _table(("run", "biased model DEO", "fair twin DEO", "premise met"), premise_rows) if premise_rows else []
+    body = _table(("run", "biased model DEO", "fair twin DEO", "fair twin's positive rate, women / men",
+                   "premise met"), premise_rows) if premise_rows else []
     body += (_table(("run", "FD-MIA attack", "AUC", "its kin on the fair model", "AUC",
                      "difference [paired 95% CI]", "smallest detectable difference"), rows) if rows else
              ["Not measured: " + ("no pair met the premise." if premise_rows else
@@ -292,8 +308,10 @@ def fd_mia(runs: list[Run]) -> Finding:
                    f"the paired interval above 0 in {clear}; {powered} of {len(rows)} could detect the paper's "
                    f"+{FD_MIA_PAPER_EFFECT}", body,
                    premise=(f"the biased model's DEO >= {FAIRNESS_GAP} and its fair twin's <= 1/{FAIRER_BY:g} of it "
-                            f"(the paper: 0.22 -> 0.06); met by {sum(r[3] == 'yes' for r in premise_rows)} of "
-                            f"{len(premise_rows)} pairs, and only those count."),
+                            f"(the paper: 0.22 -> 0.06), the twin no near-constant classifier (each class predicted "
+                            f"for >= {NOT_CONSTANT:.0%} of each group); met by "
+                            f"{sum(r[-1] == 'yes' for r in premise_rows)} of {len(premise_rows)} pairs, and only "
+                            "those count."),
                    test=("the audit's paired bootstrap of the AUC difference on the same audited samples (FD-MIA on "
                          "the pair minus its single-model kin on the fair model: score-based vs shadow model, LiRA vs "
                          "LiRA); the smallest detectable difference is 2.8 standard errors of it (80% power, 5% "

@@ -23,12 +23,14 @@ def _script(monkeypatch):
     return module
 
 
-def _run_dir(root: Path, name: str, deo: float) -> Path:
+def _run_dir(root: Path, name: str, deo: float, positive_rates: tuple[float, float] = (0.6, 0.4)) -> Path:
     path = root / name
     path.mkdir()
     (path / "config.toml").write_text("")
     (path / "metrics.jsonl").write_text(json.dumps({"event": "round", "round": 1, "verification_auc": 0.8,
-                                                    "attribute_deo_sum": deo}) + "\n")
+                                                    "attribute_deo_sum": deo,
+                                                    "attribute_positive_rate_s0": positive_rates[0],
+                                                    "attribute_positive_rate_s1": positive_rates[1]}) + "\n")
     return path
 
 
@@ -40,20 +42,22 @@ def _comparison(difference: float, lo: float, hi: float) -> dict:
 def test_fd_mia_counts_only_pairs_that_meet_the_premise(tmp_path, monkeypatch) -> None:
     mr = _script(monkeypatch)
     runs = []
-    for name, biased, fair, comparison in (("met", 0.30, 0.06, _comparison(0.05, 0.01, 0.09)),
-                                           ("not-fairer", 0.30, 0.20, _comparison(-0.04, -0.08, 0.0)),
-                                           ("not-biased", 0.10, 0.01, _comparison(-0.02, -0.05, 0.01))):
-        biased_dir, fair_dir = _run_dir(tmp_path, name, biased), _run_dir(tmp_path, name + "-fair", fair)
+    for name, biased, fair, rates, comparison in (
+            ("met", 0.30, 0.06, (0.6, 0.4), _comparison(0.05, 0.01, 0.09)),
+            ("not-fairer", 0.30, 0.20, (0.6, 0.4), _comparison(-0.04, -0.08, 0.0)),
+            ("not-biased", 0.10, 0.01, (0.6, 0.4), _comparison(-0.02, -0.05, 0.01)),
+            ("constant", 0.30, 0.05, (0.95, 0.96), _comparison(-0.03, -0.06, 0.0))):  # 'fair' by saying yes
+        biased_dir, fair_dir = _run_dir(tmp_path, name, biased), _run_dir(tmp_path, name + "-fair", fair, rates)
         results = RunResults.load(biased_dir)
         results.audit = AuditReport(str(biased_dir), str(fair_dir), "attribute", {}, {}, 4, 0, {}, (0.01,), [],
                                     comparisons=[comparison])
         runs.append(mr.Run(tmp_path, name, {}, 0, results))
     finding = mr.fd_mia(runs)
     assert finding.verdict == "reproduced" and "in 1 of 1 paired comparisons" in finding.headline
-    assert "met by 1 of 3 pairs" in finding.premise
+    assert "met by 1 of 4 pairs" in finding.premise
     text = "\n".join(finding.body)
     assert "+0.050 [+0.010, +0.090]" in text and "-0.040" not in text  # the unmet pairs are listed, not counted
-    assert text.count("| no |") == 2
+    assert text.count("| no |") == 3 and "0.950 / 0.960" in text
 
 
 def _study(root: Path, name: str, samples: int, comparisons: list[tuple[float, float, float]],
