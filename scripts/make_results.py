@@ -33,6 +33,7 @@ smallest effect it could detect and the paper's effect (``Finding.test``).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
@@ -90,6 +91,13 @@ def _relative(path: str | None) -> str | None:
         return path
 
 
+def _resolve(base: Path, recorded: str) -> Path:
+    """A recorded run directory: relative to ``base`` in a bundle (``bundle_sweep``), else as the
+    sweep recorded it (absolute, or relative to where it ran)."""
+    inside = base / recorded
+    return inside if inside.exists() else Path(recorded)
+
+
 def load_sweeps(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
     """Every finished run of the sweeps, and a markdown description of each sweep."""
     runs: list[Run] = []
@@ -109,24 +117,79 @@ def load_sweeps(dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
         lines += [f"- failed: `{k}`: {e.get('error')}" if e["state"] == "failed" else
                   f"- unfinished (still running, or stopped: the same command resumes it): `{k}`" for k, e in failed]
         described.append("\n".join(lines))
-        for k, e in finished:
-            runs.append(Run(d, k, e["combination"], e["seed"], RunResults.load(e["run_dir"])))
+        for k, e in finished:  # a bundle (``bundle_sweep``) records run directories relative to itself
+            runs.append(Run(d, k, e["combination"], e["seed"], RunResults.load(_resolve(d, e["run_dir"]))))
     return runs, described
 
 
+RESULT_FILES = (layout.CONFIG, layout.STATUS, layout.PRIVACY, layout.METRICS, layout.AUDIT_REPORT, layout.AUDIT_SCORES,
+                layout.MOTE_EVALUATION, layout.LIFT, layout.LIFT_PAIRS)
+"""What a finding reads from a run directory, and the raw scores behind it (no model, no image)."""
+
+
+def bundle_sweep(sweep: Path, target: Path) -> int:
+    """Copy each finished run's ``RESULT_FILES`` to ``target/runs/<run>/`` and the sweep's index to
+    ``target/sweep.json`` with run directories (and each audit's fair twin) relative to the copy, so
+    that this script re-reads the bundle as it read the sweep (``make_results.py target ...``) and
+    every AUC can be re-scored from the copied scores. Returns the number of runs copied."""
+    index = read_json(sweep / layout.SWEEP_INDEX)
+    if sweep.resolve() == target.resolve():
+        return 0  # already a bundle
+    names: dict[Path, str] = {}
+    for e in index.get("runs", {}).values():
+        if e["state"] == "finished" and e.get("run_dir"):
+            names[_resolve(sweep, e["run_dir"]).resolve()] = Path(e["run_dir"]).name
+    for source, name in names.items():
+        for f in RESULT_FILES:
+            if (source / f).is_file():
+                data = (source / f).read_bytes()
+                if f == layout.AUDIT_REPORT and (fair := json.loads(data).get("fair_run")):
+                    report = json.loads(data)  # the twin, relative to the copied run directory
+                    twin = names.get(_resolve(source, fair).resolve())
+                    report["fair_run"] = f"../{twin}" if twin else None
+                    data = json.dumps(report, indent=1).encode()
+                atomic_write_bytes(target / layout.SWEEP_RUNS / name / f, data)
+    for e in index.get("runs", {}).values():
+        if e.get("run_dir") and _resolve(sweep, e["run_dir"]).resolve() in names:
+            e["run_dir"] = f"{layout.SWEEP_RUNS}/{Path(e['run_dir']).name}"
+    atomic_write_text(target / layout.SWEEP_INDEX, json.dumps(index, indent=1))
+    return len(names)
+
+
 def copy_assets(sweep: Path, assets: Path, out: Path) -> list[str]:
-    """Copy the sweep's sweep.csv and plots into ``assets/<sweep name>/`` (the run directories stay
-    where they are) and return markdown that shows them, with paths relative to ``out``."""
+    """Copy the sweep's sweep.csv and plots into ``assets/<sweep name>/``, with its runs' result
+    files (``bundle_sweep``), and return markdown that shows them, with paths relative to ``out``."""
     target = assets / sweep.name
     if not (sweep / layout.SWEEP_CSV).is_file():
         return [f"No {layout.SWEEP_CSV} in `{sweep}` yet (written when a `facefl sweep` invocation ends).", ""]
     files = [sweep / layout.SWEEP_CSV, *sorted((sweep / layout.SWEEP_PLOTS).glob("*.png"))]
-    for f in files:
-        atomic_write_bytes(target / f.name, f.read_bytes())
+    if sweep.resolve() != target.resolve():
+        for f in files:
+            atomic_write_bytes(target / f.name, f.read_bytes())
+    copied = bundle_sweep(sweep, target)
     rel = Path(os.path.relpath(target, out.parent))
     table = rel / layout.SWEEP_CSV
-    lines = [f"Per-run table: [`{table}`]({table}); plots (mean over seeds, band min to max):", ""]
+    lines = [f"Per-run table: [`{table}`]({table}); each run's result files and raw attack scores: "
+             f"[`{rel / layout.SWEEP_RUNS}`]({rel / layout.SWEEP_RUNS})" + (f" ({copied} runs)" if copied else "")
+             + f"; `scripts/make_results.py {rel}` re-reads them. Plots (mean over seeds, band min to max):", ""]
     return lines + [f"![{f.stem}]({rel / f.name})" for f in files[1:]] + [""]
+
+
+MINT_STUDY_FILES = (STUDY_FILE, "mint_study.npz", "mint_study_roc.png", layout.CONFIG)
+"""A study's result, raw scores, ROC and configuration (its audited model stays behind)."""
+
+
+def copy_mint_studies(studies: list[tuple[Path, dict[str, Any]]], assets: Path, out: Path) -> list[str]:
+    """Copy each MINT study's ``MINT_STUDY_FILES`` to ``assets/mint/<study>/``; markdown naming them."""
+    for path, _ in studies:
+        target = assets / "mint" / path.name
+        if path.resolve() != target.resolve():
+            for f in MINT_STUDY_FILES:
+                if (path / f).is_file():
+                    atomic_write_bytes(target / f, (path / f).read_bytes())
+    rel = Path(os.path.relpath(assets / "mint", out.parent))
+    return [f"Each study's result, raw scores (npz), ROC and configuration: [`{rel}`]({rel}); "
+            f"`facefl mint-study {rel}/<study>/config.toml` runs one again.", ""] if studies else []
 
 
 def _attack(r: Run, kind: TargetKind, fair: bool | None = None, exclude: tuple[str, ...] = ()) -> AttackEntry | None:
@@ -268,7 +331,7 @@ def _not_constant(rates: tuple[float, float]) -> bool:
 def _fair_twin(r: Run) -> RunResults | None:
     fair = r.results.audit.fair_run if r.results.audit is not None else None
     try:
-        return RunResults.load(fair) if fair else None
+        return RunResults.load(_resolve(r.results.path, fair)) if fair else None
     except (FileNotFoundError, ValueError):
         return None
 
@@ -680,8 +743,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs, sweeps = load_sweeps(args.sweeps)
     if args.assets:
         sweeps = [text + "\n" + "\n".join(copy_assets(d, args.assets, args.out)) for d, text in zip(args.sweeps, sweeps, strict=True)]
-    findings = [fd_mia(runs), fd_mia_mote(runs), dp_trend(runs), mint_paper_terms(load_mint_studies(args.mint_studies)),
-                mint(runs), gender_inference(runs), mote_fairness(runs)]
+    studies = load_mint_studies(args.mint_studies)
+    mint_study = mint_paper_terms(studies)
+    if args.assets:
+        mint_study.body += copy_mint_studies(studies, args.assets, args.out)
+    findings = [fd_mia(runs), fd_mia_mote(runs), dp_trend(runs), mint_study, mint(runs), gender_inference(runs),
+                mote_fairness(runs)]
     command = shlex.join(["scripts/make_results.py", *map(str, args.sweeps), "--out", str(args.out),
                           *(["--assets", str(args.assets)] if args.assets else []),
                           *(["--mint-studies", *map(str, args.mint_studies)] if args.mint_studies else [])])

@@ -264,9 +264,16 @@ def test_results_script_checks_each_finding_on_the_sweep(sweep, tmp_path, monkey
     target = tmp_path / "RESULTS.md"
     assert make_results.main([str(out), "--out", str(target), "--assets", str(tmp_path / "results")]) == 0
     text = target.read_text(encoding="utf-8")
-    copied = sorted(p.name for p in (tmp_path / "results" / out.name).iterdir())
-    assert copied == sorted(["sweep.csv", *(p.name for p in (out / "plots").glob("*.png"))]) and len(copied) > 1
-    assert all(f"(results/{out.name}/{name})" in text for name in copied)  # shown, relative to RESULTS.md
+    bundle = tmp_path / "results" / out.name
+    shown = sorted(["sweep.csv", *(p.name for p in (out / "plots").glob("*.png"))])
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*shown, "sweep.json", "runs"]) and len(shown) > 1
+    assert all(f"(results/{out.name}/{name})" in text for name in shown)  # shown, relative to RESULTS.md
+    # The bundle holds each run's result files and raw scores, no model: RESULTS.md comes back from it alone.
+    assert list(bundle.glob("runs/*/audit/scores.npz")) and not list(bundle.glob("runs/*/models"))
+    again = tmp_path / "AGAIN.md"
+    assert make_results.main([str(bundle), "--out", str(again)]) == 0
+    findings = re.compile(r"^## .*?(?=^## Sweeps)", flags=re.MULTILINE | re.DOTALL)
+    assert findings.search(again.read_text(encoding="utf-8"))[0] == findings.search(text)[0]
     for title in ("FD-MIA beats single-model attacks on fair models", "FD-MIA on MOTE gallery pairs (outside the",
                   "DP-SGD lowers attack success as epsilon falls",
                   "MINT (white-box) beats black-box MIA", "MINT beats the embedding-only attack (the paper's terms)",
