@@ -610,10 +610,11 @@ def gender_inference(runs: list[Run]) -> Finding:
             continue
         n += 1
         fnmr = float(ev.method(TEMPLATES).get("fnmr", math.nan))
-        accurate += fnmr <= BACKBONE_FNMR
+        met = fnmr <= BACKBONE_FNMR
+        accurate += met
         mote_near, templates_leak = m[1][0] <= 0.5 <= m[1][1], t[1][0] > 0.5
-        ok += mote_near and templates_leak
-        powered += detectable(m[1]) <= GENDER_PAPER_EFFECT
+        ok += met and mote_near and templates_leak  # only runs that meet the premise count
+        powered += met and detectable(m[1]) <= GENDER_PAPER_EFFECT
         variants = ev.leakage(BALANCED_GALLERY).get("variants", {})
         for name, v in variants.items():
             ci = _ba_ci(v)
@@ -621,10 +622,12 @@ def gender_inference(runs: list[Run]) -> Finding:
                                                    float(v.get("tie_share", math.nan))))
         ways = "; ".join(f"{name} {fmt(v.get('balanced_accuracy'))} (majority {fmt(v.get('majority_share'))}, "
                          f"ties {fmt(v.get('tie_share'))})" for name, v in variants.items()) or "not measured"
-        rows.append((r.label, fmt(fnmr), with_ci(*t), "yes" if templates_leak else "no", with_ci(*m),
+        rows.append((r.label, fmt(fnmr), fmt(ev.method(BALANCED_GALLERY).get("fnmr", math.nan)),
+                     "yes" if met else "no", with_ci(*t), "yes" if templates_leak else "no", with_ci(*m),
                      "yes" if mote_near else "no", fmt(detectable(m[1])), ways))
-    verdict = _powered(_all_or_some(ok, n), powered, n)
-    body = (_table(("run", "templates FNMR@FMR=1e-3", "templates: BA [95% CI]", "templates leak (CI above 0.5)",
+    verdict = _powered(_all_or_some(ok, accurate), powered, accurate)
+    body = (_table(("run", "templates FNMR@FMR=1e-3", f"{BALANCED_GALLERY} FNMR", "premise met",
+                    "templates: BA [95% CI]", "templates leak (CI above 0.5)",
                     f"{BALANCED_GALLERY}: BA [95% CI]", "MOTE near 50% (CI contains 0.5)",
                     "smallest detectable leak", "MOTE four ways: BA (share guessed as majority class, share of ties)"),
                    rows)
@@ -638,13 +641,14 @@ def gender_inference(runs: list[Run]) -> Finding:
                + " (near 50%: its interval contains 0.5).", ""]
             if rows else [f"Not measured: no run had {layout.MOTE_EVALUATION} with the gender-inference attack.", ""])
     finding = Finding("MOTE's gender inference is near 50% while templates leak", verdict,
-                      f"both hold in {ok} of {n} runs; {powered} of {n} could detect a leak of {GENDER_PAPER_EFFECT}",
+                      f"both hold in {ok} of the {accurate} runs that meet the premise; {powered} of them could "
+                      f"detect a leak of {GENDER_PAPER_EFFECT}",
                       body, test=("per run, the normal-approximation 95% interval of each balanced accuracy: MOTE 'near "
                                   "50%' when its interval contains 0.5, the templates 'leak' when theirs lies above "
                                   "it; the smallest detectable leak is 2.8 standard errors of MOTE's balanced accuracy "
                                   f"(80% power, 5% level); the paper's effect: {GENDER_PAPER}."))
     finding.premise = (f"a backbone accurate at FMR 1e-3 (FNMR <= {BACKBONE_FNMR}, as the paper's ArcFace-class "
-                       f"one): met in {accurate} of {n} runs.")
+                       f"one): met in {accurate} of {n} runs, and only those count.")
     return finding
 
 

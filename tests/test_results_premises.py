@@ -107,6 +107,13 @@ def test_gender_inference_says_which_way_gives_the_papers_half_and_checks_the_ba
     assert "met in 1 of 1 runs" in finding.premise  # FNMR 0.02 <= 0.1 at FMR 1e-3
     text = "\n".join(finding.body)
     assert "sigmoid in 0 of 1 runs" in text and "decision in 1 of 1 runs (mean share of ties 0.960)" in text
+    assert finding.verdict == "not reproduced"  # MOTE leaks 0.65 on an accurate backbone
+    # A backbone that misses the premise is listed but never counted, even where the paper's claim holds.
+    blurry = RunResults.load(_run_dir(tmp_path, "blurry", 0.0))
+    blurry.evaluation = MoteEvaluation(1e-3, 200, 500, {"templates": {"fnmr": 0.5}, "MOTE b=0.50": {"fnmr": 0.6}},
+                                       {"templates": leak(0.8, 0.8), "MOTE b=0.50": leak(0.5, 0.5)})
+    both = mr.gender_inference([mr.Run(tmp_path, "accurate", {}, 0, results), mr.Run(tmp_path, "blurry", {}, 0, blurry)])
+    assert both.verdict == "not reproduced" and "in 0 of the 1 runs that meet the premise" in both.headline
 
 
 def test_a_not_reproduced_that_could_not_see_the_papers_effect_is_called_underpowered(tmp_path, monkeypatch) -> None:
