@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate docs/RESULTS.md: every sweep and study behind it, three seeds per setting (each step is
-# resumable: finished runs are skipped), then scripts/make_results.py. About 4 core-hours on 2 cores;
+# resumable: finished runs are skipped), then scripts/make_results.py. About 3 core-hours (measured
+# 2026-12-07: 75 minutes on 2 cores);
 # run two halves side by side, then the report:
 #   nohup bash scripts/regenerate_results.sh fdmia > fdmia.log 2>&1 &
 #   nohup bash scripts/regenerate_results.sh mint gender > rest.log 2>&1 &
