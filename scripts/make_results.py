@@ -143,10 +143,9 @@ def bundle_sweep(sweep: Path, target: Path) -> int:
         for f in RESULT_FILES:
             if (source / f).is_file():
                 data = (source / f).read_bytes()
-                if f == layout.AUDIT_REPORT and (fair := json.loads(data).get("fair_run")):
-                    report = json.loads(data)  # the twin, relative to the copied run directory
-                    twin = names.get(_resolve(source, fair).resolve())
-                    report["fair_run"] = f"../{twin}" if twin else None
+                if f == layout.AUDIT_REPORT and (report := json.loads(data)).get("fair_run"):
+                    twin = names.get(_resolve(source, report["fair_run"]).resolve())
+                    report["fair_run"] = f"../{twin}" if twin else None  # relative to the copied run directory
                     data = json.dumps(report, indent=1).encode()
                 atomic_write_bytes(target / layout.SWEEP_RUNS / name / f, data)
     for e in index.get("runs", {}).values():
@@ -156,6 +155,13 @@ def bundle_sweep(sweep: Path, target: Path) -> int:
     return len(names)
 
 
+def _copy(files: Sequence[Path], target: Path) -> None:
+    """Copy ``files`` into the folder ``target`` (nothing when they are already there: a bundle)."""
+    for f in files:
+        if f.parent.resolve() != target.resolve():
+            atomic_write_bytes(target / f.name, f.read_bytes())
+
+
 def copy_assets(sweep: Path, assets: Path, out: Path) -> list[str]:
     """Copy the sweep's sweep.csv and plots into ``assets/<sweep name>/``, with its runs' result
     files (``bundle_sweep``), and return markdown that shows them, with paths relative to ``out``."""
@@ -163,9 +169,7 @@ def copy_assets(sweep: Path, assets: Path, out: Path) -> list[str]:
     if not (sweep / layout.SWEEP_CSV).is_file():
         return [f"No {layout.SWEEP_CSV} in `{sweep}` yet (written when a `facefl sweep` invocation ends).", ""]
     files = [sweep / layout.SWEEP_CSV, *sorted((sweep / layout.SWEEP_PLOTS).glob("*.png"))]
-    if sweep.resolve() != target.resolve():
-        for f in files:
-            atomic_write_bytes(target / f.name, f.read_bytes())
+    _copy(files, target)
     copied = bundle_sweep(sweep, target)
     rel = Path(os.path.relpath(target, out.parent))
     table = rel / layout.SWEEP_CSV
@@ -182,11 +186,7 @@ MINT_STUDY_FILES = (STUDY_FILE, "mint_study.npz", "mint_study_roc.png", layout.C
 def copy_mint_studies(studies: list[tuple[Path, dict[str, Any]]], assets: Path, out: Path) -> list[str]:
     """Copy each MINT study's ``MINT_STUDY_FILES`` to ``assets/mint/<study>/``; markdown naming them."""
     for path, _ in studies:
-        target = assets / "mint" / path.name
-        if path.resolve() != target.resolve():
-            for f in MINT_STUDY_FILES:
-                if (path / f).is_file():
-                    atomic_write_bytes(target / f, (path / f).read_bytes())
+        _copy([path / f for f in MINT_STUDY_FILES if (path / f).is_file()], assets / "mint" / path.name)
     rel = Path(os.path.relpath(assets / "mint", out.parent))
     return [f"Each study's result, raw scores (npz), ROC and configuration: [`{rel}`]({rel}); "
             f"`facefl mint-study {assets / 'mint'}/<study>/config.toml` runs one again.", ""] if studies else []
@@ -246,6 +246,7 @@ def _se(ci: Sequence[float]) -> float:
 
 POWER_Z = 1.96 + 0.8416
 """A difference of this many standard errors is detected with 80% power by a two-sided 5% test."""
+DETECTABLE = "the smallest detectable difference is 2.8 standard errors of the difference (80% power, 5% level)"
 
 
 def detectable(ci: Sequence[float]) -> float:
@@ -291,8 +292,7 @@ def _compare(title: str, pairs: list[tuple[Run, str, AttackEntry, AttackEntry]],
                    f"{a_name} higher in {wins} of {len(pairs)} runs, intervals apart in {clear}; {powered} of "
                    f"{len(pairs)} could detect the paper's {paper_effect}", body,
                    test=(f"per run, A's and B's bootstrap 95% intervals apart (different attacks picked as each side's "
-                         f"strongest: no paired interval); the smallest detectable difference is 2.8 standard errors "
-                         f"of the difference (80% power, 5% level); the paper's effect: {paper}."))
+                         f"strongest: no paired interval); {DETECTABLE}; the paper's effect: {paper}."))
 
 
 FAIRNESS_GAP = 0.2
@@ -377,8 +377,7 @@ def fd_mia(runs: list[Run]) -> Finding:
                             "those count."),
                    test=("the audit's paired bootstrap of the AUC difference on the same audited samples (FD-MIA on "
                          "the pair minus its single-model kin on the fair model: score-based vs shadow model, LiRA vs "
-                         "LiRA); the smallest detectable difference is 2.8 standard errors of it (80% power, 5% "
-                         f"level); the paper's effect: {FD_MIA_PAPER}."))
+                         f"LiRA); {DETECTABLE}; the paper's effect: {FD_MIA_PAPER}."))
 
 
 def fd_mia_mote(runs: list[Run]) -> Finding:
@@ -478,9 +477,8 @@ def mint_paper_terms(studies: list[tuple[Path, dict[str, Any]]]) -> Finding:
                             f"held-out photos of the same people); met by "
                             f"{sum(r[-1] == 'yes' for r in premise_rows)} of {len(premise_rows)} studies."),
                    test=("a paired bootstrap over people (identity_bootstrap: the same test samples, resampled by "
-                         "identity) of each MINT variant's AUC minus mint-embedding's; the smallest detectable "
-                         "difference is 2.8 standard errors of it (80% power, 5% level); the paper's effect: "
-                         f"{MINT_PAPER} (accuracy, read as AUC)."))
+                         f"identity) of each MINT variant's AUC minus mint-embedding's; {DETECTABLE}; the paper's "
+                         f"effect: {MINT_PAPER} (accuracy, read as AUC)."))
 
 
 def _rank(values: Sequence[float]) -> list[float]:
@@ -574,8 +572,7 @@ def dp_trend(runs: list[Run]) -> Finding:
                    f"{signal_powered} could detect the paper's {DP_PAPER_EFFECT} (all {n} pairs: {wins} higher, "
                    f"{clear} apart)", body,
                    test=("per (series, attack), the two models' bootstrap 95% intervals apart (different models, "
-                         "independent intervals), and the sign of the difference; the smallest detectable difference "
-                         "is 2.8 standard errors of it (80% power, 5% level); the paper's effect: "
+                         f"independent intervals), and the sign of the difference; {DETECTABLE}; the paper's effect: "
                          f"{DP_PAPER}."))
 
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from common.nn.heads import CosineClassifier
 from common.train.layer_samplers import cosine_pair_products, cosine_parts, cosine_weighted_gradient
-from common.train.weighted_clipping import unit_weights
+from common.train.weighted_clipping import clip_factor
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("bk", "ghost", "hooks", "functorch")
 """``dp.grad_sample_mode``: this module's book-keeping, or one of Opacus' modes."""
@@ -236,9 +236,7 @@ class BookKeepingModule(nn.Module):
             squared += part.double()
             finishers.append(finish)
         norms = squared.clamp(min=0).sqrt()
-        coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        if weights is not None:
-            coef = coef * unit_weights(weights.to(device), inverse, count)
+        coef = clip_factor(norms, max_grad_norm, weights, inverse)
         for finish in finishers:
             finish(coef)
         return norms

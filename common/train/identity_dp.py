@@ -47,7 +47,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from common.train.book_keeping import check_private_module
-from common.train.weighted_clipping import unit_weights
+from common.train.weighted_clipping import clip_factor, joint_norms
 
 DP_UNITS: tuple[str, ...] = ("sample", "identity")
 """What one (epsilon, delta) protects: one image, or one person with all of their images."""
@@ -138,10 +138,8 @@ def identity_clipped_gradients(grad_samples: Sequence[torch.Tensor], identities:
     if n == 0 or not sums:
         norms = torch.zeros(n, device=ids.device)
     else:
-        norms = torch.stack([s.reshape(n, -1).norm(2, dim=-1) for s in sums], dim=1).norm(2, dim=1)
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    if weights is not None:
-        factor = factor * unit_weights(weights.to(ids.device), inverse, n).to(factor.dtype)
+        norms = joint_norms(sums)
+    factor = clip_factor(norms, max_grad_norm, weights, inverse)
     return [s * factor.to(s.dtype).reshape(n, *([1] * (s.dim() - 1))) for s in sums], codes, norms
 
 

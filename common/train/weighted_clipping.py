@@ -37,6 +37,24 @@ def unit_weights(weights: torch.Tensor, inverse: torch.Tensor, count: int) -> to
     return sums / sizes.clamp(min=1.0)
 
 
+def joint_norms(per_unit: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each unit's gradient norm over all parameters jointly (one tensor (units, *shape) per parameter)."""
+    n = len(per_unit[0])
+    return torch.stack([g.reshape(n, -1).norm(2, dim=-1) for g in per_unit], dim=1).norm(2, dim=1)
+
+
+def clip_factor(norms: torch.Tensor, max_grad_norm: float, weights: torch.Tensor | None = None,
+                inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """Opacus' flat-clipping factor min(1, C / (norm + 1e-6)) per unit, times the unit's weight when
+    ``weights`` (one per sample, in [0, 1]) are given: what every engine multiplies each unit's
+    gradient by. ``inverse[i]``: the unit of sample i (None: each sample is its own unit)."""
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    if weights is None:
+        return factor
+    weights = weights.to(norms.device)
+    return factor * (weights if inverse is None else unit_weights(weights, inverse, len(norms))).to(factor.dtype)
+
+
 @torch.no_grad()
 def weight_clipped_grad_samples(params: Sequence[torch.nn.Parameter], weights: torch.Tensor,
                                 max_grad_norm: float) -> None:
@@ -47,8 +65,7 @@ def weight_clipped_grad_samples(params: Sequence[torch.nn.Parameter], weights: t
     samples = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
     if not samples or len(samples[0]) == 0:
         return
-    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * weights.to(norms.dtype)
+    factor = clip_factor(joint_norms(samples), max_grad_norm, weights)
     for p in params:
         if getattr(p, "grad_sample", None) is not None:
             p.grad_sample = p.grad_sample * factor.reshape(-1, *([1] * (p.grad_sample.dim() - 1)))
