@@ -84,7 +84,7 @@ def federate(cfg: Config) -> dict[str, float]:
             rates.append(float(report["samples-per-second"]))
         global_state = {k: torch.from_numpy(v) for k, v in weighted_average(updates).items()}
     model.load_state_dict(global_state)
-    metrics = GlobalEvaluator(cfg, ds, build_manifest(cfg, ds)).evaluate(model)
+    metrics = GlobalEvaluator.from_manifest(cfg, ds, build_manifest(cfg, ds)).evaluate(model)
     return {**{m: float(metrics[m]) for m in METRICS}, "samples/s": statistics.median(rates)}
 
 

@@ -30,12 +30,16 @@ from client.local import (
     mote_noise_seed,
     update_digest,
 )
+from client.member_data import member_dataset, member_folder, member_split
 from common import wire
 from common.config import Config
 from common.data.cache import build_dataset
+from common.data.dataset import FaceDataset
+from common.evaluation.global_model import GlobalEvaluator
 from common.mote.enrollment import enroll_client
 from common.nn.build import build_model, model_spec
 from common.runs.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
+from common.split.member import MemberSplit, counts
 from common.train.local_round import ClientState, derived_seed
 
 log = logging.getLogger(__name__)
@@ -101,6 +105,20 @@ def _allows_reproducible_noise(context: Context) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
 
+def _member(msg: Message, context: Context, cfg: Config, partition: int) -> tuple[FaceDataset, MemberSplit]:
+    """``data.layout = per-member``: this node's own data set and its split, kept in the node's
+    state folder of this run (``client.member_data``)."""
+    store = _state_store(msg, context, partition)
+    if store is None:
+        raise ValueError(f"client {partition}: data.layout = 'per-member' keeps the member's split of its images in "
+                         f"its state directory: set node config '{CLIENT_STATE_NODE_CONFIG}' (or ${CLIENT_STATE_ENV} in "
+                         "simulation)")
+    folder, source = member_folder(cfg, context.node_config, partition)
+    ds = member_dataset(cfg, folder, source, partition)
+    reproducible = cfg.dp.reproducible_noise and _allows_reproducible_noise(context)
+    return ds, member_split(cfg, ds, store.directory, partition, reproducible)
+
+
 def _save_state(context: Context, state: ClientState) -> None:
     if state.head is not None:
         context.state[HEAD_KEY] = wire.state_to_record(state.head)
@@ -123,8 +141,13 @@ def train(msg: Message, context: Context) -> Message:
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
     global_state, encryption = _global_model(msg, context, cfg)
     state, store = _restore_state(msg, context, partition, server_round)
+    data = None
+    if cfg.data.layout == "per-member":
+        ds, split = _member(msg, context, cfg, partition)
+        data = split.subset(ds, "train")
     new_state, client_state, report = local_train(cfg, partition, server_round, global_state, state, store,
-                                                  allow_reproducible_noise=_allows_reproducible_noise(context))
+                                                  allow_reproducible_noise=_allows_reproducible_noise(context),
+                                                  data=data)
     _save_state(context, client_state)
     privacy = client_state.privacy_json(cfg.dp.mode != "off" and cfg.dp.reproducible_noise)
     content = RecordDict({wire.METRICS: wire.metric_record(report), wire.PRIVACY: ConfigRecord({"json": privacy})})
@@ -162,12 +185,40 @@ def enroll(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation (``data.layout = per-member``): the global model, decrypted by this node
+    under HE, on the member's held-out identities (open-set verification) and held-out images
+    (the attribute task, where its data are labelled). Only the metrics and the counts they rest
+    on go back."""
+    cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
+    partition = wire.partition_of(context.node_config, cfg.split.num_clients)
+    global_state, _ = _global_model(msg, context, cfg)
+    model = build_model(model_spec(cfg), cfg.seed)
+    model.load_state_dict(global_state)
+    ds, split = _member(msg, context, cfg, partition)
+    evaluator = GlobalEvaluator(cfg, *(split.subset(ds, role) for role in ("train", "probe", "held_out")))
+    labelled = cfg.train.attribute == "gender" or cfg.train.attribute in ds.labels
+    metrics = {"verification_auc": evaluator.verification(model)}
+    if model.attribute is not None and labelled and len(evaluator.held_out):
+        metrics.update({f"attribute_{k}": float(v) for k, v in
+                        evaluator.attribute(model, cfg.train.attribute).items()})
+    sizes = {"probe-images": len(evaluator.probe), "held-out-images": len(evaluator.held_out)}
+    return Message(RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, **sizes, **metrics})}),
+                   reply_to=msg)
+
+
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
     """Who this node is: partition id, sample count, and the fingerprint of the data set it
-    split (the server refuses to train with a node whose data differs from its manifest)."""
+    split (the server refuses to train with a node whose data differs from its manifest); with
+    ``data.layout = per-member``, counts of its own data instead, and no fingerprint of it."""
     cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
+    if cfg.data.layout == "per-member":
+        ds, split = _member(msg, context, cfg, partition)
+        sizes = counts(split, ds)
+        return Message(RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, **sizes})}), reply_to=msg)
     data = local_data(cfg, partition)
     reply = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, wire.NUM_EXAMPLES: len(data)}),
                         wire.CONFIG: ConfigRecord({"fingerprint": build_dataset(cfg).fingerprint()})})

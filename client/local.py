@@ -243,14 +243,15 @@ def _refuse_reproducible_unless(allowed: bool, partition: int) -> None:
 
 def local_train(cfg: Config, partition: int, server_round: int, global_state: dict[str, torch.Tensor],
                 state: ClientState, store: StateStore | None = None, allow_reproducible_noise: bool = False,
-                ) -> tuple[dict[str, torch.Tensor], ClientState, dict[str, float | int]]:
-    """This client's round (``common.train.local_round.train_round``) on its member samples, with
-    its secret noise seed; with a ``store``, the new state is persisted (``StateStore.record_round``)
-    before it is reported, and its reported epsilon is the one the store kept."""
+                data: FaceDataset | None = None) -> tuple[dict[str, torch.Tensor], ClientState, dict[str, float | int]]:
+    """This client's round (``common.train.local_round.train_round``) on ``data`` (default: its
+    member samples of the server's manifest, ``local_data``), with its secret noise seed; with a
+    ``store``, the new state is persisted (``StateStore.record_round``) before it is reported, and
+    its reported epsilon is the one the store kept."""
     noise_seed = noise_seed_for(cfg, partition, server_round, store, allow_reproducible_noise)
     base_steps = total_steps(state.dp_history)
-    weights, new_state, report = train_round(cfg, local_data(cfg, partition), partition, server_round, global_state,
-                                             state, noise_seed)
+    data = local_data(cfg, partition) if data is None else data
+    weights, new_state, report = train_round(cfg, data, partition, server_round, global_state, state, noise_seed)
     if store is not None:
         secret = None if cfg.dp.reproducible_noise else noise_seed
         new_state = store.record_round(server_round, base_steps, new_state, update_digest(weights), secret)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from common import wire
 from common.config import Config
 from common.data.cache import build_dataset
-from common.evaluation.global_model import GlobalEvaluator
+from common.evaluation.global_model import MEMBERS_PREFIX, GlobalEvaluator
 from common.he.checkpoints import save_encrypted
 from common.he.keys import load_public_context
 from common.he.selection import EncryptionLayout
@@ -41,6 +41,7 @@ from common.split.canaries import canary_plan, client_sample_counts, write_canar
 from common.split.manifest import Manifest
 from common.train.pretraining import Pretrained, pretrain
 from server.enrollment import enroll_phase
+from server.federated_evaluation import evaluate_phase
 from server.he_strategy import HEFedAvg, he_strategy
 from server.ledger import PrivacyLedger
 from server.strategy import FaceFedAvg, StrategySettings, error_summary, sender
@@ -121,6 +122,52 @@ def describe_clients(grid: Grid, cfg: Config, manifest: Manifest, counts: list[i
     return partitions
 
 
+def _manifest_data(cfg: Config, run: RunDir, started: bool) -> tuple[Manifest, GlobalEvaluator, list[int]]:
+    """``data.layout = manifest``: the split of the whole data set (written at the start, the audit's
+    ground truth; checked against the data on resume), the canaries, the server's evaluator, and
+    each partition's sample count (its members plus its canaries)."""
+    ds = build_dataset(cfg)
+    if started:
+        manifest = Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
+    else:
+        manifest = build_manifest(cfg, ds)
+        manifest.save(run.manifest_path)
+    canaries = canary_plan(cfg, ds, manifest)  # the same plan every client derives (client.local.local_data)
+    if not started:
+        write_canaries(run, canaries)  # for the auditor only (attacks.canary_audit)
+    return manifest, GlobalEvaluator.from_manifest(cfg, ds, manifest), client_sample_counts(manifest, canaries)
+
+
+def describe_members(grid: Grid, cfg: Config, run_key: str) -> tuple[dict[int, int], dict[int, dict[str, int]]]:
+    """``data.layout = per-member``: map partition id -> node id, with the counts each member
+    reports of its own data (``common.split.member.counts``; its updates must claim its number
+    of training images). The
+    message carries the run key, under which each member keeps its split on its own disk."""
+    patience = max(cfg.federation.round_timeout, DESCRIBE_PATIENCE)
+    nodes = _wait_for_nodes(grid, cfg.split.num_clients, patience)
+    content = RecordDict({wire.CONFIG: wire.config_record(cfg, 0), wire.RUN_RECORD: wire.run_record(run_key, 0)})
+    messages = [Message(content, node, "query.describe") for node in nodes]
+    replies = grid.send_and_receive(messages, timeout=patience)
+    owners = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    partitions: dict[int, int] = {}
+    members: dict[int, dict[str, int]] = {}
+    failed: list[str] = []
+    for msg in replies:
+        node = sender(msg, owners)
+        if msg.has_error():
+            failed.append(f"node {node}: {error_summary(msg.error.reason)}")
+            continue
+        reported = {k: int(v) for k, v in msg.content[wire.METRICS].items()}  # type: ignore[arg-type]
+        pid = reported.pop(wire.PARTITION)
+        if pid in partitions:
+            raise RunFailed(f"nodes {partitions[pid]} and {node} both claim partition-id {pid}")
+        partitions[pid], members[pid] = node, reported
+    missing = sorted(set(range(cfg.split.num_clients)) - set(partitions))
+    if missing:
+        raise RunFailed(f"no member described its data for partition ids {missing}" + "".join(f"; {f}" for f in failed))
+    return partitions, members
+
+
 def run_federation(grid: Grid, cfg: Config, run: RunDir, progress: bool = False,
                    resume: bool = False) -> dict[str, Any]:
     """Run every round (after the last committed one when ``resume``) while holding the run's
@@ -160,18 +207,16 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
     spec = model_spec(cfg)
     # A bad init_checkpoint is refused before the data is built or a node awaited.
     model = build_model(spec, cfg.seed) if started else build_initial_model(cfg, spec)
-    ds = build_dataset(cfg)
-    if started:  # the audit's ground truth stays the one written at the start, checked against the data
-        manifest = Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
+    key = run.path.name
+    evaluator: GlobalEvaluator | None = None
+    if cfg.data.layout == "per-member":  # the members' data stay with them: no manifest, no server evaluation
+        partitions, members = describe_members(grid, cfg, key)
+        if not started:
+            run.log_metrics("members", members={str(p): c for p, c in sorted(members.items())})
+        counts = {p: c["train-images"] for p, c in members.items()}  # what each member's updates must claim
     else:
-        manifest = build_manifest(cfg, ds)
-        manifest.save(run.manifest_path)
-    canaries = canary_plan(cfg, ds, manifest)  # the same plan every client derives (client.local.local_data)
-    if not started:
-        write_canaries(run, canaries)  # for the auditor only (attacks.canary_audit)
-    counts = client_sample_counts(manifest, canaries)
-    evaluator = GlobalEvaluator(cfg, ds, manifest)
-    partitions = describe_clients(grid, cfg, manifest, counts)
+        manifest, evaluator, counts = _manifest_data(cfg, run, started)
+        partitions = describe_clients(grid, cfg, manifest, counts)
     settings = StrategySettings(cfg.seed, partitions, cfg.federation, {p: counts[p] for p in partitions})
     meta = {"spec": spec.to_dict(), "task": cfg.train.task, "attribute": cfg.train.attribute}
     if started:
@@ -187,7 +232,6 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
                             interrupted=[{"interrupted_event": r["interrupted_event"]} for r in point.interrupted])
         state = _start(cfg, run, model, evaluator, settings, progress, meta)
     run.commit(state.rounds_completed)
-    key = run.path.name
     strategy, ledger = state.strategy, state.ledger
     node_partition = {n: p for p, n in partitions.items()}
     bar = tqdm(range(state.rounds_completed + 1, cfg.federation.rounds + 1), desc="rounds", disable=not progress,
@@ -213,6 +257,11 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
         # The round's checkpoint carries the ledger as of this round: a resumed run restores both from one file.
         state.metrics = _checkpoint(run, strategy, global_record, model, evaluator, round_name(server_round),
                                     {**meta, "round": server_round, "privacy": ledger.to_json()})
+        federated: dict[str, Any] = {}
+        if cfg.data.layout == "per-member":
+            result = evaluate_phase(grid, cfg, strategy, global_record, server_round, key)
+            state.metrics = {k: v for k, v in result.items() if k.startswith(MEMBERS_PREFIX)}
+            federated = {"members_evaluation": {k: result[k] for k in ("members", "failures")}}
         ledger.save(run.privacy_path)
         clients = [{"partition": r.partition, **{k: v for k, v in r.metrics.items() if k != wire.PARTITION}}
                    for r in strategy.accepted]
@@ -221,9 +270,9 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
                         failures=strategy.failures, max_epsilon=ledger.max_epsilon(), encrypted=cfg.he.enabled,
                         train_loss=float(np.average([r.metrics["train-loss"] for r in strategy.accepted],
                                                     weights=[r.num_examples for r in strategy.accepted])),
-                        **state.metrics)
+                        **state.metrics, **federated)
         bar.set_postfix(eps=f"{ledger.max_epsilon():.2f}",
-                        **({"auc": f"{state.metrics['verification_auc']:.3f}"} if state.metrics else {}))
+                        **{"auc": f"{v:.3f}" for k, v in state.metrics.items() if k.endswith("verification_auc")})
         run.commit(server_round)  # the commit point: status.json is written last
     _checkpoint(run, strategy, state.global_record, model, None, FINAL, {**meta, "round": cfg.federation.rounds})
     summary = {"rounds_completed": cfg.federation.rounds, "max_epsilon": ledger.max_epsilon(),
@@ -235,16 +284,16 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
     return summary
 
 
-def _start(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator, settings: StrategySettings,
+def _start(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator | None, settings: StrategySettings,
            progress: bool, meta: dict[str, Any]) -> _ServerState:
     """The start phase: evaluate the seeded model, pretrain it on public data, save it as the
     initial global model, and build the strategy (for HE: the key, the selective-encryption mask)."""
     run.log_metrics("start", partitions={str(p): n for p, n in settings.partitions.items()},
-                    initial=evaluator.evaluate(model))
+                    **({"initial": evaluator.evaluate(model)} if evaluator is not None else {}))
     pretrained = pretrain(model, cfg, progress=progress)
     if pretrained is not None:
         run.log_metrics("pretrain", steps=pretrained.outcome.steps, seconds=pretrained.outcome.seconds,
-                        **evaluator.evaluate(model))
+                        **(evaluator.evaluate(model) if evaluator is not None else {}))
     # The initial global model is public (seeded initialisation + public pretraining): the audit's
     # reference models start from it, as the target did.
     save_checkpoint(run.initial_model, model.state_dict(), {**meta, "round": 0})
@@ -260,7 +309,7 @@ def _before_round_one(cfg: Config, run: RunDir, model: FaceModel, pretrained: Pr
     return _ServerState(strategy, wire.state_to_record(model.state_dict()), ledger, last_round, {}, 0)
 
 
-def _restore(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator, rounds_completed: int,
+def _restore(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvaluator | None, rounds_completed: int,
              settings: StrategySettings) -> _ServerState:
     """The server's state after the committed round ``rounds_completed``, from its checkpoint:
     the global model (or, under HE, the encrypted sum with the mask and total weight it was made
@@ -285,7 +334,7 @@ def _restore(cfg: Config, run: RunDir, model: FaceModel, evaluator: GlobalEvalua
     ledger = PrivacyLedger.from_json(meta["privacy"], str(path))
     if not cfg.he.enabled:
         model.load_state_dict(saved)
-        metrics = evaluator.evaluate(model) if r == cfg.federation.rounds else {}  # for the summary
+        metrics = evaluator.evaluate(model) if r == cfg.federation.rounds and evaluator is not None else {}
         record = wire.state_to_record(model.state_dict())
         return _ServerState(FaceFedAvg(settings), record, ledger, last_round, metrics, r)
     ctx, key_fingerprint = load_public_context(cfg.he.public_context)

@@ -22,10 +22,13 @@ from common.split.manifest import Manifest
 from common.train.pretraining import public_labels
 
 
-def check_inputs(cfg: Config) -> Manifest:
+def check_inputs(cfg: Config) -> Manifest | None:
     """Build the data set and the split manifest the run will use (errors name the file or key);
     check that the data hold ``audit.canaries`` canaries and that MOTE can enroll every client.
-    Returns the manifest."""
+    Returns the manifest; None with ``data.layout = per-member``, where the server reads no
+    member's data (each member checks its own when the run describes it)."""
+    if cfg.data.layout == "per-member":
+        return None
     ds = build_dataset(cfg)
     manifest = build_manifest(cfg, ds)
     empty = [c for c in range(manifest.num_clients) if not manifest.clients[c]]

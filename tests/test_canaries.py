@@ -73,7 +73,7 @@ def test_held_out_evaluation_leaves_the_canaries_out(setup) -> None:
 
     cfg, ds, plan = setup
     manifest = build_manifest(cfg, ds)
-    held_out = set(GlobalEvaluator(cfg, ds, manifest).held_out.sample_ids.tolist())
+    held_out = set(GlobalEvaluator.from_manifest(cfg, ds, manifest).held_out.sample_ids.tolist())
     nonmembers = set(ds.sample_ids[manifest.role_mask(ds, "nonmember")].tolist())
     assert not held_out & set(plan.sample_ids) and nonmembers - set(plan.sample_ids) <= held_out
 

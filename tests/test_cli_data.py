@@ -20,8 +20,9 @@ from PIL import Image
 from common.config import load_config
 from common.data import contact_sheet as sheet
 from common.data.cache import synth_config
-from common.data.datadir import CONFIG_NAME, IMAGES_DIR, NPZ_NAME, open_data_dir
+from common.data.datadir import CONFIG_NAME, IMAGES_DIR, MEMBERS_NAME, NPZ_NAME, member_identities, open_data_dir
 from common.data.dataset import FaceDataset
+from common.data.sources import load_source
 from common.data.sources.synthfaces.generator import SynthConfig, generate
 from common.evaluation.global_model import probe_identity_mask
 from common.evaluation.verification import verification_auc
@@ -113,6 +114,83 @@ def test_synth_accepts_a_range_of_images_per_identity(tmp_path: Path, capsys: py
     capsys.readouterr()
     counts = np.bincount(FaceDataset.load_npz(tmp_path / NPZ_NAME).identity)
     assert counts.size == 8 and counts.min() >= 1 and counts.max() <= 4
+
+
+MEMBERS = ["--identities", "12", "--images-per-identity", "3", "--image-size", "32"]
+
+
+def _synth_members(out: Path, *extra: str) -> int:
+    return main(["--no-progress", "data", "synth", "--out", str(out), *MEMBERS, *extra])
+
+
+def test_synth_members_writes_one_disjoint_imagefolder_per_member(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "data"
+    assert _synth_members(out, "--members", "3", "--seed", "4") == 0
+    assert f"wrote 36 images of 12 identities to {out} (3 members: {out / MEMBERS_NAME})" in capsys.readouterr().out
+    # The member folders are the only sub-directories (a per-member simulation reads each as one member).
+    assert sorted(p.name for p in out.iterdir()) == sorted([NPZ_NAME, CONFIG_NAME, MEMBERS_NAME,
+                                                            "member-00", "member-01", "member-02"])
+    population = FaceDataset.load_npz(out / NPZ_NAME)
+    by_id = {str(sid).removeprefix("synth/"): i for i, sid in enumerate(population.sample_ids)}
+    counts = json.loads((out / MEMBERS_NAME).read_text())
+    assert counts == {f"member-0{k}": {"images": 12, "identities": 4} for k in range(3)}  # counts only, no names
+    seen: list[set[str]] = []
+    for k in range(3):
+        member = out / f"member-0{k}"
+        # Exactly what data.source = "imagefolder" with data.path = <member> reads, attributes included.
+        ds = load_source("imagefolder", member, image_size=32)
+        assert len(ds) == 12 and ds.num_identities == 4
+        seen.append(set(ds.identity_names))
+        rows = [by_id[str(sid).removesuffix(".png")] for sid in ds.sample_ids]
+        assert np.array_equal(ds.images, population.images[rows])
+        assert np.array_equal(ds.gender, population.gender[rows]) and np.array_equal(ds.group, population.group[rows])
+        assert np.array_equal(ds.labels["smiling"], population.labels["smiling"][rows])
+        assert ds.group_names == population.group_names
+        assert open_data_dir(member).image_size == 32  # `data show` decodes a member at the size it was written at
+    assert all(a.isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert set().union(*seen) == {f"{code:05d}" for code in range(12)}
+    # The deal follows --seed, and is as even as the numbers allow.
+    parts = [sorted(f"{int(c):05d}" for c in part) for part in member_identities(population.identity, 3, 4)]
+    assert [sorted(names) for names in seen] == parts
+    assert parts != [sorted(f"{int(c):05d}" for c in part) for part in member_identities(population.identity, 3, 5)]
+    assert [p.size for p in member_identities(np.arange(10), 3, 0)] == [4, 3, 3]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--members", "0"], "--members: expected 1 to 12"),
+    (["--members", "13"], "--members: expected 1 to 12"),
+    (["--members", "3", "--no-export"], "cannot be combined with --no-export"),
+])
+def test_synth_members_bad_values_exit_nonzero_naming_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 args: list[str], message: str) -> None:
+    out = tmp_path / "data"
+    assert _synth_members(out, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facefl: error: ") and message in err, err
+    assert not out.exists()  # refused before anything is written
+
+
+def test_synth_members_replace_an_earlier_export_only_when_asked(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "data"
+    assert _synth_members(out) == 0  # a whole-population export, images/
+    capsys.readouterr()
+    assert _synth_members(out, "--members", "4") == 2  # images/ would read as one more member
+    assert f"{out / IMAGES_DIR}: already holds an export (use --overwrite" in capsys.readouterr().err
+    assert _synth_members(out, "--members", "4", "--overwrite") == 0
+    assert not (out / IMAGES_DIR).exists()
+    before = _tree(out)
+    capsys.readouterr()
+    assert _synth_members(out, "--members", "3") == 2
+    err = capsys.readouterr().err
+    assert str(out / "member-00") in err and str(out / "member-03") in err and "--overwrite" in err, err
+    assert _tree(out) == before  # nothing was touched
+    assert _synth_members(out, "--members", "3", "--overwrite") == 0
+    capsys.readouterr()
+    # member-03 would read as a fourth member: it is removed, not left beside the new split.
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["member-00", "member-01", "member-02"]
+    assert sum(v["images"] for v in json.loads((out / MEMBERS_NAME).read_text()).values()) == 36
 
 
 @pytest.mark.parametrize(("args", "field"), [

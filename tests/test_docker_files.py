@@ -6,7 +6,9 @@ What can be checked without one is what matters most: the image installs every d
 version pinned in requirements.lock, which is what this checkout is tested with, and runs unprivileged; no key reaches the build context or
 the server side; every flag in a service's command exists in the installed Flower binary (compose
 files in Flower's own repository change flags every few releases); the TLS variant is complete;
-the SuperNodes cover partitions 0..N-1 exactly once.
+the SuperNodes cover partitions 0..N-1 exactly once; each SuperNode reads only its own member's
+images (a volume of its own, written by a one-shot ``facefl data synth --members`` service) and the
+SuperLink none.
 
 The TLS variant is an override file, so it is merged here with the subset of Compose's merge
 rules that the files use (scalars and ``command`` replaced, ``volumes`` merged by target path,
@@ -38,7 +40,11 @@ from packaging.version import Version
 from support.flower import BIN, flwr_env
 
 from client.he_client import SECRET_KEY_NODE_CONFIG
+from client.member_data import DATA_PATH_NODE_CONFIG, DATA_SOURCE_NODE_CONFIG
+from common.data.datadir import member_dir_names
 from common.he.keys import KEY_INFO_FILE, PUBLIC_FILE, SECRET_FILE
+from common.runs.rundir import CLIENT_STATE_NODE_CONFIG
+from workflow.cli import build_parser
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,6 +60,8 @@ TLS = "compose.tls.yml"
 VARIANTS = [(BASE,), (BASE, TLS)]
 
 SUPERLINK, SUPERNODE = "flower-superlink", "flower-supernode"
+FACEFL = "facefl"
+MEMBER_DATA = "member-data"  # the one-shot service that writes each member's images
 NUM_NODES = 3
 # The files gen-certs.sh writes; ca.key must never be mounted, server.key only on the SuperLink.
 CERT_FILES = {"ca.crt", "ca.key", "server.pem", "server.key"}
@@ -537,6 +545,8 @@ def services(files: tuple[str, ...], help_flags: dict[str, dict[str, bool]]) -> 
         assert isinstance(command, list) and command and all(isinstance(t, str) for t in command), (
             f"{where}: command must be a list of strings starting with the binary")
         binary = command[0]
+        if binary == FACEFL:
+            continue  # a one-shot job of the facefl CLI: test_each_supernode_mounts_only_its_own_member_data
         assert binary in help_flags, f"{where}: runs {binary!r}; expected one of {sorted(help_flags)}"
         known = help_flags[binary]
         flags: dict[str, str | bool] = {}
@@ -639,6 +649,61 @@ def test_each_service_keeps_state_in_its_own_named_volume(help_flags):
         assert str(link.flags.get("--database", "")).startswith("/data/"), f"{label}: superlink state.db off the volume"
         declared = set(project((BASE,)).get("volumes") or {})
         assert set(owners) <= declared, f"{label}: undeclared volumes {set(owners) - declared}"
+
+
+def test_each_supernode_mounts_only_its_own_member_data(help_flags):
+    """Per-member layout: the one-shot job writes member k's ImageFolder into a named volume of its
+    own; SuperNode k (partition k) mounts that volume and no other, read-only, where its node config
+    points, and starts only after the job succeeded; the SuperLink (and so the ServerApp) gets none."""
+    names = member_dir_names(NUM_NODES)
+    run = " ".join(args_of("RUN"))
+    for files in VARIANTS:
+        label = "+".join(files)
+        link, nodes = roles(services(files, help_flags))
+        job = project(files)["services"].get(MEMBER_DATA)
+        assert job is not None, f"{label}: no {MEMBER_DATA} service"
+        where = f"{label}:{MEMBER_DATA}"
+        assert job["command"][0] == FACEFL and job.get("restart") == "no", f"{where}: a one-shot `facefl` job"
+        assert job.get("image") == link.body.get("image") and job.get("pull_policy") == "never", (
+            f"{where}: the image built by the superlink service, never pulled")
+        assert job.get("network_mode") == "none", f"{where}: writing the data needs no network"
+        args = build_parser().parse_args(job["command"][1:])  # the installed CLI accepts it
+        got = (args.command, args.data_command, args.members, args.no_export)
+        assert got == ("data", "synth", NUM_NODES, False), (
+            f"{where}: expected `facefl data synth --members {NUM_NODES}`, got {job['command']}")
+        # One writable named volume per member folder, and nothing else (no key reaches the job).
+        volume_of: dict[str, str] = {}
+        for m in mounts(job, where):
+            target = PurePosixPath(m.target)
+            assert m.named_volume and not m.read_only and str(target.parent) == str(args.out), (
+                f"{where}: {m.target}: expected a writable named volume on {args.out}/member-NN")
+            volume_of[target.name] = m.source
+            # A fresh volume takes the owner of its mount point in the image: the image user's, else root's.
+            assert re.search(rf"mkdir -p [^&]*{re.escape(m.target)}(?=\s|$)", run), (
+                f"{DOCKERFILE}: create {m.target} (the job writes there as the unprivileged user)")
+        assert re.search(rf"chown -R \S+ [^&]*{re.escape(str(args.out))}(?=\s|$)", run), (
+            f"{DOCKERFILE}: chown {args.out} to the image user")
+        assert sorted(volume_of) == names and len(set(volume_of.values())) == NUM_NODES, (
+            f"{where}: expected one volume of its own for each of {names}, got {volume_of}")
+        assert set(volume_of.values()) <= set(project((BASE,)).get("volumes") or {}), f"{label}: undeclared volumes"
+        member_volumes = set(volume_of.values())
+        for node in nodes:
+            config = parse_config_args([str(node.flags.get("--node-config", ""))])
+            own = [m for m in node.mounts if m.source in member_volumes]
+            expected = volume_of[names[int(config["partition-id"])]]  # sorted member folders = partition ids
+            assert [m.source for m in own] == [expected], (
+                f"{label}: {node.name} (partition {config['partition-id']}) must mount {expected} alone, got {own}")
+            assert own[0].read_only and own[0].target == config.get(DATA_PATH_NODE_CONFIG), (
+                f"{label}: {node.name}: mount {expected} read-only at its node config {DATA_PATH_NODE_CONFIG}")
+            assert config.get(DATA_SOURCE_NODE_CONFIG) == "imagefolder", (
+                f"{label}: {node.name}: node config {DATA_SOURCE_NODE_CONFIG} must name the export's format")
+            state = PurePosixPath(str(config.get(CLIENT_STATE_NODE_CONFIG, "")))
+            assert state.is_relative_to("/data") and not state.is_relative_to(own[0].target), (
+                f"{label}: {node.name}: {CLIENT_STATE_NODE_CONFIG} (the member's split) must be on its /data volume")
+            assert node.body.get("depends_on", {}).get(MEMBER_DATA) == {
+                "condition": "service_completed_successfully"}, f"{label}: {node.name} must wait for {MEMBER_DATA}"
+        assert not [m for m in link.mounts if m.source in member_volumes], f"{label}: superlink mounts member data"
+        assert DATA_PATH_NODE_CONFIG not in yaml.safe_dump(link.body), f"{label}: superlink names a data path"
 
 
 def test_he_secret_context_only_reaches_the_supernodes(help_flags):

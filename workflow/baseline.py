@@ -60,7 +60,7 @@ def run_baseline(cfg: Config, runs_root: str | Path, attributes: tuple[str, ...]
     ds = build_dataset(cfg, progress=progress)
     manifest = build_manifest(cfg, ds)
     manifest.save(run.manifest_path)
-    evaluator = GlobalEvaluator(cfg, ds, manifest)
+    evaluator = GlobalEvaluator.from_manifest(cfg, ds, manifest)
     train_ds = evaluator.train
     run.log_metrics("data", samples=len(ds), identities=ds.num_identities, members=len(train_ds),
                     probe_samples=len(evaluator.probe), held_out=len(evaluator.held_out))

@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="P(a smiling face shows its smile): below 1, gender fills the gap (a biased model)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-export", action="store_true", help="write only the npz cache, not the ImageFolder")
-    synth.add_argument("--overwrite", action="store_true", help="replace an existing ImageFolder export")
+    synth.add_argument("--members", type=int, metavar="N",
+                       help="instead of OUT/images, write N identity-disjoint ImageFolders OUT/member-00, ... (one "
+                            "per consortium member, identities dealt by a --seed shuffle) and their counts in "
+                            "OUT/members.json")
+    synth.add_argument("--overwrite", action="store_true", help="replace existing ImageFolder exports")
 
     show = data.add_parser("show", help="write a labelled contact sheet of a data directory")
     show.add_argument("path", type=Path, help="data directory (from 'data synth'), npz file or ImageFolder root")
@@ -198,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from common.data.datadir import write_synth_dir
+    from common.data.datadir import MEMBERS_NAME, write_synth_dir
     from common.data.sources.synthfaces.generator import SynthConfig
 
     cfg = SynthConfig(num_identities=args.identities, images_per_identity=args.images_per_identity,
@@ -208,8 +212,9 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     cfg.validate()
     start = time.perf_counter()
     ds = write_synth_dir(cfg, args.out, export_images=not args.no_export, overwrite=args.overwrite,
-                         progress=not args.no_progress)
-    print(f"wrote {len(ds)} images of {ds.num_identities} identities to {args.out} "
+                         progress=not args.no_progress, members=args.members)
+    split = f" ({args.members} members: {args.out / MEMBERS_NAME})" if args.members is not None else ""
+    print(f"wrote {len(ds)} images of {ds.num_identities} identities to {args.out}{split} "
           f"in {time.perf_counter() - start:.1f} s (fingerprint {ds.fingerprint()[:16]})")
     return 0
 

@@ -30,7 +30,7 @@ def decrypt_run(run_dir: str | os.PathLike[str], secret_context: str | os.PathLi
     plain_meta = {k: v for k, v in meta.items() if k not in ("encrypted", "total_weight", "fingerprint")}
     out = save_checkpoint(run.final_model, state, {**plain_meta, "decrypted_from": source.name})
     cfg, ds, manifest = load_run(run)
-    evaluator = GlobalEvaluator(cfg, ds, manifest)
+    evaluator = GlobalEvaluator.from_manifest(cfg, ds, manifest)
     model = build_model(ModelSpec.from_dict(meta["spec"]), cfg.seed)
     for r in range(1, int(meta["round"])):
         checkpoint = run.round_checkpoint(r, encrypted=True)

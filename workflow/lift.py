@@ -49,7 +49,7 @@ def federation_lift(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     """Compute, write and return the lift of a finished run (see the module docstring)."""
     run = RunDir(run_dir)
     cfg, ds, manifest = load_run(run)
-    evaluator = GlobalEvaluator(cfg, ds, manifest)
+    evaluator = GlobalEvaluator.from_manifest(cfg, ds, manifest)
     initial = load_model(run.initial_model)[0]
     final = load_final_model(run)
     passes = cfg.federation.rounds * cfg.federation.local_epochs

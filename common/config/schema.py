@@ -13,6 +13,7 @@ from common.data.sources import SOURCES
 from common.data.sources.synthfaces.generator import CONDITIONS
 from common.nn.face_model import ARCHS
 from common.nn.heads import MARGINS
+from common.split.member import LAYOUTS
 from common.split.partition import PARTITIONS
 from common.train.book_keeping import GRAD_SAMPLE_MODES
 from common.train.device import DEVICES
@@ -26,7 +27,14 @@ class DataConfig(Section):
     SECTION = "data"
 
     source: str = choice("synthfaces", SOURCES)
-    path: str = field(default="", metadata={"doc": "root of a real data set on disk (not used by synthfaces)"})
+    path: str = field(default="", metadata={"doc": "root of a real data set on disk (not used by synthfaces); "
+                                                   "layout per-member in simulation: one sub-directory per member"})
+    layout: str = choice("manifest", LAYOUTS, doc="manifest: every process builds the whole data set and takes "
+                                                  "its partition from the server's split (research simulations, "
+                                                  "the audit's ground truth); per-member: each member reads only "
+                                                  "its own folder (node config data-path, or a sub-directory of "
+                                                  "data.path in simulation) and splits it itself; the server "
+                                                  "reads no private data (docs/deploy.md)")
     image_size: int = num(64, 32, 128)
     strict: bool = True
     limit: int = num(0, 0, doc="read at most this many samples of a real data set (0 = all)")
@@ -330,8 +338,10 @@ class Config:
     def validate(self) -> Config:
         """Cross-field checks (single fields are checked while parsing)."""
         self.split.validate()
-        if self.data.source != "synthfaces" and not self.data.path:
+        if self.data.source != "synthfaces" and not self.data.path and self.data.layout != "per-member":
             raise ConfigError(f"data.path: required for data.source={self.data.source!r} (a directory on disk)")
+        if self.data.layout == "per-member":
+            self._check_per_member()
         if self.data.image_size % 16:
             raise ConfigError(f"data.image_size: expected a multiple of 16, got {self.data.image_size}")
         attrs = ("gender", "smiling") if self.data.source == "synthfaces" else None
@@ -382,6 +392,18 @@ class Config:
             raise ConfigError("he.encrypt_fraction: < 1 needs public data to rank parameters (pretrain.identities "
                               "> 0); set he.encrypt_fraction = 1 to encrypt everything")
         return self
+
+    def _check_per_member(self) -> None:
+        """What needs the server's view of all the data cannot run when members keep their own."""
+        if self.data.source == "synthfaces":
+            raise ConfigError("data.layout: 'per-member' reads each member's own folder; set data.source to its "
+                              "format (e.g. 'imagefolder'; `facefl data synth --members N` writes SynthFaces so)")
+        if self.audit.canaries:
+            raise ConfigError(f"audit.canaries: {self.audit.canaries} canaries need the server's split of all the "
+                              "data, which data.layout = 'per-member' does not have; set audit.canaries = 0")
+        if self.mote.enabled and self.train.task != "attribute":
+            raise ConfigError("mote.enabled: MOTE enrollment at the member (data.layout = 'per-member') is not "
+                              "supported yet; set mote.enabled = false")
 
     def dp_calibrated(self) -> bool:
         """True when noise is calibrated from a finite target epsilon."""

@@ -20,6 +20,10 @@ from common.split.manifest import Manifest
 from common.train.fairness import sensitive_attribute
 from common.train.loop import embed, predict_attribute, target_labels
 
+MEMBERS_PREFIX = "members_"
+"""Metrics of the members' own evaluation, averaged by the server (server/federated_evaluation.py),
+carry this prefix in metrics.jsonl and status.json: members_verification_auc, ..."""
+
 
 def probe_identity_mask(manifest: Manifest, ds: FaceDataset) -> np.ndarray:
     """Samples of identities that are probes at identity level (never trained on: open set)."""
@@ -28,17 +32,23 @@ def probe_identity_mask(manifest: Manifest, ds: FaceDataset) -> np.ndarray:
 
 
 class GlobalEvaluator:
-    """Scores models on the probe identities and held-out samples of one manifest (the audit's
-    canaries left out: some of them were trained on)."""
+    """Scores models on probe identities (open-set verification) and held-out samples (the
+    attribute task, against the bias of the ``train`` samples): the server's, from one manifest
+    (``from_manifest``), or a member's own, from its split (``data.layout = per-member``)."""
 
-    def __init__(self, cfg: Config, ds: FaceDataset, manifest: Manifest) -> None:
+    def __init__(self, cfg: Config, train: FaceDataset, probe: FaceDataset, held_out: FaceDataset) -> None:
         self.cfg = cfg
+        self.train, self.probe, self.held_out = train, probe, held_out
+
+    @classmethod
+    def from_manifest(cls, cfg: Config, ds: FaceDataset, manifest: Manifest) -> GlobalEvaluator:
+        """The manifest's members, probe identities, and held-out samples without the audit's
+        canaries (some of them were trained on with flipped labels)."""
         member = manifest.role_mask(ds, "member")
-        self.train = ds.subset(member)
-        self.probe = ds.subset(probe_identity_mask(manifest, ds))
-        canaries = np.zeros(len(ds), dtype=bool)  # trained with flipped labels by some client: not held out
+        canaries = np.zeros(len(ds), dtype=bool)
         canaries[ds.positions(canary_plan(cfg, ds, manifest).sample_ids)] = True
-        self.held_out = ds.subset(~member & ~manifest.role_mask(ds, "aux") & ~canaries)
+        return cls(cfg, ds.subset(member), ds.subset(probe_identity_mask(manifest, ds)),
+                   ds.subset(~member & ~manifest.role_mask(ds, "aux") & ~canaries))
 
     def verification(self, model: FaceModel) -> float:
         """Open-set verification ROC AUC on the probe identities."""

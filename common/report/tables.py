@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from common.evaluation.global_model import MEMBERS_PREFIX as MEMBERS
+
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Left-aligned columns separated by two spaces, with a rule under the header."""
@@ -17,9 +19,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 def round_table(records: list[dict], dp_unit: str) -> str:
     """The table ``facefl run`` and a ServerApp under ``flwr run`` print at the end: one row per
     metrics.jsonl event of public pretraining, a round, the key holder's decryption and the MOTE
-    enrollment, epsilons named by their unit."""
-    return format_table(("round", "clients", "failed", "train loss", "verif. AUC", "attr. acc", "DEO (|dTPR|+|dFPR|)",
-                         f"max eps ({per_unit(dp_unit)})", "s"), _round_rows(records))
+    enrollment, epsilons named by their unit; with two more columns for the members' own
+    evaluation where they made one (``data.layout = per-member``, server/federated_evaluation.py)."""
+    members = any(k.startswith(MEMBERS) for r in records for k in r)
+    header = ("round", "clients", "failed", "train loss", "verif. AUC", "attr. acc", "DEO (|dTPR|+|dFPR|)",
+              *(("members' verif. AUC", "members' attr. acc") if members else ()),
+              f"max eps ({per_unit(dp_unit)})", "s")
+    return format_table(header, _round_rows(records, members))
 
 
 def per_unit(dp_unit: str) -> str:
@@ -27,24 +33,31 @@ def per_unit(dp_unit: str) -> str:
     return "per person" if dp_unit == "identity" else "per image"
 
 
-def _round_rows(records: list[dict]) -> list[tuple]:
-    def fmt(r: dict, key: str) -> str:
-        return f"{r[key]:.4f}" if key in r else ("enc." if r.get("encrypted") else "-")
+def _fmt(r: dict, key: str) -> str:
+    return f"{r[key]:.4f}" if key in r else ("enc." if r.get("encrypted") else "-")
+
+
+def _round_rows(records: list[dict], members: bool) -> list[tuple]:
+    def row(*cells: object, eps: str, seconds: str) -> tuple:
+        """The cells up to DEO, then the members' columns of ``r`` (when shown), epsilon, seconds."""
+        own = tuple(_fmt(r, MEMBERS + k) for k in ("verification_auc", "attribute_accuracy")) if members else ()
+        return (*cells, *own, eps, seconds)
 
     rows = []
     for r in records:
         if r.get("event") == "pretrain":
-            rows.append(("public", "-", "-", "-", f"{r['verification_auc']:.4f}", "-", "-", "0 (public)", f"{r['seconds']:.0f}"))
+            rows.append(row("public", "-", "-", "-", _fmt(r, "verification_auc"), "-", "-", eps="0 (public)",
+                            seconds=f"{r['seconds']:.0f}"))
         if r.get("event") == "decrypted":
-            rows.append(("final (decrypted)", "-", "-", "-", fmt(r, "verification_auc"), fmt(r, "attribute_accuracy"),
-                         fmt(r, "attribute_deo_sum"), "-", "-"))
+            rows.append(row("final (decrypted)", "-", "-", "-", _fmt(r, "verification_auc"),
+                            _fmt(r, "attribute_accuracy"), _fmt(r, "attribute_deo_sum"), eps="-", seconds="-"))
         if r.get("event") == "enroll":
             eps = f"{r['mote_max_epsilon']:.3f} (per record)" if "mote_max_epsilon" in r else "no MOTE DP"
-            rows.append(("MOTE enrollment", r["clients"], len(r["failures"]), "-", "-", "-", "-", eps,
-                         f"{r['seconds']:.0f}"))
+            rows.append(row("MOTE enrollment", r["clients"], len(r["failures"]), "-", "-", "-", "-", eps=eps,
+                            seconds=f"{r['seconds']:.0f}"))
         if r.get("event") != "round":
             continue
-        rows.append((r["round"], len(r["clients"]), len(r["failures"]), f"{r['train_loss']:.4f}",
-                     fmt(r, "verification_auc"), fmt(r, "attribute_accuracy"), fmt(r, "attribute_deo_sum"),
-                     f"{r['max_epsilon']:.3f}", f"{r['seconds']:.0f}"))
+        rows.append(row(r["round"], len(r["clients"]), len(r["failures"]), f"{r['train_loss']:.4f}",
+                        _fmt(r, "verification_auc"), _fmt(r, "attribute_accuracy"), _fmt(r, "attribute_deo_sum"),
+                        eps=f"{r['max_epsilon']:.3f}", seconds=f"{r['seconds']:.0f}"))
     return rows

@@ -1,0 +1,120 @@
+"""Members that hold their own images (``data.layout = per-member``): each reads only its own
+folder, splits it itself and evaluates the global model on its held-out part; the server reads
+no member's file and hears only counts and metrics.
+
+The simulation runs as a ``facefl run`` subprocess with the test-only file-open audit
+(``tests/open_audit/sitecustomize.py``), so that the server's process (which runs the ServerApp)
+can be told apart from the Ray workers that run the ClientApps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sim_runs import TINY
+from support.processes import open_audit_env, read_open_audit
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMBERS = 3
+PER_MEMBER = tuple(o for o in TINY if not o.startswith("pretrain.")) + (
+    "data.layout=per-member", "data.source=imagefolder", f"split.num_clients={MEMBERS}",
+    f"federation.min_train_clients={MEMBERS}", f"federation.min_available_clients={MEMBERS}",
+    "federation.local_epochs=1", "federation.rounds=2", "train.task=both",
+    "split.member_nonmember_fraction=0.25", "pretrain.identities=4", "pretrain.images_per_identity=2",
+    "pretrain.epochs=1")
+
+
+def write_consortium(root: Path) -> Path:
+    """24 SynthFaces identities dealt to ``MEMBERS`` ImageFolders ``root/member-0K`` (8 each)."""
+    from common.data.datadir import write_synth_dir
+    from common.data.sources.synthfaces.generator import SynthConfig
+
+    write_synth_dir(SynthConfig(num_identities=24, images_per_identity=6, image_size=32, seed=3), root,
+                    members=MEMBERS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_consortium(tmp_path_factory.mktemp("consortium"))
+
+
+def facefl_run(tmp: Path, data_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``facefl run`` of ``PER_MEMBER`` on ``data_path`` in a subprocess, with its own data cache and
+    client state under ``tmp`` and every file it (or a Ray worker) opens logged to tmp/open.log."""
+    env = {**os.environ, **open_audit_env(tmp / "open.log", os.environ), "OMP_NUM_THREADS": "1",
+           "FACEFL_CACHE": str(tmp / "cache"), "FACEFL_CLIENT_STATE": str(tmp / "state")}
+    args = [a for o in (*PER_MEMBER, f"data.path={data_path}", *extra) for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "-m", "workflow.cli", "--no-progress", "run", *args, "--out",
+                           str(tmp / "runs")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return proc, tmp
+
+
+def _server_pid(tmp: Path) -> int:
+    """The pid of the ``facefl run`` process: the first one to log (it starts Ray and its workers)."""
+    return read_open_audit(tmp / "open.log")[0].pid
+
+
+@pytest.mark.timeout(900)
+def test_members_train_and_evaluate_on_their_own_folders(consortium: Path, tmp_path: Path) -> None:
+    proc, tmp = facefl_run(tmp_path, consortium)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    from common.runs.rundir import RunDir
+
+    run = RunDir(next((tmp / "runs").iterdir()))
+    events = run.read_metrics()
+    rounds = [e for e in events if e.get("event") == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:  # federated evaluation in every round, from every member, weighted by counts
+        members = r["members_evaluation"]["members"]
+        assert [int(m["partition-id"]) for m in members] == list(range(MEMBERS))
+        assert all(m["probe-images"] > 0 and m["held-out-images"] > 0 for m in members)
+        weights = [m["probe-images"] for m in members]
+        assert r["members_verification_auc"] == pytest.approx(
+            np.average([m["verification_auc"] for m in members], weights=weights))
+        assert 0.0 <= r["members_attribute_accuracy"] <= 1.0
+        assert "verification_auc" not in r  # the server evaluated nothing: it has no data
+    assert "members' verif. AUC" in proc.stdout
+
+    # What the members told the server: counts only.
+    described = next(e for e in events if e.get("event") == "members")["members"]
+    assert sorted(described) == [str(k) for k in range(MEMBERS)]
+    for counts in described.values():
+        assert all(isinstance(v, int) for v in counts.values())
+        assert counts["train-images"] + counts["held-out-images"] + counts["probe-images"] == 48
+    assert not (Path(run.path) / "manifest.json").exists()
+
+    # The server's process opened no file of any member; the members' ClientApps did.
+    entries = read_open_audit(tmp / "open.log")
+    server = _server_pid(tmp)
+    member_files = [e for e in entries if e.kind == "open" and e.detail.startswith(str(consortium))]
+    assert not [e for e in member_files if e.pid == server], "the server opened a member's file"
+    assert {e.pid for e in member_files} - {server}, "no ClientApp opened a member file: is the audit active?"
+
+    # No file name or sample id of a member's data reaches the run directory.
+    names = {p.relative_to(p.parents[1]).as_posix() for p in consortium.rglob("*.png")}
+    written = b"".join(f.read_bytes() for f in Path(run.path).rglob("*") if f.is_file())
+    assert names and not [n for n in names if n.encode() in written]
+
+
+@pytest.mark.timeout(600)
+def test_a_member_without_readable_data_is_named_before_training(consortium: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "consortium"
+    shutil.copytree(consortium, broken)
+    for f in (broken / "member-01").iterdir():  # member 1's folder holds no image any more
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    proc, tmp = facefl_run(tmp_path, broken)
+    assert proc.returncode != 0
+    assert "client 1" in proc.stderr and "cannot read its data" in proc.stderr, proc.stderr[-3000:]
+    from common.runs.rundir import RunDir
+
+    events = [e for r in (tmp / "runs").iterdir() for e in RunDir(r).read_metrics()]
+    assert not [e for e in events if e.get("event") in ("round", "pretrain")]
+    # No member trained: no client state of any round exists.
+    assert not list((tmp / "state").rglob("round-*"))
