@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import update_console_handler
 
+from attacks.self_audit import SelfAuditSets, reference_models, self_audit
 from client.he_client import Encryption, decode_global, encode_update, secret_context
 from client.local import (
     ALLOW_REPRODUCIBLE_NOISE_ENV,
@@ -37,10 +38,11 @@ from common.data.cache import build_dataset
 from common.data.dataset import FaceDataset
 from common.evaluation.global_model import GlobalEvaluator
 from common.mote.enrollment import enroll_client
-from common.nn.build import build_model, model_spec
+from common.nn.build import build_identity_head, build_model, model_spec
 from common.runs.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
 from common.split.member import MemberSplit, counts
 from common.train.local_round import ClientState, derived_seed
+from common.train.loop import identity_classes
 
 log = logging.getLogger(__name__)
 # This process's Flower log lines (a Ray worker's pipe in simulation, a SuperNode's log or
@@ -206,6 +208,35 @@ def evaluate(msg: Message, context: Context) -> Message:
     sizes = {"probe-images": len(evaluator.probe), "held-out-images": len(evaluator.held_out)}
     return Message(RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, **sizes, **metrics})}),
                    reply_to=msg)
+
+
+@app.query("self_audit")
+def self_audit_query(msg: Message, context: Context) -> Message:
+    """The member's audit of the final model (its own identity head on the global backbone) on its
+    own data (``attacks.self_audit``): its training images against half its held-out images, with
+    reference models trained from the run's initial model on the other half. Only numbers go back."""
+    cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
+    partition = wire.partition_of(context.node_config, cfg.split.num_clients)
+    global_state, _ = _global_model(msg, context, cfg)
+    target, initial = build_model(model_spec(cfg), cfg.seed), build_model(model_spec(cfg), cfg.seed)
+    target.load_state_dict(global_state)
+    initial.load_state_dict(wire.record_to_state(msg.content[wire.INITIAL_MODEL]))
+    ds, split = _member(msg, context, cfg, partition)
+    store = _state_store(msg, context, partition)
+    saved = store.latest_before(cfg.federation.rounds + 1) if store is not None else None
+    train_data = split.subset(ds, "train")
+    if saved is None or saved.state.head is None:
+        result: dict = {"skipped": "this member holds no identity head (it never trained, or the task has none)"}
+    else:
+        head = build_identity_head(model_spec(cfg), identity_classes(train_data.identity)[0].size, 0)
+        head.load_state_dict(saved.state.head)
+        seed = derived_seed(cfg.seed, 0x5A, partition)
+        sets = SelfAuditSets.from_split(train_data, split.subset(ds, "held_out"), seed)
+        refs = reference_models(initial, sets, cfg, cfg.audit.self_references, seed)
+        result = self_audit(target, head, identity_classes(train_data.identity)[0], sets, refs, cfg, seed)
+    content = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition}),
+                          wire.SELF_AUDIT: ConfigRecord({"json": json.dumps(result)})})
+    return Message(content, reply_to=msg)
 
 
 @app.query("describe")

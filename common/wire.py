@@ -39,6 +39,12 @@ HE_META = "he"
 FINGERPRINT = "fingerprint"
 TOTAL_WEIGHT = "total-weight"
 
+# The members' self-audit (query.self-audit, data.layout = per-member): the run's initial model,
+# public (seeded initialisation + public pretraining), from which their reference models start;
+# the reply is one JSON of numbers (query name self_audit: Flower wants an identifier).
+INITIAL_MODEL = "initial-model"
+SELF_AUDIT = "self-audit"
+
 # MOTE enrollment (query.enroll): one gallery record per balancing factor, and a JSON summary.
 MOTE_INFO = "mote-info"
 # Train messages of a run that can be resumed: which run (the run directory's name) and the last

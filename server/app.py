@@ -9,7 +9,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import Config, from_flat, load_config
-from common.report.tables import round_table
+from common.report.tables import round_table, self_audit_table
+from common.runs.io import read_json
 from common.runs.rundir import ResumeError, RunDir
 from server.federation import run_federation
 from server.preflight import check_inputs
@@ -64,7 +65,8 @@ def make_app(cfg: Config | None = None, run_dir: Path | None = None, progress: b
         run = resumed if resumed is not None else RunDir.create(out, "run", config)
         run_federation(grid, config, run, progress=progress, resume=resumed is not None)
         # `flwr run --stream` shows the ServerApp's output: end with what `facefl run` prints.
-        print(f"{round_table(run.read_metrics(), config.dp.unit)}\nrun directory: {run.path}", flush=True)
+        audited = f"{self_audit_table(read_json(run.self_audit_path))}\n" if run.self_audit_path.is_file() else ""
+        print(f"{round_table(run.read_metrics(), config.dp.unit)}\n{audited}run directory: {run.path}", flush=True)
 
     return server_app
 

@@ -44,6 +44,7 @@ from server.enrollment import enroll_phase
 from server.federated_evaluation import evaluate_phase
 from server.he_strategy import HEFedAvg, he_strategy
 from server.ledger import PrivacyLedger
+from server.self_audit import self_audit_phase
 from server.strategy import FaceFedAvg, StrategySettings, error_summary, sender
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,12 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
     _checkpoint(run, strategy, state.global_record, model, None, FINAL, {**meta, "round": cfg.federation.rounds})
     summary = {"rounds_completed": cfg.federation.rounds, "max_epsilon": ledger.max_epsilon(),
                "encrypted": cfg.he.enabled, **state.metrics}
+    if cfg.data.layout == "per-member" and cfg.audit.self_audit:
+        start = time.perf_counter()
+        initial = wire.state_to_record(load_checkpoint(run.initial_model)[0])
+        audited = self_audit_phase(grid, cfg, run, strategy, state.global_record, initial, ledger)
+        run.log_metrics("self-audit", seconds=time.perf_counter() - start, members=len(audited["members"]),
+                        failures=audited["failures"])
     if cfg.mote.enabled and cfg.train.task in ("identity", "both"):
         enrolled = enroll_phase(grid, cfg, run, strategy, state.global_record, ledger)
         run.log_metrics("enroll", **enrolled)

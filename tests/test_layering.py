@@ -1,6 +1,7 @@
 """The packages' layering (docs/architecture.md): ``common/`` is the library every step builds on and
 imports none of the apps, the audit or the workflow; the ClientApp and the ServerApp talk only
-through Flower messages, never by importing each other; only ``workflow/`` composes everything."""
+through Flower messages, never by importing each other; a member may run the audit's attacks on its
+own data (the self-audit), the server never; only ``workflow/`` composes everything."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "client", "server", "attacks", "workflow")
 FORBIDDEN = {
     "common": {"client", "server", "attacks", "workflow"},
-    "client": {"server", "attacks", "workflow"},
+    "client": {"server", "workflow"},  # attacks: a member's self-audit of its own data (per-member layout)
     "server": {"client", "attacks", "workflow"},
     "attacks": {"client", "server", "workflow"},
     "workflow": set(),

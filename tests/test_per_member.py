@@ -1,6 +1,6 @@
 """Members that hold their own images (``data.layout = per-member``): each reads only its own
-folder, splits it itself and evaluates the global model on its held-out part; the server reads
-no member's file and hears only counts and metrics.
+folder, splits it itself, evaluates the global model on its held-out part and audits the final
+model on its own data; the server reads no member's file and hears only counts and numbers.
 
 The simulation runs as a ``facefl run`` subprocess with the test-only file-open audit
 (``tests/open_audit/sitecustomize.py``), so that the server's process (which runs the ServerApp)
@@ -9,6 +9,7 @@ can be told apart from the Ray workers that run the ClientApps.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -81,6 +82,15 @@ def test_members_train_and_evaluate_on_their_own_folders(consortium: Path, tmp_p
         assert 0.0 <= r["members_attribute_accuracy"] <= 1.0
         assert "verification_auc" not in r  # the server evaluated nothing: it has no data
     assert "members' verif. AUC" in proc.stdout
+
+    # Each member's self-audit, beside its accounted epsilon: numbers computed at the member.
+    audited = json.loads((Path(run.path) / "audit" / "self-audit.json").read_text())
+    assert sorted(audited["members"]) == [str(k) for k in range(MEMBERS)] and not audited["failures"]
+    for result in audited["members"].values():
+        assert result["accounted_epsilon"] > 0 and result["members"] > 0 and result["nonmembers"] > 0
+        assert set(result["attacks"]) == {"loss", "lira-offline"}
+        assert all(0 <= a["auc"] <= 1 and a["empirical_epsilon"] >= 0 for a in result["attacks"].values())
+    assert "self-audit attack" in proc.stdout
 
     # What the members told the server: counts only.
     described = next(e for e in events if e.get("event") == "members")["members"]

@@ -296,7 +296,8 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunDir, Config]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from common.config import load_config
     from common.he.keys import SECRET_FILE, he_overrides
-    from common.report.tables import round_table
+    from common.report.tables import round_table, self_audit_table
+    from common.runs.io import read_json
     from workflow.simulation import resume, simulate
 
     secret = args.he_keys / SECRET_FILE if args.he_keys is not None else None
@@ -314,6 +315,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         decrypt_run(run.path, secret)
     print(round_table(run.read_metrics(), cfg.dp.unit))
+    if run.self_audit_path.is_file():
+        print(self_audit_table(read_json(run.self_audit_path)))
     print(f"run directory: {run.path}")
     if status["status"] != "finished":
         print(f"facefl: error: run {status['status']}: {status.get('error', 'no reason recorded')}", file=sys.stderr)

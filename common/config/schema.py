@@ -318,6 +318,12 @@ class AuditConfig(Section):
                                   "become canaries, each trained (with its attribute label flipped) by one random "
                                   "client with probability 1/2; recorded in canaries.json for the auditor only; "
                                   "needs an attribute task (0 = off)")
+    self_references: int = num(2, 0, doc="data.layout = per-member: at the end of the run each member audits the "
+                                         "final model on its own data and sends back numbers only "
+                                         "(attacks/self_audit.py), with this many reference models trained on "
+                                         "half its held-out images (0 = loss attack only)")
+    self_audit: bool = field(default=True, metadata={"doc": "data.layout = per-member: run the members' self-audit "
+                                                            "at the end of the run"})
 
 
 @dataclass

@@ -61,3 +61,21 @@ def _round_rows(records: list[dict], members: bool) -> list[tuple]:
                         _fmt(r, "verification_auc"), _fmt(r, "attribute_accuracy"), _fmt(r, "attribute_deo_sum"),
                         eps=f"{r['max_epsilon']:.3f}", seconds=f"{r['seconds']:.0f}"))
     return rows
+
+
+def self_audit_table(self_audit: dict) -> str:
+    """The members' self-audit (``audit/self-audit.json``): per member and attack, the AUC with its
+    interval and sample counts, the empirical epsilon lower bound and the accounted epsilon."""
+    rows = []
+    for partition, result in self_audit["members"].items():
+        accounted = result.get("accounted_epsilon")
+        eps = "no DP" if accounted is None else f"{accounted:.3f}"
+        if "skipped" in result:
+            rows.append((partition, "-", f"skipped: {result['skipped']}", "-", eps))
+            continue
+        for name, a in result["attacks"].items():
+            lo, hi = a["ci95"]["auc"] if a.get("ci95") else (float("nan"), float("nan"))
+            rows.append((partition, name, f"{a['auc']:.3f} [{lo:.3f}, {hi:.3f}] ({result['members']} vs "
+                         f"{result['nonmembers']})", f"{a['empirical_epsilon']:.2f}", eps))
+    return format_table(("member", "self-audit attack", "AUC [95% CI] (members vs nonmembers)",
+                         "empirical eps >= (per image, 95%)", "accounted eps (per image)"), rows)

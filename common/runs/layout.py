@@ -20,7 +20,8 @@ change one only together with a migration.
       mote/                  galleries (gallery-b<b>.safetensors), enrollment.json, evaluation.json, roc.png
       evaluation/            lift.json and lift.npz: verification before / after the federation and the central
                              non-DP upper bound, with the pair scores behind them (workflow.lift)
-      audit/                 report.json (records.AuditReport), scores.npz, one ROC figure per target family
+      audit/                 report.json (records.AuditReport), scores.npz, one ROC figure per target family;
+                             self-audit.json (per-member runs: each member's audit of its own data, numbers only)
                              (roc-global.png, roc-clients.png, roc-mote.png), reference-model caches
       report.html, utility.png
 
@@ -109,6 +110,7 @@ AUDIT = "audit"
 AUDIT_REPORT = _in(AUDIT, "report.json")  # records.AuditReport
 AUDIT_SCORES = _in(AUDIT, "scores.npz")
 AUDIT_RAW = _in(AUDIT, "raw.npz")  # per-target statistics of the target and every reference, IN masks (docs/audit.md)
+SELF_AUDIT = _in(AUDIT, "self-audit.json")  # data.layout = per-member: each member's numbers (attacks/self_audit.py)
 REFERENCES = _in(AUDIT, "references")  # the reference (shadow) models' cache
 REFERENCES_FAIR = _in(AUDIT, "references-fair")  # their fairness-reweighted twins (FD-MIA)
 REFERENCE_INDEX = "index.json"  # inside a reference cache: what the cached models were trained for

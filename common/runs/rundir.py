@@ -206,6 +206,10 @@ class RunDir:
         return self.path / layout.AUDIT_REPORT
 
     @property
+    def self_audit_path(self) -> Path:
+        return self.path / layout.SELF_AUDIT
+
+    @property
     def audit_scores_path(self) -> Path:
         return self.path / layout.AUDIT_SCORES
 

@@ -1,0 +1,67 @@
+"""The members' self-audit (``data.layout = per-member``), collected at the end of the run.
+
+Only a member knows which of its images trained, so only it can audit the final model on its own
+data (``attacks/self_audit.py``, run by ``client.app.self_audit_query``). The server sends the
+final global model (encrypted under HE: each member decrypts it) and the public initial model
+the members' reference models start from, and receives numbers: attack AUCs with intervals,
+resolvable TPRs, empirical epsilon lower bounds and sample counts. It writes them to
+``audit/self-audit.json`` beside each member's accounted epsilon from the privacy ledger, so the
+report can set the bound a member measured against the guarantee it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import wire
+from common.config import Config
+from common.runs.io import atomic_write_json
+from common.runs.rundir import RunDir
+from server.ledger import PrivacyLedger
+from server.strategy import FaceFedAvg, error_summary, sender
+
+log = logging.getLogger(__name__)
+
+
+def self_audit_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, global_record: ArrayRecord,
+                     initial_record: ArrayRecord, ledger: PrivacyLedger) -> dict[str, Any]:
+    """Ask every member for its self-audit; write and return them with each one's accounted epsilon."""
+    content = RecordDict({wire.CONFIG: wire.config_record(cfg, cfg.federation.rounds),
+                          wire.RUN_RECORD: wire.run_record(run.path.name, 0), wire.INITIAL_MODEL: initial_record,
+                          **strategy.model_content(global_record)})
+    messages = [Message(content, node, "query.self_audit") for _, node in sorted(strategy.partitions.items())]
+    owners = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    members: dict[str, Any] = {}
+    failures: list[str] = []
+    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+        node = sender(msg, owners)
+        if msg.has_error():
+            failures.append(f"node {node}: {error_summary(msg.error.reason)}")
+            continue
+        partition = int(msg.content[wire.METRICS][wire.PARTITION])  # type: ignore[arg-type]
+        try:
+            result = json.loads(str(msg.content[wire.SELF_AUDIT]["json"]))
+        except (KeyError, json.JSONDecodeError) as exc:
+            failures.append(f"client {partition} (node {node}): malformed self-audit ({exc})")
+            continue
+        if not isinstance(result, dict):
+            failures.append(f"client {partition} (node {node}): self-audit is not a JSON object")
+            continue
+        accounted = ledger.clients.get(partition, {})
+        result["accounted_epsilon"] = accounted.get("epsilon") if cfg.dp.mode != "off" else None
+        result["accounted_unit"] = accounted.get("unit")
+        members[str(partition)] = result
+    for failure in failures:
+        log.warning("self-audit failed at %s", failure)
+    out = {"what": "each member's membership audit of the final model on its own data: its training images vs "
+                   "half its held-out images (attacks/self_audit.py); numbers only, computed at the member",
+           "delta": cfg.dp.delta, "members": dict(sorted(members.items(), key=lambda kv: int(kv[0]))),
+           "failures": failures}
+    run.audit.mkdir(exist_ok=True)
+    atomic_write_json(run.self_audit_path, out)
+    return out
