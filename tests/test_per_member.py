@@ -18,27 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sim_runs import TINY
+from support.members import IMAGES_PER_MEMBER, MEMBERS, PER_MEMBER, set_args, write_consortium
 from support.processes import open_audit_env, read_open_audit
 
 ROOT = Path(__file__).resolve().parents[1]
-MEMBERS = 3
-PER_MEMBER = tuple(o for o in TINY if not o.startswith("pretrain.")) + (
-    "data.layout=per-member", "data.source=imagefolder", f"split.num_clients={MEMBERS}",
-    f"federation.min_train_clients={MEMBERS}", f"federation.min_available_clients={MEMBERS}",
-    "federation.local_epochs=1", "federation.rounds=2", "train.task=both",
-    "split.member_nonmember_fraction=0.25", "pretrain.identities=4", "pretrain.images_per_identity=2",
-    "pretrain.epochs=1")
-
-
-def write_consortium(root: Path) -> Path:
-    """24 SynthFaces identities dealt to ``MEMBERS`` ImageFolders ``root/member-0K`` (8 each)."""
-    from common.data.datadir import write_synth_dir
-    from common.data.sources.synthfaces.generator import SynthConfig
-
-    write_synth_dir(SynthConfig(num_identities=24, images_per_identity=6, image_size=32, seed=3), root,
-                    members=MEMBERS)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +29,12 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_consortium(tmp_path_factory.mktemp("consortium"))
 
 
-def facefl_run(tmp: Path, data_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+def facefl_run(tmp: Path, data_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
     """``facefl run`` of ``PER_MEMBER`` on ``data_path`` in a subprocess, with its own data cache and
     client state under ``tmp`` and every file it (or a Ray worker) opens logged to tmp/open.log."""
     env = {**os.environ, **open_audit_env(tmp / "open.log", os.environ), "OMP_NUM_THREADS": "1",
            "FACEFL_CACHE": str(tmp / "cache"), "FACEFL_CLIENT_STATE": str(tmp / "state")}
-    args = [a for o in (*PER_MEMBER, f"data.path={data_path}", *extra) for a in ("--set", o)]
+    args = set_args({**PER_MEMBER, "data.path": str(data_path)})
     proc = subprocess.run([sys.executable, "-m", "workflow.cli", "--no-progress", "run", *args, "--out",
                            str(tmp / "runs")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc, tmp
@@ -97,7 +80,7 @@ def test_members_train_and_evaluate_on_their_own_folders(consortium: Path, tmp_p
     assert sorted(described) == [str(k) for k in range(MEMBERS)]
     for counts in described.values():
         assert all(isinstance(v, int) for v in counts.values())
-        assert counts["train-images"] + counts["held-out-images"] + counts["probe-images"] == 48
+        assert counts["train-images"] + counts["held-out-images"] + counts["probe-images"] == IMAGES_PER_MEMBER
     assert not (Path(run.path) / "manifest.json").exists()
 
     # The server's process opened no file of any member; the members' ClientApps did.
