@@ -75,6 +75,12 @@ def test_members_train_and_evaluate_on_their_own_folders(consortium: Path, tmp_p
         assert all(0 <= a["auc"] <= 1 and a["empirical_epsilon"] >= 0 for a in result["attacks"].values())
     assert "self-audit attack" in proc.stdout
 
+    # The report shows both, and finds nothing missing in a run without a manifest.
+    from common.report.html import write_report
+
+    page = write_report(run.path).read_text()
+    assert "Self-audit: each member attacked" in page and 'class="problem"' not in page
+
     # What the members told the server: counts only.
     described = next(e for e in events if e.get("event") == "members")["members"]
     assert sorted(described) == [str(k) for k in range(MEMBERS)]

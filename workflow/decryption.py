@@ -1,11 +1,13 @@
 """The key holder's step of an HE run: decrypt every round's encrypted checkpoint,
-write the plaintext final model and evaluate each round (the server could not)."""
+write the plaintext final model and evaluate each round (the server could not). A per-member run
+needs only the final model: its members evaluated every round's model themselves."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from common.config import load_config
 from common.evaluation.global_model import GlobalEvaluator
 from common.he.checkpoints import decrypt_checkpoint
 from common.he.keys import load_secret_context
@@ -29,6 +31,9 @@ def decrypt_run(run_dir: str | os.PathLike[str], secret_context: str | os.PathLi
     state, meta = decrypt_checkpoint(source, ctx, secret_context)
     plain_meta = {k: v for k, v in meta.items() if k not in ("encrypted", "total_weight", "fingerprint")}
     out = save_checkpoint(run.final_model, state, {**plain_meta, "decrypted_from": source.name})
+    if load_config(run.config_path).data.layout == "per-member":  # the members evaluated every round themselves
+        run.log_metrics("decrypted", round=meta["round"])
+        return out, {}
     cfg, ds, manifest = load_run(run)
     evaluator = GlobalEvaluator.from_manifest(cfg, ds, manifest)
     model = build_model(ModelSpec.from_dict(meta["spec"]), cfg.seed)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.evaluation.global_model import MEMBERS_PREFIX
+from common.report.tables import self_audit_table
 from common.runs import layout
 from common.runs.io import atomic_path, atomic_write_text
 from common.runs.records import (
@@ -39,8 +41,8 @@ from common.runs.rundir import RunDir
 log = logging.getLogger(__name__)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SECTIONS = ("Setup and configuration", "Privacy ledger", "Utility", "Fairness", "Membership-inference attacks",
-            "Per-group leakage", "MOTE vs templates", "What the server could see")
+SECTIONS = ("Setup and configuration", "Privacy ledger", "Utility", "Members' evaluation and self-audit", "Fairness",
+            "Membership-inference attacks", "Per-group leakage", "MOTE vs templates", "What the server could see")
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -118,9 +120,7 @@ def _setup(r: RunResults) -> str:
         ("status", status.status + (f" ({status.error})" if status.error else "")),
         ("seed", r.cfg("seed")),
         ("task", f"{r.cfg('train.task')} (attribute: {r.cfg('train.attribute')})"),
-        ("data", f"{r.cfg('data.source')}: {r.cfg('data.identities')} identities x {r.cfg('data.images_per_identity')} "
-                 f"images, {r.cfg('data.image_size')} px" if r.cfg("data.source") == "synthfaces"
-         else f"{r.cfg('data.source')} at {r.cfg('data.path')}"),
+        ("data", _data_line(r)),
         ("data fingerprint", str(m.get("fingerprint", "n/a"))[:16]),
         ("split (samples)", ", ".join(f"{k} {v}" for k, v in counts.get("samples", {}).items()) or "n/a"),
         ("split (identities)", ", ".join(f"{k} {v}" for k, v in counts.get("identities", {}).items()) or "n/a"),
@@ -141,10 +141,50 @@ def _setup(r: RunResults) -> str:
         out.append(_table(("client", "identities", "samples", "gender", "group"), [
             (i, c.get("identities"), c.get("samples"), ", ".join(f"{k} {v}" for k, v in c.get("gender", {}).items()),
              ", ".join(f"{k} {v}" for k, v in c.get("group", {}).items())) for i, c in enumerate(clients)]))
-    else:
+    elif not r.per_member():  # a per-member run has no manifest: its members' counts are in the data row
         out.append(_not_run(r.problem_with(layout.MANIFEST) or f"{layout.MANIFEST} is missing: no per-client data summary"))
     text = (r.path / layout.CONFIG).read_text(encoding="utf-8")
     out.append(f"<details><summary>resolved configuration ({layout.CONFIG})</summary><pre>{_e(text)}</pre></details>")
+    return "".join(out)
+
+
+def _data_line(r: RunResults) -> str:
+    if r.per_member():
+        described = next(iter(r.events("members")), {}).get("members", {})
+        counts = "; ".join(f"member {p}: {c.get('train-images')} training, {c.get('held-out-images')} held-out, "
+                           f"{c.get('probe-images')} probe images" for p, c in described.items())
+        return f"per member: each member's own folder, read and split only there ({counts or 'no counts recorded'})"
+    if r.cfg("data.source") == "synthfaces":
+        return (f"synthfaces: {r.cfg('data.identities')} identities x {r.cfg('data.images_per_identity')} images, "
+                f"{r.cfg('data.image_size')} px")
+    return f"{r.cfg('data.source')} at {r.cfg('data.path')}"
+
+
+def _members(r: RunResults) -> str:
+    """Per-member runs: each member's evaluation of the final round and its self-audit."""
+    if not r.per_member():
+        return _not_run("the server held the split of all the data (data.layout = manifest): it evaluated and "
+                        "audited the model itself (Utility, Membership-inference attacks)")
+    out = []
+    rounds = [e for e in r.events("round") if "members_evaluation" in e]
+    if rounds:
+        last = rounds[-1]
+        out.append(_p(f"Round {last['round']}: each member evaluated the global model on its own held-out data "
+                      "and sent back only these numbers; the Utility table's members' columns weight them by the "
+                      "counts shown."))
+        out.append(_table(("member", "verification AUC (held-out identities)", "probe images", "attribute accuracy",
+                           "held-out images"),
+                          [(int(m["partition-id"]), m.get("verification_auc"), int(m["probe-images"]),
+                            m.get("attribute_accuracy", "n/a"), int(m["held-out-images"]))
+                           for m in last["members_evaluation"]["members"]]))
+    if r.self_audit is None:
+        out.append(_not_run(r.problem_with(layout.SELF_AUDIT) or f"{layout.SELF_AUDIT} was not written"))
+        return "".join(out)
+    out.append(_p("Self-audit: each member attacked the final model (its own identity head on the global "
+                  "backbone) on its own data, its training images against half its held-out images, and sent back "
+                  "only these numbers (attacks/self_audit.py). The empirical epsilon is a 95% lower bound per image; "
+                  "it can never exceed a correct accounted epsilon."))
+    out.append(f"<pre>{_e(self_audit_table(r.self_audit))}</pre>")
     return "".join(out)
 
 
@@ -218,13 +258,15 @@ def _utility(r: RunResults) -> str:
     for e in r.metrics:
         kind = e.get("event")
         if kind == "pretrain":
-            rows.append(("public pretraining", "", "", "", e.get("verification_auc"), e.get("attribute_accuracy"),
+            rows.append(("public pretraining", "", "", "", e.get("verification_auc", "n/a"),
+                         e.get("attribute_accuracy", "n/a"),
                          "", e.get("seconds")))
         elif kind == "round":
             hidden = "encrypted" if e.get("encrypted") else "n/a"
             no_attr = "n/a" if r.cfg("train.task") == "identity" else hidden
+            own = MEMBERS_PREFIX if r.per_member() else ""  # the members' count-weighted evaluation
             rows.append((e["round"], len(e.get("clients", [])), len(e.get("failures", [])), e.get("train_loss"),
-                         e.get("verification_auc", hidden), e.get("attribute_accuracy", no_attr),
+                         e.get(own + "verification_auc", hidden), e.get(own + "attribute_accuracy", no_attr),
                          e.get("max_epsilon") if r.dp_on() else "DP off", e.get("seconds")))
         elif kind == "decrypted":
             rows.append((f"round {e.get('round')}, decrypted by a key holder", "", "", "",
@@ -233,7 +275,11 @@ def _utility(r: RunResults) -> str:
         return _not_run(r.problem_with(layout.METRICS) or f"{layout.METRICS} has no round (training did not start)")
     out = [_table(("round", "clients", "failed", "train loss", "verification AUC", "attribute accuracy", "max epsilon",
                    "seconds"), rows)]
-    if r.cfg("he.enabled"):
+    if r.per_member():
+        out.append(_p("The members kept their data: each round's verification AUC and attribute accuracy are the "
+                      "members' own evaluations on their held-out data, averaged weighted by their counts (a "
+                      "weighted mean of per-member AUCs, not the AUC of pooled pairs)."))
+    elif r.cfg("he.enabled"):
         out.append(_p("With HE the server cannot evaluate the global model between rounds; the decrypted final "
                       "model is evaluated by a key holder."))
     if r.lift is not None:
@@ -479,7 +525,7 @@ def _server_view(r: RunResults) -> str:
 
 
 _BUILDERS: dict[str, Callable[[RunResults], str]] = dict(zip(SECTIONS, (
-    _setup, _privacy, _utility, _fairness, _attacks, _per_group, _mote, _server_view), strict=True))
+    _setup, _privacy, _utility, _members, _fairness, _attacks, _per_group, _mote, _server_view), strict=True))
 
 
 def render_report(r: RunResults) -> str:

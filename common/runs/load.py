@@ -13,6 +13,10 @@ def load_run(run: RunDir) -> tuple[Config, FaceDataset, Manifest]:
     """A run's configuration, its data set (rebuilt from that configuration) and its manifest,
     checked to belong together: what every phase after training starts from."""
     cfg = load_config(run.config_path)
+    if cfg.data.layout == "per-member":
+        raise ValueError(f"{run.path}: its members kept their data (data.layout = per-member), so it has no data "
+                         "set or manifest to evaluate or audit it with; the members evaluated every round "
+                         "(metrics.jsonl) and audited the final model themselves (audit/self-audit.json)")
     ds = build_dataset(cfg)
     return cfg, ds, Manifest.load(run.manifest_path, expect_fingerprint=ds.fingerprint())
 

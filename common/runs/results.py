@@ -37,6 +37,7 @@ class RunResults:
     evaluation: MoteEvaluation | None = None
     audit: AuditReport | None = None
     lift: dict[str, Any] | None = None
+    self_audit: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
     @classmethod
@@ -52,6 +53,7 @@ class RunResults:
         res.evaluation = res._read(layout.MOTE_EVALUATION, MoteEvaluation.load)
         res.audit = res._read(layout.AUDIT_REPORT, AuditReport.load)
         res.lift = res._read(layout.LIFT, read_json)
+        res.self_audit = res._read(layout.SELF_AUDIT, read_json)
         res.metrics = res._read(layout.METRICS, lambda p: RunDir(p.parent).read_metrics()) or []
         res._check_complete()
         return res
@@ -62,7 +64,8 @@ class RunResults:
         done = int((self.status.rounds_completed if self.status is not None else None) or 0)
         if done == 0:
             return
-        expected = [layout.MANIFEST, layout.METRICS, *([layout.PRIVACY] if self.dp_on() else [])]
+        manifest = [] if self.per_member() else [layout.MANIFEST]  # members keep their own splits
+        expected = [*manifest, layout.METRICS, *([layout.PRIVACY] if self.dp_on() else [])]
         for name in expected:
             if not (self.path / name).exists():
                 self.problems.append(f"{self.path / name}: missing although {layout.STATUS} records {done} completed "
@@ -106,6 +109,10 @@ class RunResults:
             return decrypted[-1]
         rounds = [e for e in self.events("round") if "verification_auc" in e]
         return rounds[-1] if rounds else {}
+
+    def per_member(self) -> bool:
+        """Whether the members kept their own data (``data.layout = per-member``)."""
+        return self.cfg("data.layout") == "per-member"
 
     def dp_on(self) -> bool:
         return self.cfg("dp.mode") == "sample"
