@@ -8,9 +8,9 @@ half of its held-out images (``common.split.member``) as nonmembers:
 * loss (Yeom et al. 2018): -cross-entropy of the head's logits, in float64;
 * offline LiRA (Carlini et al. 2022): the scaled confidence against a Gaussian fitted to
   reference models that never saw either audited set: the run's initial (public) model with a
-  fresh head, trained without DP by the run's client recipe (same trainable parameters, passes
-  and rate) on the other half of the held-out images. Difficulty calibration (Watson et al.
-  2022): an image that is hard for every model is not a member for being hard.
+  fresh head, trained by the member's own recipe (trainable parameters, passes, rate, DP-SGD at
+  its noise multiplier) on the other half of the held-out images. Difficulty calibration (Watson
+  et al. 2022): an image that is hard for every model is not a member for being hard.
 
 Each attack gets its AUC with a bootstrap interval, TPR where the nonmembers resolve the FPR,
 and the empirical epsilon lower bound of its ROC (``roc_epsilon_lower_bound``, one image per
@@ -44,8 +44,8 @@ ATTACKS = ("loss", "lira-offline")
 @dataclass(frozen=True)
 class SelfAuditSets:
     """The member's audited images and the images its references train on: ``members`` trained
-    the model, ``nonmembers`` and ``reference`` did not; all of the identities the references know
-    (``classes``, sorted), so that every model scores them over the same classes."""
+    the model, ``nonmembers`` and ``reference`` did not. ``classes`` (sorted): the identities the
+    references know, on which offline LiRA is scored (every model over the same classes)."""
 
     members: FaceDataset
     nonmembers: FaceDataset
@@ -54,18 +54,20 @@ class SelfAuditSets:
 
     @classmethod
     def from_split(cls, train: FaceDataset, held_out: FaceDataset, seed: int) -> SelfAuditSets:
-        """Each identity's held-out images halved at random (seeded): the references get
-        max(1, n // 2) of its n, the nonmembers the rest; identities without a held-out image
-        are left out of the audit (no reference knows them)."""
+        """Each identity's n held-out images halved at random (seeded): n // 2 train the
+        references, the rest are nonmembers (an identity with one held-out image gives it to the
+        nonmembers: the loss attack needs no reference)."""
         rng = np.random.default_rng(seed)
         to_reference = np.zeros(len(held_out), bool)
         for ident in np.unique(held_out.identity):
             own = rng.permutation(np.flatnonzero(held_out.identity == ident))
-            to_reference[own[:max(1, own.size // 2)]] = True
+            to_reference[own[:own.size // 2]] = True
         reference = held_out.subset(np.flatnonzero(to_reference))
-        classes = np.unique(reference.identity)
-        return cls(train.subset(np.flatnonzero(np.isin(train.identity, classes))),
-                   held_out.subset(np.flatnonzero(~to_reference)), reference, classes)
+        return cls(train, held_out.subset(np.flatnonzero(~to_reference)), reference, np.unique(reference.identity))
+
+    def known(self) -> tuple[np.ndarray, np.ndarray]:
+        """Masks of the members and nonmembers whose identity the references know."""
+        return np.isin(self.members.identity, self.classes), np.isin(self.nonmembers.identity, self.classes)
 
 
 def head_logits(model: FaceModel, head: CosineClassifier, ds: FaceDataset, scale: float) -> np.ndarray:
@@ -75,18 +77,22 @@ def head_logits(model: FaceModel, head: CosineClassifier, ds: FaceDataset, scale
     return scale * cosine.double().numpy()
 
 
-def reference_models(initial: FaceModel, sets: SelfAuditSets, cfg: Config, count: int,
-                     seed: int) -> list[tuple[FaceModel, CosineClassifier]]:
+def reference_models(initial: FaceModel, sets: SelfAuditSets, cfg: Config, count: int, seed: int,
+                     noise_multiplier: float = 0.0) -> list[tuple[FaceModel, CosineClassifier]]:
     """``count`` references: copies of the initial model, each with a fresh head over
-    ``sets.classes``, trained without DP on ``sets.reference`` by the clients' recipe (trainable
-    parameters, rate, batch) for as many passes as the run made."""
+    ``sets.classes``, trained on ``sets.reference`` by the member's own recipe: its trainable
+    parameters, rate and batch, its DP-SGD (``noise_multiplier``; 0 without DP) with fresh noise,
+    for as many passes as the run made. None without reference images."""
+    if not len(sets.reference):
+        return []
     refs = []
     passes = cfg.federation.rounds * cfg.federation.local_epochs
     for k in range(count):
         model = copy.deepcopy(initial)
         restrict_training(model, cfg.federation.trainable)
         head = build_identity_head(model.spec, sets.classes.size, seed + k)
-        train(model, sets.reference, cfg.train, DPConfig(mode="off"), seed=seed + k, epochs=passes, head=head,
+        train(model, sets.reference, cfg.train, cfg.dp if noise_multiplier > 0 else DPConfig(mode="off"),
+              seed=seed + k, epochs=passes, head=head, noise_multiplier=noise_multiplier,
               desc=f"self-audit reference {k}")
         refs.append((model, head))
     return refs
@@ -95,27 +101,42 @@ def reference_models(initial: FaceModel, sets: SelfAuditSets, cfg: Config, count
 def self_audit(target: FaceModel, head: CosineClassifier, head_classes: np.ndarray, sets: SelfAuditSets,
                references: list[tuple[FaceModel, CosineClassifier]], cfg: Config, seed: int,
                n_boot: int = 1000) -> dict[str, Any]:
-    """Every attack's numbers (see the module docstring) and the counts they rest on; the target's
-    head (over ``head_classes``, sorted) is read on the columns of ``sets.classes`` only."""
-    audited = [sets.members, sets.nonmembers]
-    labels = np.concatenate([np.searchsorted(sets.classes, d.identity) for d in audited])
-    is_member = np.concatenate([np.ones(len(sets.members), bool), np.zeros(len(sets.nonmembers), bool)])
+    """Every attack's numbers (see the module docstring) and the counts they rest on. The loss
+    attack reads the target's head (over ``head_classes``, sorted) on every audited image; offline
+    LiRA only on the images of identities the references know, on those identities' columns. An
+    attack without members or nonmembers is skipped with the reason."""
     scale = cfg.train.margin_scale
-    columns = np.searchsorted(head_classes, sets.classes)
-    logits = np.concatenate([head_logits(target, head, d, scale) for d in audited])[:, columns]
-    scores = {"loss": -sample_loss(logits, labels)}
-    if references:
-        ref = np.stack([scaled_confidence(np.concatenate([head_logits(m, h, d, scale) for d in audited]), labels)
+    out: dict[str, Any] = {"members": len(sets.members), "nonmembers": len(sets.nonmembers),
+                           "reference_images": len(sets.reference), "references": len(references),
+                           "unit": "one image", "attacks": {}, "skipped": {}}
+    if not (len(sets.members) and len(sets.nonmembers)):
+        out["skipped"] = {name: "no held-out image to serve as a nonmember (split.member_nonmember_fraction)"
+                          for name in ATTACKS}
+        return out
+    logits = [head_logits(target, head, d, scale) for d in (sets.members, sets.nonmembers)]
+    is_member = np.concatenate([np.ones(len(sets.members), bool), np.zeros(len(sets.nonmembers), bool)])
+    labels = np.concatenate([np.searchsorted(head_classes, d.identity) for d in (sets.members, sets.nonmembers)])
+    scores = {"loss": (-sample_loss(np.concatenate(logits), labels), is_member)}
+    keep_m, keep_n = sets.known()
+    if not (keep_m.any() and keep_n.any()):
+        out["skipped"]["lira-offline"] = ("no identity has two held-out images: the references would know nobody "
+                                          "audited (raise split.member_nonmember_fraction)")
+    elif not references:
+        out["skipped"]["lira-offline"] = "audit.self_references = 0"
+    else:
+        kept = [sets.members.subset(np.flatnonzero(keep_m)), sets.nonmembers.subset(np.flatnonzero(keep_n))]
+        y = np.concatenate([np.searchsorted(sets.classes, d.identity) for d in kept])
+        columns = np.searchsorted(head_classes, sets.classes)
+        target_phi = scaled_confidence(np.concatenate([logits[0][keep_m], logits[1][keep_n]])[:, columns], y)
+        ref = np.stack([scaled_confidence(np.concatenate([head_logits(m, h, d, scale) for d in kept]), y)
                         for m, h in references])
         # Few references: one variance for all images (Carlini et al. 2022, offline with few models).
-        scores["lira-offline"] = lira_offline(scaled_confidence(logits, labels), ref.T, global_variance=True)
-    out: dict[str, Any] = {"members": int(is_member.sum()), "nonmembers": int((~is_member).sum()),
-                           "reference_images": len(sets.reference), "references": len(references),
-                           "unit": "one image", "attacks": {}}
-    for name, s in scores.items():
-        metrics = attack_metrics(s, is_member, None, seed, n_boot)
+        scores["lira-offline"] = (lira_offline(target_phi, ref.T, global_variance=True),
+                                  np.concatenate([np.ones(keep_m.sum(), bool), np.zeros(keep_n.sum(), bool)]))
+    for name, (s, m) in scores.items():
+        metrics = attack_metrics(s, m, None, seed, n_boot)
         metrics.pop("per_group")
-        bound = roc_epsilon_lower_bound(s, is_member, cfg.dp.delta)
+        bound = roc_epsilon_lower_bound(s, m, cfg.dp.delta)
         out["attacks"][name] = {**metrics, "empirical_epsilon": bound.epsilon,
                                 "empirical_epsilon_confidence": bound.confidence}
     return out

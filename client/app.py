@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import update_console_handler
 
-from attacks.self_audit import SelfAuditSets, reference_models, self_audit
+from attacks.self_audit import ATTACKS, SelfAuditSets, reference_models, self_audit
 from client.he_client import Encryption, decode_global, encode_update, secret_context
 from client.local import (
     ALLOW_REPRODUCIBLE_NOISE_ENV,
@@ -226,13 +226,14 @@ def self_audit_query(msg: Message, context: Context) -> Message:
     saved = store.latest_before(cfg.federation.rounds + 1) if store is not None else None
     train_data = split.subset(ds, "train")
     if saved is None or saved.state.head is None:
-        result: dict = {"skipped": "this member holds no identity head (it never trained, or the task has none)"}
+        result: dict = {"skipped": {name: "this member holds no identity head (it never trained, or the task has "
+                                          "none)" for name in ATTACKS}, "attacks": {}}
     else:
         head = build_identity_head(model_spec(cfg), identity_classes(train_data.identity)[0].size, 0)
         head.load_state_dict(saved.state.head)
         seed = derived_seed(cfg.seed, 0x5A, partition)
         sets = SelfAuditSets.from_split(train_data, split.subset(ds, "held_out"), seed)
-        refs = reference_models(initial, sets, cfg, cfg.audit.self_references, seed)
+        refs = reference_models(initial, sets, cfg, cfg.audit.self_references, seed, saved.state.noise_multiplier)
         result = self_audit(target, head, identity_classes(train_data.identity)[0], sets, refs, cfg, seed)
     content = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition}),
                           wire.SELF_AUDIT: ConfigRecord({"json": json.dumps(result)})})

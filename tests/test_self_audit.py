@@ -70,7 +70,7 @@ def test_only_numbers_leave_the_member(member) -> None:
     ids = np.concatenate([member[k].sample_ids for k in ("train", "held_out")])
     assert not [s for s in ids if s in text]
     strings = [v for v in _leaves(result) if isinstance(v, str)]
-    assert set(strings) <= {"one image"}
+    assert set(strings) <= {"one image"}  # no free text from the data either
 
 
 def _leaves(obj):
@@ -82,3 +82,17 @@ def _leaves(obj):
             yield from _leaves(v)
     else:
         yield obj
+
+
+def test_one_held_out_image_per_identity_leaves_the_loss_attack(member) -> None:
+    from attacks.self_audit import SelfAuditSets, reference_models, self_audit
+
+    held_out = member["held_out"]
+    first = np.flatnonzero(np.r_[True, held_out.identity[1:] != held_out.identity[:-1]])
+    sets = SelfAuditSets.from_split(member["train"], held_out.subset(first), seed=1)
+    assert len(sets.reference) == 0 and len(sets.nonmembers) == 16
+    refs = reference_models(build_model(model_spec(CFG), CFG.seed), sets, CFG, count=2, seed=3)
+    target = _trained_on(member["train"], epochs=60)
+    result = self_audit(*target, identity_classes(member["train"].identity)[0], sets, refs, CFG, seed=0, n_boot=100)
+    assert set(result["attacks"]) == {"loss"} and "two held-out images" in result["skipped"]["lira-offline"]
+    assert result["attacks"]["loss"]["n_nonmembers"] == 16

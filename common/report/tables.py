@@ -70,12 +70,11 @@ def self_audit_table(self_audit: dict) -> str:
     for partition, result in self_audit["members"].items():
         accounted = result.get("accounted_epsilon")
         eps = "no DP" if accounted is None else f"{accounted:.3f}"
-        if "skipped" in result:
-            rows.append((partition, "-", f"skipped: {result['skipped']}", "-", eps))
-            continue
+        for name, why in result.get("skipped", {}).items():
+            rows.append((partition, name, f"skipped: {why}", "-", eps))
         for name, a in result["attacks"].items():
             lo, hi = a["ci95"]["auc"] if a.get("ci95") else (float("nan"), float("nan"))
-            rows.append((partition, name, f"{a['auc']:.3f} [{lo:.3f}, {hi:.3f}] ({result['members']} vs "
-                         f"{result['nonmembers']})", f"{a['empirical_epsilon']:.2f}", eps))
+            rows.append((partition, name, f"{a['auc']:.3f} [{lo:.3f}, {hi:.3f}] ({a['n_members']} vs "
+                         f"{a['n_nonmembers']})", f"{a['empirical_epsilon']:.2f}", eps))
     return format_table(("member", "self-audit attack", "AUC [95% CI] (members vs nonmembers)",
                          "empirical eps >= (per image, 95%)", "accounted eps (per image)"), rows)
