@@ -32,6 +32,7 @@ from client.local import (
     update_digest,
 )
 from client.member_data import member_dataset, member_folder, member_split
+from client.member_mote import enroll_member, keep_galleries
 from common import wire
 from common.config import Config
 from common.data.cache import build_dataset
@@ -166,7 +167,9 @@ def enroll(msg: Message, context: Context) -> Message:
     """MOTE enrollment of this client's identities with the final global backbone (decrypted by
     the client itself under HE); one gallery per balancing factor goes back to the server. Under
     MOTE DP the noise and record sampling are this client's secret, like its DP-SGD's, and the
-    reply's enrollment info carries the mechanism (``privacy``) for the server's ledger."""
+    reply's enrollment info carries the mechanism (``privacy``) for the server's ledger. With
+    ``data.layout = per-member`` the member enrolls its own identities, keeps its galleries, and
+    sends its MOTE-vs-templates numbers, and its galleries only with ``mote.share_gallery``."""
     cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
     global_state, _ = _global_model(msg, context, cfg)
@@ -175,15 +178,24 @@ def enroll(msg: Message, context: Context) -> Message:
     store = _state_store(msg, context, partition)
     noise_seed = mote_noise_seed(cfg, partition, _allows_reproducible_noise(context),
                                  store.mote_seed() if store is not None else None)
-    galleries, info = enroll_client(cfg, build_dataset(cfg), model, partition, derived_seed(cfg.seed, 0xE4, partition),
-                                    noise_seed)
+    seed = derived_seed(cfg.seed, 0xE4, partition)
+    evaluation = None
+    if cfg.data.layout == "per-member":  # the member's own identities; galleries kept at the site
+        ds, split = _member(msg, context, cfg, partition)
+        galleries, info, evaluation = enroll_member(cfg, ds, split, model, partition, seed, noise_seed)
+        keep_galleries(cfg, galleries, store.directory)  # _member ensured a store
+    else:
+        galleries, info = enroll_client(cfg, build_dataset(cfg), model, partition, seed, noise_seed)
     if "privacy" in info and store is not None and noise_seed is not None:
         digest = update_digest({f"{i}/{name}": t for i, g in enumerate(galleries) for name, t in g.params.items()})
         info["privacy"]["releases"] = store.record_mote_release(noise_seed, digest)
     content = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, "identities": len(galleries[0])}),
                           wire.MOTE_INFO: ConfigRecord({"json": json.dumps(info)})})
-    for i, gallery in enumerate(galleries):
-        content[wire.gallery_key(i)] = wire.gallery_to_record(gallery)
+    if evaluation is not None:
+        content[wire.MOTE_EVALUATION] = ConfigRecord({"json": json.dumps(evaluation)})
+    if cfg.data.layout != "per-member" or cfg.mote.share_gallery:
+        for i, gallery in enumerate(galleries):
+            content[wire.gallery_key(i)] = wire.gallery_to_record(gallery)
     return Message(content, reply_to=msg)
 
 

@@ -47,6 +47,7 @@ SELF_AUDIT = "self-audit"
 
 # MOTE enrollment (query.enroll): one gallery record per balancing factor, and a JSON summary.
 MOTE_INFO = "mote-info"
+MOTE_EVALUATION = "mote-evaluation"  # data.layout = per-member: the member's MOTE-vs-templates numbers (JSON)
 # Train messages of a run that can be resumed: which run (the run directory's name) and the last
 # round whose update the server accepted from this client (client/app.py restores its state of it).
 RUN_RECORD = "run"

@@ -15,6 +15,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -22,6 +23,7 @@ from common import wire
 from common.config import Config
 from common.mote.gallery import MoteGallery
 from common.runs.io import atomic_write_json
+from common.runs.records import MoteEvaluation, resolvable
 from common.runs.rundir import RunDir
 from server.ledger import PrivacyLedger
 from server.strategy import (
@@ -48,6 +50,9 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
     owners = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
     factors = cfg.mote.balancing_factors
+    per_member = cfg.data.layout == "per-member"
+    shared = not per_member or cfg.mote.share_gallery
+    evaluations: dict[str, dict[str, Any]] = {}
     galleries: list[list[MoteGallery]] = [[] for _ in factors]
     clients, failures, enrolled = [], [], set()
     answered = {sender(m, owners) for m in replies}
@@ -59,13 +64,18 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
             failures.append(f"{who}: {error_summary(msg.error.reason)}")
             continue
         try:
-            got = [wire.record_to_gallery(msg.content[wire.gallery_key(i)], cfg.seed, who) for i in range(len(factors))]
             info = json.loads(str(msg.content[wire.MOTE_INFO]["json"]))
+            got = [wire.record_to_gallery(msg.content[wire.gallery_key(i)], cfg.seed, who) for i in range(len(factors))
+                   ] if shared else []
             dims = {g.dim for g in got}
-            if dims != {cfg.model.embedding_dim} or len({tuple(g.identity_ids) for g in got}) != 1:
+            if got and (dims != {cfg.model.embedding_dim} or len({tuple(g.identity_ids) for g in got}) != 1):
                 raise ValueError(f"{who}: galleries of embedding size {sorted(dims)} or with differing identities")
-            if taken := enrolled & set(got[0].identity_ids.tolist()):
+            ids = set(got[0].identity_ids.tolist()) if got else {int(i) for i in info["identities"]}
+            if taken := enrolled & ids:
                 raise ValueError(f"{who}: identities {sorted(taken)[:5]} were already enrolled by another client")
+            if per_member:
+                own = MoteEvaluation.from_dict(json.loads(str(msg.content[wire.MOTE_EVALUATION]["json"])))
+                evaluations[str(node_partition[sender(msg, owners)])] = own.to_dict()
             if cfg.mote.dp_enabled():
                 if not isinstance(info.get("privacy"), dict):
                     raise ValueError(f"{who}: MOTE DP is on but the reply carries no privacy report")
@@ -73,8 +83,8 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
         except (KeyError, TypeError, ValueError) as exc:
             failures.append(f"{who}: rejected enrollment: {exc}")
             continue
-        enrolled |= set(got[0].identity_ids.tolist())
-        for bucket, gallery in zip(galleries, got, strict=True):
+        enrolled |= ids
+        for bucket, gallery in zip(galleries, got):
             bucket.append(gallery)
         clients.append(info)
     for failure in failures:
@@ -83,14 +93,35 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
         raise RuntimeError("enrollment: no client enrolled anyone; " + "; ".join(failures))
     files = {}
     for b, parts in zip(factors, galleries, strict=True):
+        if not parts:  # per-member, galleries not shared: they stay at the members
+            continue
         merged = MoteGallery.concat(parts, cfg.seed, {"balancing_factor": b})
         path = run.gallery(b)
         merged.save(path, fp16=cfg.mote.fp16)
         files[f"{b:.2f}"] = path.name
     summary = {"identities": sum(len(c["identities"]) for c in clients), "clients": len(clients),
                "failures": failures, "seconds": time.perf_counter() - start, "galleries": files}
+    if per_member:
+        atomic_write_json(run.mote_members_evaluation_path, members_evaluation(evaluations))
     atomic_write_json(run.mote_enrollment_path, {**summary, "per_client": clients})
     if ledger.mote:
         ledger.save(run.privacy_path)
         summary["mote_max_epsilon"] = max(e["epsilon"] for e in ledger.mote.values())
     return summary
+
+
+def members_evaluation(members: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each member's MOTE-vs-templates report (computed at the member on its held-out images) and,
+    per method, the AUC averaged over the members weighted by their probe images (a weighted mean
+    of per-member numbers, not the AUC of pooled pairs), with FNMR at the target FMR only where
+    every member's impostor comparisons resolve that FMR."""
+    methods = sorted({m for e in members.values() for m in e["methods"]})
+    weighted: dict[str, dict[str, float]] = {}
+    for method in methods:
+        have = [e["methods"][method] | {"probes": e["probes"], "target_fmr": e["target_fmr"]}
+                for e in members.values() if method in e["methods"]]
+        keys = ["auc"] + (["fnmr"] if all(resolvable(r["n_impostor"], r["target_fmr"]) for r in have) else [])
+        weighted[method] = {k: float(np.average([r[k] for r in have], weights=[r["probes"] for r in have]))
+                            for k in keys}
+    return {"what": "MOTE vs templates at each member, on its held-out images (client/member_mote.py)",
+            "members": members, "weighted_by_probes": weighted}

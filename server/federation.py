@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from common import wire
 from common.config import Config
 from common.data.cache import build_dataset
-from common.evaluation.global_model import MEMBERS_PREFIX, GlobalEvaluator
+from common.evaluation.global_model import MEMBERS_PREFIX, GlobalEvaluator, public_evaluator
 from common.he.checkpoints import save_encrypted
 from common.he.keys import load_public_context
 from common.he.selection import EncryptionLayout
@@ -210,7 +210,8 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
     model = build_model(spec, cfg.seed) if started else build_initial_model(cfg, spec)
     key = run.path.name
     evaluator: GlobalEvaluator | None = None
-    if cfg.data.layout == "per-member":  # the members' data stay with them: no manifest, no server evaluation
+    if cfg.data.layout == "per-member":  # the members' data stay with them: no manifest, public data at most
+        evaluator = public_evaluator(cfg)
         partitions, members = describe_members(grid, cfg, key)
         if not started:
             run.log_metrics("members", members={str(p): c for p, c in sorted(members.items())})
@@ -261,7 +262,7 @@ def _rounds(grid: Grid, cfg: Config, run: RunDir, progress: bool, point: ResumeP
         federated: dict[str, Any] = {}
         if cfg.data.layout == "per-member":
             result = evaluate_phase(grid, cfg, strategy, global_record, server_round, key)
-            state.metrics = {k: v for k, v in result.items() if k.startswith(MEMBERS_PREFIX)}
+            state.metrics.update({k: v for k, v in result.items() if k.startswith(MEMBERS_PREFIX)})
             federated = {"members_evaluation": {k: result[k] for k in ("members", "failures")}}
         ledger.save(run.privacy_path)
         clients = [{"partition": r.partition, **{k: v for k, v in r.metrics.items() if k != wire.PARTITION}}

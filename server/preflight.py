@@ -14,6 +14,7 @@ import numpy as np
 from common.config import Config
 from common.data.cache import build_dataset
 from common.data.dataset import FaceDataset
+from common.evaluation.global_model import public_evaluator
 from common.mote.enrollment import client_references, enrolling_client, kde_population
 from common.mote.kde import GenderKDE
 from common.split.build import build_manifest
@@ -26,8 +27,10 @@ def check_inputs(cfg: Config) -> Manifest | None:
     """Build the data set and the split manifest the run will use (errors name the file or key);
     check that the data hold ``audit.canaries`` canaries and that MOTE can enroll every client.
     Returns the manifest; None with ``data.layout = per-member``, where the server reads no
-    member's data (each member checks its own when the run describes it)."""
+    member's data (each member checks its own when the run describes it), only its public
+    evaluation set if it has one."""
     if cfg.data.layout == "per-member":
+        public_evaluator(cfg)  # the only data the server reads: a bad evaluation.public fails here
         return None
     ds = build_dataset(cfg)
     manifest = build_manifest(cfg, ds)

@@ -71,6 +71,13 @@ def test_members_keep_their_data_on_the_deployment_engine(deployment: Deployment
     self_audit = json.loads((run / "audit" / "self-audit.json").read_text())
     assert sorted(self_audit["members"]) == [str(i) for i in range(MEMBERS)] and not self_audit["failures"]
     assert not (run / "manifest.json").exists()
+    # MOTE at the members, galleries shared (mote.share_gallery, the research default) and merged.
+    assert (run / "mote" / "gallery-b0.50.safetensors").is_file()
+    mote = json.loads((run / "mote" / "members-evaluation.json").read_text())
+    assert sorted(mote["members"]) == [str(i) for i in range(MEMBERS)]
+    for i in range(MEMBERS):  # and each member kept its own galleries in its state directory
+        assert [p.parent.parent.name for p in (tmp_path / f"state-{i}").rglob("gallery-b0.50.safetensors")] == \
+            [f"client-{i}"]
 
     # No server-side process opened a member's file, though the audit hook ran in each of them;
     # the ClientApps read their own folders.

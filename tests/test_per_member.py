@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from support.members import IMAGES_PER_MEMBER, MEMBERS, PER_MEMBER, set_args, write_consortium
+from support.members import overrides as as_overrides
 from support.processes import open_audit_env, read_open_audit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +30,14 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_consortium(tmp_path_factory.mktemp("consortium"))
 
 
-def facefl_run(tmp: Path, data_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """``facefl run`` of ``PER_MEMBER`` on ``data_path`` in a subprocess, with its own data cache and
-    client state under ``tmp`` and every file it (or a Ray worker) opens logged to tmp/open.log."""
+def facefl_run(tmp: Path, data_path: Path, **extra: object) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``facefl run`` of ``PER_MEMBER`` (and ``extra`` keys, dotted with ``__``) on ``data_path`` in a
+    subprocess, with its own data cache and client state under ``tmp`` and every file it (or a Ray
+    worker) opens logged to tmp/open.log."""
     env = {**os.environ, **open_audit_env(tmp / "open.log", os.environ), "OMP_NUM_THREADS": "1",
            "FACEFL_CACHE": str(tmp / "cache"), "FACEFL_CLIENT_STATE": str(tmp / "state")}
-    args = set_args({**PER_MEMBER, "data.path": str(data_path)})
+    dotted = {k.replace("__", "."): v for k, v in extra.items()}
+    args = set_args({**PER_MEMBER, "data.path": str(data_path), **dotted})
     proc = subprocess.run([sys.executable, "-m", "workflow.cli", "--no-progress", "run", *args, "--out",
                            str(tmp / "runs")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc, tmp
@@ -47,7 +50,7 @@ def _server_pid(tmp: Path) -> int:
 
 @pytest.mark.timeout(900)
 def test_members_train_and_evaluate_on_their_own_folders(consortium: Path, tmp_path: Path) -> None:
-    proc, tmp = facefl_run(tmp_path, consortium)
+    proc, tmp = facefl_run(tmp_path, consortium, mote__share_gallery=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     from common.runs.rundir import RunDir
 
@@ -63,7 +66,7 @@ def test_members_train_and_evaluate_on_their_own_folders(consortium: Path, tmp_p
         assert r["members_verification_auc"] == pytest.approx(
             np.average([m["verification_auc"] for m in members], weights=weights))
         assert 0.0 <= r["members_attribute_accuracy"] <= 1.0
-        assert "verification_auc" not in r  # the server evaluated nothing: it has no data
+        assert 0 <= r["verification_auc"] <= 1  # the server's own evaluation: on public data only
     assert "members' verif. AUC" in proc.stdout
 
     # Each member's self-audit, beside its accounted epsilon: numbers computed at the member.
@@ -75,7 +78,17 @@ def test_members_train_and_evaluate_on_their_own_folders(consortium: Path, tmp_p
         assert all(0 <= a["auc"] <= 1 and a["empirical_epsilon"] >= 0 for a in result["attacks"].values())
     assert "self-audit attack" in proc.stdout
 
-    # The report shows both, and finds nothing missing in a run without a manifest.
+    # MOTE at the member: galleries kept at the site, MOTE-vs-templates numbers sent.
+    mote = json.loads((Path(run.path) / "mote" / "members-evaluation.json").read_text())
+    assert sorted(mote["members"]) == [str(k) for k in range(MEMBERS)]
+    for e in mote["members"].values():
+        assert set(e["methods"]) == {"templates", "MOTE b=0.50"} and e["probes"] > 0
+    assert set(mote["weighted_by_probes"]["MOTE b=0.50"]) >= {"auc"}
+    assert not list((Path(run.path) / "mote").glob("gallery-*"))  # kept at the members (tests/test_deploy_members.py)
+    enrollment = json.loads((Path(run.path) / "mote" / "enrollment.json").read_text())
+    assert all(set(map(type, c["references"].values())) == {int} for c in enrollment["per_client"])
+
+    # The report shows all of it, and finds nothing missing in a run without a manifest.
     from common.report.html import write_report
 
     page = write_report(run.path).read_text()
@@ -117,3 +130,41 @@ def test_a_member_without_readable_data_is_named_before_training(consortium: Pat
     assert not [e for e in events if e.get("event") in ("round", "pretrain")]
     # No member trained: no client state of any round exists.
     assert not list((tmp / "state").rglob("round-*"))
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["data.source=synthfaces"], "data.layout"),
+    (["audit.canaries=8"], "audit.canaries"),
+    (["mote.kde_population=aux"], "mote.kde_population"),
+])
+def test_what_needs_the_servers_view_of_all_the_data_is_refused(overrides: list[str], key: str) -> None:
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, as_overrides(PER_MEMBER) + overrides)
+
+
+def test_public_evaluation_is_for_per_member_runs_only() -> None:
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="evaluation.public"):
+        load_config(None, ["evaluation.public=synthfaces"])
+
+
+def test_a_member_split_is_disjoint_keeps_its_data_and_names_a_change(consortium: Path, tmp_path: Path) -> None:
+    from common.data.sources.imagefolder import load_imagefolder
+    from common.split.member import MemberSplit, counts, split_member
+
+    ds = load_imagefolder(consortium / "member-00", image_size=32)
+    split = split_member(ds, probe_fraction=0.25, held_out_fraction=0.25, seed=7)
+    roles = [set(getattr(split, r)) for r in ("train", "held_out", "probe")]
+    assert sum(map(len, roles)) == len(ds) and set.union(*roles) == set(ds.sample_ids.tolist())
+    probe_ids = set(split.subset(ds, "probe").identity.tolist())
+    assert len(probe_ids) == 2 and not probe_ids & set(split.subset(ds, "train").identity.tolist())
+    assert split == split_member(ds, 0.25, 0.25, seed=7) != split_member(ds, 0.25, 0.25, seed=8)
+    split.save(tmp_path / "split.json")
+    assert MemberSplit.load(tmp_path / "split.json") == split
+    assert set(counts(split, ds).values()) and all(isinstance(v, int) for v in counts(split, ds).values())
+    other = load_imagefolder(consortium / "member-01", image_size=32)
+    with pytest.raises(ValueError, match="data changed since its split"):
+        split.subset(other, "train")

@@ -150,6 +150,12 @@ class DPConfig(Section):
                                  infinite=True)
     noise_multiplier: float = num(0.0, 0.0, doc="used when target_epsilon is 0 or inf")
     max_grad_norm: float = num(1.0, 1e-9)
+    head_clip_share: float = num(0.0, 0.0, 0.99, doc="share of the squared clipping norm C^2 given to the private "
+                                                     "identity head, clipped apart from the shared parameters, "
+                                                     "which get the rest (per-layer clipping; the joint norm stays "
+                                                     "C, so epsilon is unchanged); 0 = flat clipping over all. A "
+                                                     "fresh head's gradients are ~60x the backbone's and otherwise "
+                                                     "take nearly all of C (docs/privacy-costs.md)")
     delta: float = num(1e-5, 0.0, 1.0)
     accountant: str = choice("rdp", ("rdp", "prv"))
     grad_sample_mode: str = choice("bk", GRAD_SAMPLE_MODES,
@@ -246,6 +252,10 @@ class MoteConfig(Section):
 
     enabled: bool = field(default=True, metadata={"doc": "enroll every client's identities as MOTE models after "
                                                          "the backbone rounds (identity and both tasks)"})
+    share_gallery: bool = field(default=True, metadata={
+        "doc": "data.layout = per-member: each member also sends its galleries to the server, which merges them "
+               "(the research default); false: galleries stay in each member's state directory and only the "
+               "members' MOTE-vs-templates numbers reach the server (templates stay at the site)"})
     balancing_factors: tuple[float, ...] = field(default=(0.0, 0.4, 0.5, 0.6, 1.0), metadata={
         "doc": "one gallery per factor b: the male share of the synthetic genuine samples"})
     kde_population: str = choice("auto", ("auto", "members", "aux", "public"),
@@ -311,6 +321,18 @@ class MoteConfig(Section):
 
 
 @dataclass
+class EvaluationConfig(Section):
+    SECTION = "evaluation"
+
+    public: str = field(default="", metadata={
+        "doc": "data.layout = per-member: the server also evaluates each round's global model (when it can read "
+               "it, i.e. without HE) on public data: '' none, 'synthfaces' (evaluation.public_identities public "
+               "SynthFaces identities, seeded apart from the pretraining population), or an ImageFolder on the "
+               "server's machine"})
+    public_identities: int = num(100, 3, doc="evaluation.public = 'synthfaces': how many public identities")
+
+
+@dataclass
 class AuditConfig(Section):
     SECTION = "audit"
 
@@ -339,6 +361,7 @@ class Config:
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
     he: HEConfig = field(default_factory=HEConfig)
     mote: MoteConfig = field(default_factory=MoteConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def validate(self) -> Config:
@@ -348,6 +371,9 @@ class Config:
             raise ConfigError(f"data.path: required for data.source={self.data.source!r} (a directory on disk)")
         if self.data.layout == "per-member":
             self._check_per_member()
+        elif self.evaluation.public:
+            raise ConfigError("evaluation.public: only with data.layout = 'per-member' (with the manifest the server "
+                              "evaluates every round on its probe identities)")
         if self.data.image_size % 16:
             raise ConfigError(f"data.image_size: expected a multiple of 16, got {self.data.image_size}")
         attrs = ("gender", "smiling") if self.data.source == "synthfaces" else None
@@ -362,6 +388,9 @@ class Config:
             raise ConfigError(f"audit.canaries: {self.audit.canaries} canaries are scored on the attribute head, "
                               "which train.task = 'identity' has none of; set train.task = attribute or both, or "
                               "audit.canaries = 0")
+        if self.dp.head_clip_share > 0 and self.dp.grad_sample_mode == "ghost":
+            raise ConfigError("dp.head_clip_share: ghost clipping computes one norm per sample and cannot clip the "
+                              "head apart; use dp.grad_sample_mode = bk, hooks or functorch")
         if self.fairness.method == "fair_mixup" and self.dp.mode != "off":
             raise ConfigError("fairness.method: 'fair_mixup' couples samples across a batch and cannot be "
                               "combined with DP-SGD's per-sample clipping; use 'reweight' with dp.mode = sample")
@@ -407,9 +436,9 @@ class Config:
         if self.audit.canaries:
             raise ConfigError(f"audit.canaries: {self.audit.canaries} canaries need the server's split of all the "
                               "data, which data.layout = 'per-member' does not have; set audit.canaries = 0")
-        if self.mote.enabled and self.train.task != "attribute":
-            raise ConfigError("mote.enabled: MOTE enrollment at the member (data.layout = 'per-member') is not "
-                              "supported yet; set mote.enabled = false")
+        if self.mote.enabled and self.train.task != "attribute" and self.mote.kde_source() == "aux":
+            raise ConfigError("mote.kde_population: 'aux' is the server's split's attacker share, which "
+                              "data.layout = 'per-member' does not have; use 'members' or 'public'")
 
     def dp_calibrated(self) -> bool:
         """True when noise is calibrated from a finite target epsilon."""

@@ -8,10 +8,14 @@ bias.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from common.config import Config
+from common.data.cache import build_dataset
 from common.data.dataset import FaceDataset
+from common.data.sources.synthfaces.generator import SynthConfig, generate
 from common.evaluation.attribute_fairness import attribute_report
 from common.evaluation.verification import verification_auc
 from common.nn.face_model import FaceModel
@@ -23,6 +27,30 @@ from common.train.loop import embed, predict_attribute, target_labels
 MEMBERS_PREFIX = "members_"
 """Metrics of the members' own evaluation, averaged by the server (server/federated_evaluation.py),
 carry this prefix in metrics.jsonl and status.json: members_verification_auc, ..."""
+
+
+PUBLIC_EVALUATION_SEED_OFFSET = 2_000_003
+"""Seeds the public evaluation population apart from the members' data and from the pretraining
+population (``common.train.pretraining.PUBLIC_SEED_OFFSET``)."""
+
+
+def public_evaluator(cfg: Config) -> GlobalEvaluator | None:
+    """The server's evaluator on public data (``evaluation.public``; None when off): every image of
+    the public set is a probe (open-set verification over its identities) and, for the attribute
+    task, a held-out sample whose bias is measured against the same set's."""
+    public = cfg.evaluation.public
+    if not public:
+        return None
+    if public == "synthfaces":
+        ds = generate(SynthConfig(num_identities=cfg.evaluation.public_identities, image_size=cfg.data.image_size,
+                                  seed=cfg.seed + PUBLIC_EVALUATION_SEED_OFFSET, condition=cfg.data.condition))
+    else:
+        folder = dataclasses.replace(cfg.data, source="imagefolder", path=public, layout="manifest")
+        try:
+            ds = build_dataset(dataclasses.replace(cfg, data=folder))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"evaluation.public = {public!r}: cannot read it as an ImageFolder ({exc})") from None
+    return GlobalEvaluator(cfg, ds, ds, ds)
 
 
 def probe_identity_mask(manifest: Manifest, ds: FaceDataset) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from common.data.dataset import GENDER_NAMES
+from common.data.dataset import GENDER_NAMES, FaceDataset
 from common.data.disk_images import take_rows
 from common.evaluation.verification_fairness import verification_report
 from common.he.checkpoints import load_final_model
@@ -65,6 +65,32 @@ def _method_report(scores: np.ndarray, genuine: np.ndarray, probe_of: np.ndarray
     return out
 
 
+def templates_of(embeddings: np.ndarray, identity: np.ndarray, enrolled: np.ndarray) -> np.ndarray:
+    """One unit template per enrolled identity: the mean of its reference embeddings, normalised."""
+    templates = np.stack([embeddings[identity == j].mean(axis=0) for j in enrolled.tolist()])
+    return templates / np.maximum(np.linalg.norm(templates, axis=1, keepdims=True), 1e-12)
+
+
+def compare_methods(probes: np.ndarray, probe_data: FaceDataset, enrolled: np.ndarray, templates: np.ndarray,
+                    galleries: dict[str, MoteGallery]) -> tuple[MoteEvaluation, dict[str, tuple], int]:
+    """Verification of the templates and of each gallery with the same probe embeddings (of the
+    images ``probe_data``) against every enrolled identity: the report, each method's ROC
+    (false match rate, true match rate) and the number of impostor comparisons."""
+    scores = {TEMPLATES: probes.astype(np.float64) @ templates.T.astype(np.float64)}
+    scores.update({name: g.scores(probes) for name, g in galleries.items()})
+    genuine, probe_of = _pairs(scores[TEMPLATES], probe_data.identity, enrolled)
+    if not genuine.any():
+        raise ValueError("no probe image shows an enrolled identity: nothing to verify")
+    report = MoteEvaluation(TARGET_FMR, int(enrolled.size), len(probe_data), {})
+    curves = {}
+    for name, s in scores.items():
+        report.methods[name] = _method_report(s, genuine, probe_of, probe_data.gender, probe_data.group,
+                                              probe_data.group_names)
+        fmr, tmr, _ = roc_curve(genuine.ravel(), s.ravel())
+        curves[f"{name} (AUC {report.methods[name]['auc']:.3f})"] = (fmr, tmr)
+    return report, curves, int((~genuine).sum())
+
+
 def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[MoteEvaluation, TemplateSet]:
     """Verification of templates and of each MOTE gallery on the run's probes; ROC plot in mote/."""
     run = RunDir(run_dir)
@@ -82,26 +108,12 @@ def evaluate_mote(run_dir: str | os.PathLike[str]) -> tuple[MoteEvaluation, Temp
     ref_pos = np.concatenate([refs[i] for i in enrolled.tolist()])
     if np.isin(probe_pos, ref_pos).any():  # roles are disjoint by construction; never score a reference
         raise ValueError(f"{run.manifest_path}: a reference image has the probe role")
-    probes = embed(model, take_rows(ds.images, probe_pos))
+    probe_data = ds.subset(probe_pos)
     ref_emb = embed(model, take_rows(ds.images, ref_pos))
-    owner = np.repeat(np.arange(enrolled.size), [refs[i].size for i in enrolled.tolist()])
-    templates = np.stack([ref_emb[owner == j].mean(axis=0) for j in range(enrolled.size)])
-    templates /= np.maximum(np.linalg.norm(templates, axis=1, keepdims=True), 1e-12)
-
-    probe_identity = ds.identity[probe_pos]
-    scores = {TEMPLATES: probes.astype(np.float64) @ templates.T.astype(np.float64)}
-    scores.update({name: g.scores(probes) for name, g in galleries.items()})
-    genuine, probe_of = _pairs(scores[TEMPLATES], probe_identity, enrolled)
-    if not genuine.any():
-        raise ValueError("no probe image shows an enrolled identity: nothing to verify")
-    gender, group = ds.gender[probe_pos], ds.group[probe_pos]
-    report = MoteEvaluation(TARGET_FMR, int(enrolled.size), int(probe_pos.size), {})
-    curves = {}
-    for name, s in scores.items():
-        report.methods[name] = _method_report(s, genuine, probe_of, gender, group, ds.group_names)
-        fmr, tmr, _ = roc_curve(genuine.ravel(), s.ravel())
-        curves[f"{name} (AUC {report.methods[name]['auc']:.3f})"] = (fmr, tmr)
-    log_log_roc(curves, run.mote_roc_path, max(1e-5, 1.0 / int((~genuine).sum())),
+    templates = templates_of(ref_emb, ds.identity[ref_pos], enrolled)
+    report, curves, impostors = compare_methods(embed(model, probe_data.images), probe_data, enrolled, templates,
+                                                galleries)
+    log_log_roc(curves, run.mote_roc_path, max(1e-5, 1.0 / impostors),
                 xlabel="false match rate", ylabel="true match rate (1 - FNMR)", title="MOTE vs templates")
 
     aux = np.flatnonzero(manifest.role_mask(ds, "aux") & (ds.gender >= 0))

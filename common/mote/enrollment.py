@@ -75,26 +75,48 @@ def public_embeddings(cfg: Config, model) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
                   noise_seed: int | None = None) -> tuple[list[MoteGallery], dict[str, Any]]:
-    """Enroll this client's identities with the global backbone, one gallery per balancing factor.
-
-    Without MOTE DP, impostors are the client's other member identities (real embeddings and
-    synthetic samples around them): a client trains on nothing it does not hold, except the
-    ``aux`` KDE option. With ``mote.impostor_population = public`` the impostors are the public
-    population's, and (with the default KDE population) the galleries are a function of the
-    references and public data only. With MOTE DP (``common.mote.private``) the client's member images other
-    than the references are the protected impostor records; the KDEs, the synthetic samples,
-    part of each batch's impostors and the validation impostors come from the public population;
-    ``noise_seed`` seeds the noise and the record sampling (None: fresh OS entropy).
-    """
+    """Enroll this client's identities (``client_references`` of the server's manifest) with the
+    global backbone, one gallery per balancing factor (``enroll_own``); the enrollment info names
+    each identity's reference images by sample id, which ``facefl evaluate`` checks."""
     manifest = build_manifest(cfg, ds)
-    settings = cfg.mote
     refs = client_references(manifest, ds, cfg, client)
-    if not refs:
-        raise ValueError(f"client {client}: no identity to enroll")
-    ref_pos = np.concatenate(list(refs.values()))
-    own = manifest.client_indices(ds, client)
     source = cfg.mote.kde_source()
     kde_pos = kde_population(manifest, ds, cfg, client) if source != "public" else np.zeros(0, dtype=np.int64)
+    galleries, info = enroll_own(cfg, ds, model, refs, manifest.client_indices(ds, client), kde_pos, seed,
+                                 noise_seed, f"client {client}")
+    info = {"client": client, **info,
+            "references": {str(i): ds.sample_ids[p].tolist() for i, p in refs.items()}}
+    return galleries, info
+
+
+def member_references(cfg: Config, ds: FaceDataset) -> dict[int, np.ndarray]:
+    """``data.layout = per-member``: every identity of the member's training images is enrolled by
+    the member, from its first ``mote.references`` of them in sample order."""
+    return {ident: np.flatnonzero(ds.identity == ident)[: cfg.mote.references]
+            for ident in np.unique(ds.identity).tolist()}
+
+
+def enroll_own(cfg: Config, ds: FaceDataset, model, refs: dict[int, np.ndarray], own: np.ndarray,
+               kde_pos: np.ndarray, seed: int, noise_seed: int | None, who: str
+               ) -> tuple[list[MoteGallery], dict[str, Any]]:
+    """Enroll the identities of ``refs`` (identity -> positions of its references in ``ds``) with
+    the global backbone, one gallery per balancing factor; ``own``: positions of every image the
+    enrolling party holds; ``kde_pos``: those the gender KDEs are fitted on (empty: public).
+
+    Without MOTE DP, impostors are the party's other identities (real embeddings and synthetic
+    samples around them): it trains on nothing it does not hold, except the ``aux`` KDE option.
+    With ``mote.impostor_population = public`` the impostors are the public population's, and
+    (with the default KDE population) the galleries are a function of the references and public
+    data only. With MOTE DP (``common.mote.private``) its images other than the references are
+    the protected impostor records; the KDEs, the synthetic samples, part of each batch's
+    impostors and the validation impostors come from the public population; ``noise_seed`` seeds
+    the noise and the record sampling (None: fresh OS entropy).
+    """
+    settings = cfg.mote
+    if not refs:
+        raise ValueError(f"{who}: no identity to enroll")
+    ref_pos = np.concatenate(list(refs.values()))
+    source = cfg.mote.kde_source()
     needed = np.unique(np.concatenate([ref_pos, own, kde_pos]))
     emb = dict(zip(needed.tolist(), embed(model, take_rows(ds.images, needed)), strict=True))
 
@@ -121,9 +143,7 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
                  for b in factors]
     if private is not None:
         extra["privacy"] = private.mechanism.ledger(cfg.dp.reproducible_noise, [g.info["steps"] for g in galleries])
-    info = {"client": client, "identities": sorted(refs), "references": {str(i): ds.sample_ids[p].tolist()
-                                                                         for i, p in refs.items()},
-            "impostors": settings.impostor_population,
+    info = {"identities": sorted(refs), "impostors": settings.impostor_population,
             "kde": {"population": source, "samples": int(kde_data[0].shape[0]),
                     "bandwidth_male": float(kde.male.bandwidth_), "bandwidth_female": float(kde.female.bandwidth_)},
             "settings": dataclasses.asdict(settings),

@@ -32,6 +32,7 @@ from common.runs.records import (
     AttackEntry,
     MoteEvaluation,
     RunStatus,
+    resolvable,
     tpr_label,
     tpr_text,
 )
@@ -465,6 +466,8 @@ def _mote(r: RunResults) -> str:
     if r.evaluation is None:
         if not r.cfg("mote.enabled") or r.cfg("train.task") == "attribute":
             return _not_run("MOTE enrollment was off for this run (mote.enabled = false or attribute task)")
+        if r.per_member():
+            return _mote_members(r)
         return _not_run(f"no {layout.MOTE_EVALUATION} (`facefl evaluate` was not run)")
     ev = r.evaluation
     rows = [(name, m.get("auc"), m.get("fnmr"), m.get("fmr"), ev.leakage(name).get("balanced_accuracy"),
@@ -478,6 +481,22 @@ def _mote(r: RunResults) -> str:
                       "male acc.", "female acc."), rows)
             + _gender_variants(ev)
             + _image(r.path / layout.MOTE_ROC, "MOTE vs templates verification ROC"))
+
+
+def _mote_members(r: RunResults) -> str:
+    """Per-member runs: MOTE vs templates as each member measured it on its own held-out images."""
+    if r.mote_members is None:
+        return _not_run(r.problem_with(layout.MOTE_MEMBERS_EVALUATION)
+                        or f"{layout.MOTE_MEMBERS_EVALUATION} was not written (the enrollment failed?)")
+    rows = [(partition, name, m.get("auc"), m.get("fnmr") if resolvable(m.get("n_impostor", 0), e["target_fmr"])
+             else f"not resolvable ({m.get('n_impostor')} impostor pairs)", e["enrolled"], e["probes"])
+            for partition, e in r.mote_members["members"].items() for name, m in e["methods"].items()]
+    kept = "the server merged the galleries the members shared" if r.cfg("mote.share_gallery") else \
+        "the galleries stayed in each member's state directory"
+    return (_p(f"Each member enrolled its own identities and compared MOTE with templates on its own held-out "
+               f"images (genuine: its enrolled identities' held-out images; impostors: also its held-out "
+               f"identities); only these numbers reached the server; {kept}.")
+            + _table(("member", "method", "verification AUC", "FNMR@FMR=1e-3", "enrolled", "probe images"), rows))
 
 
 def _gender_variants(ev: MoteEvaluation) -> str:

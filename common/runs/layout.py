@@ -17,7 +17,8 @@ change one only together with a migration.
       .lock                  flock'ed while a process works on the run
       models/                initial, round-NNN and final global models; .he.safetensors when encrypted
         clients/             each client's latest post-round model (plaintext, save_client_models)
-      mote/                  galleries (gallery-b<b>.safetensors), enrollment.json, evaluation.json, roc.png
+      mote/                  galleries (gallery-b<b>.safetensors), enrollment.json, evaluation.json, roc.png;
+                             members-evaluation.json (per-member runs: MOTE vs templates at each member)
       evaluation/            lift.json and lift.npz: verification before / after the federation and the central
                              non-DP upper bound, with the pair scores behind them (workflow.lift)
       audit/                 report.json (records.AuditReport), scores.npz, one ROC figure per target family;
@@ -91,6 +92,7 @@ def client_model_file(partition: int) -> str:
 MOTE = "mote"
 MOTE_ENROLLMENT = _in(MOTE, "enrollment.json")
 MOTE_EVALUATION = _in(MOTE, "evaluation.json")  # records.MoteEvaluation
+MOTE_MEMBERS_EVALUATION = _in(MOTE, "members-evaluation.json")  # per-member runs: each member's MoteEvaluation
 MOTE_ROC = _in(MOTE, "roc.png")
 
 

@@ -38,6 +38,7 @@ class RunResults:
     audit: AuditReport | None = None
     lift: dict[str, Any] | None = None
     self_audit: dict[str, Any] | None = None
+    mote_members: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
     @classmethod
@@ -54,6 +55,7 @@ class RunResults:
         res.audit = res._read(layout.AUDIT_REPORT, AuditReport.load)
         res.lift = res._read(layout.LIFT, read_json)
         res.self_audit = res._read(layout.SELF_AUDIT, read_json)
+        res.mote_members = res._read(layout.MOTE_MEMBERS_EVALUATION, read_json)
         res.metrics = res._read(layout.METRICS, lambda p: RunDir(p.parent).read_metrics()) or []
         res._check_complete()
         return res

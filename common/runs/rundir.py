@@ -170,6 +170,10 @@ class RunDir:
     def mote(self) -> Path:
         return self.path / layout.MOTE
 
+    @property
+    def mote_members_evaluation_path(self) -> Path:
+        return self.path / layout.MOTE_MEMBERS_EVALUATION
+
     def gallery(self, balancing_factor: float) -> Path:
         return self.path / layout.gallery_file(balancing_factor)
 

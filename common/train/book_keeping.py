@@ -35,7 +35,7 @@ identity's per-sample gradients are summed before the norm, ``clip_and_sum(units
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -154,10 +154,13 @@ class BookKeepingModule(nn.Module):
     Parameters frozen (``requires_grad = False``) when it is built stay frozen and untouched.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, groups: Mapping[int, int] | None = None) -> None:
+        """``groups``: id(parameter) -> its clipping group (``weighted_clipping.clip_bounds``); a
+        layer's parameters share one group; default: every parameter in group 0."""
         super().__init__()
         self._module = module
         self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self._groups = dict(groups or {})
         self.layers: dict[nn.Module, str] = {}
         samplers = GradSampleModule.GRAD_SAMPLERS
         for name, layer in module.named_modules():
@@ -169,6 +172,8 @@ class BookKeepingModule(nn.Module):
                                  f"({type(layer).__name__}); register an Opacus grad sampler for it or use "
                                  f"grad_sample_mode = hooks")
             self.layers[layer] = name
+            if len({self._groups.get(id(p), 0) for p in own}) > 1:
+                raise ValueError(f"dp.head_clip_share: layer {name!r} has parameters in two clipping groups")
         self._records: dict[nn.Module, _Record] = {}
         self._recording = False
         self._handles = [layer.register_forward_hook(self._capture) for layer in self.layers]
@@ -203,11 +208,16 @@ class BookKeepingModule(nn.Module):
         output.register_hook(keep)
         return output
 
+    def group_of(self, layer: nn.Module) -> int:
+        return self._groups.get(id(next(p for p in layer.parameters(recurse=False) if p.requires_grad)), 0)
+
     @torch.no_grad()
-    def clip_and_sum(self, max_grad_norm: float, units: torch.Tensor | None = None,
+    def clip_and_sum(self, max_grad_norm: float | Sequence[float], units: torch.Tensor | None = None,
                      weights: torch.Tensor | None = None) -> torch.Tensor:
         """Clip each unit's gradient (over all trainable parameters jointly) to ``max_grad_norm``,
-        sum, and store the sum in ``p.grad``; return the norms before clipping, one per unit.
+        or, given one bound per clipping group (``weighted_clipping.clip_bounds``), within each
+        group to its bound; sum, and store the sum in ``p.grad``; return the norms before clipping
+        (over all parameters), one per unit.
 
         Args:
             units: a code per sample of the batch (e.g. its identity); None: each sample is a unit.
@@ -229,17 +239,18 @@ class BookKeepingModule(nn.Module):
                                    return_inverse=True)[1]
         count = int(inverse.max()) + 1
         left, right = (inverse[:, None] == inverse[None, :]).nonzero(as_tuple=True)
-        squared = torch.zeros(count, dtype=torch.float64, device=device)
-        finishers: list[Callable[[torch.Tensor], None]] = []
+        bounds = (max_grad_norm,) if isinstance(max_grad_norm, (int, float)) else tuple(max_grad_norm)
+        squared = torch.zeros(len(bounds), count, dtype=torch.float64, device=device)
+        finishers: list[tuple[int, Callable[[torch.Tensor], None]]] = []
         for layer, r in records:
             part, finish = self._layer_rule(layer, r.activation, r.backprop, inverse, count, left, right)
-            squared += part.double()
-            finishers.append(finish)
-        norms = squared.clamp(min=0).sqrt()
-        coef = clip_factor(norms, max_grad_norm, weights, inverse)
-        for finish in finishers:
-            finish(coef)
-        return norms
+            group = self.group_of(layer) if len(bounds) > 1 else 0
+            squared[group] += part.double()
+            finishers.append((group, finish))
+        coefs = [clip_factor(sq.clamp(min=0).sqrt(), bound, weights, inverse) for sq, bound in zip(squared, bounds)]
+        for group, finish in finishers:
+            finish(coefs[group])
+        return squared.sum(dim=0).clamp(min=0).sqrt()
 
     def _layer_rule(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, inverse: torch.Tensor,
                     count: int, left: torch.Tensor, right: torch.Tensor
@@ -322,14 +333,16 @@ def make_private_book_keeping(module: nn.Module, optimizer: torch.optim.Optimize
                               max_grad_norm: float, expected_batch_size: float,
                               generator: torch.Generator | None,
                               step_hook: Callable[[DPOptimizerFastGradientClipping], None] | None = None,
+                              groups: Mapping[int, int] | None = None,
                               ) -> tuple[BookKeepingModule, DPOptimizerFastGradientClipping]:
     """``module`` wrapped for book-keeping and ``optimizer`` wrapped by Opacus to add N(0, sigma^2 C^2)
     once per step to the clipped sum in ``p.grad`` and divide by ``expected_batch_size`` (expected
-    samples, or expected identities, per step); ``step_hook`` (the accountant's) runs per step."""
+    samples, or expected identities, per step); ``step_hook`` (the accountant's) runs per step;
+    ``groups``: the parameters' clipping groups (``BookKeepingModule``)."""
     check_private_module(module, optimizer)
     dp_opt = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                              expected_batch_size=expected_batch_size, loss_reduction="mean",
                                              generator=generator, secure_mode=False)
     if step_hook is not None:
         dp_opt.attach_step_hook(step_hook)
-    return BookKeepingModule(module), dp_opt
+    return BookKeepingModule(module, groups), dp_opt

@@ -47,7 +47,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from common.train.book_keeping import check_private_module
-from common.train.weighted_clipping import clip_factor, joint_norms
+from common.train.weighted_clipping import group_factors, joint_norms
 
 DP_UNITS: tuple[str, ...] = ("sample", "identity")
 """What one (epsilon, delta) protects: one image, or one person with all of their images."""
@@ -113,6 +113,7 @@ class IdentityPoissonLoader:
 
 def identity_clipped_gradients(grad_samples: Sequence[torch.Tensor], identities: torch.Tensor,
                                max_grad_norm: float, weights: torch.Tensor | None = None,
+                               groups: Sequence[int] | None = None, bounds: Sequence[float] | None = None,
                                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Per-identity gradients, clipped.
 
@@ -121,6 +122,8 @@ def identity_clipped_gradients(grad_samples: Sequence[torch.Tensor], identities:
         identities: the identity of each sample of the batch (any integer codes).
         weights: a weight in [0, 1] per sample; each identity's clipped sum is multiplied by the
             mean weight of its samples (``common.train.weighted_clipping``).
+        groups, bounds: each parameter's group and each group's clipping norm
+            (``weighted_clipping.clip_bounds``); default: one group clipped to ``max_grad_norm``.
 
     Returns:
         per parameter, a tensor (identities in the batch, *parameter shape): each identity's
@@ -136,11 +139,10 @@ def identity_clipped_gradients(grad_samples: Sequence[torch.Tensor], identities:
     n = len(codes)
     sums = [g.new_zeros((n, *g.shape[1:])).index_add_(0, inverse, g) for g in grad_samples]
     if n == 0 or not sums:
-        norms = torch.zeros(n, device=ids.device)
-    else:
-        norms = joint_norms(sums)
-    factor = clip_factor(norms, max_grad_norm, weights, inverse)
-    return [s * factor.to(s.dtype).reshape(n, *([1] * (s.dim() - 1))) for s in sums], codes, norms
+        return sums, codes, torch.zeros(n, device=ids.device)
+    factors = group_factors(sums, groups or [0] * len(sums), bounds or (max_grad_norm,), weights, inverse)
+    clipped = [s * f.to(s.dtype).reshape(n, *([1] * (s.dim() - 1))) for s, f in zip(sums, factors, strict=True)]
+    return clipped, codes, joint_norms(sums)
 
 
 class IdentityDPOptimizer(DPOptimizer):
@@ -153,11 +155,13 @@ class IdentityDPOptimizer(DPOptimizer):
     ``expected_identities`` = q x identities."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
-                 expected_identities: float, generator: torch.Generator | None) -> None:
+                 expected_identities: float, generator: torch.Generator | None,
+                 groups: Sequence[int] | None = None, bounds: Sequence[float] | None = None) -> None:
         if not expected_identities > 0:
             raise ValueError(f"expected identities per step must be > 0, got {expected_identities}")
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=None, loss_reduction="sum", generator=generator, secure_mode=False)
+        self.groups, self.bounds = groups, bounds  # per parameter of self.params; see identity_clipped_gradients
         self.expected_identities = float(expected_identities)
         self.identities: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
@@ -178,7 +182,8 @@ class IdentityDPOptimizer(DPOptimizer):
         for p in self.params:
             _check_processed_flag(p.grad_sample)
         clipped, _, _ = identity_clipped_gradients([g.to(p.dtype) for g, p in zip(self.grad_samples, self.params)],
-                                                   self.identities, self.max_grad_norm, self.weights)
+                                                   self.identities, self.max_grad_norm, self.weights, self.groups,
+                                                   self.bounds)
         for p, per_identity in zip(self.params, clipped):
             grad = per_identity.sum(dim=0)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
@@ -200,16 +205,20 @@ def make_private_by_identity(module: nn.Module, optimizer: torch.optim.Optimizer
                              max_grad_norm: float, expected_identities: float, grad_sample_mode: str,
                              generator: torch.Generator | None,
                              step_hook: Callable[[DPOptimizer], None] | None = None,
+                             groups: Sequence[int] | None = None, bounds: Sequence[float] | None = None,
                              ) -> tuple[GradSampleModule, IdentityDPOptimizer]:
     """``module`` wrapped for per-sample gradients (loss reduction "sum": backpropagate the sum of
     the per-sample losses) and ``optimizer`` wrapped for identity-level clipping and noise;
-    ``step_hook`` (the accountant's ``get_optimizer_hook_fn(q)``) runs once per noised step."""
+    ``step_hook`` (the accountant's ``get_optimizer_hook_fn(q)``) runs once per noised step;
+    ``groups`` / ``bounds``: each of the optimiser's parameters' clipping group and each group's
+    norm (``weighted_clipping.clip_bounds``; default: flat)."""
     check_private_module(module, optimizer)
     wrapped = prepare_module(module, grad_sample_mode=identity_grad_sample_mode(grad_sample_mode),
                              batch_first=True, loss_reduction="sum")
     wrapped.forbid_grad_accumulation()
     dp_opt = IdentityDPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                 expected_identities=expected_identities, generator=generator)
+                                 expected_identities=expected_identities, generator=generator, groups=groups,
+                                 bounds=bounds)
     if step_hook is not None:
         dp_opt.attach_step_hook(step_hook)
     return wrapped, dp_opt

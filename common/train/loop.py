@@ -38,7 +38,12 @@ from common.train.device import resolve_device
 from common.train.dp import History, accountant_history, dp_generators, make_accountant
 from common.train.fairness import fair_mixup_penalty
 from common.train.identity_dp import IdentityPoissonLoader, make_private_by_identity
-from common.train.weighted_clipping import check_unit_weights, weight_clipped_grad_samples, weighted_ghost_backward
+from common.train.weighted_clipping import (
+    check_unit_weights,
+    clip_bounds,
+    weight_clipped_grad_samples,
+    weighted_ghost_backward,
+)
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +254,10 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
 
     joint = _Joint(model, head if use_id else None)
     params = [p for p in joint.parameters() if p.requires_grad]
+    # The private identity head clipped apart from the shared parameters (dp.head_clip_share).
+    bounds = clip_bounds(dp.max_grad_norm, dp.head_clip_share if use_id else 0.0)
+    head_params = {id(p) for p in joint.head.parameters()} if joint.head is not None and len(bounds) > 1 else set()
+    groups = [1 if id(p) in head_params else 0 for p in params]
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
@@ -267,13 +276,15 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
         module, opt = make_private_book_keeping(
             joint, opt, noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
             expected_batch_size=expected, generator=noise_gen,
-            step_hook=accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate))
+            step_hook=accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate),
+            groups={id(p): g for p, g in zip(params, groups, strict=True)})
     elif by_identity:
         accountant = make_accountant(dp.accountant, dp_history)
         module, opt = make_private_by_identity(
             joint, opt, noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
             expected_identities=loader.expected_identities, grad_sample_mode=dp.grad_sample_mode,
-            generator=noise_gen, step_hook=accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate))
+            generator=noise_gen, step_hook=accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate),
+            groups=groups, bounds=bounds)
     elif private:
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
         engine.accountant = make_accountant(dp.accountant, dp_history)
@@ -314,14 +325,14 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
                 if not empty:
                     per_sample.sum().backward()
                 if book_keeping:  # clipped sums per sample or identity from the one pass
-                    module.clip_and_sum(dp.max_grad_norm, yb_id if by_identity else None, wb)
+                    module.clip_and_sum(bounds, yb_id if by_identity else None, wb)
                 else:  # hooks / functorch: the optimiser groups the per-sample gradients and clips them
                     opt.set_identities(yb_id, wb)
             elif private and dp.grad_sample_mode == "ghost":
                 weighted_ghost_backward(module, opt, per_sample, wb)
             elif private:  # Opacus' hooks / functorch: clip and weight here, Opacus' clipping then keeps them
                 per_sample.mean().backward()
-                weight_clipped_grad_samples(params, wb, dp.max_grad_norm)
+                weight_clipped_grad_samples(params, wb, bounds, groups)
             elif mixup is not None:
                 (per_sample.mean() + mixup[0] * fair_mixup_penalty(model, x, yb_attr, sb, mix_gen)).backward()
             else:

@@ -14,11 +14,12 @@ IMAGES_PER_MEMBER = 48  # 8 identities x 6 images
 PER_MEMBER: dict[str, Any] = {
     "data.layout": "per-member", "data.source": "imagefolder", "data.image_size": 32,
     "model.width": 8, "model.blocks": "1,1", "model.embedding_dim": 16, "train.batch_size": 8,
-    "train.task": "both", "mote.enabled": False, "split.num_clients": MEMBERS,
+    "train.task": "both", "split.num_clients": MEMBERS,
+    "mote.epochs": 5, "mote.synthetic": 10, "mote.balancing_factors": "0.5", "mote.kde_population": "public",
     "federation.min_train_clients": MEMBERS, "federation.min_available_clients": MEMBERS,
     "federation.client_cpus": 1.0, "federation.local_epochs": 1, "federation.rounds": 2,
-    "split.member_nonmember_fraction": 0.25, "pretrain.identities": 4, "pretrain.images_per_identity": 2,
-    "pretrain.epochs": 1,
+    "split.member_nonmember_fraction": 0.25, "pretrain.identities": 12, "pretrain.images_per_identity": 2,
+    "pretrain.epochs": 1, "evaluation.public": "synthfaces", "evaluation.public_identities": 12,
 }
 
 
