@@ -71,3 +71,29 @@ def test_balance_follows_the_load_but_a_count_the_program_set_wins(registry) -> 
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_public_pretraining_gives_the_same_model_whatever_the_thread_count() -> None:
+    """The run's initial model must not depend on how many threads torch had (the machine's load):
+    public pretraining runs single-threaded and restores the count afterwards."""
+    import torch
+
+    from common.config import load_config
+    from common.nn.build import build_model, model_spec
+    from common.train.pretraining import pretrain
+
+    cfg = load_config(None, ["data.image_size=32", "model.width=8", "model.blocks=1,1", "model.embedding_dim=16",
+                             "pretrain.identities=6", "pretrain.images_per_identity=4", "pretrain.epochs=2",
+                             "train.batch_size=8", "train.task=both"])
+    models = []
+    before = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            model = build_model(model_spec(cfg), cfg.seed)
+            pretrain(model, cfg)
+            assert torch.get_num_threads() == count
+            models.append(model.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])

@@ -22,6 +22,7 @@ from common.data.sources.synthfaces.generator import SynthConfig, generate, samp
 from common.nn.build import build_identity_head
 from common.nn.face_model import FaceModel
 from common.nn.heads import CosineClassifier
+from common.train import threads
 from common.train.loop import TrainOutcome, identity_classes, train
 
 PUBLIC_SEED_OFFSET = 1_000_003
@@ -78,6 +79,8 @@ def pretrain(model: FaceModel, cfg: Config, progress: bool = False) -> Pretraine
     public = public_population(cfg)
     head = build_identity_head(model.spec, identity_classes(public.identity)[0].size, cfg.seed + PUBLIC_SEED_OFFSET)
     train_cfg = full_recipe(cfg, "both" if model.attribute is not None else "identity")
-    outcome = train(model, public, train_cfg, dataclasses.replace(cfg.dp, mode="off"), seed=cfg.seed + PUBLIC_SEED_OFFSET,
-                    epochs=cfg.pretrain.epochs, head=head, progress=progress, desc="public pretraining")
+    with threads.single():  # the same initial model whatever the machine's load (threads.single)
+        outcome = train(model, public, train_cfg, dataclasses.replace(cfg.dp, mode="off"),
+                        seed=cfg.seed + PUBLIC_SEED_OFFSET, epochs=cfg.pretrain.epochs, head=head, progress=progress,
+                        desc="public pretraining")
     return Pretrained(outcome, public, head)

@@ -14,8 +14,10 @@ set (``FACEFL_THREADS=N``, or OMP_NUM_THREADS) or the program set itself since t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 THREADS_ENV = "FACEFL_THREADS"
@@ -89,3 +91,22 @@ def balance() -> None:
     if current != threads:
         torch.set_num_threads(threads)
     _assigned = threads
+
+
+@contextlib.contextmanager
+def single() -> Iterator[None]:
+    """One intra-op thread inside the block, whatever the load, then the count before it.
+
+    Why: float sums are ordered by the thread count, and over tens of epochs different orders end
+    in different models. Public pretraining makes the run's initial model, from which everything
+    after it follows; with the count following the load (``balance``), the same command gave
+    another initial model when another facefl process happened to run (demo seed 0: verification
+    AUC 0.724 with two threads, 0.736 with one). ``balance`` leaves a count set here alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
