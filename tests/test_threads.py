@@ -73,9 +73,10 @@ def test_balance_follows_the_load_but_a_count_the_program_set_wins(registry) -> 
         torch.set_num_threads(before)
 
 
-def test_public_pretraining_gives_the_same_model_whatever_the_thread_count() -> None:
-    """The run's initial model must not depend on how many threads torch had (the machine's load):
-    public pretraining runs single-threaded and restores the count afterwards."""
+def test_public_pretraining_gives_the_same_model_whatever_the_thread_count(registry, monkeypatch) -> None:
+    """The run's initial model must not depend on how many threads torch had or the load gives a
+    facefl process (``balance``, at every epoch): public pretraining runs single-threaded and
+    restores the count afterwards."""
     import torch
 
     from common.config import load_config
@@ -88,7 +89,9 @@ def test_public_pretraining_gives_the_same_model_whatever_the_thread_count() -> 
     models = []
     before = torch.get_num_threads()
     try:
+        threads.register()
         for count in (1, 2):
+            monkeypatch.setenv(threads.THREADS_ENV, str(count))  # what balance gives this process
             torch.set_num_threads(count)
             model = build_model(model_spec(cfg), cfg.seed)
             pretrain(model, cfg)

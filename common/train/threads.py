@@ -23,6 +23,7 @@ from pathlib import Path
 THREADS_ENV = "FACEFL_THREADS"
 _registered: Path | None = None
 _assigned: int | None = None  # the count ``balance`` set last
+_single = 0  # depth of ``single`` blocks: while > 0, ``balance`` changes nothing
 
 
 def registry() -> Path:
@@ -81,7 +82,7 @@ def balance() -> None:
     the program set its own count since the last balance (``torch.set_num_threads``): that wins."""
     global _assigned
     threads = wanted_threads()
-    if threads is None:
+    if threads is None or _single:
         return
     import torch
 
@@ -100,13 +101,17 @@ def single() -> Iterator[None]:
     Why: float sums are ordered by the thread count, and over tens of epochs different orders end
     in different models. Public pretraining makes the run's initial model, from which everything
     after it follows; with the count following the load (``balance``), the same command gave
-    another initial model when another facefl process happened to run (demo seed 0: verification
-    AUC 0.724 with two threads, 0.736 with one). ``balance`` leaves a count set here alone."""
+    another initial model when another facefl process happened to run, or under FACEFL_THREADS
+    (demo seed 0: verification AUC 0.724 pretrained with two threads, 0.736 with one). ``balance``
+    changes nothing inside the block."""
+    global _single
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    _single += 1
     try:
         yield
     finally:
+        _single -= 1
         torch.set_num_threads(before)
