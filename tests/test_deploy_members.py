@@ -68,6 +68,7 @@ def test_members_keep_their_data_on_the_deployment_engine(deployment: Deployment
     for r in rounds:
         assert len(r["members_evaluation"]["members"]) == MEMBERS and not r["members_evaluation"]["failures"]
         assert 0 <= r["members_verification_auc"] <= 1
+        assert 0 <= r["verification_auc"] <= 1  # the server's own evaluation, on public data (evaluation.public)
     self_audit = json.loads((run / "audit" / "self-audit.json").read_text())
     assert sorted(self_audit["members"]) == [str(i) for i in range(MEMBERS)] and not self_audit["failures"]
     assert not (run / "manifest.json").exists()

@@ -82,7 +82,8 @@ def split_member(ds: FaceDataset, probe_fraction: float, held_out_fraction: floa
 
 def counts(split: MemberSplit, ds: FaceDataset) -> dict[str, int]:
     """What a member may tell the server about its data: images and identities per role, and
-    training images per gender where known. Never names or content fingerprints."""
+    training images per gender and per group code where known. Never names or content
+    fingerprints."""
     out: dict[str, int] = {}
     for role in ROLES:
         part = split.subset(ds, role)
@@ -92,4 +93,6 @@ def counts(split: MemberSplit, ds: FaceDataset) -> dict[str, int]:
     train = split.subset(ds, "train")
     for code, name in enumerate(GENDER_NAMES):
         out[f"train-images-{name}"] = int((train.gender == code).sum())
+    for code in range(len(ds.group_names)):  # by code: a group's name is the member's own string
+        out[f"train-images-group-{code}"] = int((train.group == code).sum())
     return out
