@@ -42,8 +42,9 @@ from common.runs.rundir import RunDir
 log = logging.getLogger(__name__)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SECTIONS = ("Setup and configuration", "Privacy ledger", "Utility", "Members' evaluation and self-audit", "Fairness",
-            "Membership-inference attacks", "Per-group leakage", "MOTE vs templates", "What the server could see")
+SECTIONS = ("Setup and configuration", "Privacy ledger", "Utility", "Evaluation and self-audit by the members",
+            "Fairness", "Membership-inference attacks", "Per-group leakage", "MOTE vs templates",
+            "What the server could see")
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -164,8 +165,9 @@ def _data_line(r: RunResults) -> str:
 def _members(r: RunResults) -> str:
     """Per-member runs: each member's evaluation of the final round and its self-audit."""
     if not r.per_member():
-        return _not_run("the server held the split of all the data (data.layout = manifest): it evaluated and "
-                        "audited the model itself (Utility, Membership-inference attacks)")
+        return _p("The server held the split of all the data (data.layout = manifest): it evaluated and audited "
+                  "the model itself (Utility, Membership-inference attacks); with data.layout = per-member the "
+                  "members do it on their own data and this section shows their numbers.")
     out = []
     rounds = [e for e in r.events("round") if "members_evaluation" in e]
     if rounds:
