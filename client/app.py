@@ -40,6 +40,7 @@ from common.data.dataset import FaceDataset
 from common.evaluation.global_model import GlobalEvaluator
 from common.mote.enrollment import enroll_client
 from common.nn.build import build_identity_head, build_model, model_spec
+from common.nn.face_model import FaceModel
 from common.runs.rundir import CLIENT_STATE_ENV, CLIENT_STATE_NODE_CONFIG
 from common.split.member import MemberSplit, counts
 from common.train.local_round import ClientState, derived_seed
@@ -108,10 +109,10 @@ def _allows_reproducible_noise(context: Context) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
 
-def _member(msg: Message, context: Context, cfg: Config, partition: int) -> tuple[FaceDataset, MemberSplit]:
-    """``data.layout = per-member``: this node's own data set and its split, kept in the node's
-    state folder of this run (``client.member_data``)."""
-    store = _state_store(msg, context, partition)
+def _member(context: Context, cfg: Config, partition: int,
+            store: StateStore | None) -> tuple[FaceDataset, MemberSplit, StateStore]:
+    """``data.layout = per-member``: this node's own data set, its split, kept in ``store``'s folder
+    (this node's state of this run, ``client.member_data``), and that store, which must exist."""
     if store is None:
         raise ValueError(f"client {partition}: data.layout = 'per-member' keeps the member's split of its images in "
                          f"its state directory: set node config '{CLIENT_STATE_NODE_CONFIG}' (or ${CLIENT_STATE_ENV} in "
@@ -119,13 +120,20 @@ def _member(msg: Message, context: Context, cfg: Config, partition: int) -> tupl
     folder, source = member_folder(cfg, context.node_config, partition)
     ds = member_dataset(cfg, folder, source, partition)
     reproducible = cfg.dp.reproducible_noise and _allows_reproducible_noise(context)
-    return ds, member_split(cfg, ds, store.directory, partition, reproducible)
+    return ds, member_split(cfg, ds, store.directory, partition, reproducible), store
 
 
 def _save_state(context: Context, state: ClientState) -> None:
     if state.head is not None:
         context.state[HEAD_KEY] = wire.state_to_record(state.head)
     context.state[PRIVACY_KEY] = ConfigRecord({"json": state.local_json()})
+
+
+def _global_face_model(msg: Message, context: Context, cfg: Config) -> FaceModel:
+    """The global model a server message carries, built (decrypted with this node's key under HE)."""
+    model = build_model(model_spec(cfg), cfg.seed)
+    model.load_state_dict(_global_model(msg, context, cfg)[0])
+    return model
 
 
 def _global_model(msg: Message, context: Context, cfg: Config) -> tuple[dict[str, torch.Tensor], Encryption | None]:
@@ -146,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
     state, store = _restore_state(msg, context, partition, server_round)
     data = None
     if cfg.data.layout == "per-member":
-        ds, split = _member(msg, context, cfg, partition)
+        ds, split, _ = _member(context, cfg, partition, store)
         data = split.subset(ds, "train")
     new_state, client_state, report = local_train(cfg, partition, server_round, global_state, state, store,
                                                   allow_reproducible_noise=_allows_reproducible_noise(context),
@@ -172,18 +180,16 @@ def enroll(msg: Message, context: Context) -> Message:
     sends its MOTE-vs-templates numbers, and its galleries only with ``mote.share_gallery``."""
     cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
-    global_state, _ = _global_model(msg, context, cfg)
-    model = build_model(model_spec(cfg), cfg.seed)
-    model.load_state_dict(global_state)
+    model = _global_face_model(msg, context, cfg)
     store = _state_store(msg, context, partition)
     noise_seed = mote_noise_seed(cfg, partition, _allows_reproducible_noise(context),
                                  store.mote_seed() if store is not None else None)
     seed = derived_seed(cfg.seed, 0xE4, partition)
     evaluation = None
     if cfg.data.layout == "per-member":  # the member's own identities; galleries kept at the site
-        ds, split = _member(msg, context, cfg, partition)
+        ds, split, own = _member(context, cfg, partition, store)
         galleries, info, evaluation = enroll_member(cfg, ds, split, model, partition, seed, noise_seed)
-        keep_galleries(cfg, galleries, store.directory)  # _member ensured a store
+        keep_galleries(cfg, galleries, own.directory)
     else:
         galleries, info = enroll_client(cfg, build_dataset(cfg), model, partition, seed, noise_seed)
     if "privacy" in info and store is not None and noise_seed is not None:
@@ -207,19 +213,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     on go back."""
     cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
-    global_state, _ = _global_model(msg, context, cfg)
-    model = build_model(model_spec(cfg), cfg.seed)
-    model.load_state_dict(global_state)
-    ds, split = _member(msg, context, cfg, partition)
+    model = _global_face_model(msg, context, cfg)
+    ds, split, _ = _member(context, cfg, partition, _state_store(msg, context, partition))
     evaluator = GlobalEvaluator(cfg, *(split.subset(ds, role) for role in ("train", "probe", "held_out")))
-    labelled = cfg.train.attribute == "gender" or cfg.train.attribute in ds.labels
-    metrics = {"verification_auc": evaluator.verification(model)}
-    if model.attribute is not None and labelled and len(evaluator.held_out):
-        metrics.update({f"attribute_{k}": float(v) for k, v in
-                        evaluator.attribute(model, cfg.train.attribute).items()})
     sizes = {"probe-images": len(evaluator.probe), "held-out-images": len(evaluator.held_out)}
-    return Message(RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, **sizes, **metrics})}),
-                   reply_to=msg)
+    return Message(RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, **sizes,
+                                                           **evaluator.evaluate(model)})}), reply_to=msg)
 
 
 @app.query("self_audit")
@@ -229,24 +228,23 @@ def self_audit_query(msg: Message, context: Context) -> Message:
     reference models trained from the run's initial model on the other half. Only numbers go back."""
     cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
-    global_state, _ = _global_model(msg, context, cfg)
-    target, initial = build_model(model_spec(cfg), cfg.seed), build_model(model_spec(cfg), cfg.seed)
-    target.load_state_dict(global_state)
+    target = _global_face_model(msg, context, cfg)
+    initial = build_model(model_spec(cfg), cfg.seed)
     initial.load_state_dict(wire.record_to_state(msg.content[wire.INITIAL_MODEL]))
-    ds, split = _member(msg, context, cfg, partition)
-    store = _state_store(msg, context, partition)
-    saved = store.latest_before(cfg.federation.rounds + 1) if store is not None else None
+    ds, split, store = _member(context, cfg, partition, _state_store(msg, context, partition))
+    saved = store.latest_before(cfg.federation.rounds + 1)
     train_data = split.subset(ds, "train")
     if saved is None or saved.state.head is None:
         result: dict = {"skipped": {name: "this member holds no identity head (it never trained, or the task has "
                                           "none)" for name in ATTACKS}, "attacks": {}}
     else:
-        head = build_identity_head(model_spec(cfg), identity_classes(train_data.identity)[0].size, 0)
+        classes = identity_classes(train_data.identity)[0]
+        head = build_identity_head(model_spec(cfg), classes.size, 0)
         head.load_state_dict(saved.state.head)
         seed = derived_seed(cfg.seed, 0x5A, partition)
         sets = SelfAuditSets.from_split(train_data, split.subset(ds, "held_out"), seed)
         refs = reference_models(initial, sets, cfg, cfg.audit.self_references, seed, saved.state.noise_multiplier)
-        result = self_audit(target, head, identity_classes(train_data.identity)[0], sets, refs, cfg, seed)
+        result = self_audit(target, head, classes, sets, refs, cfg, seed)
     content = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition}),
                           wire.SELF_AUDIT: ConfigRecord({"json": json.dumps(result)})})
     return Message(content, reply_to=msg)
@@ -260,7 +258,7 @@ def describe(msg: Message, context: Context) -> Message:
     cfg, _ = wire.config_from_record(msg.content[wire.CONFIG])
     partition = wire.partition_of(context.node_config, cfg.split.num_clients)
     if cfg.data.layout == "per-member":
-        ds, split = _member(msg, context, cfg, partition)
+        ds, split, _ = _member(context, cfg, partition, _state_store(msg, context, partition))
         sizes = counts(split, ds)
         return Message(RecordDict({wire.METRICS: MetricRecord({wire.PARTITION: partition, **sizes})}), reply_to=msg)
     data = local_data(cfg, partition)

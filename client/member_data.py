@@ -67,7 +67,7 @@ def member_split(cfg: Config, ds: FaceDataset, directory: Path, partition: int, 
     path = directory / SPLIT_FILE
     if path.is_file():
         split = MemberSplit.load(path)
-        split.subset(ds, "train")  # the same data it was made on, else a clear error now
+        split.check(ds)
         return split
     seed = derived_seed(cfg.seed, 0x5B, partition) if reproducible else fresh_noise_seed()
     split = split_member(ds, cfg.split.probe, cfg.split.member_nonmember_fraction, seed, where=f"client {partition}")

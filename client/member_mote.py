@@ -49,12 +49,10 @@ def enroll_member(cfg: Config, ds: FaceDataset, split: MemberSplit, model: FaceM
     no image (counts only), the evaluation holds verification numbers only."""
     train = _offset(split.subset(ds, "train"), partition)
     refs = member_references(cfg, train)
-    own = np.arange(len(train))
-    kde_pos = own if cfg.mote.kde_source() != "public" else np.zeros(0, dtype=np.int64)
-    galleries, info = enroll_own(cfg, train, model, refs, own, kde_pos, seed, noise_seed, f"client {partition}")
+    own = np.arange(len(train))  # the KDEs too are fitted on the member's own images (or public ones)
+    galleries, info = enroll_own(cfg, train, model, refs, own, own, seed, noise_seed, f"client {partition}")
     info = {"client": partition, **info, "references": {str(i): int(p.size) for i, p in refs.items()}}
-    probes = ds.subset(ds.positions(np.concatenate([np.asarray(split.held_out), np.asarray(split.probe)])))
-    probes = _offset(probes, partition)
+    probes = _offset(split.subset(ds, "held_out", "probe"), partition)
     enrolled = galleries[0].identity_ids
     ref_pos = np.concatenate([refs[i] for i in enrolled.tolist()])
     templates = templates_of(embed(model, train.subset(ref_pos).images), train.identity[ref_pos], enrolled)

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 
 from common import wire
@@ -26,13 +26,7 @@ from common.runs.io import atomic_write_json
 from common.runs.records import MoteEvaluation, resolvable
 from common.runs.rundir import RunDir
 from server.ledger import PrivacyLedger
-from server.strategy import (
-    FaceFedAvg,
-    client_name,
-    error_summary,
-    in_partition_order,
-    sender,
-)
+from server.strategy import FaceFedAvg, ask_every_client
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +39,15 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, cfg.federation.rounds),
                           wire.RUN_RECORD: wire.run_record(run.path.name, cfg.federation.rounds),
                           **strategy.model_content(global_record)})
-    partitions = strategy.partitions
-    messages = [Message(content, node, "query.enroll") for _, node in sorted(partitions.items())]
-    owners = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
+    replies, failures = ask_every_client(grid, strategy.partitions, content, "query.enroll",
+                                         cfg.federation.round_timeout)
     factors = cfg.mote.balancing_factors
     per_member = cfg.data.layout == "per-member"
     shared = not per_member or cfg.mote.share_gallery
     evaluations: dict[str, dict[str, Any]] = {}
     galleries: list[list[MoteGallery]] = [[] for _ in factors]
-    clients, failures, enrolled = [], [], set()
-    answered = {sender(m, owners) for m in replies}
-    node_partition = {n: p for p, n in partitions.items()}
-    failures += [f"{client_name(node, partitions)}: no reply within {cfg.federation.round_timeout:g} s"
-                 for node in sorted(set(partitions.values()) - answered)]
-    for who, msg in in_partition_order(replies, partitions, owners):
-        if msg.has_error():
-            failures.append(f"{who}: {error_summary(msg.error.reason)}")
-            continue
+    clients, enrolled = [], set()
+    for partition, who, msg in replies:
         try:
             info = json.loads(str(msg.content[wire.MOTE_INFO]["json"]))
             got = [wire.record_to_gallery(msg.content[wire.gallery_key(i)], cfg.seed, who) for i in range(len(factors))
@@ -75,11 +60,11 @@ def enroll_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg, glo
                 raise ValueError(f"{who}: identities {sorted(taken)[:5]} were already enrolled by another client")
             if per_member:
                 own = MoteEvaluation.from_dict(json.loads(str(msg.content[wire.MOTE_EVALUATION]["json"])))
-                evaluations[str(node_partition[sender(msg, owners)])] = own.to_dict()
+                evaluations[str(partition)] = own.to_dict()
             if cfg.mote.dp_enabled():
                 if not isinstance(info.get("privacy"), dict):
                     raise ValueError(f"{who}: MOTE DP is on but the reply carries no privacy report")
-                ledger.record_mote(node_partition[sender(msg, owners)], info["privacy"])
+                ledger.record_mote(partition, info["privacy"])
         except (KeyError, TypeError, ValueError) as exc:
             failures.append(f"{who}: rejected enrollment: {exc}")
             continue

@@ -15,13 +15,13 @@ import logging
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common import wire
 from common.config import Config
 from common.evaluation.global_model import MEMBERS_PREFIX
-from server.strategy import FaceFedAvg, error_summary, sender
+from server.strategy import FaceFedAvg, ask_every_client
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +31,18 @@ WEIGHTS = {"verification_auc": "probe-images"}
 
 def evaluate_phase(grid: Grid, cfg: Config, strategy: FaceFedAvg, global_record: ArrayRecord,
                    server_round: int, run_key: str) -> dict[str, Any]:
-    """Send the global model to every member for evaluation and combine the replies; a member
-    that fails is named in ``failures`` and left out of the averages."""
+    """Send the global model to every member for evaluation and combine the replies (in partition
+    order); a member that fails or does not answer is named in ``failures`` and left out of the
+    averages."""
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, server_round),
                           wire.RUN_RECORD: wire.run_record(run_key, 0), **strategy.model_content(global_record)})
-    messages = [Message(content, node, MessageType.EVALUATE, group_id=str(server_round))
-                for _, node in sorted(strategy.partitions.items())]
-    owners = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-    replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
-    members: list[dict[str, float]] = []
-    failures: list[str] = []
-    for msg in replies:
-        if msg.has_error():
-            failures.append(f"node {sender(msg, owners)}: {error_summary(msg.error.reason)}")
-            continue
-        members.append({k: float(v) for k, v in msg.content[wire.METRICS].items()})  # type: ignore[arg-type]
+    replies, failures = ask_every_client(grid, strategy.partitions, content, MessageType.EVALUATE,
+                                         cfg.federation.round_timeout, group_id=str(server_round))
+    members = [{k: float(v) for k, v in msg.content[wire.METRICS].items()}  # type: ignore[arg-type]
+               for _, _, msg in replies]
     for failure in failures:
         log.warning("round %d: federated evaluation failed at %s", server_round, failure)
-    return {**combine(members), "members": sorted(members, key=lambda m: m[wire.PARTITION]), "failures": failures}
+    return {**combine(members), "members": members, "failures": failures}
 
 
 def combine(members: list[dict[str, float]]) -> dict[str, float]:

@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 
 from common import wire
@@ -23,7 +23,7 @@ from common.config import Config
 from common.runs.io import atomic_write_json
 from common.runs.rundir import RunDir
 from server.ledger import PrivacyLedger
-from server.strategy import FaceFedAvg, error_summary, sender
+from server.strategy import FaceFedAvg, ask_every_client
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +34,17 @@ def self_audit_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg,
     content = RecordDict({wire.CONFIG: wire.config_record(cfg, cfg.federation.rounds),
                           wire.RUN_RECORD: wire.run_record(run.path.name, 0), wire.INITIAL_MODEL: initial_record,
                           **strategy.model_content(global_record)})
-    messages = [Message(content, node, "query.self_audit") for _, node in sorted(strategy.partitions.items())]
-    owners = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    replies, failures = ask_every_client(grid, strategy.partitions, content, "query.self_audit",
+                                         cfg.federation.round_timeout)
     members: dict[str, Any] = {}
-    failures: list[str] = []
-    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
-        node = sender(msg, owners)
-        if msg.has_error():
-            failures.append(f"node {node}: {error_summary(msg.error.reason)}")
-            continue
-        partition = int(msg.content[wire.METRICS][wire.PARTITION])  # type: ignore[arg-type]
+    for partition, who, msg in replies:
         try:
             result = json.loads(str(msg.content[wire.SELF_AUDIT]["json"]))
         except (KeyError, json.JSONDecodeError) as exc:
-            failures.append(f"client {partition} (node {node}): malformed self-audit ({exc})")
+            failures.append(f"{who}: malformed self-audit ({exc})")
             continue
         if not isinstance(result, dict):
-            failures.append(f"client {partition} (node {node}): self-audit is not a JSON object")
+            failures.append(f"{who}: self-audit is not a JSON object")
             continue
         accounted = ledger.clients.get(partition, {})
         result["accounted_epsilon"] = accounted.get("epsilon") if cfg.dp.mode != "off" else None
@@ -60,7 +54,7 @@ def self_audit_phase(grid: Grid, cfg: Config, run: RunDir, strategy: FaceFedAvg,
         log.warning("self-audit failed at %s", failure)
     out = {"what": "each member's membership audit of the final model on its own data: its training images vs "
                    "half its held-out images (attacks/self_audit.py); numbers only, computed at the member",
-           "delta": cfg.dp.delta, "members": dict(sorted(members.items(), key=lambda kv: int(kv[0]))),
+           "delta": cfg.dp.delta, "members": members,
            "failures": failures}
     run.audit.mkdir(exist_ok=True)
     atomic_write_json(run.self_audit_path, out)

@@ -87,6 +87,27 @@ def in_partition_order(replies: Iterable[Message], partitions: dict[int, int],
             for node, m in sorted(nodes, key=lambda item: node_to_partition.get(item[0], -1))]
 
 
+def ask_every_client(grid: Grid, partitions: dict[int, int], content: RecordDict, message_type: str,
+                     timeout: float, group_id: str | None = None) -> tuple[list[tuple[int, str, Message]], list[str]]:
+    """Send ``content`` to every partition's node and wait up to ``timeout``: the (partition id,
+    "client P (node N)", reply) of each that answered, in partition order, and one line per client
+    that failed or did not answer in time."""
+    messages = [Message(content, node, message_type, group_id=group_id) for _, node in sorted(partitions.items())]
+    owners = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    answered = {sender(m, owners) for m in replies}
+    failures = [f"{client_name(node, partitions)}: no reply within {timeout:g} s"
+                for node in sorted(set(partitions.values()) - answered)]
+    node_partition = {n: p for p, n in partitions.items()}
+    good = []
+    for who, msg in in_partition_order(replies, partitions, owners):
+        if msg.has_error():
+            failures.append(f"{who}: {error_summary(msg.error.reason)}")
+        else:
+            good.append((node_partition[sender(msg, owners)], who, msg))
+    return good, failures
+
+
 def reply_bytes(content: RecordDict) -> int:
     """The bytes a reply carries, counted from its serialised buffers without decoding any:
     every array's npy buffer, and the strings, bytes and numbers of its config and metric records."""

@@ -89,9 +89,16 @@ class GlobalEvaluator:
         return attribute_report(prob, target_labels(self.held_out, name), sensitive_attribute(self.held_out, sens),
                                 target_labels(self.train, name), sensitive_attribute(self.train, sens))
 
+    def scores_attribute(self, model: FaceModel) -> bool:
+        """Whether the attribute metrics apply: a model with an attribute head, and held-out samples
+        that carry the attribute (a member's or a public folder may have no such label)."""
+        name = self.cfg.train.attribute
+        return (model.attribute is not None and len(self.held_out) > 0
+                and (name == "gender" or name in self.held_out.labels))
+
     def evaluate(self, model: FaceModel) -> dict[str, float]:
         out = {"verification_auc": self.verification(model)}
-        if model.attribute is not None:
+        if self.scores_attribute(model):
             report = self.attribute(model, self.cfg.train.attribute)
             out.update({f"attribute_{k}": float(v) for k, v in report.items()})
         return out

@@ -80,10 +80,8 @@ def enroll_client(cfg: Config, ds: FaceDataset, model, client: int, seed: int,
     each identity's reference images by sample id, which ``facefl evaluate`` checks."""
     manifest = build_manifest(cfg, ds)
     refs = client_references(manifest, ds, cfg, client)
-    source = cfg.mote.kde_source()
-    kde_pos = kde_population(manifest, ds, cfg, client) if source != "public" else np.zeros(0, dtype=np.int64)
-    galleries, info = enroll_own(cfg, ds, model, refs, manifest.client_indices(ds, client), kde_pos, seed,
-                                 noise_seed, f"client {client}")
+    galleries, info = enroll_own(cfg, ds, model, refs, manifest.client_indices(ds, client),
+                                 kde_population(manifest, ds, cfg, client), seed, noise_seed, f"client {client}")
     info = {"client": client, **info,
             "references": {str(i): ds.sample_ids[p].tolist() for i, p in refs.items()}}
     return galleries, info
@@ -101,7 +99,8 @@ def enroll_own(cfg: Config, ds: FaceDataset, model, refs: dict[int, np.ndarray],
                ) -> tuple[list[MoteGallery], dict[str, Any]]:
     """Enroll the identities of ``refs`` (identity -> positions of its references in ``ds``) with
     the global backbone, one gallery per balancing factor; ``own``: positions of every image the
-    enrolling party holds; ``kde_pos``: those the gender KDEs are fitted on (empty: public).
+    enrolling party holds; ``kde_pos``: those the gender KDEs are fitted on, unless they are fitted
+    on the public population (``mote.kde_source()``).
 
     Without MOTE DP, impostors are the party's other identities (real embeddings and synthetic
     samples around them): it trains on nothing it does not hold, except the ``aux`` KDE option.
@@ -117,6 +116,8 @@ def enroll_own(cfg: Config, ds: FaceDataset, model, refs: dict[int, np.ndarray],
         raise ValueError(f"{who}: no identity to enroll")
     ref_pos = np.concatenate(list(refs.values()))
     source = cfg.mote.kde_source()
+    if source == "public":
+        kde_pos = np.zeros(0, dtype=np.int64)
     needed = np.unique(np.concatenate([ref_pos, own, kde_pos]))
     emb = dict(zip(needed.tolist(), embed(model, take_rows(ds.images, needed)), strict=True))
 

@@ -37,13 +37,21 @@ class MemberSplit:
     held_out: tuple[str, ...]
     probe: tuple[str, ...]
 
-    def subset(self, ds: FaceDataset, role: str) -> FaceDataset:
-        """The member's samples of ``role`` (one of ``ROLES``)."""
+    def check(self, ds: FaceDataset) -> None:
+        """Refuse a data set other than the one the split was made on."""
         if ds.fingerprint() != self.fingerprint:
             raise ValueError("the member's data changed since its split was made (fingerprint "
                              f"{ds.fingerprint()[:16]}..., split made on {self.fingerprint[:16]}...); a run keeps "
                              "its data: restore the folder or start a new run")
-        return ds.subset(ds.positions(np.asarray(getattr(self, role), dtype=np.str_)))
+
+    def positions(self, ds: FaceDataset, *roles: str) -> np.ndarray:
+        """Positions in ``ds`` of the member's samples of ``roles`` (of ``ROLES``), in that order."""
+        self.check(ds)
+        return ds.positions(np.asarray([s for role in roles for s in getattr(self, role)], dtype=np.str_))
+
+    def subset(self, ds: FaceDataset, *roles: str) -> FaceDataset:
+        """The member's samples of ``roles``."""
+        return ds.subset(self.positions(ds, *roles))
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, {"fingerprint": self.fingerprint, **{r: list(getattr(self, r)) for r in ROLES}})
@@ -60,7 +68,8 @@ class MemberSplit:
 def split_member(ds: FaceDataset, probe_fraction: float, held_out_fraction: float, seed: int,
                  where: str = "member") -> MemberSplit:
     """Hold out ``probe_fraction`` of the identities (at least two: a verification pair needs an
-    impostor) and ``held_out_fraction`` of each remaining identity's images (rounded to the nearest count); ``where`` names the member in errors."""
+    impostor) and ``held_out_fraction`` of each remaining identity's images (rounded to the
+    nearest count); ``where`` names the member in errors."""
     rng = np.random.default_rng(seed)
     identities = np.unique(ds.identity)
     if identities.size < 3:
@@ -86,13 +95,13 @@ def counts(split: MemberSplit, ds: FaceDataset) -> dict[str, int]:
     fingerprints."""
     out: dict[str, int] = {}
     for role in ROLES:
-        part = split.subset(ds, role)
+        pos = split.positions(ds, role)
         name = role.replace("_", "-")
-        out[f"{name}-images"] = len(part)
-        out[f"{name}-identities"] = int(np.unique(part.identity).size)
-    train = split.subset(ds, "train")
+        out[f"{name}-images"] = len(pos)
+        out[f"{name}-identities"] = int(np.unique(ds.identity[pos]).size)
+    train = split.positions(ds, "train")
     for code, name in enumerate(GENDER_NAMES):
-        out[f"train-images-{name}"] = int((train.gender == code).sum())
+        out[f"train-images-{name}"] = int((ds.gender[train] == code).sum())
     for code in range(len(ds.group_names)):  # by code: a group's name is the member's own string
-        out[f"train-images-group-{code}"] = int((train.group == code).sum())
+        out[f"train-images-group-{code}"] = int((ds.group[train] == code).sum())
     return out

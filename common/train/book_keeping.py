@@ -160,7 +160,8 @@ class BookKeepingModule(nn.Module):
         super().__init__()
         self._module = module
         self.trainable = [p for p in module.parameters() if p.requires_grad]
-        self._groups = dict(groups or {})
+        group_of = groups or {}
+        self._layer_group: dict[nn.Module, int] = {}
         self.layers: dict[nn.Module, str] = {}
         samplers = GradSampleModule.GRAD_SAMPLERS
         for name, layer in module.named_modules():
@@ -172,8 +173,10 @@ class BookKeepingModule(nn.Module):
                                  f"({type(layer).__name__}); register an Opacus grad sampler for it or use "
                                  f"grad_sample_mode = hooks")
             self.layers[layer] = name
-            if len({self._groups.get(id(p), 0) for p in own}) > 1:
+            layer_groups = {group_of.get(id(p), 0) for p in own}
+            if len(layer_groups) > 1:
                 raise ValueError(f"dp.head_clip_share: layer {name!r} has parameters in two clipping groups")
+            self._layer_group[layer] = layer_groups.pop()
         self._records: dict[nn.Module, _Record] = {}
         self._recording = False
         self._handles = [layer.register_forward_hook(self._capture) for layer in self.layers]
@@ -208,9 +211,6 @@ class BookKeepingModule(nn.Module):
         output.register_hook(keep)
         return output
 
-    def group_of(self, layer: nn.Module) -> int:
-        return self._groups.get(id(next(p for p in layer.parameters(recurse=False) if p.requires_grad)), 0)
-
     @torch.no_grad()
     def clip_and_sum(self, max_grad_norm: float | Sequence[float], units: torch.Tensor | None = None,
                      weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,7 +244,7 @@ class BookKeepingModule(nn.Module):
         finishers: list[tuple[int, Callable[[torch.Tensor], None]]] = []
         for layer, r in records:
             part, finish = self._layer_rule(layer, r.activation, r.backprop, inverse, count, left, right)
-            group = self.group_of(layer) if len(bounds) > 1 else 0
+            group = self._layer_group[layer] if len(bounds) > 1 else 0
             squared[group] += part.double()
             finishers.append((group, finish))
         coefs = [clip_factor(sq.clamp(min=0).sqrt(), bound, weights, inverse) for sq, bound in zip(squared, bounds)]

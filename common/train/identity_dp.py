@@ -36,7 +36,7 @@ least the cap). An epoch is ceil(1 / q) steps. The module imports nothing from `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -156,12 +156,14 @@ class IdentityDPOptimizer(DPOptimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_identities: float, generator: torch.Generator | None,
-                 groups: Sequence[int] | None = None, bounds: Sequence[float] | None = None) -> None:
+                 groups: Mapping[int, int] | None = None, bounds: Sequence[float] | None = None) -> None:
         if not expected_identities > 0:
             raise ValueError(f"expected identities per step must be > 0, got {expected_identities}")
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=None, loss_reduction="sum", generator=generator, secure_mode=False)
-        self.groups, self.bounds = groups, bounds  # per parameter of self.params; see identity_clipped_gradients
+        # Each of self.params' clipping group (id(parameter) -> group, absent = 0) and the groups' norms.
+        self.groups = [(groups or {}).get(id(p), 0) for p in self.params]
+        self.bounds = bounds
         self.expected_identities = float(expected_identities)
         self.identities: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
@@ -205,13 +207,13 @@ def make_private_by_identity(module: nn.Module, optimizer: torch.optim.Optimizer
                              max_grad_norm: float, expected_identities: float, grad_sample_mode: str,
                              generator: torch.Generator | None,
                              step_hook: Callable[[DPOptimizer], None] | None = None,
-                             groups: Sequence[int] | None = None, bounds: Sequence[float] | None = None,
+                             groups: Mapping[int, int] | None = None, bounds: Sequence[float] | None = None,
                              ) -> tuple[GradSampleModule, IdentityDPOptimizer]:
     """``module`` wrapped for per-sample gradients (loss reduction "sum": backpropagate the sum of
     the per-sample losses) and ``optimizer`` wrapped for identity-level clipping and noise;
     ``step_hook`` (the accountant's ``get_optimizer_hook_fn(q)``) runs once per noised step;
-    ``groups`` / ``bounds``: each of the optimiser's parameters' clipping group and each group's
-    norm (``weighted_clipping.clip_bounds``; default: flat)."""
+    ``groups`` / ``bounds``: id(parameter) -> clipping group (absent = 0) and each group's norm
+    (``weighted_clipping.clip_bounds``; default: flat)."""
     check_private_module(module, optimizer)
     wrapped = prepare_module(module, grad_sample_mode=identity_grad_sample_mode(grad_sample_mode),
                              batch_first=True, loss_reduction="sum")

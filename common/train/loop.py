@@ -256,8 +256,7 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
     params = [p for p in joint.parameters() if p.requires_grad]
     # The private identity head clipped apart from the shared parameters (dp.head_clip_share).
     bounds = clip_bounds(dp.max_grad_norm, dp.head_clip_share if use_id else 0.0)
-    head_params = {id(p) for p in joint.head.parameters()} if joint.head is not None and len(bounds) > 1 else set()
-    groups = [1 if id(p) in head_params else 0 for p in params]
+    groups = {id(p): 1 for p in joint.head.parameters()} if joint.head is not None and len(bounds) > 1 else {}
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
@@ -277,7 +276,7 @@ def _train(model: FaceModel, ds: FaceDataset, cfg: TrainConfig, dp: DPConfig, *,
             joint, opt, noise_multiplier=noise_multiplier, max_grad_norm=dp.max_grad_norm,
             expected_batch_size=expected, generator=noise_gen,
             step_hook=accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate),
-            groups={id(p): g for p, g in zip(params, groups, strict=True)})
+            groups=groups)
     elif by_identity:
         accountant = make_accountant(dp.accountant, dp_history)
         module, opt = make_private_by_identity(

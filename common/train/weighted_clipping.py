@@ -14,7 +14,7 @@ book-keeping and identity paths in their own clipping, Opacus' per-sample modes 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -90,16 +90,17 @@ def group_factors(per_unit: Sequence[torch.Tensor], groups: Sequence[int], bound
 
 @torch.no_grad()
 def weight_clipped_grad_samples(params: Sequence[torch.nn.Parameter], weights: torch.Tensor,
-                                bounds: Sequence[float], groups: Sequence[int] | None = None) -> None:
-    """Clip each sample's gradient (``p.grad_sample``) to its group's bound (``group_factors``;
-    one bound: jointly over ``params`` with Opacus' factor min(1, C / (norm + 1e-6))) and multiply
+                                bounds: Sequence[float], groups: Mapping[int, int] | None = None) -> None:
+    """Clip each sample's gradient (``p.grad_sample``) to its group's bound (``groups``: id(parameter)
+    -> group, absent = 0; ``group_factors``; one bound: jointly over ``params`` with Opacus' factor
+    min(1, C / (norm + 1e-6))) and multiply
     it by its weight, in place. Opacus' own clipping in the following ``step()`` then finds every
     norm <= C and leaves the gradients as they are (up to its 1e-6 guard)."""
     held = [p for p in params if getattr(p, "grad_sample", None) is not None]
     if not held or len(held[0].grad_sample) == 0:
         return
-    group_of = dict(zip(map(id, params), groups or [0] * len(params), strict=True))
-    factors = group_factors([p.grad_sample for p in held], [group_of[id(p)] for p in held], bounds, weights)
+    group_of = groups or {}
+    factors = group_factors([p.grad_sample for p in held], [group_of.get(id(p), 0) for p in held], bounds, weights)
     for p, factor in zip(held, factors, strict=True):
         p.grad_sample = p.grad_sample * factor.reshape(-1, *([1] * (p.grad_sample.dim() - 1)))
 
